@@ -1,0 +1,106 @@
+"""Loading any archive image as 8-bit RGB.
+
+Conversion rules (documented in the README):
+- JPEG/PNG/8-bit TIFF: EXIF orientation applied; greyscale, palette, CMYK converted to RGB; transparent pixels
+  are composited onto black.
+- Multi-band rasters: bands 1-3 are taken as R, G, B (a 4-band RGB+NIR TIFF drops NIR); one band is repeated.
+- More than 8 bits (16-bit, 32-bit, float): one linear stretch shared by the three bands, from the 2nd to
+  the 98th percentile of their values onto 0..255, so colours keep their balance and a few hot pixels do not
+  darken the image.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_PIL_8BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; the message is the reason a user sees in the rejects."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError("missing file") from None
+    except OSError as e:
+        raise ImageLoadError(f"cannot read file: {e.strerror}") from None
+    if size == 0:
+        raise ImageLoadError("empty file (0 bytes)")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        # tifffile reads multi-band and 16-bit rasters faithfully; PIL misreads some (4 x uint16 as RGBA).
+        array = _read_tiff(path)
+        if array is not None:
+            return Image.fromarray(raster_to_rgb8(array))
+    try:
+        with warnings.catch_warnings():
+            # A huge image is refused rather than decoded into gigabytes of memory.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.mode in _PIL_8BIT_MODES:
+                    img = ImageOps.exif_transpose(img)
+                    img.load()
+                    return _to_rgb(img)
+                array = np.asarray(img)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"image too large ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError("not a recognised image (expected JPEG, PNG or TIFF)") from None
+    except OSError as e:
+        if "truncated" in str(e):
+            raise ImageLoadError("truncated image file") from None
+        raise ImageLoadError(f"cannot decode image: {e}") from None
+    return Image.fromarray(raster_to_rgb8(array))
+
+
+def _read_tiff(path: Path) -> np.ndarray | None:
+    """The raster, or None where tifffile cannot decode it (PIL gets a try then)."""
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception:  # tifffile raises many types for corrupt or exotic files
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
+    """Any HxW, HxWxC or CxHxW raster -> HxWx3 uint8, by the module's rules."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    elif a.ndim == 3 and a.shape[0] <= 16 and a.shape[0] < a.shape[2]:
+        a = np.moveaxis(a, 0, -1)  # band-first rasters, as some TIFF writers store them
+    if a.ndim != 3:
+        raise ImageLoadError(f"unsupported raster shape {array.shape}")
+    a = a[:, :, :3]
+    if a.shape[2] < 3:
+        a = np.repeat(a[:, :, :1], 3, axis=2)
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype == bool:
+        return np.ascontiguousarray(a.astype(np.uint8) * 255)
+    values = a.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ImageLoadError("raster holds no finite values")
+    low, high = np.percentile(finite, [2, 98])
+    if high <= low:
+        high = low + 1.0
+    stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
+    return np.ascontiguousarray(np.round(stretched * 255).astype(np.uint8))

@@ -1,0 +1,252 @@
+"""Readers for the archive forms duch accepts.
+
+- caption JSON (UCM-captions, RSICD, Sydney-captions, RSITMD): ``{"images": [{"filename", "sentences": [{"raw"}],
+  "split"?, "classname"? | "classcode"?}]}``; without a class field the class is the name prefix of files
+  like ``airport_12.jpg``;
+- JSONL or CSV rows ``image,caption`` (optional ``split``, ``label``), several rows per image allowed;
+- a bare folder of images (no captions; the class is the first sub-folder, as in UC Merced's own layout).
+
+A file that cannot be parsed fails at once, naming the line or key. Bad *items* (an empty caption, a
+malformed JSONL row) are collected as rejects and the rest goes on.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+
+from data.records import Dataset, DatasetError, Item, Reject
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+ANNOTATION_SUFFIXES = (".json", ".jsonl", ".csv")
+_CLASS_PREFIX = re.compile(r"^([A-Za-z][A-Za-z _-]*?)[_ -]?\d+$")
+
+
+def read_dataset(path: str | os.PathLike, images: str | os.PathLike | None = None) -> Dataset:
+    """Read an archive from an annotation file or a folder.
+
+    `path` may be an annotation file (.json, .jsonl, .csv), a folder holding exactly one annotation file
+    (images then in its ``images/`` sub-folder, or beside it), or a folder of images with no annotation.
+    `images` overrides where image paths are resolved.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder; give an annotation file or a folder of images")
+    if path.is_dir():
+        annotations = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES)
+        if len(annotations) > 1:
+            names = ", ".join(p.name for p in annotations)
+            raise DatasetError(f"{path}: several annotation files ({names}); pass the one to use as the path")
+        if not annotations:
+            return read_image_folder(Path(images) if images else path)
+        path = annotations[0]
+    images_dir = Path(images) if images else _default_images_dir(path)
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: images folder not found; pass it with --images")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return read_caption_json(path, images_dir)
+    if suffix == ".jsonl":
+        return read_pairs_jsonl(path, images_dir)
+    if suffix == ".csv":
+        return read_pairs_csv(path, images_dir)
+    raise DatasetError(f"{path}: unknown annotation format {suffix!r}; use .json, .jsonl or .csv")
+
+
+def _default_images_dir(annotation: Path) -> Path:
+    beside = annotation.parent / "images"
+    return beside if beside.is_dir() else annotation.parent
+
+
+def safe_image_path(images_dir: Path, name: str, where: str) -> str:
+    """Return `name` normalised relative to `images_dir`; refuse anything that would leave that folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetError(f"{where}: image path must be a non-empty string, got {name!r}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise DatasetError(f"{where}: image path {name!r} is absolute; paths must be relative to {images_dir}")
+    if ".." in pure.parts:
+        raise DatasetError(f"{where}: image path {name!r} leaves the images folder {images_dir}")
+    full = images_dir / pure
+    # A symlink inside the folder may still point outside it: compare real paths.
+    real_root = os.path.realpath(images_dir)
+    real = os.path.realpath(full)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DatasetError(f"{where}: image path {name!r} resolves outside the images folder {images_dir}")
+    return pure.as_posix()
+
+
+def _item_id(relative: str) -> str:
+    return str(PurePosixPath(relative).with_suffix(""))
+
+
+def class_from_name(relative: str) -> str | None:
+    """`airport_12.jpg` -> `airport`; `00012.jpg` -> None."""
+    match = _CLASS_PREFIX.match(PurePosixPath(relative).stem)
+    return match.group(1) if match else None
+
+
+def _check_unique(items: list[Item], source: Path) -> None:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.id in seen:
+            raise DatasetError(
+                f"{source}: duplicate image id {item.id!r} ({seen[item.id]!r} and {item.image!r}); "
+                "each image may appear once"
+            )
+        seen[item.id] = item.image
+
+
+def read_caption_json(path: Path, images_dir: Path) -> Dataset:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DatasetError(f"{path}: expected an object with an 'images' list (the UCM/RSICD caption format)")
+    classes = doc.get("classes") if isinstance(doc.get("classes"), dict) else {}
+    items: list[Item] = []
+    rejects: list[Reject] = []
+    for i, entry in enumerate(doc["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(entry).__name__}")
+        if "filename" not in entry:
+            raise DatasetError(f"{where}: missing key 'filename'")
+        name = entry["filename"]
+        if isinstance(entry.get("filepath"), str) and entry["filepath"]:
+            name = f"{entry['filepath']}/{name}"
+        relative = safe_image_path(images_dir, name, f"{where}.filename")
+        item_id = _item_id(relative)
+        sentences = entry.get("sentences", [])
+        if not isinstance(sentences, list):
+            raise DatasetError(f"{where}.sentences: expected a list, got {type(sentences).__name__}")
+        captions = []
+        for k, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if raw is None and isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
+                raw = " ".join(map(str, sentence["tokens"]))
+            if not isinstance(raw, str):
+                raise DatasetError(f"{where}.sentences[{k}].raw: expected a string, got {type(raw).__name__}")
+            if not raw.strip():
+                rejects.append(Reject(f"{item_id}#{k}", "empty caption"))
+                continue
+            captions.append(raw.strip())
+        split = entry.get("split")
+        if split is not None and not isinstance(split, str):
+            raise DatasetError(f"{where}.split: expected a string, got {type(split).__name__}")
+        items.append(Item(item_id, relative, tuple(captions), split, _label_of(entry, classes, relative, where)))
+    _check_unique(items, path)
+    return Dataset("caption-json", path, images_dir, items, rejects)
+
+
+def _label_of(entry: dict, classes: dict, relative: str, where: str) -> str | None:
+    if "classname" in entry:
+        if not isinstance(entry["classname"], str):
+            raise DatasetError(f"{where}.classname: expected a string, got {type(entry['classname']).__name__}")
+        return entry["classname"]
+    if "classcode" in entry:
+        code = entry["classcode"]
+        if not isinstance(code, (int, str)) or isinstance(code, bool):
+            raise DatasetError(f"{where}.classcode: expected an integer or string, got {type(code).__name__}")
+        return str(classes.get(str(code), code))
+    return class_from_name(relative)
+
+
+class _Grouper:
+    """Collects (image, caption) rows into items, in the order images first appear."""
+
+    def __init__(self, images_dir: Path):
+        self.images_dir = images_dir
+        self.rows: OrderedDict[str, dict] = OrderedDict()
+        self.rejects: list[Reject] = []
+
+    def add(self, where: str, image, caption, split=None, label=None) -> None:
+        if not isinstance(image, str) or not image.strip():
+            self.rejects.append(Reject(where, "missing or non-string 'image'"))
+            return
+        relative = safe_image_path(self.images_dir, image.strip(), where)
+        row = self.rows.setdefault(relative, {"captions": [], "split": split or None, "label": label or None})
+        if not isinstance(caption, str):
+            self.rejects.append(Reject(where, "missing or non-string 'caption'"))
+        elif not caption.strip():
+            self.rejects.append(Reject(where, "empty caption"))
+        else:
+            row["captions"].append(caption.strip())
+
+    def dataset(self, kind: str, source: Path) -> Dataset:
+        items = [
+            Item(_item_id(rel), rel, tuple(r["captions"]), r["split"], r["label"] or class_from_name(rel))
+            for rel, r in self.rows.items()
+        ]
+        _check_unique(items, source)
+        return Dataset(kind, source, self.images_dir, items, self.rejects)
+
+
+def read_pairs_jsonl(path: Path, images_dir: Path) -> Dataset:
+    grouper = _Grouper(images_dir)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path.name}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                grouper.rejects.append(Reject(where, "not UTF-8"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                grouper.rejects.append(Reject(where, f"not valid JSON (column {e.colno}: {e.msg})"))
+                continue
+            if not isinstance(row, dict):
+                grouper.rejects.append(Reject(where, "not a JSON object"))
+                continue
+            grouper.add(where, row.get("image"), row.get("caption"), row.get("split"), row.get("label"))
+    return grouper.dataset("pairs-jsonl", path)
+
+
+def read_pairs_csv(path: Path, images_dir: Path) -> Dataset:
+    grouper = _Grouper(images_dir)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"image", "caption"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetError(
+                    f"{path}: header must name the columns 'image' and 'caption' (missing {', '.join(sorted(missing))})"
+                )
+            for row in reader:
+                where = f"{path.name}:{reader.line_num}"
+                grouper.add(where, row.get("image"), row.get("caption"), row.get("split"), row.get("label"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: malformed CSV: {e}") from None
+    return grouper.dataset("pairs-csv", path)
+
+
+def read_image_folder(folder: Path) -> Dataset:
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder of images")
+    relatives = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not relatives:
+        raise DatasetError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    items = []
+    for rel in relatives:
+        parts = PurePosixPath(rel).parts
+        label = parts[0] if len(parts) > 1 else class_from_name(rel)
+        items.append(Item(_item_id(rel), safe_image_path(folder, rel, rel), (), None, label))
+    _check_unique(items, folder)
+    return Dataset("image-folder", folder, folder, items, [])

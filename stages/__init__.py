@@ -1,0 +1,1 @@
+"""One module per pipeline stage, each a plain function behind a thin CLI command."""

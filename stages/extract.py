@@ -1,0 +1,370 @@
+"""Stage 1: image and text embeddings (with augmented views) into HDF5 shards and a manifest.
+
+The archive is cut into fixed shards in dataset order: image shard k holds images [k*S, (k+1)*S), text shard k
+holds caption rows [k*S, (k+1)*S). Each shard carries the run's fingerprint, so a rerun keeps every finished
+shard of the same settings and inputs, redoes only the missing ones, and refuses to mix in shards of others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data import Dataset, Item, Reject, read_dataset
+from data.augment import augment_caption, augment_image, view_rng
+from data.images import ImageLoadError, load_image
+from pipeline import DuchError
+from pipeline.config import ExtractConfig, digest
+from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
+from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
+from pipeline.rundir import clear_stage, stage_dir
+from pipeline.shards import read_attrs, read_shard, shard_name, temp_path, write_shard
+
+STAGE = "extract"
+
+
+@dataclass(frozen=True)
+class TextRow:
+    image_id: str
+    caption_index: int
+    text: str
+    augmented: bool  # a rule-based rewrite standing in for a missing second caption
+
+
+@dataclass
+class ShardPlan:
+    modality: str  # "image" | "text"
+    index: int
+    rows: list  # Items for image shards, TextRows for text shards
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.modality, self.index)
+
+
+@dataclass
+class ExtractResult:
+    stage_dir: Path
+    manifest: dict
+    did_work: bool
+
+
+def text_rows(dataset: Dataset, cfg: ExtractConfig) -> list[TextRow]:
+    rows = []
+    for item in dataset.items:
+        for k, caption in enumerate(item.captions):
+            rows.append(TextRow(item.id, k, caption, False))
+        if len(item.captions) == 1:
+            rewrite = augment_caption(item.captions[0], view_rng(cfg.seed, item.id, 1), cfg.text_augment)
+            rows.append(TextRow(item.id, 1, rewrite, True))
+    return rows
+
+
+def plan_shards(dataset: Dataset, cfg: ExtractConfig, with_text: bool) -> list[ShardPlan]:
+    size = cfg.shard_size
+    plans = [ShardPlan("image", k, dataset.items[s:s + size]) for k, s in enumerate(range(0, len(dataset.items), size))]
+    if with_text:
+        rows = text_rows(dataset, cfg)
+        plans += [ShardPlan("text", k, rows[s:s + size]) for k, s in enumerate(range(0, len(rows), size))]
+    return plans
+
+
+def input_fingerprint(dataset: Dataset) -> dict:
+    """Annotation by content; images by (path, size, mtime): cheap for millions of files, and it sees edits."""
+    listing = []
+    for item in dataset.items:
+        try:
+            stat = (dataset.images_dir / item.image).stat()
+            listing.append((item.image, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            listing.append((item.image, None, None))
+    source = dataset.source if dataset.source.is_file() else None
+    return {
+        "kind": dataset.kind,
+        "annotation_sha256": sha256_file(source) if source else None,
+        "items": len(dataset.items),
+        "captions": dataset.n_captions,
+        "images_listing_sha256": digest(listing),
+    }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DuchError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------- image views
+class ImageViews(torch.utils.data.Dataset):
+    """Item i -> (i, [1+V, 3, H, W] pixels, None), or (i, None, reason) for an image that cannot be used."""
+
+    def __init__(self, items: list[Item], images_dir: Path, transform, cfg: ExtractConfig):
+        self.items = items
+        self.images_dir = images_dir
+        self.transform = transform
+        self.views = cfg.image_views
+        self.seed = cfg.seed
+        self.augment = cfg.image_augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            img = load_image(self.images_dir / item.image)
+            views = [self.transform(img)]
+            views += [self.transform(augment_image(img, view_rng(self.seed, item.id, v), self.augment))
+                      for v in range(1, self.views + 1)]
+            return i, torch.stack(views), None
+        except ImageLoadError as e:
+            return i, None, str(e)
+        except Exception as e:  # a decoder or transform failing on one odd file must not stop the run
+            return i, None, f"cannot process image: {type(e).__name__}: {e}"
+
+
+def collate_views(batch):
+    ok = [(i, px) for i, px, _ in batch if px is not None]
+    bad = [(i, reason) for i, _, reason in batch if reason is not None]
+    pixels = torch.stack([px for _, px in ok]) if ok else None
+    return [i for i, _ in ok], pixels, bad
+
+
+def _extract_images(plans: list[ShardPlan], dataset: Dataset, encoder, cfg: ExtractConfig, fingerprint: str,
+                    out_dir: Path, dtype: np.dtype, bar: tqdm) -> None:
+    items = [item for plan in plans for item in plan.rows]
+    batches, owners, offset = [], [], 0
+    for plan in plans:  # batches never straddle shards, so each shard is written as soon as it is complete
+        n = len(plan.rows)
+        for s in range(0, n, cfg.batch_size):
+            batches.append(list(range(offset + s, offset + min(n, s + cfg.batch_size))))
+            owners.append(plan)
+        offset += n
+    views = ImageViews(items, dataset.images_dir, encoder.transform, cfg)
+    workers = cfg.resolved_workers()
+    loader = DataLoader(views, batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
+                        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None)
+    buffer: dict | None = None
+    for (indices, pixels, bad), plan in zip(loader, owners):
+        if buffer is None or buffer["plan"] is not plan:
+            buffer = {"plan": plan, "seen": 0, "ok": [], "emb": [], "rejects": []}
+        if pixels is not None:
+            n, v = pixels.shape[:2]
+            emb = encoder.encode(pixels.flatten(0, 1)).reshape(n, v, -1)
+            buffer["emb"].append(emb.numpy().astype(dtype))
+            buffer["ok"].extend(indices)
+        buffer["rejects"].extend(Reject(items[i].id, reason) for i, reason in bad)
+        buffer["seen"] += len(indices) + len(bad)
+        bar.update(len(indices) + len(bad))
+        if buffer["seen"] == len(plan.rows):
+            _write_image_shard(plan, items, buffer, encoder, cfg, fingerprint, out_dir, dtype)
+
+
+def _write_image_shard(plan, items, buffer, encoder, cfg, fingerprint, out_dir, dtype) -> None:
+    ok_items = [items[i] for i in buffer["ok"]]
+    emb = np.concatenate(buffer["emb"]) if buffer["emb"] else np.zeros((0, 1 + cfg.image_views, encoder.dim), dtype)
+    arrays = {
+        "ids": [it.id for it in ok_items],
+        "path": [it.image for it in ok_items],
+        "label": [it.label or "" for it in ok_items],
+        "split": [it.split or "" for it in ok_items],
+        "emb": emb[:, 0],
+    }
+    if cfg.image_views:
+        arrays["views"] = emb[:, 1:]
+    arrays.update(_reject_arrays(buffer["rejects"]))
+    write_shard(out_dir / plan.name, arrays, _shard_attrs(plan, encoder, fingerprint, len(ok_items)))
+
+
+def _reject_arrays(rejects: list[Reject]) -> dict:
+    return {"reject_id": [r.id for r in rejects], "reject_reason": [r.reason for r in rejects]}
+
+
+def _shard_attrs(plan: ShardPlan, encoder, fingerprint: str, rows: int) -> dict:
+    return {"modality": plan.modality, "shard": plan.index, "fingerprint": fingerprint, "encoder": encoder.spec,
+            "dim": encoder.dim, "rows": rows}
+
+
+def _extract_texts(plans: list[ShardPlan], encoder, cfg: ExtractConfig, fingerprint: str, out_dir: Path,
+                   dtype: np.dtype, bar: tqdm) -> None:
+    for plan in plans:
+        chunks = []
+        for s in range(0, len(plan.rows), cfg.text_batch_size):
+            batch = plan.rows[s:s + cfg.text_batch_size]
+            chunks.append(encoder.encode([r.text for r in batch]).numpy().astype(dtype))
+            bar.update(len(batch))
+        arrays = {
+            "image_id": [r.image_id for r in plan.rows],
+            "caption_index": np.array([r.caption_index for r in plan.rows], dtype=np.int32),
+            "augmented": np.array([r.augmented for r in plan.rows], dtype=bool),
+            "text": [r.text for r in plan.rows],
+            "emb": np.concatenate(chunks),
+        }
+        arrays.update(_reject_arrays([]))
+        write_shard(out_dir / plan.name, arrays, _shard_attrs(plan, encoder, fingerprint, len(plan.rows)))
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return keys
+
+
+def _stale_error(out_dir: Path, old: dict | None, new: dict) -> DuchError:
+    detail = ""
+    if old:
+        changes = _changed_keys(old, new)
+        detail = f" (changed: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})" if changes else ""
+    return DuchError(f"{out_dir} holds embeddings made from other settings or inputs{detail}; "
+                     "rerun with --force to redo it, or choose another --run directory")
+
+
+def _outputs_intact(out_dir: Path, manifest: dict) -> bool:
+    for out in manifest.get("outputs", []):
+        path = out_dir / out["file"]
+        if not path.is_file() or path.stat().st_size != out["bytes"]:
+            return False
+    return True
+
+
+def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
+            echo: Callable[[str], None] = print) -> ExtractResult:
+    """Run stage 1 (or resume it, or find it up to date) and return its manifest."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    image_spec = parse_spec(cfg.image_encoder, "image")
+    text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
+    dataset = read_dataset(cfg.data, cfg.images)
+    if not dataset.items:
+        raise DuchError(f"{dataset.source}: the dataset holds no images")
+    out_dir = stage_dir(cfg.run, STAGE)
+    basis = {"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
+                          "text_encoder": text_spec.fingerprint() if text_spec else None},
+             "inputs": input_fingerprint(dataset)}
+    fingerprint = digest(basis)
+
+    previous = read_manifest(out_dir)
+    if previous and not force:
+        if previous.get("fingerprint") != fingerprint:
+            raise _stale_error(out_dir, previous.get("basis"), basis)
+        if _outputs_intact(out_dir, previous):
+            c = previous["counts"]
+            echo(f"extract: up to date ({c['images']} images, {c['captions']} captions, {c['rejects']} rejects) "
+                 f"in {out_dir}; nothing to do (--force redoes it)")
+            return ExtractResult(out_dir, previous, did_work=False)
+    if force:
+        clear_stage(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # work starts: the stage is not finished any more
+
+    plans = plan_shards(dataset, cfg, with_text=text_spec is not None and dataset.has_captions)
+    pending = _pending_shards(plans, out_dir, fingerprint, basis)
+    n_done = len(plans) - len(pending)
+    if n_done:
+        echo(f"extract: resuming, {n_done} of {len(plans)} shards already finished")
+
+    device = resolve_device(cfg.device)
+    dtype = np.dtype(cfg.dtype)
+    timings = {}
+    pending_images = [p for p in pending if p.modality == "image"]
+    pending_texts = [p for p in pending if p.modality == "text"]
+    t0 = time.perf_counter()
+    image_encoder, text_encoder = load_encoders(image_spec if pending_images else None,
+                                                text_spec if pending_texts else None, str(device))
+    timings["load_encoders_s"] = time.perf_counter() - t0
+    n_images = sum(len(p.rows) for p in pending_images)
+    n_texts = sum(len(p.rows) for p in pending_texts)
+    if pending_images:
+        t0 = time.perf_counter()
+        with tqdm(total=n_images, unit="img", desc="images", disable=not progress, dynamic_ncols=True) as bar:
+            _extract_images(pending_images, dataset, image_encoder, cfg, fingerprint, out_dir, dtype, bar)
+        timings["images_s"] = time.perf_counter() - t0
+        timings["images_per_s"] = n_images / timings["images_s"]
+    if pending_texts:
+        t0 = time.perf_counter()
+        with tqdm(total=n_texts, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
+            _extract_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, dtype, bar)
+        timings["captions_s"] = time.perf_counter() - t0
+        timings["captions_per_s"] = n_texts / timings["captions_s"]
+
+    manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start,
+                       image_encoder, text_encoder)
+    c = manifest["counts"]
+    rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
+                     if k in timings)
+    echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "
+         f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
+    if c["rejects"]:
+        echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
+    return ExtractResult(out_dir, manifest, did_work=True)
+
+
+def _pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str, basis: dict) -> list[ShardPlan]:
+    for leftover in out_dir.glob(".*.tmp"):  # half-written shards of a killed run
+        leftover.unlink()
+    pending = []
+    for plan in plans:
+        path = out_dir / plan.name
+        if not path.exists():
+            pending.append(plan)
+            continue
+        try:
+            attrs = read_attrs(path)
+        except OSError:  # unreadable: treat as not done
+            path.unlink()
+            pending.append(plan)
+            continue
+        if attrs.get("fingerprint") != fingerprint:
+            raise _stale_error(out_dir, None, basis)
+    return pending
+
+
+def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_encoder,
+            text_encoder) -> dict:
+    outputs, rejects = [], list(dataset.rejects)
+    rows = {"image": 0, "text": 0}
+    dims = {}
+    for plan in plans:
+        path = out_dir / plan.name
+        attrs = read_attrs(path)
+        rows[plan.modality] += int(attrs["rows"])
+        dims[plan.modality] = {"encoder": attrs["encoder"], "dim": int(attrs["dim"])}
+        shard_rejects = read_shard(path, ("reject_id", "reject_reason"))
+        rejects += [Reject(i, r) for i, r in zip(shard_rejects["reject_id"], shard_rejects["reject_reason"])]
+        outputs.append({"file": plan.name, "modality": plan.modality, "rows": int(attrs["rows"]),
+                        "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    n_aug = sum(1 for p in plans if p.modality == "text" for r in p.rows if r.augmented)
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest = {
+        "stage": STAGE,
+        "created": now_iso(),
+        "fingerprint": fingerprint,
+        "basis": basis,
+        "config": dataclasses.asdict(cfg),
+        "device": str(device),
+        "versions": library_versions(),
+        "dataset": {"kind": dataset.kind, "source": str(dataset.source), "images_dir": str(dataset.images_dir)},
+        "encoders": dims,
+        "counts": {"items": len(dataset.items), "images": rows["image"], "image_views": cfg.image_views,
+                   "captions": rows["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(rejects)},
+        "outputs": outputs,
+        "rejects": [{"id": r.id, "reason": r.reason} for r in rejects],
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
