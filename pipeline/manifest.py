@@ -46,6 +46,7 @@ def write_json_atomic(path: Path, obj) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is for every reader of the run
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -7,6 +7,7 @@ shard of the same settings and inputs, redoes only the missing ones, and refuses
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,7 @@ def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
     basis = {"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
                           "text_encoder": text_spec.fingerprint() if text_spec else None},
              "inputs": input_fingerprint(dataset)}
+    basis = json.loads(json.dumps(basis, default=str))  # the form it takes in the manifest, tuples as lists
     fingerprint = digest(basis)
 
     previous = read_manifest(out_dir)

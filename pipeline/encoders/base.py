@@ -15,6 +15,15 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, device: torch.device,
+              cpu_chunk: int = 16) -> torch.Tensor:
+    """On CPU, run a big batch as small ones: activations that stay in cache run ~2x faster on 2 cores
+    (efficientnet-lite0: 74 img/s at 16 vs 33 img/s at 192). A GPU takes the batch whole."""
+    if device.type != "cpu" or len(pixels) <= cpu_chunk:
+        return fn(pixels)
+    return torch.cat([fn(chunk) for chunk in pixels.split(cpu_chunk)])
+
+
 class ImageEncoder(Protocol):
     spec: str
     dim: int

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from pipeline import DuchError
-from pipeline.encoders.base import autocast_for
+from pipeline.encoders.base import autocast_for, in_chunks
 
 
 def _resolve_arch(arch: str) -> str:
@@ -36,7 +36,12 @@ class OpenClipModel:
         if weights and ("/" in weights or Path(weights).suffix) and not Path(weights).is_file():
             raise DuchError(f"open_clip checkpoint {weights} not found")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=self.device)
+            # 'none' means random weights, and the same ones every time: a resumed or repeated run must
+            # not mix embeddings from two different random models.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights,
+                                                                             device=self.device)
         except DuchError:
             raise
         except Exception as e:
@@ -77,6 +82,9 @@ class OpenClipImage:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return in_chunks(self._encode, pixels, self.device)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with autocast_for(self.device):
             out = self.shared.model.encode_image(pixels.to(self.device, non_blocking=True))
         return out.float().cpu()

@@ -1,0 +1,52 @@
+"""Reading a finished extract stage back as arrays: the input of the later stages and of the benchmarks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import DuchError
+from pipeline.manifest import read_manifest
+from pipeline.rundir import stage_dir
+from pipeline.shards import read_shard
+
+
+@dataclass
+class Features:
+    ids: np.ndarray  # [N] image ids
+    labels: np.ndarray  # [N] class ('' when unknown)
+    splits: np.ndarray  # [N] the dataset's own split ('' when none)
+    paths: np.ndarray  # [N] image paths, relative to the images folder
+    image: np.ndarray  # [N, D]
+    views: np.ndarray | None  # [N, V, D]
+    text_image_id: np.ndarray  # [M]
+    text_caption_index: np.ndarray  # [M]
+    text_augmented: np.ndarray  # [M] bool
+    text: np.ndarray  # [M] captions
+    text_emb: np.ndarray  # [M, Dt]
+    manifest: dict
+
+
+def load_features(run: str | Path) -> Features:
+    stage = stage_dir(run, "extract")
+    manifest = read_manifest(stage)
+    if manifest is None:
+        raise DuchError(f"{stage}: no finished extract stage (manifest.json missing); run `duch extract` first")
+    parts: dict[str, list[dict]] = {"image": [], "text": []}
+    for out in manifest["outputs"]:
+        parts[out["modality"]].append(read_shard(stage / out["file"]))
+
+    def cat(modality, key, empty):
+        arrays = [p[key] for p in parts[modality] if key in p]
+        return np.concatenate(arrays) if arrays else empty
+
+    no_str = np.array([], dtype=object)
+    return Features(
+        ids=cat("image", "ids", no_str), labels=cat("image", "label", no_str), splits=cat("image", "split", no_str),
+        paths=cat("image", "path", no_str), image=cat("image", "emb", np.zeros((0, 0), np.float16)),
+        views=cat("image", "views", None),
+        text_image_id=cat("text", "image_id", no_str), text_caption_index=cat("text", "caption_index", np.zeros(0, int)),
+        text_augmented=cat("text", "augmented", np.zeros(0, bool)), text=cat("text", "text", no_str),
+        text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), manifest=manifest,
+    )

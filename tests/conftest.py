@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny open_clip config with random weights, and small real datasets on disk."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+# Real UC Merced images (USGS National Map imagery): 102 airplane, 1003 harbor, 2001 tennis court,
+# 156 (253 x 256) and 497 (247 x 247) odd sizes; 1.tif an original TIFF.
+REAL_JPEGS = ["102.jpg", "1003.jpg", "2001.jpg", "156.jpg", "497.jpg"]
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tmp_path_factory) -> str:
+    """open_clip spec for a one-layer ViT/text transformer with random weights: builds in milliseconds."""
+    path = tmp_path_factory.mktemp("clipcfg") / "duch-tiny-test.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return f"open_clip:{path}:none"
+
+
+def write_caption_json(root: Path, entries: list[dict], name: str = "dataset.json") -> Path:
+    path = root / name
+    path.write_text(json.dumps({"dataset": "test", "images": entries}))
+    return path
+
+
+@pytest.fixture
+def caption_dataset(tmp_path) -> Path:
+    """UCM-style caption JSON with 5 real images (two of odd size), one single-caption image."""
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, name in enumerate(REAL_JPEGS):
+        shutil.copy(ASSETS / name, images / name)
+        n_captions = 1 if i == 2 else 3
+        entries.append({
+            "filename": name, "imgid": i, "split": "train" if i < 3 else "test",
+            "classcode": i % 2,
+            "sentences": [{"raw": f"caption {k} of image {name} with many planes"} for k in range(n_captions)],
+        })
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"classes": {"0": "airplane", "1": "harbor"}, "images": entries}))
+    return tmp_path

@@ -1,0 +1,196 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline import DuchError
+from pipeline.config import ExtractConfig
+from pipeline.shards import read_shard
+from stages.extract import extract
+from tests.conftest import ASSETS
+
+
+def config(data, run, spec, **kw):
+    defaults = dict(image_encoder=spec, text_encoder=spec, image_views=2, shard_size=2, batch_size=2,
+                    text_batch_size=4, workers=0, device="cpu")
+    return ExtractConfig(data=str(data), run=str(run), **(defaults | kw))
+
+
+def quiet(_):
+    pass
+
+
+def shard_arrays(stage):
+    return {p.name: read_shard(p) for p in sorted(stage.glob("*.h5"))}
+
+
+def assert_same_shards(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert np.array_equal(a[name][key], b[name][key]), (name, key)
+
+
+def test_extract_writes_shards_views_and_manifest(caption_dataset, tmp_path, tiny_clip_spec):
+    result = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec), progress=False, echo=quiet)
+    stage = tmp_path / "run" / "extract"
+    assert result.did_work and result.stage_dir == stage
+    names = sorted(p.name for p in stage.glob("*.h5"))
+    # 5 images in shards of 2; 3+3+1(+1 rewrite)+3+3 = 14 caption rows in shards of 2.
+    assert names == [f"image-0000{k}.h5" for k in range(3)] + [f"text-0000{k}.h5" for k in range(7)]
+
+    first = read_shard(stage / "image-00000.h5")
+    assert list(first["ids"]) == ["102", "1003"]
+    assert list(first["label"]) == ["airplane", "harbor"] and list(first["split"]) == ["train", "train"]
+    assert first["emb"].shape == (2, 16) and first["emb"].dtype == np.float16
+    assert first["views"].shape == (2, 2, 16)
+    assert not np.array_equal(first["views"][:, 0], first["views"][:, 1])  # two different augmentations
+    assert not np.array_equal(first["emb"], first["views"][:, 0])
+
+    texts = [read_shard(stage / f"text-0000{k}.h5") for k in range(7)]
+    image_ids = np.concatenate([t["image_id"] for t in texts])
+    augmented = np.concatenate([t["augmented"] for t in texts])
+    assert list(image_ids[augmented]) == ["2001"]  # the single-caption image got a rule-based second view
+    rewrite = np.concatenate([t["text"] for t in texts])[augmented][0]
+    assert rewrite != "caption 0 of image 2001.jpg with many planes"
+    assert np.concatenate([t["caption_index"] for t in texts]).tolist()[:4] == [0, 1, 2, 0]
+
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["schema"] == 1 and manifest["stage"] == "extract"
+    assert manifest["counts"] == {"items": 5, "images": 5, "image_views": 2, "captions": 13,
+                                  "augmented_captions": 1, "rejects": 0}
+    assert manifest["encoders"]["image"]["dim"] == 16
+    assert manifest["versions"]["torch"] and manifest["basis"]["inputs"]["annotation_sha256"]
+    assert {o["file"] for o in manifest["outputs"]} == set(names)
+    assert all(len(o["sha256"]) == 64 for o in manifest["outputs"])
+    assert "images_per_s" in manifest["timings"] and "captions_per_s" in manifest["timings"]
+
+
+def test_rerun_does_nothing_and_changed_settings_are_stale(caption_dataset, tmp_path, tiny_clip_spec):
+    cfg = config(caption_dataset, tmp_path / "run", tiny_clip_spec)
+    extract(cfg, progress=False, echo=quiet)
+    stage = tmp_path / "run" / "extract"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in stage.iterdir()}
+    said = []
+    again = extract(cfg, progress=False, echo=said.append)
+    assert not again.did_work and "up to date" in said[0]
+    assert {p.name: p.stat().st_mtime_ns for p in stage.iterdir()} == mtimes
+
+    with pytest.raises(DuchError, match=r"other settings or inputs \(changed: settings.image_views: 2 -> 3"):
+        extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec, image_views=3), progress=False, echo=quiet)
+    # Runtime knobs do not make a run stale.
+    assert not extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec, batch_size=3),
+                       progress=False, echo=quiet).did_work
+    # Changed inputs do.
+    shutil.copy(ASSETS / "102.jpg", caption_dataset / "images" / "1003.jpg")
+    with pytest.raises(DuchError, match="images_listing_sha256"):
+        extract(cfg, progress=False, echo=quiet)
+    forced = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec, image_views=3), force=True,
+                     progress=False, echo=quiet)
+    assert forced.did_work and read_shard(stage / "image-00000.h5")["views"].shape == (2, 3, 16)
+
+
+def test_resume_after_crash_redoes_only_missing_shards(caption_dataset, tmp_path, tiny_clip_spec):
+    full = tmp_path / "full"
+    extract(config(caption_dataset, full, tiny_clip_spec), progress=False, echo=quiet)
+    expected = shard_arrays(full / "extract")
+
+    # A crash: the manifest never written, two shards lost, one half-written temp file left behind.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    stage = crashed / "extract"
+    (stage / "manifest.json").unlink()
+    (stage / "image-00001.h5").unlink()
+    (stage / "text-00004.h5").rename(stage / ".text-00004.h5.tmp")
+    kept = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5")}
+
+    said = []
+    result = extract(config(caption_dataset, crashed, tiny_clip_spec), progress=False, echo=said.append)
+    assert result.did_work and said[0] == "extract: resuming, 8 of 10 shards already finished"
+    assert {n: (stage / n).stat().st_mtime_ns for n in kept} == kept  # finished shards untouched
+    assert not list(stage.glob(".*.tmp"))
+    assert_same_shards(shard_arrays(stage), expected)  # bitwise equal to the uninterrupted run
+    assert result.manifest["counts"]["images"] == 5
+
+
+def test_worker_processes_give_identical_embeddings(caption_dataset, tmp_path, tiny_clip_spec):
+    extract(config(caption_dataset, tmp_path / "a", tiny_clip_spec, workers=0), progress=False, echo=quiet)
+    extract(config(caption_dataset, tmp_path / "b", tiny_clip_spec, workers=2, batch_size=3), progress=False,
+            echo=quiet)
+    assert_same_shards(shard_arrays(tmp_path / "a" / "extract"), shard_arrays(tmp_path / "b" / "extract"))
+
+
+def test_bad_items_are_rejected_and_the_run_goes_on(caption_dataset, tmp_path, tiny_clip_spec):
+    images = caption_dataset / "images"
+    data = (ASSETS / "102.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[:3000])
+    (images / "fake.jpg").write_text("not an image")
+    doc = json.loads((caption_dataset / "dataset.json").read_text())
+    doc["images"] += [
+        {"filename": "cut.jpg", "sentences": [{"raw": "a cut file"}]},
+        {"filename": "gone.jpg", "sentences": [{"raw": "a lost file"}, {"raw": ""}]},
+        {"filename": "fake.jpg", "sentences": [{"raw": "text in disguise"}]},
+    ]
+    (caption_dataset / "dataset.json").write_text(json.dumps(doc))
+
+    said = []
+    result = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec), progress=False, echo=said.append)
+    rejects = {r["id"]: r["reason"] for r in result.manifest["rejects"]}
+    assert rejects == {"gone#1": "empty caption", "cut": "truncated image file", "gone": "missing file",
+                       "fake": "not a recognised image (expected JPEG, PNG or TIFF)"}
+    assert result.manifest["counts"]["images"] == 5 and result.manifest["counts"]["rejects"] == 4
+    assert "warning: 4 items skipped" in said[-1]
+    ids = np.concatenate([read_shard(p)["ids"] for p in sorted((tmp_path / "run" / "extract").glob("image-*.h5"))])
+    assert list(ids) == ["102", "1003", "2001", "156", "497"]
+
+
+def test_image_folder_and_jsonl_forms(tmp_path, tiny_clip_spec):
+    folder = tmp_path / "archive"
+    (folder / "beach").mkdir(parents=True)
+    shutil.copy(ASSETS / "102.jpg", folder / "beach" / "b1.jpg")
+    shutil.copy(ASSETS / "1.tif", folder / "beach" / "b2.tif")
+    result = extract(config(folder, tmp_path / "r1", tiny_clip_spec), progress=False, echo=quiet)
+    assert result.manifest["counts"]["images"] == 2 and result.manifest["counts"]["captions"] == 0
+    assert not list((tmp_path / "r1" / "extract").glob("text-*.h5"))
+
+    pairs = tmp_path / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    shutil.copy(ASSETS / "497.jpg", pairs / "images" / "x.jpg")
+    (pairs / "rows.jsonl").write_text('{"image": "x.jpg", "caption": "houses"}\n{"image": "x.jpg", "caption": "roofs"}\n')
+    result = extract(config(pairs, tmp_path / "r2", tiny_clip_spec, text_encoder=None, image_views=0),
+                     progress=False, echo=quiet)
+    shard = read_shard(tmp_path / "r2" / "extract" / "image-00000.h5")
+    assert "views" not in shard and shard["emb"].shape == (1, 16)
+
+
+def test_default_offline_encoders_end_to_end(caption_dataset, tmp_path):
+    cfg = ExtractConfig(data=str(caption_dataset), run=str(tmp_path / "run"), image_views=1, workers=0)
+    result = extract(cfg, progress=False, echo=quiet)
+    assert result.manifest["encoders"] == {"image": {"encoder": "efficientnet-lite0", "dim": 1280},
+                                           "text": {"encoder": "minilm-l6", "dim": 384}}
+    shard = read_shard(tmp_path / "run" / "extract" / "image-00000.h5")
+    assert shard["emb"].shape == (5, 1280) and shard["views"].shape == (5, 1, 1280)
+    assert np.isfinite(shard["emb"].astype(np.float32)).all()
+
+
+def test_cli_extract_and_one_line_errors(caption_dataset, tmp_path, tiny_clip_spec):
+    runner = CliRunner()
+    args = ["extract", "--data", str(caption_dataset), "--run", str(tmp_path / "run"), "--image-encoder",
+            tiny_clip_spec, "--text-encoder", tiny_clip_spec, "--workers", "0", "--no-progress"]
+    ok = runner.invoke(cli.main, args)
+    assert ok.exit_code == 0, ok.output
+    assert "extract: 5 images (+2 views each), 13 captions, 0 rejects" in ok.output
+    again = runner.invoke(cli.main, args)
+    assert again.exit_code == 0 and "up to date" in again.output
+
+    bad = runner.invoke(cli.main, ["extract", "--data", str(tmp_path / "nope"), "--run", str(tmp_path / "r")])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or folder; "
+                                               "give an annotation file or a folder of images"]
+    enc = runner.invoke(cli.main, args[:5] + ["--image-encoder", "resnet9"])
+    assert enc.exit_code == 2 and "unknown image encoder 'resnet9'" in enc.output
