@@ -64,5 +64,10 @@ def read_manifest(stage_dir: Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        from pipeline import DuchError
+
+        raise DuchError(f"{path}: unreadable manifest ({e}); rerun the stage with --force to redo it") from None
