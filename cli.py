@@ -63,5 +63,44 @@ def extract(data, images, run_dir, image_encoder, text_encoder, image_views, see
     run_extract(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 
+def _bits(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 16,32,64,128, got {value!r}") from None
+
+
+@main.command("train-hash")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with a finished extract.")
+@click.option("--bits", default="16,32,64,128", show_default=True, callback=_bits,
+              help="Code lengths, comma-separated multiples of 8.")
+@click.option("--split", default="paper", show_default=True, type=click.Choice(["paper", "dataset", "all"]),
+              help="paper: seed-42 50% train, 20%/80% of the rest query/database; dataset: its split field; "
+                   "all: train on everything, no evaluation.")
+@click.option("--epochs", default=100, show_default=True, type=int)
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--hidden", default=4096, show_default=True, type=int, help="Width of the heads' hidden layer.")
+@click.option("--tau", default=None, type=float, help="NT-Xent temperature [default: the config's].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]))
+@click.option("--reference-quirks", is_flag=True, help="Reproduce the public reference code's two defects.")
+@click.option("--eval-every", default=10, show_default=True, type=int, help="Epochs between validation mAPs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Retrain even if finished.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@user_errors
+def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, precision, reference_quirks, eval_every,
+               device, force, no_progress):
+    """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
+    from pipeline.config import TrainConfig
+    from stages.train_hash import train_hash as run_train
+
+    extra = {} if tau is None else {"tau": tau}
+    cfg = TrainConfig(run=run_dir, bits=bits, split=split, epochs=epochs, batch_size=batch_size, hidden=hidden,
+                      seed=seed, precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
+                      device=device, **extra)
+    run_train(cfg, force=force, progress=not no_progress, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

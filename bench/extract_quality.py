@@ -30,16 +30,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def one_caption_per_image(features, seed: int) -> np.ndarray:
-    """Index into the text rows: one real (not rewritten) caption per image, drawn at random."""
-    rng = np.random.default_rng(seed)
-    rows_of: dict[str, list[int]] = {}
-    for row, (image_id, augmented) in enumerate(zip(features.text_image_id, features.text_augmented)):
-        if not augmented:
-            rows_of.setdefault(image_id, []).append(row)
-    return np.array([rng.choice(rows_of[i]) for i in features.ids])
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
@@ -52,7 +42,7 @@ def main(argv=None) -> dict:
         raise SystemExit("this benchmark needs class labels for every image")
     split = paper_split(len(f.ids), args.seed)
     labels = f.labels
-    text = f.text_emb[one_caption_per_image(f, args.seed)]
+    text = f.text_emb[f.one_caption_per_image(args.seed)]
     results = {}
     for name, emb in (("I->I", f.image), ("T->T", text)):
         scores = cosine(emb[split.query], emb[split.database])

@@ -20,3 +20,12 @@ def paper_split(n: int, seed: int = 42, train_share: float = 0.5, query_share: f
     rest = order[n_train:]
     n_query = int(round(len(rest) * query_share))
     return Split(np.sort(order[:n_train]), np.sort(rest[:n_query]), np.sort(rest[n_query:]))
+
+
+def dataset_split(splits: np.ndarray) -> Split:
+    """The dataset's own `split` field: train+val to train on; test as both query and database
+    (UCM-captions: 1890 / 210 / 210, the instance-level protocol)."""
+    splits = np.asarray(splits)
+    train = np.flatnonzero((splits == "train") | (splits == "val"))
+    test = np.flatnonzero(splits == "test")
+    return Split(train, test, test)

@@ -68,3 +68,62 @@ class ExtractConfig:
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2. Defaults are DUCH's (DESIGN.md section 1) unless a field says otherwise."""
+
+    run: str  # run directory holding a finished extract stage; writes RUN/train-hash
+    bits: tuple[int, ...] = (16, 32, 64, 128)
+    split: str = "paper"  # "paper" (seed 42: 50% train, 20%/80% of the rest query/database), "dataset", "all"
+    split_seed: int = 42
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 256
+    hidden: int = 4096
+    tau: float = 1.0  # NT-Xent temperature
+    w_inter: float = 1.0  # (image, caption)
+    w_image: float = 1.0  # (image, augmented image)
+    w_text: float = 1.0  # (caption, second caption)
+    alpha: float = 0.01  # adversarial
+    beta: float = 0.001  # quantization
+    gamma: float = 0.01  # bit balance
+    gp_weight: float = 10.0
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    disc_lr: float = 1e-4
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    disc_weight_decay: float = 1e-4
+    lr_step: int = 50  # epochs between learning-rate decays
+    lr_decay: float = 0.8
+    reference_quirks: bool = False  # the public code's defects: text view 2 = view 1; adversary on text codes
+    eval_every: int = 10  # epochs between validation mAPs (and at the end)
+    map_k: int = 20
+    precision: str = "bf16"  # the heads' matmuls under bf16 autocast (3x faster on CPUs with AVX512-BF16) or fp32
+    device: str = "auto"
+
+    RUNTIME_FIELDS = ("device", "run", "eval_every")
+
+    def validate(self) -> None:
+        from pipeline import DuchError
+
+        if not self.bits:
+            raise DuchError("--bits: give at least one code length")
+        for k in self.bits:
+            if k <= 0 or k % 8:
+                raise DuchError(f"--bits {k}: code lengths must be positive multiples of 8 (e.g. 16,32,64,128)")
+        if self.split not in ("paper", "dataset", "all"):
+            raise DuchError(f"--split must be paper, dataset or all, got {self.split!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise DuchError("--epochs must be at least 1 and --batch-size at least 2 (BatchNorm needs 2 items)")
+        if self.precision not in ("bf16", "fp32"):
+            raise DuchError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.tau <= 0:
+            raise DuchError(f"--tau must be positive, got {self.tau}")
+
+    def output_settings(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in self.RUNTIME_FIELDS:
+            out.pop(name, None)
+        return out

@@ -27,6 +27,26 @@ class Features:
     text_emb: np.ndarray  # [M, Dt]
     manifest: dict
 
+    def caption_rows(self) -> list[np.ndarray]:
+        """For every image, the indices of its text rows (real captions first, then any rewrite)."""
+        index = {image_id: i for i, image_id in enumerate(self.ids)}
+        rows: list[list[int]] = [[] for _ in self.ids]
+        for row, image_id in enumerate(self.text_image_id):
+            if image_id in index:  # captions of an image rejected in extract have no partner
+                rows[index[image_id]].append(row)
+        return [np.array(r, dtype=np.int64) for r in rows]
+
+    def one_caption_per_image(self, seed: int) -> np.ndarray:
+        """One real (not rewritten) caption row per image, drawn at random: the protocol's text of an image."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for image_id, rows in zip(self.ids, self.caption_rows()):
+            real = rows[~self.text_augmented[rows]] if len(rows) else rows
+            if not len(real):
+                raise DuchError(f"image {image_id!r} has no caption; evaluation needs one per image")
+            out.append(int(rng.choice(real)))
+        return np.array(out, dtype=np.int64)
+
 
 def load_features(run: str | Path) -> Features:
     stage = stage_dir(run, "extract")

@@ -50,3 +50,25 @@ def caption_dataset(tmp_path) -> Path:
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({"classes": {"0": "airplane", "1": "harbor"}, "images": entries}))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_extract_run(tmp_path_factory, tiny_clip_spec) -> Path:
+    """A finished extract stage over 24 real tiles in 3 classes, tiny open_clip, 2 views: copy it before use."""
+    from pipeline.config import ExtractConfig
+    from stages.extract import extract
+
+    root = tmp_path_factory.mktemp("archive24")
+    (root / "images").mkdir()
+    classes = ["airplane", "harbor", "court"]
+    entries = []
+    for i in range(24):
+        shutil.copy(ASSETS / REAL_JPEGS[i % len(REAL_JPEGS)], root / "images" / f"{i}.jpg")
+        cls = classes[i % 3]
+        entries.append({"filename": f"{i}.jpg", "classname": cls, "split": ["train", "val", "test"][i % 3],
+                        "sentences": [{"raw": f"a {cls} scene number {i}"}, {"raw": f"{cls} seen from above"}]})
+    write_caption_json(root, entries)
+    run = tmp_path_factory.mktemp("run24")
+    extract(ExtractConfig(data=str(root), run=str(run), image_encoder=tiny_clip_spec, text_encoder=tiny_clip_spec,
+                          shard_size=10, workers=0, device="cpu"), progress=False, echo=lambda _: None)
+    return run

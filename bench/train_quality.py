@@ -1,0 +1,85 @@
+"""DUCH train-hash quality and speed on a finished extract run: mAP@K at every code length, over seeds.
+
+    python bench/train_quality.py --run runs/ucm                      # defaults, seed 0
+    python bench/train_quality.py --run runs/ucm --seeds 0,1,2 --set tau=0.5 --label tau0.5
+
+Each (setting, seed) trains in a scratch run directory that links the extract stage, so the user's own
+RUN/train-hash is never touched. Prints both mAP definitions (mean over seeds) and seconds per code length,
+and writes JSON to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import save  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from stages.train_hash import DIRECTIONS, train_hash  # noqa: E402
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in TrainConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item}: TrainConfig has no field {key!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def run_once(extract_dir: Path, settings: dict, seed: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="duch-bench-") as scratch:
+        (Path(scratch) / "extract").symlink_to(extract_dir.resolve())
+        cfg = TrainConfig(run=scratch, seed=seed, eval_every=10**6, **settings)
+        result = train_hash(cfg, progress=False, echo=lambda _: None)
+        return result.manifest["results"]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
+    parser.add_argument("--bits", default="16,32,64,128")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. tau=0.5 epochs=50")
+    parser.add_argument("--label", default="default")
+    args = parser.parse_args(argv)
+
+    settings = {"bits": tuple(int(b) for b in args.bits.split(","))} | parse_set(args.set)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        runs.append(run_once(Path(args.run) / "extract", settings, seed))
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    bits = [str(b) for b in settings["bits"]]
+    table = {b: {d: {defn: float(np.mean([r[b]["map"][d][defn] for r in runs])) for defn in ("reference", "textbook")}
+                 for d in DIRECTIONS} for b in bits}
+    spread = {b: {d: float(np.std([r[b]["map"][d]["reference"] for r in runs])) for d in DIRECTIONS} for b in bits}
+    seconds = {b: float(np.median([r[b]["seconds"] for r in runs])) for b in bits}
+    print(f"\n{args.label}: {settings} seeds {seeds}")
+    for defn in ("reference", "textbook"):
+        print(f"{'mAP@20 ' + defn:<22}" + "".join(f"{b + ' bits':>10}" for b in bits))
+        for d in DIRECTIONS:
+            print(f"{d:<22}" + "".join(f"{table[b][d][defn]:>10.3f}" for b in bits))
+    print(f"{'seconds (median)':<22}" + "".join(f"{seconds[b]:>10.1f}" for b in bits))
+    path = save(f"train_quality-{args.label}", {
+        "run": args.run, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "seeds": seeds, "map": table, "std_reference": spread, "seconds_per_bits": seconds,
+        "per_seed": [{b: r[b]["map"] for b in bits} for r in runs]})
+    print(f"saved {path}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""DUCH's hashing heads and code discriminator (DESIGN.md section 1), and bit packing."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class HashHead(nn.Module):
+    """Linear(d, hidden) -> BatchNorm -> ReLU -> Linear(hidden, K) -> tanh: continuous codes in (-1, 1)^K."""
+
+    def __init__(self, in_dim: int, bits: int, hidden: int = 4096):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, bits), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CodeDiscriminator(nn.Module):
+    """Linear(K, 2K) -> BatchNorm -> ReLU -> Linear(2K, 1): tells text codes from image codes (a logit)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(bits, 2 * bits), nn.BatchNorm1d(2 * bits), nn.ReLU(inplace=True),
+                                 nn.Linear(2 * bits, 1))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.net(codes).squeeze(1)
+
+
+class DuchHeads(nn.Module):
+    def __init__(self, image_dim: int, text_dim: int, bits: int, hidden: int = 4096):
+        super().__init__()
+        self.bits = bits
+        self.image = HashHead(image_dim, bits, hidden)
+        self.text = HashHead(text_dim, bits, hidden)
+
+
+def pack_codes(h: np.ndarray | torch.Tensor) -> np.ndarray:
+    """sign(h) as bits (1 for h >= 0), packed 8 to a byte, big-endian: uint8 [N, K/8]."""
+    h = h.detach().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h)
+    return np.packbits(h >= 0, axis=1, bitorder="big")
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, K/8] -> {-1, +1} int8 [N, K]."""
+    return np.unpackbits(packed, axis=1, count=bits, bitorder="big").astype(np.int8) * 2 - 1
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def hamming(query: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """[Q, B] x [N, B] packed codes -> [Q, N] Hamming distances (XOR + popcount)."""
+    return _POPCOUNT[np.bitwise_xor(query[:, None, :], database[None, :, :])].sum(axis=2, dtype=np.int32)

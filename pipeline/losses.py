@@ -1,0 +1,45 @@
+"""DUCH's losses as pure functions of tensors (DESIGN.md section 1), each pinned by a hand-computed test."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """SimCLR's NT-Xent over N pairs (a_i, b_i): each of the 2N codes is an anchor whose positive is its pair
+    and whose negatives are the other 2N - 2; cosine similarity over temperature tau, mean over anchors."""
+    n = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = (z @ z.T) / tau
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=sim.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
+    return F.cross_entropy(sim, positives)
+
+
+def quantization(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared distance of continuous codes to their binary targets, per bit (/ (batch x K), as the reference)."""
+    return ((h - target) ** 2).mean()
+
+
+def bit_balance(h: torch.Tensor) -> torch.Tensor:
+    """(sum_k h_k)^2 per code, / (batch x K): pushes every code to as many +1 as -1 bits."""
+    return (h.sum(dim=1) ** 2).mean() / h.shape[1]
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP term: (||grad critic(x)||_2 - 1)^2 at random interpolates x = eps * real + (1 - eps) * fake."""
+    x = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy: 'real' codes labelled 1, 'fake' codes 0."""
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def fooling_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's side: make the discriminator call the fake codes real."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))

@@ -1,0 +1,379 @@
+"""Stage 2: DUCH's hashing heads trained from the cached features, one model per code length.
+
+Per epoch: every training item gets fresh views (one of its cached augmented image views, two of its captions;
+seeded), its binary target B = sign(sum of its four continuous codes) is refreshed, then for each batch one
+discriminator step and one head step on L = contrastive + alpha adversarial + beta quantization + gamma balance.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.splits import Split, dataset_split, paper_split
+from pipeline import DuchError
+from pipeline.config import TrainConfig, digest
+from pipeline.features import Features, load_features
+from pipeline.hashing import CodeDiscriminator, DuchHeads, hamming, pack_codes
+from pipeline.losses import bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization
+from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
+from pipeline.metrics import map_at_k
+from pipeline.rundir import stage_dir
+
+STAGE = "train-hash"
+DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
+LOSS_TERMS = ("inter", "image", "text", "adversarial", "quantization", "balance", "total", "discriminator")
+
+
+@dataclass
+class TrainData:
+    """Everything a step needs, as tensors on the training device."""
+
+    image: torch.Tensor  # [N, Di]
+    views: torch.Tensor  # [N, V, Di]
+    text: torch.Tensor  # [M, Dt]
+    captions: torch.Tensor  # [N, C] text-row indices, padded by repeating
+    n_captions: torch.Tensor  # [N]
+
+
+def choose_split(features: Features, cfg: TrainConfig) -> Split:
+    n = len(features.ids)
+    if cfg.split == "paper":
+        split = paper_split(n, cfg.split_seed)
+    elif cfg.split == "dataset":
+        if (features.splits == "").all():
+            raise DuchError("--split dataset: the dataset has no 'split' field; use --split paper or all")
+        split = dataset_split(features.splits)
+    else:
+        split = Split(np.arange(n), np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    if len(split.train) < 2:
+        raise DuchError(f"the training split holds {len(split.train)} items; at least 2 are needed")
+    return split
+
+
+def check_features(features: Features) -> None:
+    """Refuse what would silently poison training, before any of it starts."""
+    for name, array in (("image embeddings", features.image), ("image views", features.views),
+                        ("text embeddings", features.text_emb)):
+        if array is not None and array.size and not np.isfinite(array).all():
+            bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+            ids = features.ids[bad[:3]] if name != "text embeddings" else features.text_image_id[bad[:3]]
+            raise DuchError(f"{name} hold NaN or Inf ({len(bad)} rows, e.g. items {', '.join(map(str, ids))}); "
+                            "redo the extract stage with --force")
+    if features.views is None or features.views.shape[1] == 0:
+        raise DuchError("the extract run has no augmented image views; rerun extract with --image-views 1 or more")
+    if not len(features.text_emb):
+        raise DuchError("the extract run has no captions; train-hash needs image-caption pairs")
+
+
+def prepare(features: Features, device: torch.device) -> TrainData:
+    rows = features.caption_rows()
+    missing = [features.ids[i] for i, r in enumerate(rows) if not len(r)]
+    if missing:
+        raise DuchError(f"{len(missing)} images have no caption (e.g. {missing[0]!r}); every item needs one")
+    width = max(len(r) for r in rows)
+    padded = np.stack([np.resize(r, width) for r in rows])
+    as_tensor = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
+    return TrainData(as_tensor(features.image), as_tensor(features.views), as_tensor(features.text_emb),
+                     as_tensor(padded, torch.long), as_tensor([len(r) for r in rows], torch.long))
+
+
+def sample_views(data: TrainData, items: torch.Tensor, gen: torch.Generator, quirks: bool):
+    """This epoch's pairs for `items`: image, one augmented view, a caption and a different second caption."""
+    n = len(items)
+    device = data.image.device
+    rand = torch.rand(3, n, generator=gen).to(device)
+    view = (rand[0] * data.views.shape[1]).long()
+    count = data.n_captions[items]
+    first = (rand[1] * count).long()
+    # A different caption when there is one: shift by 1..count-1.
+    second = (first + 1 + (rand[2] * (count - 1).clamp(min=0)).long()) % count
+    text1 = data.captions[items, first]
+    text2 = text1 if quirks else data.captions[items, second]
+    return (data.image[items], data.views[items, view], data.text[text1], data.text[text2])
+
+
+def head_codes(heads: DuchHeads, batch, precision: str = "fp32"):
+    """The four continuous codes of a batch; the two views of a modality go through their head together."""
+    x, xa, t, ta = batch
+    n = len(x)
+    with autocast(x.device, precision):
+        image = heads.image(torch.cat([x, xa])).float()
+        text = heads.text(torch.cat([t, ta])).float()
+    return image[:n], image[n:], text[:n], text[n:]
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def binary_targets(heads: DuchHeads, views) -> torch.Tensor:
+    heads.eval()
+    codes = head_codes(heads, views)
+    heads.train()
+    total = codes[0] + codes[1] + codes[2] + codes[3]
+    return torch.where(total >= 0, 1.0, -1.0)
+
+
+@torch.no_grad()
+def encode(head: torch.nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    head.eval()
+    out = torch.cat([head(x[s:s + batch]) for s in range(0, len(x), batch)])
+    head.train()
+    return out
+
+
+def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
+                   k: int) -> dict:
+    """mAP@k of the four directions under both definitions, Hamming ranking, ties by database order."""
+    q, db = torch.as_tensor(split.query), torch.as_tensor(split.database)
+    codes = {
+        "I": (pack_codes(encode(heads.image, data.image[q])), pack_codes(encode(heads.image, data.image[db]))),
+        "T": (pack_codes(encode(heads.text, data.text[eval_text[q]])),
+              pack_codes(encode(heads.text, data.text[eval_text[db]]))),
+    }
+    out = {}
+    for direction in DIRECTIONS:
+        src, dst = direction.split("->")
+        scores = -hamming(codes[src][0], codes[dst][1]).astype(np.float64)
+        out[direction] = {d: map_at_k(scores, labels[split.query], labels[split.database], k, d)
+                          for d in ("reference", "textbook")}
+    return out
+
+
+def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
+               labels: np.ndarray, progress: bool) -> dict:
+    device = data.image.device
+    torch.manual_seed(cfg.seed)  # weight init
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # views, batches, interpolates
+    heads = DuchHeads(data.image.shape[1], data.text.shape[1], bits, cfg.hidden).to(device)
+    disc = CodeDiscriminator(bits).to(device)
+    opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
+                                weight_decay=cfg.disc_weight_decay)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, cfg.lr_step, cfg.lr_decay) for o in (opt, disc_opt)]
+    train = torch.as_tensor(split.train, device=device)
+    n = len(train)
+    history, evals = [], []
+    evaluate = eval_text is not None and len(split.query) and (labels != "").all()
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{bits} bits", unit="epoch", disable=not progress, dynamic_ncols=True)
+    # B for the first epoch from the initial heads; after that from the codes the heads produced while
+    # training the previous epoch (as the reference code does): no extra forward pass over the archive.
+    targets = binary_targets(heads, sample_views(data, train, gen, cfg.reference_quirks))
+    code_sums = torch.zeros_like(targets)
+    for epoch in bar:
+        views = sample_views(data, train, gen, cfg.reference_quirks)
+        order = torch.randperm(n, generator=gen).to(device)
+        sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        steps = 0
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on one item
+                continue
+            batch = [v[idx] for v in views]
+            hi, hia, ht, hta = head_codes(heads, batch, cfg.precision)
+            real, fake = (hi, ht) if cfg.reference_quirks else (ht, hi)
+
+            eps = torch.rand(len(idx), 1, generator=gen).to(device)
+            d_loss = (discriminator_loss(disc(real.detach()), disc(fake.detach()))
+                      + cfg.gp_weight * gradient_penalty(disc, real.detach(), fake.detach(), eps))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+
+            b = targets[idx]
+            code_sums[idx] = (hi + hia + ht + hta).detach()
+            terms = {
+                "inter": nt_xent(hi, ht, cfg.tau),
+                "image": nt_xent(hi, hia, cfg.tau),
+                "text": nt_xent(ht, hta, cfg.tau),
+                "adversarial": fooling_loss(disc(fake)),
+                "quantization": sum(quantization(h, b) for h in (hi, hia, ht, hta)),
+                "balance": sum(bit_balance(h) for h in (hi, hia, ht, hta)),
+            }
+            total = (cfg.w_inter * terms["inter"] + cfg.w_image * terms["image"] + cfg.w_text * terms["text"]
+                     + cfg.alpha * terms["adversarial"] + cfg.beta * terms["quantization"]
+                     + cfg.gamma * terms["balance"])
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            terms["total"], terms["discriminator"] = total, d_loss
+            for key, value in terms.items():
+                sums[key] += float(value.detach())
+            steps += 1
+        for schedule in schedules:
+            schedule.step()
+        targets = torch.where(code_sums >= 0, 1.0, -1.0)
+        row = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        if not all(math.isfinite(v) for v in row.values()):
+            raise DuchError(f"{bits} bits: the loss became NaN/Inf at epoch {epoch}; lower --lr or check features")
+        history.append(row)
+        if evaluate and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            evals.append({"epoch": epoch, "map": evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k)})
+        bar.set_postfix(loss=f"{row['total']:.3f}", inter=f"{row['inter']:.3f}", disc=f"{row['discriminator']:.3f}",
+                        items_s=f"{epoch * n / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return {"heads": heads, "disc": disc, "history": history, "evals": evals, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def save_weights(path: Path, heads: DuchHeads, disc: CodeDiscriminator, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"image_head.{k}": v for k, v in heads.image.state_dict().items()}
+    tensors |= {f"text_head.{k}": v for k, v in heads.text.state_dict().items()}
+    tensors |= {f"discriminator.{k}": v for k, v in disc.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in metadata.items()})
+    tmp.replace(path)
+
+
+def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int) -> DuchHeads:
+    """Tensors only, through safetensors: nothing in the file can run code."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    heads = DuchHeads(image_dim, text_dim, bits, hidden)
+    heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items() if k.startswith("image_head.")})
+    heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})
+    return heads.eval()
+
+
+def write_history(folder: Path, history: list[dict], evals: list[dict], bits: int) -> None:
+    with open(folder / "losses.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", *LOSS_TERMS])
+        writer.writeheader()
+        writer.writerows(history)
+    write_json_atomic(folder / "history.json", {"losses": history, "validation": evals})
+    plot_history(folder / "losses.png", history, evals, bits)
+
+
+def plot_history(path: Path, history: list[dict], evals: list[dict], bits: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 4))
+    for key in ("inter", "image", "text", "total"):
+        axes[0].plot(epochs, [r[key] for r in history], label=key)
+    axes[0].set(title=f"{bits} bits: contrastive terms", xlabel="epoch")
+    for key in ("adversarial", "quantization", "balance", "discriminator"):
+        axes[1].plot(epochs, [r[key] for r in history], label=key)
+    axes[1].set(title="adversarial, quantization, balance", xlabel="epoch", yscale="log")
+    if evals:
+        for direction in DIRECTIONS:
+            axes[2].plot([e["epoch"] for e in evals], [e["map"][direction]["reference"] for e in evals],
+                         marker="o", label=direction)
+        axes[2].set(title="validation mAP@K (reference definition)", xlabel="epoch")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_table(results: dict, definition: str = "reference") -> str:
+    """The published tables' layout: one row per direction, one column per code length."""
+    bits = sorted(results, key=int)
+    lines = [f"mAP@K ({definition})  " + "".join(f"{b + ' bits':>10}" for b in map(str, bits))]
+    for direction in DIRECTIONS:
+        cells = "".join(f"{results[b][direction][definition]:>10.3f}" for b in bits)
+        lines.append(f"{direction:<21}{cells}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+@dataclass
+class TrainResult:
+    stage_dir: Path
+    manifest: dict
+    did_work: bool
+
+
+def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
+               echo: Callable[[str], None] = print) -> TrainResult:
+    cfg.validate()
+    features = load_features(cfg.run)
+    check_features(features)
+    split = choose_split(features, cfg)
+    out_dir = stage_dir(cfg.run, STAGE)
+    from stages.extract import resolve_device
+
+    device = resolve_device(cfg.device)
+    basis = json.loads(json.dumps({"extract": features.manifest["fingerprint"], "settings": cfg.output_settings()}))
+    previous = read_manifest(out_dir)
+    if previous and not force and previous.get("fingerprint") == digest(basis):
+        echo(f"train-hash: up to date in {out_dir}; nothing to do (--force redoes it)")
+        echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}))
+        return TrainResult(out_dir, previous, did_work=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+
+    data = prepare(features, device)
+    evaluate = len(split.query) > 0 and (features.labels != "").all()
+    eval_rows = features.one_caption_per_image(cfg.split_seed) if evaluate else None
+    eval_text = torch.as_tensor(eval_rows, device=device) if evaluate else None
+    write_json_atomic(out_dir / "split.json", {
+        "mode": cfg.split, "seed": cfg.split_seed,
+        **{name: features.ids[getattr(split, name)].tolist() for name in ("train", "query", "database")},
+        "eval_caption": None if eval_rows is None else [
+            [str(features.text_image_id[r]), int(features.text_caption_index[r])] for r in eval_rows],
+    })
+    write_json_atomic(out_dir / "config.json", dataclasses.asdict(cfg))
+    results, outputs = {}, []
+    for bits in cfg.bits:
+        folder = out_dir / f"bits-{bits}"
+        bits_basis = {**basis, "bits": bits}
+        done = folder / "result.json"
+        if done.exists() and not force and json.loads(done.read_text()).get("fingerprint") == digest(bits_basis):
+            echo(f"train-hash: {bits} bits already trained, kept")
+            results[str(bits)] = json.loads(done.read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            done.unlink(missing_ok=True)
+            run = train_bits(bits, cfg, data, split, eval_text, features.labels, progress)
+            save_weights(folder / "model.safetensors", run["heads"], run["disc"],
+                         {"bits": bits, "hidden": cfg.hidden, "image_dim": data.image.shape[1],
+                          "text_dim": data.text.shape[1], "extract_fingerprint": features.manifest["fingerprint"]})
+            write_history(folder, run["history"], run["evals"], bits)
+            final = run["evals"][-1]["map"] if run["evals"] else None
+            results[str(bits)] = {"fingerprint": digest(bits_basis), "bits": bits, "seconds": round(run["seconds"], 2),
+                                  "map": final, "final_losses": run["history"][-1]}
+            write_json_atomic(done, results[str(bits)])
+            echo(f"train-hash: {bits} bits in {run['seconds']:.1f} s"
+                 + (f"; mAP@{cfg.map_k} " + ", ".join(f"{d} {final[d]['reference']:.3f}" for d in DIRECTIONS)
+                    if final else ""))
+        for name in ("model.safetensors", "losses.csv", "history.json", "losses.png", "result.json"):
+            path = folder / name
+            outputs.append({"file": f"bits-{bits}/{name}", "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest = {
+        "stage": STAGE, "created": now_iso(), "fingerprint": digest(basis), "basis": basis,
+        "config": dataclasses.asdict(cfg), "device": str(device), "versions": library_versions(),
+        "split": {"mode": cfg.split, "train": len(split.train), "query": len(split.query),
+                  "database": len(split.database)},
+        "results": results, "outputs": outputs,
+    }
+    write_manifest(out_dir, manifest)
+    with_map = {b: r["map"] for b, r in results.items() if r.get("map")}
+    if with_map:
+        echo(format_table(with_map, "reference"))
+        echo(format_table(with_map, "textbook"))
+    return TrainResult(out_dir, manifest, did_work=True)

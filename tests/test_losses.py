@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.hashing import hamming, pack_codes, unpack_codes
+from pipeline.losses import (bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
+                             quantization)
+
+
+def test_nt_xent_on_a_hand_computed_case():
+    # Anchor e1: self masked, positive e1 (cos 1), negatives e2, e2 (cos 0): -log(e / (e + 2)).
+    eye = torch.eye(2)
+    assert float(nt_xent(eye, eye, tau=1.0)) == pytest.approx(math.log(2 + math.e) - 1, abs=1e-6)
+
+
+def direct_nt_xent(a, b, tau):
+    """SimCLR's formula, one anchor at a time."""
+    z = torch.cat([a, b])
+    z = z / z.norm(dim=1, keepdim=True)
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        sims = [math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k != i]
+        total += -math.log(math.exp(float(z[i] @ z[j]) / tau) / sum(sims))
+    return total / n2
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_nt_xent_matches_the_direct_formula(tau):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert float(nt_xent(a, b, tau)) == pytest.approx(direct_nt_xent(a, b, tau), rel=1e-5)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    critic = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        critic.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    real, fake = torch.randn(4, 2), torch.randn(4, 2)
+    gp = gradient_penalty(lambda x: critic(x).squeeze(1), real, fake, torch.rand(4, 1))
+    assert float(gp.detach()) == pytest.approx((5 - 1) ** 2)  # the gradient is w everywhere, |w| = 5
+
+
+def test_bit_balance_and_quantization_values():
+    h = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert float(bit_balance(h)) == pytest.approx((0 + 16) / 2 / 4)
+    assert float(quantization(torch.tensor([[0.5, -0.5]]), torch.tensor([[1.0, 1.0]]))) == pytest.approx(1.25)
+
+
+def test_adversarial_terms():
+    zero = torch.zeros(3)
+    assert float(discriminator_loss(zero, zero)) == pytest.approx(2 * math.log(2))
+    assert float(fooling_loss(torch.tensor([100.0]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_packing_round_trip_is_big_endian():
+    h = np.array([[0.3, -0.2, 0.0, -1, 1, 1, -1, -1, 0.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5, 0.9]])
+    packed = pack_codes(h)
+    assert packed.dtype == np.uint8 and packed.tolist() == [[0b10101100, 0b10000001]]
+    assert np.array_equal(unpack_codes(packed, 16), np.where(h >= 0, 1, -1))
+
+
+def test_hamming_equals_a_bit_count():
+    rng = np.random.default_rng(0)
+    q, db = rng.normal(size=(7, 64)), rng.normal(size=(11, 64))
+    expected = ((q[:, None, :] >= 0) != (db[None, :, :] >= 0)).sum(axis=2)
+    assert np.array_equal(hamming(pack_codes(q), pack_codes(db)), expected)
