@@ -86,6 +86,9 @@ class TrainConfig:
     w_inter: float = 1.0  # (image, caption)
     w_image: float = 1.0  # (image, augmented image)
     w_text: float = 1.0  # (caption, second caption)
+    # Beyond the paper (0 = off): more cross-modal positives from the views already in the batch.
+    w_inter_second: float = 0.0  # (image, second caption)
+    w_inter_views: float = 0.0  # (augmented image, second caption)
     alpha: float = 0.01  # adversarial
     beta: float = 0.001  # quantization
     gamma: float = 0.01  # bit balance

@@ -54,8 +54,15 @@ def load_features(run: str | Path) -> Features:
     if manifest is None:
         raise DuchError(f"{stage}: no finished extract stage (manifest.json missing); run `duch extract` first")
     parts: dict[str, list[dict]] = {"image": [], "text": []}
+    dims: dict[str, tuple[str, tuple]] = {}
     for out in manifest["outputs"]:
-        parts[out["modality"]].append(read_shard(stage / out["file"]))
+        shard = read_shard(stage / out["file"])
+        shape = shard["emb"].shape[1:] + (shard["views"].shape[1:] if "views" in shard else ())
+        first = dims.setdefault(out["modality"], (out["file"], shape))
+        if first[1] != shape:
+            raise DuchError(f"{stage / out['file']}: embeddings of shape {shape} do not match {first[0]}'s "
+                            f"{first[1]}; the shards come from different runs, redo extract with --force")
+        parts[out["modality"]].append(shard)
 
     def cat(modality, key, empty):
         arrays = [p[key] for p in parts[modality] if key in p]

@@ -32,7 +32,8 @@ from pipeline.rundir import stage_dir
 
 STAGE = "train-hash"
 DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
-LOSS_TERMS = ("inter", "image", "text", "adversarial", "quantization", "balance", "total", "discriminator")
+LOSS_TERMS = ("inter", "inter_extra", "image", "text", "adversarial", "quantization", "balance", "total",
+              "discriminator")
 
 
 @dataclass
@@ -205,7 +206,12 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
                 "quantization": sum(quantization(h, b) for h in (hi, hia, ht, hta)),
                 "balance": sum(bit_balance(h) for h in (hi, hia, ht, hta)),
             }
-            total = (cfg.w_inter * terms["inter"] + cfg.w_image * terms["image"] + cfg.w_text * terms["text"]
+            # Extra cross-modal positives, off in the paper's setting: weighted here, reported as one term.
+            terms["inter_extra"] = sum((w * nt_xent(a, b, cfg.tau) for w, a, b in
+                                        ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta)) if w),
+                                       torch.zeros((), device=device))
+            total = (cfg.w_inter * terms["inter"] + terms["inter_extra"] + cfg.w_image * terms["image"]
+                     + cfg.w_text * terms["text"]
                      + cfg.alpha * terms["adversarial"] + cfg.beta * terms["quantization"]
                      + cfg.gamma * terms["balance"])
             opt.zero_grad(set_to_none=True)
@@ -271,7 +277,7 @@ def plot_history(path: Path, history: list[dict], evals: list[dict], bits: int) 
 
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 4))
-    for key in ("inter", "image", "text", "total"):
+    for key in ("inter", "inter_extra", "image", "text", "total"):
         axes[0].plot(epochs, [r[key] for r in history], label=key)
     axes[0].set(title=f"{bits} bits: contrastive terms", xlabel="epoch")
     for key in ("adversarial", "quantization", "balance", "discriminator"):

@@ -117,3 +117,13 @@ def test_cli_train_hash(run):
     bad = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--bits", "8,20"])
     assert bad.exit_code == 2 and bad.output.strip() == \
         "error: --bits 20: code lengths must be positive multiples of 8 (e.g. 16,32,64,128)"
+
+
+def test_shards_of_different_dimensions_are_refused(run):
+    path = run / "extract" / "image-00001.h5"
+    with h5py.File(path, "r+") as f:
+        emb = f["emb"][()]
+        del f["emb"]
+        f["emb"] = np.zeros((len(emb), emb.shape[1] + 1), emb.dtype)
+    with pytest.raises(DuchError, match=r"image-00001.h5: embeddings of shape \(17, 2, 16\) do not match"):
+        train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
