@@ -82,7 +82,8 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--hidden", default=4096, show_default=True, type=int, help="Width of the heads' hidden layer.")
 @click.option("--tau", default=None, type=float, help="NT-Xent temperature [default: the config's].")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["bf16", "fp32"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="bf16 autocast for the heads (auto: on a GPU or a CPU with native bf16), or fp32.")
 @click.option("--reference-quirks", is_flag=True, help="Reproduce the public reference code's two defects.")
 @click.option("--eval-every", default=10, show_default=True, type=int, help="Epochs between validation mAPs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -89,6 +89,13 @@ class TrainConfig:
     # Beyond the paper (0 = off): more cross-modal positives from the views already in the batch.
     w_inter_second: float = 0.0  # (image, second caption)
     w_inter_views: float = 0.0  # (augmented image, second caption)
+    # UCCH-style (Hu et al., TPAMI 2022): each code also contrasts with a momentum-updated bank holding the
+    # other modality's binary code of every training item: N - 1 negatives instead of 2 x batch - 2.
+    w_bank: float = 0.0
+    bank_momentum: float = 0.5
+    bank_tau: float = 0.2
+    drop_last: bool = False  # skip an epoch's last batch when it is smaller than batch_size
+    augment_anchor: bool = False  # the image pair is any two distinct of {original, cached views}, not (original, view)
     alpha: float = 0.01  # adversarial
     beta: float = 0.001  # quantization
     gamma: float = 0.01  # bit balance
@@ -103,7 +110,9 @@ class TrainConfig:
     reference_quirks: bool = False  # the public code's defects: text view 2 = view 1; adversary on text codes
     eval_every: int = 10  # epochs between validation mAPs (and at the end)
     map_k: int = 20
-    precision: str = "bf16"  # the heads' matmuls under bf16 autocast (3x faster on CPUs with AVX512-BF16) or fp32
+    # The heads' matmuls under bf16 autocast (3x faster on CPUs with AVX512-BF16, same mAP) or fp32;
+    # "auto": bf16 on a GPU or a CPU with native bf16, else fp32. Resolved before the run is fingerprinted.
+    precision: str = "auto"
     device: str = "auto"
 
     RUNTIME_FIELDS = ("device", "run", "eval_every")
@@ -120,8 +129,8 @@ class TrainConfig:
             raise DuchError(f"--split must be paper, dataset or all, got {self.split!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise DuchError("--epochs must be at least 1 and --batch-size at least 2 (BatchNorm needs 2 items)")
-        if self.precision not in ("bf16", "fp32"):
-            raise DuchError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise DuchError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.tau <= 0:
             raise DuchError(f"--tau must be positive, got {self.tau}")
 

@@ -43,3 +43,10 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def fooling_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The generator's side: make the discriminator call the fake codes real."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def bank_contrastive(h: torch.Tensor, bank: torch.Tensor, positives: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy of codes against a bank of binary codes: row i of `h` should pick bank row positives[i].
+    Both sides are scaled to unit length, so the logits are cosines over tau."""
+    logits = F.normalize(h, dim=1) @ (torch.sign(bank) / bank.shape[1] ** 0.5).T / tau
+    return F.cross_entropy(logits, positives)

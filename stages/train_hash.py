@@ -25,7 +25,7 @@ from pipeline import DuchError
 from pipeline.config import TrainConfig, digest
 from pipeline.features import Features, load_features
 from pipeline.hashing import CodeDiscriminator, DuchHeads, hamming, pack_codes
-from pipeline.losses import bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization
+from pipeline.losses import bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_at_k
 from pipeline.rundir import stage_dir
@@ -89,19 +89,32 @@ def prepare(features: Features, device: torch.device) -> TrainData:
                      as_tensor(padded, torch.long), as_tensor([len(r) for r in rows], torch.long))
 
 
-def sample_views(data: TrainData, items: torch.Tensor, gen: torch.Generator, quirks: bool):
-    """This epoch's pairs for `items`: image, one augmented view, a caption and a different second caption."""
+def _distinct_pair(rand_a: torch.Tensor, rand_b: torch.Tensor, count: torch.Tensor):
+    """Two different indices in [0, count) per item (the same one where count is 1)."""
+    first = (rand_a * count).long()
+    second = (first + 1 + (rand_b * (count - 1).clamp(min=0)).long()) % count
+    return first, second
+
+
+def sample_views(data: TrainData, items: torch.Tensor, gen: torch.Generator, quirks: bool,
+                 augment_anchor: bool = False):
+    """This epoch's pairs for `items`: image and an augmented view of it, a caption and a different second one.
+    With `augment_anchor` the image pair is any two distinct of the original and its cached views."""
     n = len(items)
     device = data.image.device
-    rand = torch.rand(3, n, generator=gen).to(device)
-    view = (rand[0] * data.views.shape[1]).long()
-    count = data.n_captions[items]
-    first = (rand[1] * count).long()
-    # A different caption when there is one: shift by 1..count-1.
-    second = (first + 1 + (rand[2] * (count - 1).clamp(min=0)).long()) % count
+    rand = torch.rand(5, n, generator=gen).to(device)
+    n_views = data.views.shape[1]
+    if augment_anchor:
+        a, b = _distinct_pair(rand[0], rand[3], torch.full((n,), n_views + 1, device=device))
+        stack = lambda k: torch.where((k == 0)[:, None], data.image[items],  # noqa: E731
+                                      data.views[items, (k - 1).clamp(min=0)])
+        image, view = stack(a), stack(b)
+    else:
+        image, view = data.image[items], data.views[items, (rand[0] * n_views).long()]
+    first, second = _distinct_pair(rand[1], rand[2], data.n_captions[items])
     text1 = data.captions[items, first]
     text2 = text1 if quirks else data.captions[items, second]
-    return (data.image[items], data.views[items, view], data.text[text1], data.text[text2])
+    return image, view, data.text[text1], data.text[text2]
 
 
 def head_codes(heads: DuchHeads, batch, precision: str = "fp32"):
@@ -112,6 +125,15 @@ def head_codes(heads: DuchHeads, batch, precision: str = "fp32"):
         image = heads.image(torch.cat([x, xa])).float()
         text = heads.text(torch.cat([t, ta])).float()
     return image[:n], image[n:], text[:n], text[n:]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if native else "fp32"
 
 
 def autocast(device: torch.device, precision: str):
@@ -174,16 +196,18 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"{bits} bits", unit="epoch", disable=not progress, dynamic_ncols=True)
     # B for the first epoch from the initial heads; after that from the codes the heads produced while
     # training the previous epoch (as the reference code does): no extra forward pass over the archive.
-    targets = binary_targets(heads, sample_views(data, train, gen, cfg.reference_quirks))
+    targets = binary_targets(heads, sample_views(data, train, gen, cfg.reference_quirks, cfg.augment_anchor))
     code_sums = torch.zeros_like(targets)
+    # Banks indexed by position in the training set, started from the first targets.
+    banks = {"image": targets.clone(), "text": targets.clone()} if cfg.w_bank else None
     for epoch in bar:
-        views = sample_views(data, train, gen, cfg.reference_quirks)
+        views = sample_views(data, train, gen, cfg.reference_quirks, cfg.augment_anchor)
         order = torch.randperm(n, generator=gen).to(device)
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
         steps = 0
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on one item
+            if len(idx) < 2 or (cfg.drop_last and len(idx) < cfg.batch_size):  # BatchNorm needs 2 items
                 continue
             batch = [v[idx] for v in views]
             hi, hia, ht, hta = head_codes(heads, batch, cfg.precision)
@@ -207,9 +231,17 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
                 "balance": sum(bit_balance(h) for h in (hi, hia, ht, hta)),
             }
             # Extra cross-modal positives, off in the paper's setting: weighted here, reported as one term.
-            terms["inter_extra"] = sum((w * nt_xent(a, b, cfg.tau) for w, a, b in
-                                        ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta)) if w),
+            extra = ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta))
+            terms["inter_extra"] = sum((w * nt_xent(u, v, cfg.tau) for w, u, v in extra if w),
                                        torch.zeros((), device=device))
+            if banks is not None:
+                terms["inter_extra"] = terms["inter_extra"] + cfg.w_bank * (
+                    bank_contrastive(hi, banks["text"], idx, cfg.bank_tau)
+                    + bank_contrastive(ht, banks["image"], idx, cfg.bank_tau))
+                with torch.no_grad():
+                    m = cfg.bank_momentum
+                    banks["image"][idx] = m * banks["image"][idx] + (1 - m) * torch.sign(hi + hia)
+                    banks["text"][idx] = m * banks["text"][idx] + (1 - m) * torch.sign(ht + hta)
             total = (cfg.w_inter * terms["inter"] + terms["inter_extra"] + cfg.w_image * terms["image"]
                      + cfg.w_text * terms["text"]
                      + cfg.alpha * terms["adversarial"] + cfg.beta * terms["quantization"]
@@ -296,10 +328,10 @@ def plot_history(path: Path, history: list[dict], evals: list[dict], bits: int) 
     plt.close(fig)
 
 
-def format_table(results: dict, definition: str = "reference") -> str:
+def format_table(results: dict, definition: str = "reference", k: int = 20) -> str:
     """The published tables' layout: one row per direction, one column per code length."""
     bits = sorted(results, key=int)
-    lines = [f"mAP@K ({definition})  " + "".join(f"{b + ' bits':>10}" for b in map(str, bits))]
+    lines = [f"{f'mAP@{k} ({definition})':<21}" + "".join(f"{b + ' bits':>10}" for b in map(str, bits))]
     for direction in DIRECTIONS:
         cells = "".join(f"{results[b][direction][definition]:>10.3f}" for b in bits)
         lines.append(f"{direction:<21}{cells}")
@@ -324,11 +356,12 @@ def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
     from stages.extract import resolve_device
 
     device = resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     basis = json.loads(json.dumps({"extract": features.manifest["fingerprint"], "settings": cfg.output_settings()}))
     previous = read_manifest(out_dir)
     if previous and not force and previous.get("fingerprint") == digest(basis):
         echo(f"train-hash: up to date in {out_dir}; nothing to do (--force redoes it)")
-        echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}))
+        echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}, k=cfg.map_k))
         return TrainResult(out_dir, previous, did_work=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
@@ -380,6 +413,6 @@ def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
     write_manifest(out_dir, manifest)
     with_map = {b: r["map"] for b, r in results.items() if r.get("map")}
     if with_map:
-        echo(format_table(with_map, "reference"))
-        echo(format_table(with_map, "textbook"))
+        echo(format_table(with_map, "reference", cfg.map_k))
+        echo(format_table(with_map, "textbook", cfg.map_k))
     return TrainResult(out_dir, manifest, did_work=True)

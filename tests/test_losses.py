@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.hashing import hamming, pack_codes, unpack_codes
-from pipeline.losses import (bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
+from pipeline.losses import (bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
                              quantization)
 
 
@@ -68,3 +68,13 @@ def test_hamming_equals_a_bit_count():
     q, db = rng.normal(size=(7, 64)), rng.normal(size=(11, 64))
     expected = ((q[:, None, :] >= 0) != (db[None, :, :] >= 0)).sum(axis=2)
     assert np.array_equal(hamming(pack_codes(q), pack_codes(db)), expected)
+
+
+def test_bank_contrastive_on_a_hand_computed_case():
+    # Unit codes e1, e2 against the binary bank rows (1, 1) and (1, -1), each scaled to length 1.
+    bank = torch.tensor([[0.3, 0.9], [0.2, -0.4]])  # only the signs count
+    c = 1 / math.sqrt(2)
+    first = math.log(2)  # e1 is as close to both rows; its positive is row 0
+    second = c + math.log(math.exp(c) + math.exp(-c))  # e2: logits (c, -c), positive row 1
+    value = bank_contrastive(torch.eye(2) * 3, bank, torch.tensor([0, 1]), tau=1.0)
+    assert float(value) == pytest.approx((first + second) / 2, rel=1e-6)

@@ -51,7 +51,7 @@ def test_outputs_table_and_rerun(run):
     manifest = json.loads((stage / "manifest.json").read_text())
     value = manifest["results"]["16"]["map"]["I->T"]
     assert set(value) == {"reference", "textbook"} and 0 <= value["reference"] <= 1
-    assert any(line.startswith("mAP@K (reference)") for line in said)
+    assert any(line.startswith("mAP@20 (reference)") for line in said)
     again = []
     assert not train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=again.append).did_work
     assert "up to date" in again[0]
@@ -80,12 +80,19 @@ def test_views_are_distinct_captions_unless_reference_quirks(run):
     assert not torch.equal(xa, data.image)
     _, _, q1, q2 = sample_views(data, items, torch.Generator().manual_seed(0), quirks=True)
     assert torch.equal(q1, q2)
+    # augment_anchor: two distinct embeddings of {original, view 1, view 2} for every item.
+    x, xa, _, _ = sample_views(data, items, torch.Generator().manual_seed(0), quirks=False, augment_anchor=True)
+    candidates = torch.cat([data.image[:, None], data.views], dim=1)  # [24, 3, D]
+    for picked in (x, xa):
+        assert ((candidates == picked[:, None]).all(dim=2).any(dim=1)).all()
+    assert (x != xa).any(dim=1).all()
+    assert (x != data.image).any()  # the anchor is not always the original
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(bits=(12,)), "--bits 12: code lengths must be positive multiples of 8"),
     (dict(split="dataset"), None),
-    (dict(precision="fp8"), "--precision must be bf16 or fp32"),
+    (dict(precision="fp8"), "--precision must be auto, bf16 or fp32"),
 ])
 def test_config_errors(run, change, message):
     if message is None:  # the dataset's own split works: train+val to train, test to query and database
@@ -113,7 +120,7 @@ def test_cli_train_hash(run):
                                            "--hidden", "32", "--batch-size", "8", "--device", "cpu",
                                            "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "train-hash: 8 bits in" in result.output and "mAP@K (reference)" in result.output
+    assert "train-hash: 8 bits in" in result.output and "mAP@20 (reference)" in result.output
     bad = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--bits", "8,20"])
     assert bad.exit_code == 2 and bad.output.strip() == \
         "error: --bits 20: code lengths must be positive multiples of 8 (e.g. 16,32,64,128)"
