@@ -51,13 +51,9 @@ class ExtractConfig:
             return max(0, self.workers)
         return min(8, max(1, (os.cpu_count() or 1) - 1))
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        return out
-
     def output_settings(self) -> dict:
         """The fields that decide the bytes written: the basis of the stage's fingerprint."""
-        out = self.to_dict()
+        out = dataclasses.asdict(self)
         for name in self.RUNTIME_FIELDS:
             out.pop(name, None)
         # Where the data lives is an input, fingerprinted by content, not by path.

@@ -13,7 +13,7 @@ import cli
 from pipeline import DuchError
 from pipeline.config import TrainConfig
 from pipeline.features import load_features
-from stages.train_hash import prepare, sample_views, train_hash
+from stages.train_hash import load_heads, prepare, sample_views, train_hash
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=2, device="cpu")
 
@@ -39,6 +39,8 @@ def test_outputs_table_and_rerun(run):
         tensors = load_file(folder / "model.safetensors")
         assert tensors["image_head.net.3.weight"].shape == (bits, 32)
         assert "discriminator.net.0.weight" in tensors
+        heads = load_heads(folder / "model.safetensors", image_dim=16, text_dim=16, bits=bits, hidden=32)
+        assert torch.equal(heads.text.net[3].weight, tensors["text_head.net.3.weight"]) and not heads.training
         rows = list(csv.DictReader(open(folder / "losses.csv")))
         assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
         assert {"inter", "image", "text", "adversarial", "quantization", "balance", "discriminator"} <= rows[0].keys()

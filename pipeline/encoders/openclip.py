@@ -52,8 +52,6 @@ class OpenClipModel:
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.embed_dim = int(model.text_projection.shape[-1]) if getattr(model, "text_projection", None) is not None \
-            else None
 
     def image_encoder(self) -> "OpenClipImage":
         return OpenClipImage(self)
