@@ -52,14 +52,16 @@ class ExtractConfig:
         return min(8, max(1, (os.cpu_count() or 1) - 1))
 
     def output_settings(self) -> dict:
-        """The fields that decide the bytes written: the basis of the stage's fingerprint."""
-        out = dataclasses.asdict(self)
-        for name in self.RUNTIME_FIELDS:
-            out.pop(name, None)
         # Where the data lives is an input, fingerprinted by content, not by path.
-        out.pop("data", None)
-        out.pop("images", None)
-        return out
+        return output_settings(self, ("data", "images"))
+
+
+def output_settings(cfg, also_drop: tuple[str, ...] = ()) -> dict:
+    """The fields that decide the bytes a stage writes: the basis of its fingerprint."""
+    out = dataclasses.asdict(cfg)
+    for name in (*cfg.RUNTIME_FIELDS, *also_drop):
+        out.pop(name, None)
+    return out
 
 
 def digest(obj) -> str:
@@ -131,7 +133,4 @@ class TrainConfig:
             raise DuchError(f"--tau must be positive, got {self.tau}")
 
     def output_settings(self) -> dict:
-        out = dataclasses.asdict(self)
-        for name in self.RUNTIME_FIELDS:
-            out.pop(name, None)
-        return out
+        return output_settings(self)

@@ -6,7 +6,6 @@ discriminator step and one head step on L = contrastive + alpha adversarial + be
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -25,7 +24,9 @@ from pipeline import DuchError
 from pipeline.config import TrainConfig, digest
 from pipeline.features import Features, load_features
 from pipeline.hashing import CodeDiscriminator, DuchHeads, hamming, pack_codes
-from pipeline.losses import bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization
+from pipeline.encoders.base import autocast_for
+from pipeline.losses import (bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty,
+                             nt_xent, quantization)
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_at_k
 from pipeline.rundir import stage_dir
@@ -121,7 +122,7 @@ def head_codes(heads: DuchHeads, batch, precision: str = "fp32"):
     """The four continuous codes of a batch; the two views of a modality go through their head together."""
     x, xa, t, ta = batch
     n = len(x)
-    with autocast(x.device, precision):
+    with autocast_for(x.device, precision):
         image = heads.image(torch.cat([x, xa])).float()
         text = heads.text(torch.cat([t, ta])).float()
     return image[:n], image[n:], text[:n], text[n:]
@@ -134,12 +135,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16"
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     return "bf16" if native else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -382,9 +377,10 @@ def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
         folder = out_dir / f"bits-{bits}"
         bits_basis = {**basis, "bits": bits}
         done = folder / "result.json"
-        if done.exists() and not force and json.loads(done.read_text()).get("fingerprint") == digest(bits_basis):
+        kept = json.loads(done.read_text()) if done.exists() and not force else None
+        if kept and kept.get("fingerprint") == digest(bits_basis):
             echo(f"train-hash: {bits} bits already trained, kept")
-            results[str(bits)] = json.loads(done.read_text())
+            results[str(bits)] = kept
         else:
             folder.mkdir(parents=True, exist_ok=True)
             done.unlink(missing_ok=True)

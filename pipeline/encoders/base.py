@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (the speed of half precision, the range of fp32); full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast (the speed of half precision, the range of fp32) or full precision.
+    "auto": bf16 on GPU, fp32 on CPU; "bf16" and "fp32" force one on any device."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
