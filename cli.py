@@ -103,5 +103,82 @@ def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, prec
     run_train(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 
+@main.command("encode-archive")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with a trained train-hash.")
+@click.option("--archive", type=click.Path(), default=None,
+              help="Run directory of another extract run to encode with this model (same encoders); "
+                   "its codes go to ARCHIVE/encode-archive [default: RUN itself].")
+@click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
+              help="Code lengths to encode [default: every trained one].")
+@click.option("--continuous", is_flag=True, help="Also store the heads' float16 outputs (for search --rerank).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=8192, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Re-encode even if finished.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@user_errors
+def encode_archive(run_dir, archive, bits, continuous, device, batch_size, force, no_progress):
+    """Stage 3: packed binary codes of every archive item, one file per code length."""
+    from pipeline.config import EncodeConfig
+    from stages.encode_archive import encode_archive as run_encode
+
+    cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, device=device,
+                       batch_size=batch_size)
+    run_encode(cfg, force=force, progress=not no_progress, echo=click.echo)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
+@click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
+@click.option("--text", default=None, help="A caption to search by.")
+@click.option("--image", type=click.Path(), default=None, help="An image file to search by.")
+@click.option("--id", "item_id", default=None, help="An archive item to search by: an image id, or IMAGE_ID#N for "
+                                                    "its N-th caption.")
+@click.option("-k", "--k", default=10, show_default=True, type=int, help="How many results.")
+@click.option("--modality", type=click.Choice(["image", "text"]), default=None,
+              help="What to return [default: the other modality than the query's].")
+@click.option("--rerank", default=0, show_default=True, type=int,
+              help="Re-rank this many Hamming neighbours by the continuous outputs (needs encode --continuous).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@user_errors
+def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device):
+    """Search the archive by text, image or item id: top-k by Hamming distance."""
+    import json as _json
+
+    from pipeline.search import Index
+
+    if sum(q is not None for q in (text, image, item_id)) != 1:
+        raise click.UsageError("give exactly one of --text, --image, --id")
+    if k < 1 or rerank < 0:
+        raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
+    hits = Index.load(run_dir, bits=bits, device=device).search(text=text, image=image, id=item_id, k=k,
+                                                                modality=modality, rerank_top=rerank)
+    if as_json:
+        click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))
+        return
+    query = text if text is not None else image if image is not None else f"item {item_id}"
+    click.echo(f"query: {query!r}  ({bits} bits, Hamming distance{', re-ranked by cosine' if rerank else ''})")
+    for h in hits:
+        score = f"  cos {h.score:.3f}" if h.score is not None else ""
+        what = h.caption if h.caption is not None else h.path
+        click.echo(f"{h.rank:>3}. d={h.distance:<3}{score}  {h.id:<12} {h.label or '':<18} {what}")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
+@click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
+              help="Code lengths to evaluate [default: every encoded one].")
+@click.option("-k", "--k", default=20, show_default=True, type=int, help="mAP@K.")
+@click.option("--rerank", default=100, show_default=True, type=int,
+              help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
+@user_errors
+def evaluate(run_dir, bits, k, rerank):
+    """mAP@K, precision curves and instance-level Recall@K on the run's held-out split; plots and metrics.json."""
+    from pipeline.config import EvaluateConfig
+    from stages.evaluate import evaluate as run_evaluate
+
+    run_evaluate(EvaluateConfig(run=run_dir, bits=bits, k=k, rerank=rerank), echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

@@ -134,3 +134,46 @@ class TrainConfig:
 
     def output_settings(self) -> dict:
         return output_settings(self)
+
+
+@dataclass
+class EncodeConfig:
+    """Stage 3: codes for every item of an archive (an extract run) from a trained train-hash run."""
+
+    run: str  # run directory holding the trained train-hash stage
+    archive: str | None = None  # run directory of the archive's extract stage; None: `run` itself
+    bits: tuple[int, ...] | None = None  # None: every trained code length
+    continuous: bool = False  # also store the heads' float16 outputs, for `search --rerank`
+    device: str = "auto"
+    batch_size: int = 8192
+
+    RUNTIME_FIELDS = ("device", "batch_size")
+
+    def validate(self) -> None:
+        from pipeline import DuchError
+
+        if self.batch_size < 1:
+            raise DuchError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for k in self.bits or ():
+            if k <= 0 or k % 8:
+                raise DuchError(f"--bits {k}: code lengths are positive multiples of 8")
+
+
+@dataclass
+class EvaluateConfig:
+    """Retrieval metrics of a run's codes on its held-out split."""
+
+    run: str  # run directory with train-hash and encode-archive stages
+    bits: tuple[int, ...] | None = None  # None: every encoded code length
+    k: int = 20  # mAP@K
+    rerank: int = 100  # Hamming shortlist re-ranked with the continuous outputs (when stored); 0: off
+
+    RUNTIME_FIELDS = ()
+
+    def validate(self) -> None:
+        from pipeline import DuchError
+
+        if self.k < 1:
+            raise DuchError(f"--k must be at least 1, got {self.k}")
+        if self.rerank < 0:
+            raise DuchError(f"--rerank must be 0 (off) or a shortlist size, got {self.rerank}")

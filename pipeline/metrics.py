@@ -25,7 +25,12 @@ def relevance(order: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray
 
 
 def map_at_k(scores: np.ndarray, query_labels, db_labels, k: int, definition: str = "textbook") -> float:
-    rel = relevance(ranking(scores), query_labels, db_labels)
+    return map_of_ranking(ranking(scores), query_labels, db_labels, k, definition)
+
+
+def map_of_ranking(order: np.ndarray, query_labels, db_labels, k: int, definition: str = "textbook") -> float:
+    """mAP@k of a ranking ([Q, N] database indices, best first) under one of the two definitions."""
+    rel = relevance(order, query_labels, db_labels)
     if definition == "textbook":
         top = rel[:, :k].astype(np.float64)
         precision = top.cumsum(axis=1) / np.arange(1, top.shape[1] + 1)
@@ -39,3 +44,62 @@ def map_at_k(scores: np.ndarray, query_labels, db_labels, k: int, definition: st
             aps.append(0.0 if len(ranks) == 0 else float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
         return float(np.mean(aps))
     raise ValueError(f"unknown mAP definition {definition!r}; use 'textbook' or 'reference'")
+
+def precision_at_k(scores: np.ndarray, query_labels, db_labels, ks) -> np.ndarray:
+    """Mean precision within the top K of the ranking, for each K in `ks` (K beyond N counts N)."""
+    rel = relevance(ranking(scores), query_labels, db_labels)
+    hits = rel.cumsum(axis=1)
+    ks = np.minimum(np.asarray(ks), rel.shape[1])
+    return hits[:, ks - 1].mean(axis=0) / ks
+
+
+def radius_curves(distances: np.ndarray, query_labels, db_labels, bits: int) -> dict[str, np.ndarray]:
+    """Everything within Hamming radius r = 0..bits retrieved, for every r:
+    - precision: relevant retrieved / retrieved, averaged over the queries that retrieve anything;
+    - recall: relevant retrieved / relevant in the database, averaged over queries with any relevant;
+    - precision_all: the same precision averaged over all queries, an empty result counting 0 (the "P@H<=r" of
+      the hashing literature, which penalises radii too small to return anything);
+    - empty: the share of queries that retrieve nothing."""
+    distances = np.asarray(distances)
+    rel = np.asarray(db_labels)[None, :] == np.asarray(query_labels)[:, None]
+    out = {name: np.zeros(bits + 1) for name in ("precision", "recall", "precision_all", "empty")}
+    n_rel = rel.sum(axis=1)
+    # Per query, how many items (and how many relevant) sit at each exact distance; cumulative sums give radii.
+    at = np.stack([np.bincount(d, minlength=bits + 1)[: bits + 1] for d in distances])
+    at_rel = np.stack([np.bincount(d[r], minlength=bits + 1)[: bits + 1] for d, r in zip(distances, rel)])
+    retrieved, relevant = at.cumsum(axis=1), at_rel.cumsum(axis=1)
+    for r in range(bits + 1):
+        got = retrieved[:, r] > 0
+        precision = np.divide(relevant[:, r], retrieved[:, r], out=np.zeros(len(got)), where=got)
+        out["precision"][r] = precision[got].mean() if got.any() else 0.0
+        out["precision_all"][r] = precision.mean()
+        out["empty"][r] = 1.0 - got.mean()
+        has = n_rel > 0
+        out["recall"][r] = (relevant[has, r] / n_rel[has]).mean() if has.any() else 0.0
+    return out
+
+
+def recall_at_k(order: np.ndarray, positive: np.ndarray, ks) -> dict[int, float]:
+    """Instance-level Recall@K: the share of queries with at least one of their own positives (an image's
+    captions, a caption's image) in the top K of `order` ([Q, N] database indices, best first)."""
+    hits = np.take_along_axis(np.asarray(positive), order, axis=1)
+    first = np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])  # rank of the first positive
+    return {int(k): float((first < k).mean()) for k in ks}
+
+
+def rerank_order(distances: np.ndarray, similarity: np.ndarray, shortlist: int) -> np.ndarray:
+    """[Q, N] ranking: the `shortlist` nearest by Hamming (ties in database order) re-ordered by similarity
+    (higher first, ties in Hamming order), then the rest in Hamming order."""
+    order = ranking(-np.asarray(distances))
+    head = order[:, :shortlist]
+    sims = np.take_along_axis(np.asarray(similarity), head, axis=1)
+    resorted = np.take_along_axis(head, np.argsort(-sims, axis=1, kind="stable"), axis=1)
+    return np.concatenate([resorted, order[:, shortlist:]], axis=1)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    a = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
+    b = b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-12)
+    return a @ b.T

@@ -41,3 +41,41 @@ def test_paper_split_sizes_and_determinism():
     assert sorted(every.tolist()) == list(range(2100))
     assert np.array_equal(paper_split(2100).query, split.query)
     assert not np.array_equal(paper_split(2100, seed=1).query, split.query)
+
+
+def test_precision_at_k_on_the_hand_made_ranking():
+    from pipeline.metrics import precision_at_k
+
+    # relevance in rank order: 1 0 1 0 1
+    assert precision_at_k(SCORES, np.array(["a"]), DB_LABELS, [1, 2, 3, 5, 9]).tolist() == pytest.approx(
+        [1, 1 / 2, 2 / 3, 3 / 5, 3 / 5])
+
+
+def test_radius_curves_by_hand():
+    from pipeline.metrics import radius_curves
+
+    # Query "a" (relevant: 0, 2, 3); query "b" (relevant: 1, 4). Distances to the five database items:
+    distances = np.array([[0, 1, 1, 2, 3], [2, 2, 3, 3, 3]])
+    curves = radius_curves(distances, np.array(["a", "b"]), DB_LABELS, bits=3)
+    # r=0: query a retrieves {0} (1 relevant); query b retrieves nothing.
+    assert curves["precision"][0] == pytest.approx(1.0)
+    assert curves["precision_all"][0] == pytest.approx(0.5) and curves["empty"][0] == pytest.approx(0.5)
+    assert curves["recall"][0] == pytest.approx((1 / 3 + 0) / 2)
+    # r=2: a retrieves {0, 1, 2, 3} (3 relevant), b retrieves {0, 1} (1 relevant).
+    assert curves["precision"][2] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert curves["recall"][2] == pytest.approx((1 + 1 / 2) / 2)
+    # r=3: everything: precision is the share of relevant items, recall 1.
+    assert curves["precision"][3] == pytest.approx((3 / 5 + 2 / 5) / 2) and curves["recall"][3] == 1.0
+
+
+def test_instance_recall_and_rerank_order():
+    from pipeline.metrics import recall_at_k, rerank_order
+
+    order = np.array([[2, 0, 1], [1, 2, 0]])
+    positive = np.array([[True, False, False], [False, False, False]])  # query 1 has no positive at all
+    assert recall_at_k(order, positive, (1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 0.5}
+    distances = np.array([[1, 0, 0, 2]])  # Hamming order 1, 2, 0, 3
+    similarity = np.array([[0.9, 0.1, 0.5, 1.0]])
+    assert rerank_order(distances, similarity, 3).tolist() == [[0, 2, 1, 3]]  # item 3 is outside the shortlist
+    tie = np.array([[0.5, 0.5, 0.5, 0.5]])
+    assert rerank_order(distances, tie, 4).tolist() == [[1, 2, 0, 3]]  # equal cosine: Hamming order kept

@@ -1,0 +1,116 @@
+"""Code files: one HDF5 file per code length, `codes-K.h5`, written by encode-archive, read by search/evaluate.
+
+    attrs            bits, model_sha256, extract_fingerprint, image_rows, text_rows
+    image/ids        [N] str    image/path [N] str    image/label [N] str
+    image/codes      [N, K/8] uint8, packed sign bits (1 for h >= 0), big-endian bit order (numpy packbits)
+    image/continuous [N, K] float16, the heads' tanh outputs (only with --continuous: for --rerank)
+    text/image_id    [M] str    text/caption_index [M] int32    text/text [M] str
+    text/codes, text/continuous as for images, one row per real caption (rule-based rewrites are not archived)
+
+Every dataset has its final size from the start and is contiguous and uncompressed, so the file is filled
+shard by shard with flat memory, and the codes can be memory-mapped straight from the file by `open_codes`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.shards import STRING, temp_path
+
+MODALITIES = ("image", "text")
+META = {"image": ("ids", "path", "label"), "text": ("image_id", "caption_index", "text")}
+
+
+def codes_name(bits: int) -> str:
+    return f"codes-{bits}.h5"
+
+
+class CodeWriter:
+    """Fills a code file row range by row range; `close()` renames it into place, `abort()` removes it."""
+
+    def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict):
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        self.tmp.unlink(missing_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        self.filled = dict.fromkeys(rows, 0)
+        for modality, n in rows.items():
+            group = self.file.create_group(modality)
+            for name in META[modality]:
+                dtype = np.int32 if name == "caption_index" else STRING
+                group.create_dataset(name, shape=(n,), dtype=dtype)
+            group.create_dataset("codes", shape=(n, bits // 8), dtype=np.uint8)
+            if continuous:
+                group.create_dataset("continuous", shape=(n, bits), dtype=np.float16)
+        for key, value in {**attrs, "bits": bits, **{f"{m}_rows": n for m, n in rows.items()}}.items():
+            self.file.attrs[key] = value
+
+    def append(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
+        group = self.file[modality]
+        start = self.filled[modality]
+        n = len(arrays["codes"])
+        for name, value in arrays.items():
+            group[name][start:start + n] = value
+        self.filled[modality] = start + n
+
+    def close(self) -> None:
+        expected = {m: self.file[m]["codes"].shape[0] for m in self.filled}
+        self.file.close()
+        if expected != self.filled:
+            self.tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{self.path}: filled {self.filled} rows, expected {expected}")
+        with open(self.tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class CodeTable:
+    """One modality of a code file: metadata in memory, codes (and continuous outputs) memory-mapped."""
+
+    modality: str
+    codes: np.ndarray  # [N, K/8] uint8, memory-mapped
+    continuous: np.ndarray | None  # [N, K] float16, memory-mapped
+    meta: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    if len(dataset) == 0:
+        return np.zeros(dataset.shape, dataset.dtype)
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None:  # not contiguous: read it instead
+        return dataset[()]
+    return np.memmap(path, mode="r", dtype=dataset.dtype, offset=offset, shape=dataset.shape)
+
+
+def open_codes(path: Path, with_meta: bool = True) -> tuple[dict, dict[str, CodeTable]]:
+    """(attrs, {modality: CodeTable}) of a finished code file."""
+    path = Path(path)
+    tables = {}
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        for modality in MODALITIES:
+            if modality not in f:
+                continue
+            group = f[modality]
+            meta = {}
+            if with_meta:
+                for name in META[modality]:
+                    ds = group[name]
+                    meta[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+            tables[modality] = CodeTable(modality, _mapped(path, group["codes"]),
+                                         _mapped(path, group["continuous"]) if "continuous" in group else None, meta)
+    return attrs, tables

@@ -1,0 +1,201 @@
+"""Searching an encoded archive: `Index.load(run, bits=64).search(text="many planes at the airport", k=10)`.
+
+A query (a caption, an image file, or an archive item) is embedded with the archive's encoder, passed through
+the trained head and packed, then matched against the archive's packed codes by exact Hamming distance
+(XOR + popcount; numpy on CPU, torch on a GPU), nearest first, equal distances in archive order. With `rerank=N`
+the N nearest by Hamming are re-ordered by the cosine similarity of the heads' continuous outputs (stored by
+`encode-archive --continuous`): hash-speed shortlisting, near-float ranking.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import DuchError
+from pipeline.codes import CodeTable, codes_name, open_codes
+from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
+from pipeline.manifest import read_manifest
+from pipeline.rundir import stage_dir
+
+
+@dataclass
+class Hit:
+    rank: int
+    modality: str  # of the item found: "image" or "text"
+    row: int  # row in the code file
+    id: str  # image id; for a caption "IMAGE_ID#CAPTION_INDEX"
+    image_id: str
+    distance: int  # Hamming distance to the query's code
+    score: float | None  # cosine of the continuous outputs, when re-ranked
+    label: str | None
+    path: str | None  # the image file (the item's, or the caption's image)
+    caption: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rerank(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Cosine similarity of one continuous query [K] to candidates [n, K] -> order, best first, ties in
+    shortlist order (which is Hamming order)."""
+    q = np.asarray(query, np.float32)
+    c = np.asarray(candidates, np.float32)
+    scores = c @ q / (np.linalg.norm(c, axis=1) * np.linalg.norm(q) + 1e-12)
+    return np.argsort(-scores, kind="stable"), scores
+
+
+class Index:
+    """The codes of one code length of an encoded archive, with the model that made them."""
+
+    def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device):
+        self.run, self.bits, self.manifest, self.tables, self.device = run, bits, manifest, tables, device
+        self._heads = None
+        self._encoders: dict = {}
+        self._device_codes: dict[str, torch.Tensor] = {}
+        self._row_of_id: dict[str, dict[str, int]] = {}
+        archive = read_manifest(stage_dir(manifest["archive_run"], "extract")) or {}
+        self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
+
+    @classmethod
+    def load(cls, run: str | Path, bits: int = 64, device: str = "auto") -> "Index":
+        from stages.encode_archive import load_encode_manifest
+        from stages.extract import resolve_device
+
+        out_dir, manifest = load_encode_manifest(run)
+        if str(bits) not in manifest["models"]:
+            raise DuchError(f"{out_dir} holds codes of {', '.join(manifest['models'])} bits, not {bits}; "
+                            f"pick one of those with --bits")
+        _, tables = open_codes(out_dir / codes_name(bits))
+        return cls(Path(run), bits, manifest, tables, resolve_device(device))
+
+    # ------------------------------------------------------------------------------------------ queries
+    @property
+    def heads(self):
+        if self._heads is None:
+            from stages.encode_archive import Model
+
+            m = self.manifest["models"][str(self.bits)]
+            dims = self.manifest["encoders"]
+            model = Model(self.bits, Path(m["file"]), m["sha256"], m["hidden"], dims["image"]["dim"],
+                          dims.get("text", {}).get("dim", 0))
+            self._heads = model.load(self.device)
+        return self._heads
+
+    def _encoder(self, modality: str):
+        if modality not in self._encoders:
+            from pipeline.encoders import load_encoders, parse_spec
+
+            spec = self.manifest["encoders"].get(modality, {}).get("spec")
+            if not spec:
+                raise DuchError(f"the model in {self.manifest['model_run']} has no {modality} encoder")
+            parsed = parse_spec(spec, modality)
+            image, text = load_encoders(parsed if modality == "image" else None,
+                                        parsed if modality == "text" else None, str(self.device))
+            self._encoders[modality] = image if modality == "image" else text
+        return self._encoders[modality]
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Captions -> continuous codes [Q, K] through the text encoder and head."""
+        emb = self._encoder("text").encode(list(texts)).to(self.device)
+        return self.heads.text(emb.float()).float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_image(self, paths: list[str | Path]) -> np.ndarray:
+        """Image files -> continuous codes [Q, K], converted and embedded as extract does."""
+        from data.images import ImageLoadError, load_image
+
+        encoder = self._encoder("image")
+        pixels = []
+        for path in paths:
+            try:
+                pixels.append(encoder.transform(load_image(Path(path))))
+            except ImageLoadError as e:
+                raise DuchError(f"query image {path}: {e}") from None
+        emb = encoder.encode(torch.stack(pixels)).to(self.device)
+        return self.heads.image(emb.float()).float().cpu().numpy()
+
+    def item(self, item_id: str) -> tuple[str, int]:
+        """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""
+        modality = "text" if "#" in item_id and "text" in self.tables else "image"
+        if modality not in self._row_of_id:
+            meta = self.tables[modality].meta
+            keys = meta["ids"] if modality == "image" else [f"{i}#{c}" for i, c in zip(meta["image_id"],
+                                                                                       meta["caption_index"])]
+            self._row_of_id[modality] = {str(k): r for r, k in enumerate(keys)}
+        row = self._row_of_id[modality].get(item_id)
+        if row is None:
+            raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
+                            f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
+        return modality, row
+
+    # ------------------------------------------------------------------------------------------ search
+    def search_codes(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Packed query codes [Q, K/8] -> ([Q, k] distances, [Q, k] rows) over `modality`'s codes."""
+        table = self._table(modality)
+        if self.device.type == "cuda":
+            if modality not in self._device_codes:  # moved once, searched many times
+                self._device_codes[modality] = to_int64_words(table.codes, self.device)
+            d, rows = hamming_topk_torch(to_int64_words(codes, self.device), self._device_codes[modality], k)
+            return d.cpu().numpy(), rows.cpu().numpy()
+        return hamming_topk(np.asarray(codes, np.uint8), table.codes, k)
+
+    def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
+               modality: str | None = None, rerank_top: int = 0) -> list[Hit]:
+        """Top-k archive items for one query. `modality`: what to return, by default the other modality than
+        the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine."""
+        given = [q for q in (text, image, id) if q is not None]
+        if len(given) != 1:
+            raise DuchError("give exactly one query: text, image or id")
+        if text is not None:
+            source, h = "text", self.embed_text([text])[0]
+        elif image is not None:
+            source, h = "image", self.embed_image([image])[0]
+        else:
+            source, row = self.item(id)
+            table = self.tables[source]
+            h = None if table.continuous is None else table.continuous[row].astype(np.float32)
+            packed = np.asarray(table.codes[row:row + 1])
+        target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
+        if id is None:
+            packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
+        shortlist = max(k, rerank_top)
+        distances, rows = self.search_codes(packed, target, shortlist)
+        distances, rows = distances[0], rows[0]
+        scores = None
+        if rerank_top:
+            table = self._table(target)
+            if table.continuous is None or h is None:
+                raise DuchError("--rerank needs the continuous outputs: rerun `duch encode-archive --continuous "
+                                "--force`")
+            order, all_scores = rerank(h, np.asarray(table.continuous[rows]))
+            distances, rows, scores = distances[order], rows[order], all_scores[order]
+        return [self._hit(rank, target, int(r), int(d), None if scores is None else float(scores[rank]))
+                for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
+
+    def _table(self, modality: str) -> CodeTable:
+        if modality not in self.tables:
+            raise DuchError(f"the archive holds no {modality} codes (it was extracted without captions)")
+        return self.tables[modality]
+
+    def _hit(self, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
+        meta = self.tables[modality].meta
+        if modality == "image":
+            image_id, item_id, caption = str(meta["ids"][row]), str(meta["ids"][row]), None
+            label, path = str(meta["label"][row]) or None, str(self.images_dir / meta["path"][row])
+        else:
+            image_id = str(meta["image_id"][row])
+            item_id, caption = f"{image_id}#{int(meta['caption_index'][row])}", str(meta["text"][row])
+            image_row = self._image_row(image_id)
+            images = self.tables["image"].meta
+            label = (str(images["label"][image_row]) or None) if image_row is not None else None
+            path = str(self.images_dir / images["path"][image_row]) if image_row is not None else None
+        return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
+
+    def _image_row(self, image_id: str) -> int | None:
+        if "image" not in self._row_of_id:
+            self._row_of_id["image"] = {str(k): r for r, k in enumerate(self.tables["image"].meta["ids"])}
+        return self._row_of_id["image"].get(image_id)

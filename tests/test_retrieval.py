@@ -1,0 +1,193 @@
+"""encode-archive, search and evaluate on a tiny real pipeline: tiny open_clip, real tiles, trained heads."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline import DuchError
+from pipeline.codes import open_codes
+from pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
+from pipeline.features import load_features
+from pipeline.search import Index
+from stages.encode_archive import encode_archive
+from stages.evaluate import evaluate
+from stages.extract import extract
+from stages.train_hash import encode, load_heads, train_hash
+from tests.conftest import ASSETS, REAL_JPEGS, TINY_CLIP
+
+FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=3, device="cpu")
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_extract_run):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(tiny_extract_run, run)
+    train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(trained, target)
+    return target
+
+
+def image_folder(root, names):
+    folder = root / "images"
+    (folder / "tiles").mkdir(parents=True)
+    for name in names:
+        shutil.copy(ASSETS / name, folder / "tiles" / name)
+    return folder
+
+
+def test_codes_are_the_packed_signs_of_the_trained_heads(run):
+    result = encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
+    features = load_features(run)
+    for bits in (8, 16):
+        attrs, tables = open_codes(result.stage_dir / f"codes-{bits}.h5")
+        heads = load_heads(run / "train-hash" / f"bits-{bits}" / "model.safetensors", 16, 16, bits, 32)
+        h_image = encode(heads.image, torch.as_tensor(features.image, dtype=torch.float32)).numpy()
+        assert isinstance(tables["image"].codes, np.memmap) and tables["image"].codes.shape == (24, bits // 8)
+        assert (tables["image"].codes == np.packbits(h_image >= 0, axis=1)).all()
+        assert np.allclose(tables["image"].continuous, h_image, atol=1e-3)
+        assert tables["image"].meta["ids"].tolist() == features.ids.tolist()
+        assert len(tables["text"]) == 48 and attrs["bits"] == bits  # two real captions per image
+        assert attrs["model_sha256"] == result.manifest["models"][str(bits)]["sha256"]
+    said = []
+    assert not encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False,
+                              echo=said.append).did_work
+    assert "up to date" in said[0]
+
+
+def test_a_killed_encode_keeps_finished_code_lengths_and_no_half_file(run, monkeypatch):
+    import pipeline.codes as codes
+
+    real_close = codes.CodeWriter.close
+    calls = []
+
+    def close_then_die(self):
+        calls.append(self.path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while finishing the second file
+        real_close(self)
+
+    monkeypatch.setattr(codes.CodeWriter, "close", close_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    stage = run / "encode-archive"
+    assert sorted(p.name for p in stage.iterdir()) == ["codes-8.h5"]  # no temp file, no manifest
+    monkeypatch.setattr(codes.CodeWriter, "close", real_close)
+    said = []
+    encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=said.append)
+    assert said[0] == "encode-archive: 8 bits already encoded, kept"
+    assert (stage / "manifest.json").exists() and (stage / "codes-16.h5").exists()
+
+
+def test_a_new_archive_with_the_same_encoders_is_encoded_and_searchable(run, tmp_path, tiny_clip_spec):
+    data = tmp_path / "new"
+    image_folder(data, REAL_JPEGS[:3])  # images only: an archive without captions
+    archive = tmp_path / "archive-run"
+    extract(ExtractConfig(data=str(data / "images"), run=str(archive), image_encoder=tiny_clip_spec,
+                          text_encoder=tiny_clip_spec, image_views=0, workers=0, device="cpu"),
+            progress=False, echo=quiet)
+    result = encode_archive(EncodeConfig(run=str(run), archive=str(archive), device="cpu"), progress=False,
+                            echo=quiet)
+    assert result.stage_dir == archive / "encode-archive"
+    _, tables = open_codes(result.stage_dir / "codes-16.h5")
+    assert set(tables) == {"image"} and len(tables["image"]) == 3
+    hits = Index.load(archive, bits=16, device="cpu").search(text="many planes", k=5)
+    assert [h.modality for h in hits] == ["image"] * 3 and {h.path.split("/")[-1] for h in hits} == set(REAL_JPEGS[:3])
+
+
+def test_an_archive_from_other_encoders_is_refused(run, tmp_path):
+    other_cfg = tmp_path / "other-tiny.json"
+    other_cfg.write_text(json.dumps({**TINY_CLIP, "embed_dim": 8}))
+    data = tmp_path / "new"
+    image_folder(data, REAL_JPEGS[:2])
+    archive = tmp_path / "archive-run"
+    spec = f"open_clip:{other_cfg}:none"
+    extract(ExtractConfig(data=str(data / "images"), run=str(archive), image_encoder=spec, text_encoder=spec,
+                          image_views=0, workers=0, device="cpu"), progress=False, echo=quiet)
+    with pytest.raises(DuchError, match=r"its image embeddings come from open_clip:.*other-tiny.json:none \(8-d\), "
+                                        r"but the model .* was trained on open_clip:.*duch-tiny-test.json:none"):
+        encode_archive(EncodeConfig(run=str(run), archive=str(archive), device="cpu"), progress=False, echo=quiet)
+    assert not (archive / "encode-archive").exists()
+
+
+def test_search_by_text_image_and_id_matches_a_direct_scan(run):
+    encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
+    index = Index.load(run, bits=16, device="cpu")
+    _, tables = open_codes(run / "encode-archive" / "codes-16.h5")
+    # By text: the query's code is the head's sign; results are the archive's images by Hamming, ties by order.
+    hits = index.search(text="a airplane scene number 3", k=6)
+    code = np.packbits(index.embed_text(["a airplane scene number 3"]) >= 0, axis=1)
+    from pipeline.hamming import hamming
+
+    d = hamming(code, tables["image"].codes)[0]
+    assert [h.row for h in hits] == np.argsort(d, kind="stable")[:6].tolist()
+    assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+    assert all(h.modality == "image" and h.path.endswith(".jpg") and h.label for h in hits)
+    # By an image file: the archive's copy of that tile (item 0, first of its ties) at distance 0.
+    image_hits = index.search(image=ASSETS / REAL_JPEGS[0], k=3, modality="image")
+    assert (image_hits[0].id, image_hits[0].distance) == ("0", 0)
+    # By id: captions by default; re-ranked by cosine within a Hamming shortlist.
+    by_id = index.search(id="0", k=4, rerank_top=10)
+    assert all(h.modality == "text" and h.caption for h in by_id)
+    assert [h.score for h in by_id] == sorted((h.score for h in by_id), reverse=True)
+    assert index.search(id="0#1", k=1, modality="text")[0].id == "0#1"  # a caption finds itself first
+    with pytest.raises(DuchError, match="is not in the archive"):
+        index.search(id="no-such-item")
+
+
+def test_rerank_needs_continuous_outputs(run):
+    encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    with pytest.raises(DuchError, match="--rerank needs the continuous outputs"):
+        Index.load(run, bits=8, device="cpu").search(text="harbor", rerank_top=5)
+
+
+def test_evaluate_reproduces_train_hash_validation_and_writes_plots(run):
+    encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
+    said = []
+    result = evaluate(EvaluateConfig(run=str(run), rerank=5), echo=said.append)
+    trained = json.loads((run / "train-hash" / "manifest.json").read_text())["results"]
+    for bits in ("8", "16"):
+        metrics = result.metrics["results"][bits]
+        for direction in ("I->T", "T->I", "I->I", "T->T"):
+            assert metrics["class"][direction]["map"] == pytest.approx(trained[bits]["map"][direction])
+            assert set(metrics["class"][direction]["map_rerank"]) == {"reference", "textbook"}
+        inst = metrics["instance"]
+        assert (inst["images"], inst["captions"]) == (2, 4)  # the 2 query images and their 2 captions each
+        assert set(inst) >= {"hamming", "rerank", "continuous"}
+    for name in ("metrics.json", "table.md", "pr_curves.png", "precision_at_k.png", "manifest.json"):
+        assert (run / "evaluate" / name).stat().st_size > 0
+    assert (run / "evaluate" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| method | I->T 8 / 16 bits | T->I 8 / 16 bits |" in said[0]
+
+
+def test_cli_encode_search_evaluate(run):
+    runner = CliRunner()
+    out = runner.invoke(cli.main, ["encode-archive", "--run", str(run), "--continuous", "--device", "cpu",
+                                   "--no-progress"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(cli.main, ["search", "--run", str(run), "--bits", "16", "--text", "harbor", "-k", "3",
+                                   "--json", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    hits = json.loads(out.output)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["modality"] == "image" for h in hits)
+    out = runner.invoke(cli.main, ["search", "--run", str(run), "--bits", "16", "--id", "5", "--device", "cpu"])
+    assert out.exit_code == 0 and out.output.count("d=") == 10
+    out = runner.invoke(cli.main, ["evaluate", "--run", str(run), "--rerank", "5"])
+    assert out.exit_code == 0 and "instance-level Recall@K" in out.output and "pr_curves.png" in out.output
+    bad = runner.invoke(cli.main, ["search", "--run", str(run), "--bits", "24", "--text", "x"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "not 24" in bad.output
+    bad = runner.invoke(cli.main, ["encode-archive", "--run", str(run / "nowhere")])
+    assert bad.exit_code == 2 and "no finished train-hash stage" in bad.output
