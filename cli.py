@@ -140,8 +140,10 @@ def encode_archive(run_dir, archive, bits, continuous, device, batch_size, force
               help="Re-rank this many Hamming neighbours by the continuous outputs (needs encode --continuous).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
+              help="CPU scan: faiss IndexBinaryFlat (auto, when installed) or numpy over the memory-mapped codes.")
 @user_errors
-def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device):
+def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device, backend):
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
@@ -151,7 +153,7 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, de
         raise click.UsageError("give exactly one of --text, --image, --id")
     if k < 1 or rerank < 0:
         raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
-    hits = Index.load(run_dir, bits=bits, device=device).search(text=text, image=image, id=item_id, k=k,
+    hits = Index.load(run_dir, bits=bits, device=device, backend=backend).search(text=text, image=image, id=item_id, k=k,
                                                                 modality=modality, rerank_top=rerank)
     if as_json:
         click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))

@@ -2,7 +2,8 @@
 
 A query (a caption, an image file, or an archive item) is embedded with the archive's encoder, passed through
 the trained head and packed, then matched against the archive's packed codes by exact Hamming distance
-(XOR + popcount; numpy on CPU, torch on a GPU), nearest first, equal distances in archive order. With `rerank=N`
+(XOR + popcount: faiss' IndexBinaryFlat or a numpy scan over the memory-mapped file on CPU, a Triton kernel
+on a GPU; all return the same rows), nearest first, equal distances in archive order. With `rerank=N`
 the N nearest by Hamming are re-ordered by the cosine similarity of the heads' continuous outputs (stored by
 `encode-archive --continuous`): hash-speed shortlisting, near-float ranking.
 """
@@ -17,6 +18,7 @@ import torch
 from pipeline import DuchError
 from pipeline.codes import CodeTable, codes_name, open_codes
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
+from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from pipeline.manifest import read_manifest
 from pipeline.rundir import stage_dir
 
@@ -50,17 +52,19 @@ def rerank(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 class Index:
     """The codes of one code length of an encoded archive, with the model that made them."""
 
-    def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device):
+    def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device,
+                 backend: str = "auto"):
         self.run, self.bits, self.manifest, self.tables, self.device = run, bits, manifest, tables, device
+        self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
         self._heads = None
         self._encoders: dict = {}
-        self._device_codes: dict[str, torch.Tensor] = {}
+        self._device_codes: dict[str, object] = {}
         self._row_of_id: dict[str, dict[str, int]] = {}
         archive = read_manifest(stage_dir(manifest["archive_run"], "extract")) or {}
         self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
 
     @classmethod
-    def load(cls, run: str | Path, bits: int = 64, device: str = "auto") -> "Index":
+    def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto") -> "Index":
         from stages.encode_archive import load_encode_manifest
         from stages.extract import resolve_device
 
@@ -69,7 +73,9 @@ class Index:
             raise DuchError(f"{out_dir} holds codes of {', '.join(manifest['models'])} bits, not {bits}; "
                             f"pick one of those with --bits")
         _, tables = open_codes(out_dir / codes_name(bits))
-        return cls(Path(run), bits, manifest, tables, resolve_device(device))
+        if backend not in ("auto", "faiss", "numpy"):
+            raise DuchError(f"backend must be auto, faiss or numpy, got {backend!r}")
+        return cls(Path(run), bits, manifest, tables, resolve_device(device), backend)
 
     # ------------------------------------------------------------------------------------------ queries
     @property
@@ -134,14 +140,45 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ search
     def search_codes(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Packed query codes [Q, K/8] -> ([Q, k] distances, [Q, k] rows) over `modality`'s codes."""
-        table = self._table(modality)
-        if self.device.type == "cuda":
-            if modality not in self._device_codes:  # moved once, searched many times
-                self._device_codes[modality] = to_int64_words(table.codes, self.device)
-            d, rows = hamming_topk_torch(to_int64_words(codes, self.device), self._device_codes[modality], k)
+        """Packed query codes [Q, K/8] -> ([Q, k] distances, [Q, k] rows) over `modality`'s codes: exact, ties
+        in archive order, whichever backend runs (each is tested equal to the numpy scan)."""
+        codes = np.asarray(codes, np.uint8)
+        backend = self._backend(modality)
+        if isinstance(backend, tuple):  # GPU: Triton kernel over int32 words, or the torch scan
+            db32, db64 = backend
+            if db32 is not None:
+                d, rows = hamming_topk_triton(codes, db32, k, db64=db64)
+            else:
+                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), db64, k)
             return d.cpu().numpy(), rows.cpu().numpy()
-        return hamming_topk(np.asarray(codes, np.uint8), table.codes, k)
+        if backend is not None:  # faiss IndexBinaryFlat: the same rows as the numpy scan, faster on batches
+            d, rows = backend.search(codes, min(k, len(self.tables[modality])))
+            return d.astype(np.int32), rows.astype(np.int64)
+        return hamming_topk(codes, self.tables[modality].codes, k)
+
+    def _backend(self, modality: str):
+        """Built once per modality: the codes on the GPU, or a faiss index in memory, or None (numpy scan over
+        the memory-mapped file)."""
+        if modality in self._device_codes:
+            return self._device_codes[modality]
+        table = self._table(modality)
+        backend = None
+        if self.device.type == "cuda":
+            db64 = to_int64_words(table.codes, self.device)
+            db32 = to_int32_words(table.codes, self.device) if gpu_kernel_available(self.device) else None
+            backend = (db32, db64)
+        elif self.backend in ("auto", "faiss"):
+            try:
+                import faiss
+            except ImportError:
+                if self.backend == "faiss":
+                    raise DuchError("--backend faiss needs faiss: pip install faiss-cpu") from None
+            else:
+                backend = faiss.IndexBinaryFlat(table.codes.shape[1] * 8)
+                for s in range(0, len(table), 1 << 22):
+                    backend.add(np.ascontiguousarray(table.codes[s:s + (1 << 22)]))
+        self._device_codes[modality] = backend
+        return backend
 
     def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
                modality: str | None = None, rerank_top: int = 0) -> list[Hit]:

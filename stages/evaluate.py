@@ -126,7 +126,7 @@ def instance_metrics(sides: dict, shortlist: int) -> dict:
 
 
 def p_at_k_grid(n: int) -> list[int]:
-    grid = [1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    grid = [1, 5, 10, 20, 30, 40, 50, 75, 100, 200, 500, 1000, 2000, 5000, 10000]
     return [k for k in grid if k < n] + [n]
 
 

@@ -191,3 +191,14 @@ def test_cli_encode_search_evaluate(run):
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and "not 24" in bad.output
     bad = runner.invoke(cli.main, ["encode-archive", "--run", str(run / "nowhere")])
     assert bad.exit_code == 2 and "no finished train-hash stage" in bad.output
+
+
+def test_faiss_and_numpy_backends_return_the_same_rows(run):
+    encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    by = {b: Index.load(run, bits=16, device="cpu", backend=b) for b in ("numpy", "faiss")}
+    for query in ("a harbor scene", "court seen from above"):
+        rows = {b: [(h.row, h.distance) for h in index.search(text=query, k=20)] for b, index in by.items()}
+        assert rows["numpy"] == rows["faiss"]
+    codes = open_codes(run / "encode-archive" / "codes-16.h5")[1]["text"].codes[:5]
+    a, b = (by[x].search_codes(codes, "image", 30) for x in ("numpy", "faiss"))
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()

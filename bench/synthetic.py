@@ -1,0 +1,70 @@
+"""Synthetic extract runs for scale benchmarks: random float16 embeddings in real HDF5 shards with a real manifest.
+
+They stand in for a huge archive without encoding millions of images; the later stages read them exactly as they
+read a real extract run. Random unit vectors, one class per 100 items.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import digest
+from pipeline.manifest import now_iso, sha256_file, write_manifest
+from pipeline.rundir import stage_dir
+from pipeline.shards import shard_name, write_shard
+
+SPEC = "synthetic"
+
+
+def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+
+def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0, views: int = 0,
+                     shard_size: int = 4096, seed: int = 0) -> Path:
+    """RUN/extract with n images (and `captions` captions each, `views` views each) of `dim`-d embeddings."""
+    out = stage_dir(run, "extract")
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    outputs = []
+    fingerprint = digest({"synthetic": n, "dim": dim, "captions": captions, "views": views, "seed": seed})
+    attrs = lambda modality, k, rows: {"modality": modality, "shard": k, "fingerprint": fingerprint,  # noqa: E731
+                                       "encoder": SPEC, "dim": dim, "rows": rows}
+    for k, start in enumerate(range(0, n, shard_size)):
+        ids = np.arange(start, min(n, start + shard_size))
+        arrays = {"ids": [str(i) for i in ids], "path": [f"{i}.jpg" for i in ids],
+                  "label": [f"class{i // 100}" for i in ids], "split": [""] * len(ids),
+                  "emb": _unit(rng, (len(ids), dim)), "reject_id": [], "reject_reason": []}
+        if views:
+            arrays["views"] = _unit(rng, (len(ids), views, dim))
+        path = out / shard_name("image", k)
+        write_shard(path, arrays, attrs("image", k, len(ids)))
+        outputs.append({"file": path.name, "modality": "image", "rows": len(ids), "bytes": path.stat().st_size,
+                        "sha256": sha256_file(path)})
+    rows = n * captions
+    for k, start in enumerate(range(0, rows, shard_size)):
+        r = np.arange(start, min(rows, start + shard_size))
+        arrays = {"image_id": [str(i // captions) for i in r], "caption_index": (r % captions).astype(np.int32),
+                  "augmented": np.zeros(len(r), bool), "text": [f"caption {i}" for i in r],
+                  "emb": _unit(rng, (len(r), dim)), "reject_id": [], "reject_reason": []}
+        path = out / shard_name("text", k)
+        write_shard(path, arrays, attrs("text", k, len(r)))
+        outputs.append({"file": path.name, "modality": "text", "rows": len(r), "bytes": path.stat().st_size,
+                        "sha256": sha256_file(path)})
+    encoder = {"spec": SPEC}
+    basis = json.loads(json.dumps({"settings": {"image_encoder": encoder, "text_encoder": encoder if captions else None},
+                                   "inputs": {"synthetic": fingerprint}}))
+    write_manifest(out, {
+        "stage": "extract", "created": now_iso(), "fingerprint": fingerprint, "basis": basis,
+        "config": {"image_encoder": SPEC, "text_encoder": SPEC if captions else None, "image_views": views},
+        "dataset": {"kind": "synthetic", "source": "synthetic", "images_dir": "synthetic"},
+        "encoders": {"image": {"encoder": SPEC, "dim": dim}, **({"text": {"encoder": SPEC, "dim": dim}}
+                                                                if captions else {})},
+        "counts": {"items": n, "images": n, "image_views": views, "captions": rows, "augmented_captions": 0,
+                   "rejects": 0},
+        "outputs": outputs, "rejects": [], "timings": {},
+    })
+    return out
