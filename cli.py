@@ -111,17 +111,20 @@ def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, prec
 @click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
               help="Code lengths to encode [default: every trained one].")
 @click.option("--continuous", is_flag=True, help="Also store the heads' float16 outputs (for search --rerank).")
+@click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default=None,
+              help="Also write a faiss index per code length for CPU search: flat (exact), ivf or hnsw "
+                   "(approximate, for archives of ~100M codes and more).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8192, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Re-encode even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
-def encode_archive(run_dir, archive, bits, continuous, device, batch_size, force, no_progress):
+def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, force, no_progress):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
     from pipeline.config import EncodeConfig
     from stages.encode_archive import encode_archive as run_encode
 
-    cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, device=device,
+    cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, index=index, device=device,
                        batch_size=batch_size)
     run_encode(cfg, force=force, progress=not no_progress, echo=click.echo)
 
@@ -153,8 +156,8 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, de
         raise click.UsageError("give exactly one of --text, --image, --id")
     if k < 1 or rerank < 0:
         raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
-    hits = Index.load(run_dir, bits=bits, device=device, backend=backend).search(text=text, image=image, id=item_id, k=k,
-                                                                modality=modality, rerank_top=rerank)
+    index = Index.load(run_dir, bits=bits, device=device, backend=backend)
+    hits = index.search(text=text, image=image, id=item_id, k=k, modality=modality, rerank_top=rerank)
     if as_json:
         click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))
         return

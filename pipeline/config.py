@@ -144,6 +144,7 @@ class EncodeConfig:
     archive: str | None = None  # run directory of the archive's extract stage; None: `run` itself
     bits: tuple[int, ...] | None = None  # None: every trained code length
     continuous: bool = False  # also store the heads' float16 outputs, for `search --rerank`
+    index: str | None = None  # also write a faiss index per code length: "flat", "ivf" or "hnsw"
     device: str = "auto"
     batch_size: int = 8192
 
@@ -157,6 +158,8 @@ class EncodeConfig:
         for k in self.bits or ():
             if k <= 0 or k % 8:
                 raise DuchError(f"--bits {k}: code lengths are positive multiples of 8")
+        if self.index not in (None, "flat", "ivf", "hnsw"):
+            raise DuchError(f"--index must be flat, ivf or hnsw, got {self.index!r}")
 
 
 @dataclass

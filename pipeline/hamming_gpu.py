@@ -1,8 +1,9 @@
 """Exact Hamming top-k on a GPU over packed codes held at their packed size (8 bytes per 64-bit code).
 
 Two passes, both exact:
-1. a threshold per query: the k-th smallest distance over a strided sample of the archive. The sample is a subset,
-   so its k-th distance is >= the archive's: every true top-k item lies within it.
+1. a threshold per query: the k-th smallest distance over every r-th row of the archive (found the same way,
+   recursively, down to a size the plain scan handles). The sample is a subset, so its k-th distance is >= the
+   archive's: every true top-k item lies within it.
 2. one Triton kernel scans the whole archive (XOR + popcount on 32-bit words, in registers) and appends only the
    rows within the threshold to a small per-query buffer (a few thousand candidates instead of N distances).
 The candidates are then sorted by `distance * N + row`, which gives the top k with ties in archive order, exactly
@@ -51,13 +52,13 @@ if triton is not None:
     @triton.jit
     def _within_threshold(query_ptr, db_ptr, threshold_ptr, count_ptr, out_ptr, Q, N, CAP,
                           W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_POPC: tl.constexpr):
-        qs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_ok, r_ok = qs < Q, rows < N
         distance = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.int32)
         for w in tl.static_range(W):
             a = tl.load(query_ptr + qs * W + w, mask=q_ok, other=0)
-            b = tl.load(db_ptr + rows.to(tl.int64) * W + w, mask=r_ok, other=0)
+            b = tl.load(db_ptr + rows * W + w, mask=r_ok, other=0)
             distance += _popcount32(a[:, None] ^ b[None, :], USE_POPC)
         threshold = tl.load(threshold_ptr + qs, mask=q_ok, other=-1)
         keep = (distance <= threshold[:, None]) & r_ok[None, :] & q_ok[:, None]
@@ -65,40 +66,49 @@ if triton is not None:
         # Reserve one contiguous range per query with a single atomic, then place each kept row by prefix sum.
         base = tl.atomic_add(count_ptr + qs, tl.sum(kept, axis=1), mask=q_ok)
         slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-        key = distance.to(tl.int64) * N + rows.to(tl.int64)[None, :]
+        key = distance.to(tl.int64) * N + rows[None, :]
         tl.store(out_ptr + qs.to(tl.int64)[:, None] * CAP + slot, key, mask=keep & (slot < CAP))
 
 
-def thresholds(query64: torch.Tensor, db64: torch.Tensor, k: int, sample: int) -> torch.Tensor:
-    """Per query, the k-th smallest distance over every (N // sample)-th row: an upper bound of the true one."""
-    stride = max(1, len(db64) // sample)
-    return hamming_topk_torch(query64, db64[::stride], k)[0][:, -1]
+def _as_int64(words32: torch.Tensor) -> torch.Tensor:
+    if words32.shape[1] % 2 == 0:
+        return words32.contiguous().view(torch.int64)
+    return to_int64_words(words32.cpu().view(torch.uint8), words32.device)
 
 
 def hamming_topk_triton(query: np.ndarray | torch.Tensor, db32: torch.Tensor, k: int, db64: torch.Tensor | None = None,
-                        capacity: int = 4096, sample: int = 1 << 16, block_q: int = 32,
-                        block_n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k ([Q, k] int32 distances, [Q, k] int64 rows) of packed `query` codes over `db32`
-    (`to_int32_words`). `db64` (the same codes as `to_int64_words`) is used for the sample pass and for overflow;
-    without it a view of db32 is taken when the row has an even number of words."""
+                        capacity: int = 8192, block_q: int = 32, block_n: int = 256,
+                        direct_below: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k ([Q, k] int32 distances, [Q, k] int64 rows) of packed `query` codes (uint8 [Q, B], or int32
+    words) over `db32` (`to_int32_words`), ties in archive order. `db64` (the same codes as int64 words) serves
+    the small cases and overflow; it is derived from db32 when not given."""
     device = db32.device
     n, words = db32.shape
     k = min(k, n)
-    q32 = query if isinstance(query, torch.Tensor) else to_int32_words(query, device)
-    if db64 is None:
-        db64 = db32.view(torch.int64) if words % 2 == 0 else to_int64_words(db32.cpu().view(torch.uint8), device)
-    q64 = q32.view(torch.int64) if words % 2 == 0 else to_int64_words(q32.cpu().view(torch.uint8), device)
-    limit = thresholds(q64, db64, k, sample).to(torch.int32).contiguous()
+    q32 = (query if isinstance(query, torch.Tensor) else to_int32_words(query, device)).contiguous()
+    if n <= direct_below or 4 * k > capacity:  # small archives or huge k: the plain scan is the right tool
+        return hamming_topk_torch(_as_int64(q32), _as_int64(db32) if db64 is None else db64, k)
+    # The threshold comes from every ratio-th row: about k * ratio candidates per query, well within capacity.
+    ratio = max(2, capacity // (16 * k))
+    sample = db32[::ratio].contiguous()
+    limit = hamming_topk_triton(q32, sample, k, capacity=capacity, block_q=block_q, block_n=block_n,
+                                direct_below=direct_below)[0][:, -1].to(torch.int32).contiguous()
+    # A tile's query rows beyond Q are wasted work: one query gets a one-row tile over more archive rows.
+    block_q = max(1, min(block_q, triton.next_power_of_2(len(q32))))
+    if block_q < 8:
+        block_n = max(block_n, 1024)
     counts = torch.zeros(len(q32), dtype=torch.int32, device=device)
     out = torch.full((len(q32), capacity), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-    grid = (triton.cdiv(len(q32), block_q), triton.cdiv(n, block_n))
-    _within_threshold[grid](q32.contiguous(), db32, limit, counts, out, len(q32), n, capacity, W=words,
+    # Archive blocks on grid axis 0 (up to 2^31 - 1 of them), query blocks on axis 1 (at most 65,535).
+    grid = (triton.cdiv(n, block_n), triton.cdiv(len(q32), block_q))
+    _within_threshold[grid](q32, db32, limit, counts, out, len(q32), n, capacity, W=words,
                             BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=not INTERPRET)
     keys = torch.sort(out, dim=1).values[:, :k]
     distances, rows = (keys // n).to(torch.int32), keys % n
     overflow = torch.nonzero(counts > capacity).flatten()
-    if len(overflow):
-        distances[overflow], rows[overflow] = hamming_topk_torch(q64[overflow], db64, k)
+    if len(overflow):  # a tie too large for the buffer: this query by the plain scan
+        d, r = hamming_topk_torch(_as_int64(q32[overflow]), _as_int64(db32) if db64 is None else db64, k)
+        distances[overflow], rows[overflow] = d.to(torch.int32), r
     return distances, rows
 
 

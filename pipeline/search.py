@@ -151,8 +151,11 @@ class Index:
             else:
                 d, rows = hamming_topk_torch(to_int64_words(codes, self.device), db64, k)
             return d.cpu().numpy(), rows.cpu().numpy()
-        if backend is not None:  # faiss IndexBinaryFlat: the same rows as the numpy scan, faster on batches
+        if backend is not None:  # faiss: flat gives the numpy scan's rows, faster on batches; ivf/hnsw approximate
             d, rows = backend.search(codes, min(k, len(self.tables[modality])))
+            if (rows < 0).any():  # an approximate index may find fewer than k
+                found = (rows >= 0).all(axis=0)
+                d, rows = d[:, found], rows[:, found]
             return d.astype(np.int32), rows.astype(np.int64)
         return hamming_topk(codes, self.tables[modality].codes, k)
 
@@ -164,9 +167,16 @@ class Index:
         table = self._table(modality)
         backend = None
         if self.device.type == "cuda":
-            db64 = to_int64_words(table.codes, self.device)
-            db32 = to_int32_words(table.codes, self.device) if gpu_kernel_available(self.device) else None
-            backend = (db32, db64)
+            # One copy at packed size: the kernel's int32 words (viewed as int64 where it needs them), or the
+            # int64 words of the torch scan where Triton is missing.
+            if gpu_kernel_available(self.device):
+                backend = (to_int32_words(table.codes, self.device), None)
+            else:
+                backend = (None, to_int64_words(table.codes, self.device))
+        elif self.backend in ("auto", "faiss") and self._index_file(modality):
+            from pipeline import faiss_index
+
+            backend = faiss_index.read(self._index_file(modality))
         elif self.backend in ("auto", "faiss"):
             try:
                 import faiss
@@ -212,6 +222,11 @@ class Index:
             distances, rows, scores = distances[order], rows[order], all_scores[order]
         return [self._hit(rank, target, int(r), int(d), None if scores is None else float(scores[rank]))
                 for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
+
+    def _index_file(self, modality: str) -> Path | None:
+        """The faiss index `encode-archive --index` wrote for this code length and modality, if any."""
+        files = ((self.manifest.get("index") or {}).get("files") or {}).get(str(self.bits), {})
+        return stage_dir(self.run, "encode-archive") / files[modality] if modality in files else None
 
     def _table(self, modality: str) -> CodeTable:
         if modality not in self.tables:

@@ -167,7 +167,7 @@ def encode_archive(cfg: EncodeConfig, force: bool = False, progress: bool = True
             stale.unlink()
     models = {b: model_run.models[b] for b in sorted((*bits_list, *kept))}
     basis = {"archive": archive["fingerprint"], "models": {str(b): m.sha256 for b, m in models.items()},
-             "continuous": cfg.continuous}
+             "continuous": cfg.continuous, "index": cfg.index}
     previous = read_manifest(out_dir)
     if previous and not force and previous.get("fingerprint") == digest(basis):
         echo(f"encode-archive: up to date in {out_dir}; nothing to do (--force redoes it)")
@@ -198,11 +198,16 @@ def encode_archive(cfg: EncodeConfig, force: bool = False, progress: bool = True
                 writer.abort()
             raise
     seconds = time.perf_counter() - t0
+    indexes = write_indexes(out_dir, list(models), cfg.index, echo) if cfg.index else {}
+    for stale in out_dir.glob("index-*.faiss"):
+        if stale.name not in {f for per_bits in indexes.values() for f in per_bits.values()}:
+            stale.unlink()
 
     outputs = []
     for bits in models:
-        path = out_dir / codes_name(bits)
-        outputs.append({"file": path.name, "bits": bits, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        for path in [out_dir / codes_name(bits), *(out_dir / f for f in indexes.get(str(bits), {}).values())]:
+            outputs.append({"file": path.name, "bits": bits, "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
     manifest = {
         "stage": STAGE, "created": now_iso(), "fingerprint": digest(basis), "basis": basis,
         "config": dataclasses.asdict(cfg), "device": str(device), "versions": library_versions(),
@@ -210,13 +215,31 @@ def encode_archive(cfg: EncodeConfig, force: bool = False, progress: bool = True
         "encoders": {m: {"spec": model_run.encoders[m], "dim": model_run.extract["encoders"][m]["dim"]}
                      for m in ("image", "text") if model_run.encoders[m]},
         "models": {str(b): {"file": str(m.path), "sha256": m.sha256, "hidden": m.hidden} for b, m in models.items()},
-        "rows": rows, "outputs": outputs, "timings": {"encode_s": round(seconds, 3)},
+        "rows": rows, "index": {"kind": cfg.index, "files": indexes} if cfg.index else None,
+        "outputs": outputs, "timings": {"encode_s": round(seconds, 3)},
     }
     write_manifest(out_dir, manifest)
-    sizes = ", ".join(f"{o['bits']} bits {o['bytes'] / 1e6:.1f} MB" for o in outputs)
+    sizes = ", ".join(f"{o['bits']} bits {o['bytes'] / 1e6:.1f} MB" for o in outputs if o["file"].startswith("codes"))
     echo(f"encode-archive: {rows['image']} images, {rows.get('text', 0)} captions in {seconds:.1f} s -> "
          f"{out_dir} ({sizes})")
     return EncodeResult(out_dir, manifest, did_work=True)
+
+
+def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[str, dict[str, str]]:
+    """A faiss index per code length and modality, built from the finished (memory-mapped) code files."""
+    from pipeline import faiss_index
+
+    files: dict[str, dict[str, str]] = {}
+    for bits in bits_list:
+        _, tables = open_codes(out_dir / codes_name(bits), with_meta=False)
+        for modality, table in tables.items():
+            t = time.perf_counter()
+            path = out_dir / faiss_index.index_name(bits, modality)
+            faiss_index.write(faiss_index.build(table.codes, kind), path)
+            files.setdefault(str(bits), {})[modality] = path.name
+            echo(f"encode-archive: {kind} index of {len(table)} {modality} codes, {bits} bits, in "
+                 f"{time.perf_counter() - t:.1f} s -> {path.name}")
+    return files
 
 
 def _code_file_done(path: Path, model: Model, attrs: dict, cfg: EncodeConfig) -> bool:

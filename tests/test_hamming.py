@@ -74,11 +74,13 @@ from pipeline.hamming_gpu import hamming_topk_triton, to_int32_words
 rng = np.random.default_rng(0)
 for bits, n, k in ((64, 3000, 10), (24, 700, 7), (128, 1500, 20)):
     db = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
-    db[100:300] = db[0]  # a tie of 200 rows at distance 0: overflows a 64-slot buffer
+    db[100:300] = db[0]  # a tie of 200 rows at distance 0: overflows the buffer
     queries = np.vstack([db[:2], rng.integers(0, 256, (5, bits // 8), dtype=np.uint8)])
-    d, rows = hamming_topk_triton(queries, to_int32_words(db, "cpu"), k, capacity=64, sample=256)
+    d, rows = hamming_topk_triton(queries, to_int32_words(db, "cpu"), k, capacity=128, direct_below=64)
     expected_d, expected_rows = hamming_topk(queries, db, k)
     assert (d.numpy() == expected_d).all() and (rows.numpy() == expected_rows).all(), bits
+    one_d, one_rows = hamming_topk_triton(queries[2:3], to_int32_words(db, "cpu"), k, direct_below=64)
+    assert (one_rows.numpy() == expected_rows[2:3]).all(), bits  # one query: a one-row tile
 print("ok")
 """
 
