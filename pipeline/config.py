@@ -112,8 +112,12 @@ class TrainConfig:
     # "auto": bf16 on a GPU or a CPU with native bf16, else fp32. Resolved before the run is fingerprinted.
     precision: str = "auto"
     device: str = "auto"
+    # GPU only, never changing the math: replay the steps as CUDA graphs (7x faster at UCM scale), and
+    # optionally torch.compile the loss terms inside them (+10% steps/s after ~20 s of compilation).
+    cuda_graphs: bool = True
+    compile_terms: bool = False
 
-    RUNTIME_FIELDS = ("device", "run", "eval_every")
+    RUNTIME_FIELDS = ("device", "run", "eval_every", "cuda_graphs", "compile_terms")
 
     def validate(self) -> None:
         from pipeline import DuchError

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import DuchError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, sha256_file
 from pipeline.rundir import stage_dir
 from pipeline.shards import read_shard
 
@@ -48,6 +48,16 @@ class Features:
         return np.array(out, dtype=np.int64)
 
 
+def verify_output(stage: Path, output: dict) -> None:
+    """A stage's output file must be the one its manifest lists: a truncated or altered file is never read."""
+    path = stage / output["file"]
+    if not path.is_file():
+        raise DuchError(f"{path} is missing; rerun `duch {stage.name}` on this run to redo it")
+    if path.stat().st_size != output["bytes"] or sha256_file(path) != output["sha256"]:
+        raise DuchError(f"{path} does not match the checksum in {stage / 'manifest.json'} (truncated or altered); "
+                        f"rerun `duch {stage.name}` on this run to redo it")
+
+
 def load_features(run: str | Path) -> Features:
     stage = stage_dir(run, "extract")
     manifest = read_manifest(stage)
@@ -56,6 +66,7 @@ def load_features(run: str | Path) -> Features:
     parts: dict[str, list[dict]] = {"image": [], "text": []}
     dims: dict[str, tuple[str, tuple]] = {}
     for out in manifest["outputs"]:
+        verify_output(stage, out)
         shard = read_shard(stage / out["file"])
         shape = shard["emb"].shape[1:] + (shard["views"].shape[1:] if "views" in shard else ())
         first = dims.setdefault(out["modality"], (out["file"], shape))

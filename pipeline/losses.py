@@ -13,7 +13,8 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     sim = (z @ z.T) / tau
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=sim.device)
     sim = sim.masked_fill(self_mask, float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
+    # Made on the device: a host-to-device copy would synchronise every step and cannot be graph-captured.
+    positives = torch.cat([torch.arange(n, 2 * n, device=sim.device), torch.arange(0, n, device=sim.device)])
     return F.cross_entropy(sim, positives)
 
 
@@ -50,3 +51,28 @@ def bank_contrastive(h: torch.Tensor, bank: torch.Tensor, positives: torch.Tenso
     Both sides are scaled to unit length, so the logits are cosines over tau."""
     logits = F.normalize(h, dim=1) @ (torch.sign(bank) / bank.shape[1] ** 0.5).T / tau
     return F.cross_entropy(logits, positives)
+
+
+# Batched forms for the GPU: G losses of one kind in one pass, so a step launches a few larger kernels instead of
+# many tiny ones (a step of small matrices on a GPU takes as long as its kernel count). Each equals its single
+# form group by group, up to rounding.
+def nt_xent_groups(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """[G, N, K] pairs -> [G]: entry g is nt_xent(a[g], b[g], tau)."""
+    g, n, _ = a.shape
+    z = F.normalize(torch.cat([a, b], dim=1), dim=2)
+    sim = (z @ z.transpose(1, 2)) / tau
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=sim.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n, device=sim.device), torch.arange(0, n, device=sim.device)])
+    losses = F.cross_entropy(sim.reshape(g * 2 * n, 2 * n), positives.repeat(g), reduction="none")
+    return losses.view(g, 2 * n).mean(dim=1)
+
+
+def quantization_groups(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[G, N, K] codes, [N, K] targets -> [G]: entry g is quantization(h[g], target)."""
+    return ((h - target) ** 2).mean(dim=(1, 2))
+
+
+def bit_balance_groups(h: torch.Tensor) -> torch.Tensor:
+    """[G, N, K] -> [G]: entry g is bit_balance(h[g])."""
+    return (h.sum(dim=2) ** 2).mean(dim=1) / h.shape[2]

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from pipeline import DuchError
 from pipeline.codes import CodeWriter, codes_name, open_codes
 from pipeline.config import EncodeConfig, digest
+from pipeline.features import verify_output
 from pipeline.hashing import DuchHeads
+from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import stage_dir
 from pipeline.shards import read_shard
@@ -121,6 +123,7 @@ def encode_shards(archive_dir: Path, archive: dict, heads: dict[int, DuchHeads],
                   continuous: bool, device: torch.device, batch: int, bar: tqdm) -> None:
     for output in archive["outputs"]:
         modality = output["modality"]
+        verify_output(archive_dir, output)
         rows = shard_rows(archive_dir, output)
         emb = rows.pop("emb")
         for bits, pair in heads.items():
@@ -142,9 +145,14 @@ class EncodeResult:
 
 def encode_archive(cfg: EncodeConfig, force: bool = False, progress: bool = True,
                    echo: Callable[[str], None] = print) -> EncodeResult:
+    cfg.validate()
+    with run_lock(cfg.archive or cfg.run, STAGE):
+        return _encode_archive(cfg, force, progress, echo)
+
+
+def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> EncodeResult:
     from stages.extract import resolve_device
 
-    cfg.validate()
     model_run = load_model_run(cfg.run)
     archive_run = Path(cfg.archive or cfg.run)
     archive_dir = stage_dir(archive_run, "extract")

@@ -26,6 +26,7 @@ from pipeline.codes import CodeTable, codes_name, open_codes
 from pipeline.config import EvaluateConfig, digest
 from pipeline.hamming import hamming
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
+from pipeline.lock import run_lock
 from pipeline.metrics import (cosine, map_of_ranking, precision_at_k, radius_curves, ranking, recall_at_k,
                               rerank_order)
 from pipeline.rundir import stage_dir
@@ -221,9 +222,14 @@ class EvaluateResult:
 
 
 def evaluate(cfg: EvaluateConfig, progress: bool = True, echo: Callable[[str], None] = print) -> EvaluateResult:
+    cfg.validate()
+    with run_lock(cfg.run, STAGE):
+        return _evaluate(cfg, echo)
+
+
+def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResult:
     from stages.encode_archive import load_encode_manifest, load_model_run
 
-    cfg.validate()
     run = Path(cfg.run)
     t0 = time.perf_counter()
     model_run = load_model_run(run)

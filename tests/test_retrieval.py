@@ -221,3 +221,19 @@ def test_faiss_index_files_are_written_and_used_by_search(run, kind):
         assert sorted(d for _, d in got) == sorted(d for _, d in want) and len(got) == 24
     plain = encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
     assert plain.manifest["index"] is None and not list(plain.stage_dir.glob("*.faiss"))
+
+
+def test_an_altered_shard_is_detected_before_it_is_read(run):
+    shard = run / "extract" / "image-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte, the size unchanged
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DuchError, match=r"image-00001.h5 does not match the checksum in .*manifest.json "
+                                        r"\(truncated or altered\); rerun `duch extract`"):
+        encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    shard.write_bytes(bytes(data[:1000]))  # truncated
+    with pytest.raises(DuchError, match="truncated or altered"):
+        load_features(run)
+    shard.unlink()
+    with pytest.raises(DuchError, match=r"image-00001.h5 is missing; rerun `duch extract`"):
+        load_features(run)

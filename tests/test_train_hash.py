@@ -13,7 +13,11 @@ import cli
 from pipeline import DuchError
 from pipeline.config import TrainConfig
 from pipeline.features import load_features
-from stages.train_hash import load_heads, prepare, sample_views, train_hash
+from pipeline.hashing import CodeDiscriminator, DuchHeads, hamming, pack_codes
+from pipeline.metrics import ranking
+from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
+                               fused_terms, graph_chunks, hamming_ranking, load_heads, make_optimizers, paper_terms,
+                               prepare, sample_views, train_hash, train_step)
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=2, device="cpu")
 
@@ -105,11 +109,25 @@ def test_config_errors(run, change, message):
         train_hash(TrainConfig(run=str(run), **(FAST | change)), progress=False, echo=quiet)
 
 
+def resign(run):
+    """After a deliberate edit of a shard: its manifest lists the new checksum, as if extract had written it so
+    (otherwise the checksum check refuses the shard before the check under test runs)."""
+    from pipeline.manifest import sha256_file, write_manifest
+
+    stage = run / "extract"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        out["bytes"], out["sha256"] = (stage / out["file"]).stat().st_size, sha256_file(stage / out["file"])
+    manifest.pop("schema")
+    write_manifest(stage, manifest)
+
+
 def test_nan_features_and_missing_extract_are_refused(run, tmp_path):
     with h5py.File(run / "extract" / "image-00001.h5", "r+") as f:
         emb = f["emb"][()]
         emb[3, 0] = np.nan
         f["emb"][...] = emb
+    resign(run)
     with pytest.raises(DuchError, match=r"image embeddings hold NaN or Inf \(1 rows, e.g. items 13\)"):
         train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
     assert not (run / "train-hash").exists()  # refused before any training
@@ -134,6 +152,7 @@ def test_shards_of_different_dimensions_are_refused(run):
         emb = f["emb"][()]
         del f["emb"]
         f["emb"] = np.zeros((len(emb), emb.shape[1] + 1), emb.dtype)
+    resign(run)
     with pytest.raises(DuchError, match=r"image-00001.h5: embeddings of shape \(17, 2, 16\) do not match"):
         train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
 
@@ -149,3 +168,115 @@ def test_training_options_run_and_report_their_terms(run, option):
     extra_on = any(option.get(k) for k in ("w_inter_second", "w_inter_views", "w_bank"))
     assert (losses["inter_extra"] > 0) == bool(extra_on)
     assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_epoch_batches_skip_only_a_last_batch_too_small():
+    assert epoch_batches(10, 4, drop_last=False) == [(0, 4), (4, 8), (8, 10)]
+    assert epoch_batches(9, 4, drop_last=False) == [(0, 4), (4, 8)]  # BatchNorm cannot take 1 item
+    assert epoch_batches(10, 4, drop_last=True) == [(0, 4), (4, 8)]
+    assert epoch_batches(3, 4, drop_last=True) == []
+
+
+def test_graph_chunks_group_consecutive_batches_of_one_size():
+    batches = epoch_batches(1050, 256, drop_last=False)  # 4 full, 1 of 26
+    assert graph_chunks(batches) == [batches[:4], batches[4:]]
+    batches = epoch_batches(10 * 4 + 3, 4, drop_last=False)  # 10 full, 1 of 3
+    assert graph_chunks(batches, most=4) == [batches[0:4], batches[4:8], batches[8:10], batches[10:]]
+    assert graph_chunks([]) == []
+
+
+def test_one_draw_per_epoch_gives_the_numbers_of_one_draw_per_step():
+    # The epoch loop draws every batch's interpolation weights at once; the CPU results stay bit-identical only
+    # because the generator gives the same stream either way.
+    per_epoch = torch.rand(1050, 1, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    per_step = torch.cat([torch.rand(b - a, 1, generator=gen) for a, b in epoch_batches(1050, 256, False)])
+    assert torch.equal(per_epoch, per_step)
+
+
+def test_loss_sums_on_the_device_give_the_history_of_python_float_sums():
+    values = torch.randn(7, len(LOSS_TERMS), generator=torch.Generator().manual_seed(0)) * 3  # float32, as losses
+    python = dict.fromkeys(LOSS_TERMS, 0.0)
+    device = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
+    for step in values:
+        for key, value in zip(LOSS_TERMS, step):
+            python[key] += float(value)
+        device += step.double()
+    assert epoch_row(4, device, 7) == {"epoch": 4, **{k: v / 7 for k, v in python.items()}}  # to the bit
+
+
+def test_graph_optimizers_keep_their_learning_rate_tensor_through_steplr():
+    # A CUDA graph reads the learning rate from one device tensor: StepLR must change it in place.
+    heads, disc = DuchHeads(4, 4, 8, 8), CodeDiscriminator(8)
+    cfg = TrainConfig(run="unused", lr=1e-3, disc_lr=2e-3, lr_step=2, lr_decay=0.5)
+    opt, disc_opt = make_optimizers(heads, disc, cfg, torch.device("cpu"), graphs=True)
+    tensors = [o.param_groups[0]["lr"] for o in (opt, disc_opt)]
+    schedules = [torch.optim.lr_scheduler.StepLR(o, cfg.lr_step, cfg.lr_decay) for o in (opt, disc_opt)]
+    for _ in range(5):
+        for o, schedule in zip((opt, disc_opt), schedules):
+            o.step()
+            schedule.step()
+    assert [o.param_groups[0]["lr"] for o in (opt, disc_opt)] == tensors  # the same objects
+    assert [float(t) for t in tensors] == pytest.approx([1e-3 / 4, 2e-3 / 4])
+
+
+def random_codes(n=6, k=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = tuple(torch.tanh(torch.randn(n, k, generator=gen)).requires_grad_(True) for _ in range(4))
+    return codes, torch.where(torch.randn(n, k, generator=gen) >= 0, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_fused_terms_equal_the_paper_terms_and_their_gradients(tau):
+    codes, b = random_codes()
+    adversarial = lambda: codes[0].sum() * 0.1  # noqa: E731
+    reference = paper_terms(codes, b, tau, adversarial)
+    fused = fused_terms(fused_paper_terms)(codes, b, tau, adversarial)
+    assert reference.keys() == fused.keys()
+    gradients = lambda loss: [torch.zeros_like(c) if g is None else g  # noqa: E731
+                              for c, g in zip(codes, torch.autograd.grad(loss, codes, allow_unused=True,
+                                                                         retain_graph=True))]
+    for key in reference:
+        assert float(fused[key].detach()) == pytest.approx(float(reference[key].detach()), rel=1e-6), key
+        for e, g in zip(gradients(reference[key]), gradients(fused[key])):
+            assert torch.allclose(e, g, atol=1e-6), key
+
+
+def step_state(data, bits=8, hidden=16):
+    torch.manual_seed(0)
+    heads, disc = DuchHeads(data.image.shape[1], data.text.shape[1], bits, hidden), CodeDiscriminator(bits)
+    cfg = TrainConfig(run="unused", bits=(bits,), hidden=hidden, precision="fp32")
+    opt, disc_opt = make_optimizers(heads, disc, cfg, torch.device("cpu"), graphs=False)
+    views = sample_views(data, torch.arange(len(data.image)), torch.Generator().manual_seed(1), quirks=False)
+    targets = binary_targets(heads, views)
+    return cfg, StepState(heads, disc, opt, disc_opt, list(views), targets, torch.zeros_like(targets), None,
+                          torch.zeros(len(LOSS_TERMS), dtype=torch.float64))
+
+
+def test_a_step_with_the_fused_terms_trains_as_the_reference_step(run):
+    # The GPU's step (fused terms) on the CPU, without the CUDA graph: the same losses and updates up to rounding.
+    data = prepare(load_features(run), torch.device("cpu"))
+    (cfg, reference), (_, fused) = step_state(data), step_state(data)
+    eps = torch.rand(8, 1, generator=torch.Generator().manual_seed(2))
+    for idx in (torch.arange(8), torch.arange(8, 16)):
+        train_step(reference, cfg, idx, eps)
+        train_step(fused, cfg, idx, eps, terms_of=fused_terms(fused_paper_terms))
+    assert torch.allclose(fused.sums, reference.sums, rtol=1e-5)
+    for a, b in zip(fused.heads.parameters(), reference.heads.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(fused.code_sums != 0, reference.code_sums != 0)
+
+
+def test_binary_targets_in_chunks_equal_one_pass(run):
+    data = prepare(load_features(run), torch.device("cpu"))
+    _, state = step_state(data)
+    assert torch.equal(binary_targets(state.heads, state.views, chunk=5), state.targets)
+
+
+def test_hamming_ranking_ranks_as_packed_codes_do():
+    gen = torch.Generator().manual_seed(0)
+    query, database = torch.randn(9, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    database[5:20] = database[0]  # ties, kept in database order
+    database[3, :4] = 0.0  # 0 counts as bit 1, as in pack_codes
+    expected = ranking(-hamming(pack_codes(query), pack_codes(database)).astype(np.float64))
+    assert np.array_equal(hamming_ranking(query, database), expected)

@@ -1,0 +1,51 @@
+"""One writer per run directory: a second duch process on the same run is refused (or waits), never interleaved.
+
+An advisory `flock` on RUN/.duch.lock: the kernel drops it when its process exits, however it exits (SIGKILL
+included), so a crash never leaves a stale lock behind. The file names the holder for the message a second
+process shows.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline import DuchError
+from pipeline.manifest import now_iso
+
+LOCK_FILE = ".duch.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DuchError(f"{run} is in use by another duch process ({_holder(path)}); wait for it to "
+                                    "finish, or use another --run directory") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"stage": stage, "pid": os.getpid(), "since": now_iso()}).encode())
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"{info['stage']}, pid {info['pid']}, since {info['since']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"
