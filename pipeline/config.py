@@ -29,8 +29,12 @@ class ExtractConfig:
     batch_size: int = 64
     text_batch_size: int = 512
     workers: int | None = None  # DataLoader worker processes; None: one per spare core, at most 8
+    # Image decoding: "gpu" JPEGs in batches with nvJPEG, resized in batches on the GPU; "cpu" PIL, image by
+    # image, in worker processes; "auto" gpu on a CUDA device when the archive is mostly JPEG and there are no
+    # augmented views. Both give the same embeddings within float16 rounding, so it is no output setting.
+    decode: str = "auto"
 
-    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "run")
+    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run")
 
     def validate(self) -> None:
         from pipeline import DuchError
@@ -45,6 +49,8 @@ class ExtractConfig:
             raise DuchError(f"--dtype must be float16 or float32, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise DuchError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.decode not in ("auto", "gpu", "cpu"):
+            raise DuchError(f"--decode must be auto, gpu or cpu, got {self.decode!r}")
 
     def resolved_workers(self) -> int:
         if self.workers is not None:

@@ -40,9 +40,11 @@ def build(codes: np.ndarray, kind: str, nlist: int | None = None, hnsw_m: int = 
         index = faiss.IndexBinaryFlat(bits)
     elif kind == "ivf":
         nlist = nlist or int(min(65536, max(1, 4 * np.sqrt(n))))
-        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
-        index.own_fields = True
-        train = np.random.default_rng(seed).choice(n, size=min(n, 64 * nlist), replace=False)
+        quantizer = faiss.IndexBinaryFlat(bits)
+        # The Python wrapper keeps `quantizer` alive with the index; setting own_fields as well would free it
+        # twice (a crash when the index is dropped).
+        index = faiss.IndexBinaryIVF(quantizer, bits, nlist)
+        train = np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False)
         index.train(np.ascontiguousarray(codes[np.sort(train)]))
         index.nprobe = max(1, nlist // 64)
     elif kind == "hnsw":

@@ -78,7 +78,7 @@ def popcount64(x: torch.Tensor) -> torch.Tensor:
 
 def to_int64_words(codes: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, B] -> int64 [N, ceil(B/8)] on `device`, zero-padded; the layout the torch scan works on."""
-    codes = torch.as_tensor(np.asarray(codes, dtype=np.uint8))
+    codes = torch.from_numpy(np.array(codes, dtype=np.uint8))  # a copy: memory-mapped codes are read-only
     pad = (-codes.shape[1]) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))

@@ -30,7 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def to_int32_words(codes: np.ndarray | torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
     """uint8 [N, B] -> int32 [N, ceil(B/4)] on `device`, zero-padded: the layout the kernel reads."""
-    codes = torch.as_tensor(np.asarray(codes, dtype=np.uint8))
+    codes = torch.from_numpy(np.array(codes, dtype=np.uint8))  # a copy: memory-mapped codes are read-only
     pad = (-codes.shape[1]) % 4
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))

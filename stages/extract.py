@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -140,22 +141,74 @@ def collate_views(batch):
     return [i for i, _ in ok], pixels, bad
 
 
-def _extract_images(plans: list[ShardPlan], dataset: Dataset, encoder, cfg: ExtractConfig, fingerprint: str,
-                    out_dir: Path, dtype: np.dtype, bar: tqdm) -> None:
+def _image_batches(plans: list[ShardPlan], batch_size: int) -> tuple[list[Item], list[list[int]], list[ShardPlan]]:
     items = [item for plan in plans for item in plan.rows]
     batches, owners, offset = [], [], 0
     for plan in plans:  # batches never straddle shards, so each shard is written as soon as it is complete
         n = len(plan.rows)
-        for s in range(0, n, cfg.batch_size):
-            batches.append(list(range(offset + s, offset + min(n, s + cfg.batch_size))))
+        for s in range(0, n, batch_size):
+            batches.append(list(range(offset + s, offset + min(n, s + batch_size))))
             owners.append(plan)
         offset += n
+    return items, batches, owners
+
+
+# The batched path also runs on a CPU device (decoding with libjpeg-turbo through torchvision). It is not
+# offered there: batching pays off on a GPU, while on a CPU PIL in worker processes is no slower. Tests switch
+# it on to check the batched code against the PIL path on machines without a GPU.
+BATCHED_ON_CPU = False
+
+
+def choose_decode(cfg: ExtractConfig, dataset: Dataset, encoder, device: torch.device):
+    """("gpu", TensorPreprocess) for the batched path, or ("cpu", why the PIL path runs)."""
+    from pipeline.gpu_decode import TensorPreprocess, nvjpeg_problem
+
+    if cfg.decode == "cpu":
+        return "cpu", "--decode cpu"
+    problems = _decode_problems(cfg, device)
+    prep = TensorPreprocess.from_transform(encoder.transform)
+    if prep is None:
+        problems.append(f"{encoder.spec}'s preprocessing has steps only the PIL path runs")
+    if device.type == "cuda" and not problems:
+        problem = nvjpeg_problem(device)
+        if problem:
+            problems.append(f"nvJPEG is not usable ({problem})")
+    if cfg.decode == "auto" and not problems:
+        jpegs = sum(1 for item in dataset.items if Path(item.image).suffix.lower() in (".jpg", ".jpeg"))
+        if jpegs < len(dataset.items) / 2:  # the rest would go to PIL on threads, slower than worker processes
+            problems.append("most images are not JPEG")
+    if problems:
+        if cfg.decode == "gpu":
+            raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
+        return "cpu", "; ".join(problems)
+    return "gpu", prep
+
+
+def _decode_problems(cfg: ExtractConfig, device: torch.device) -> list[str]:
+    """What rules the batched path out before any encoder is loaded."""
+    problems = []
+    if device.type != "cuda" and not BATCHED_ON_CPU:
+        problems.append("the device is not a CUDA GPU")
+    if cfg.image_views:
+        problems.append("augmented views (--image-views > 0) are made with PIL")
+    return problems
+
+
+def _extract_images(plans: list[ShardPlan], dataset: Dataset, encoder, cfg: ExtractConfig, fingerprint: str,
+                    out_dir: Path, dtype: np.dtype, bar: tqdm, writes: list, writer: ThreadPoolExecutor,
+                    decode: tuple) -> dict:
+    items, batches, owners = _image_batches(plans, cfg.batch_size)
     views = ImageViews(items, dataset.images_dir, encoder.transform, cfg)
-    workers = cfg.resolved_workers()
-    loader = DataLoader(views, batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
-                        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None)
+    if decode[0] == "gpu":
+        from stages.extract_fast import BatchedImages
+
+        source = BatchedImages(items, dataset.images_dir, batches, decode[1], encoder.device, views.__getitem__)
+    else:
+        workers = cfg.resolved_workers()
+        source = DataLoader(views, batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
+                            pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None)
     buffer: dict | None = None
-    for (indices, pixels, bad), plan in zip(loader, owners):
+    for (indices, pixels, bad), plan in zip(source, owners):
         if buffer is None or buffer["plan"] is not plan:
             buffer = {"plan": plan, "seen": 0, "ok": [], "emb": [], "rejects": []}
         if pixels is not None:
@@ -166,8 +219,12 @@ def _extract_images(plans: list[ShardPlan], dataset: Dataset, encoder, cfg: Extr
         buffer["rejects"].extend(Reject(items[i].id, reason) for i, reason in bad)
         buffer["seen"] += len(indices) + len(bad)
         bar.update(len(indices) + len(bad))
-        if buffer["seen"] == len(plan.rows):
-            _write_image_shard(plan, items, buffer, encoder, cfg, fingerprint, out_dir, dtype)
+        if buffer["seen"] == len(plan.rows):  # written on a thread while the next shard is encoded
+            writes.append(writer.submit(_write_image_shard, plan, items, buffer, encoder, cfg, fingerprint,
+                                        out_dir, dtype))
+    if decode[0] == "gpu":
+        return {"path": "gpu", "batched": source.stats["batched"], "pil": source.stats["pil"]}
+    return {"path": "cpu", "why": decode[1]}
 
 
 def _write_image_shard(plan, items, buffer, encoder, cfg, fingerprint, out_dir, dtype) -> None:
@@ -195,23 +252,55 @@ def _shard_attrs(plan: ShardPlan, encoder, fingerprint: str, rows: int) -> dict:
             "dim": encoder.dim, "rows": rows}
 
 
+class TokenBatches(torch.utils.data.Dataset):
+    """Batch k -> its captions tokenised (or as they are, for an encoder that tokenises inside encode)."""
+
+    def __init__(self, batches: list[list[str]], tokenizer):
+        self.batches = batches
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        texts = self.batches[k]
+        return self.tokenizer(texts) if self.tokenizer is not None else texts
+
+
 def _extract_texts(plans: list[ShardPlan], encoder, cfg: ExtractConfig, fingerprint: str, out_dir: Path,
-                   dtype: np.dtype, bar: tqdm) -> None:
+                   dtype: np.dtype, bar: tqdm, writes: list, writer: ThreadPoolExecutor) -> None:
+    batches, owners = [], []
     for plan in plans:
-        chunks = []
         for s in range(0, len(plan.rows), cfg.text_batch_size):
-            batch = plan.rows[s:s + cfg.text_batch_size]
-            chunks.append(encoder.encode([r.text for r in batch]).numpy().astype(dtype))
-            bar.update(len(batch))
-        arrays = {
-            "image_id": [r.image_id for r in plan.rows],
-            "caption_index": np.array([r.caption_index for r in plan.rows], dtype=np.int32),
-            "augmented": np.array([r.augmented for r in plan.rows], dtype=bool),
-            "text": [r.text for r in plan.rows],
-            "emb": np.concatenate(chunks),
-        }
-        arrays.update(_reject_arrays([]))
-        write_shard(out_dir / plan.name, arrays, _shard_attrs(plan, encoder, fingerprint, len(plan.rows)))
+            batches.append([r.text for r in plan.rows[s:s + cfg.text_batch_size]])
+            owners.append(plan)
+    tokenizer = getattr(encoder, "tokenizer", None)
+    # Tokenising in worker processes keeps the next batches ready while the model encodes this one.
+    workers = cfg.resolved_workers() if tokenizer is not None else 0
+    loader = DataLoader(TokenBatches(batches, tokenizer), batch_size=None, num_workers=workers,
+                        pin_memory=tokenizer is not None and encoder.device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    chunks: list = []
+    for k, (batch, plan) in enumerate(zip(loader, owners)):
+        emb = encoder.encode_tokens(batch) if tokenizer is not None else encoder.encode(batch)
+        chunks.append(emb.numpy().astype(dtype))
+        bar.update(len(batches[k]))
+        if k + 1 == len(owners) or owners[k + 1] is not plan:
+            writes.append(writer.submit(_write_text_shard, plan, np.concatenate(chunks), encoder, fingerprint,
+                                        out_dir))
+            chunks = []
+
+
+def _write_text_shard(plan: ShardPlan, emb: np.ndarray, encoder, fingerprint: str, out_dir: Path) -> None:
+    arrays = {
+        "image_id": [r.image_id for r in plan.rows],
+        "caption_index": np.array([r.caption_index for r in plan.rows], dtype=np.int32),
+        "augmented": np.array([r.augmented for r in plan.rows], dtype=bool),
+        "text": [r.text for r in plan.rows],
+        "emb": emb,
+    }
+    arrays.update(_reject_arrays([]))
+    write_shard(out_dir / plan.name, arrays, _shard_attrs(plan, encoder, fingerprint, len(plan.rows)))
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -247,6 +336,10 @@ def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> ExtractResult:
     """Run stage 1 (or resume it, or find it up to date) and return its manifest."""
     cfg.validate()
+    if cfg.decode == "gpu":  # said before the run directory is touched and the encoders are loaded
+        problems = _decode_problems(cfg, resolve_device(cfg.device))
+        if problems:
+            raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
     t_start = time.perf_counter()
     image_spec = parse_spec(cfg.image_encoder, "image")
     text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
@@ -291,21 +384,29 @@ def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
     timings["load_encoders_s"] = time.perf_counter() - t0
     n_images = sum(len(p.rows) for p in pending_images)
     n_texts = sum(len(p.rows) for p in pending_texts)
-    if pending_images:
-        t0 = time.perf_counter()
-        with tqdm(total=n_images, unit="img", desc="images", disable=not progress, dynamic_ncols=True) as bar:
-            _extract_images(pending_images, dataset, image_encoder, cfg, fingerprint, out_dir, dtype, bar)
-        timings["images_s"] = time.perf_counter() - t0
-        timings["images_per_s"] = n_images / timings["images_s"]
-    if pending_texts:
-        t0 = time.perf_counter()
-        with tqdm(total=n_texts, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
-            _extract_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, dtype, bar)
-        timings["captions_s"] = time.perf_counter() - t0
-        timings["captions_per_s"] = n_texts / timings["captions_s"]
+    image_decode = None
+    # Shards are written on one thread while the next ones are encoded; h5py serialises its own calls.
+    with ThreadPoolExecutor(1, thread_name_prefix="duch-write") as writer:
+        writes: list = []
+        if pending_images:
+            decode = choose_decode(cfg, dataset, image_encoder, device)
+            t0 = time.perf_counter()
+            with tqdm(total=n_images, unit="img", desc="images", disable=not progress, dynamic_ncols=True) as bar:
+                image_decode = _extract_images(pending_images, dataset, image_encoder, cfg, fingerprint, out_dir,
+                                               dtype, bar, writes, writer, decode)
+                _wait(writes)
+            timings["images_s"] = time.perf_counter() - t0
+            timings["images_per_s"] = n_images / timings["images_s"]
+        if pending_texts:
+            t0 = time.perf_counter()
+            with tqdm(total=n_texts, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
+                _extract_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, dtype, bar, writes, writer)
+                _wait(writes)
+            timings["captions_s"] = time.perf_counter() - t0
+            timings["captions_per_s"] = n_texts / timings["captions_s"]
 
     manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start,
-                       image_encoder, text_encoder)
+                       image_encoder, text_encoder, image_decode)
     c = manifest["counts"]
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
@@ -336,8 +437,14 @@ def _pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str, bas
     return pending
 
 
+def _wait(writes: list) -> None:
+    for future in writes:
+        future.result()  # a failed write raises here
+    writes.clear()
+
+
 def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_encoder,
-            text_encoder) -> dict:
+            text_encoder, image_decode) -> dict:
     outputs, rejects = [], list(dataset.rejects)
     rows = {"image": 0, "text": 0}
     dims = {}
@@ -363,6 +470,9 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
         "dataset": {"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
                     "images_dir": str(Path(dataset.images_dir).resolve())},
         "encoders": dims,
+        # How this session's images were decoded (None: none were pending): gpu with how many files went
+        # the batched way and how many to PIL, or cpu and why.
+        "image_decode": image_decode,
         "counts": {"items": len(dataset.items), "images": rows["image"], "image_views": cfg.image_views,
                    "captions": rows["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(rejects)},
         "outputs": outputs,

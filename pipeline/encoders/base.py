@@ -40,6 +40,12 @@ class TextEncoder(Protocol):
     spec: str
     dim: int
     device: torch.device
+    # captions -> token tensor, picklable, run in worker processes ahead of encode_tokens; None where the
+    # encoder tokenises inside encode (a fast Rust tokenizer needs no head start).
+    tokenizer: Callable[[list[str]], torch.Tensor] | None
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """A batch of captions -> float32 [B, dim] on CPU."""
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's output for a batch -> float32 [B, dim] on CPU (only where tokenizer is set)."""

@@ -11,6 +11,7 @@ from pipeline import DuchError
 class MiniLM:
     spec = "minilm-l6"
     dim = 384
+    tokenizer = None  # sentence-transformers tokenises inside encode, with the Rust tokenizer
 
     def __init__(self, device: str = "cpu", batch_size: int = 256):
         # The weights ship inside the package: never reach for the hub, even to check for updates.
