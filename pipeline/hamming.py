@@ -76,13 +76,20 @@ def popcount64(x: torch.Tensor) -> torch.Tensor:
     return (x * _signed(_H01)) >> 56
 
 
-def to_int64_words(codes: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [N, B] -> int64 [N, ceil(B/8)] on `device`, zero-padded; the layout the torch scan works on."""
-    codes = torch.from_numpy(np.array(codes, dtype=np.uint8))  # a copy: memory-mapped codes are read-only
-    pad = (-codes.shape[1]) % 8
+def to_words(codes: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N, B] -> [N, ceil(B / width)] words of `dtype` on `device`, zero-padded (a copy: memory-mapped
+    codes are read-only)."""
+    width = torch.iinfo(dtype).bits // 8
+    codes = torch.from_numpy(np.array(codes, dtype=np.uint8))
+    pad = (-codes.shape[1]) % width
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    return codes.contiguous().view(torch.int64).to(device)
+    return codes.contiguous().view(dtype).to(device)
+
+
+def to_int64_words(codes: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The layout the torch scan works on."""
+    return to_words(codes, torch.int64, device)
 
 
 def hamming_torch(query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:

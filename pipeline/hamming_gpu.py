@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline.hamming import hamming_topk_torch, to_int64_words
+from pipeline.hamming import hamming_topk_torch, to_int64_words, to_words
 
 try:
     import triton
@@ -29,12 +29,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def to_int32_words(codes: np.ndarray | torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
-    """uint8 [N, B] -> int32 [N, ceil(B/4)] on `device`, zero-padded: the layout the kernel reads."""
-    codes = torch.from_numpy(np.array(codes, dtype=np.uint8))  # a copy: memory-mapped codes are read-only
-    pad = (-codes.shape[1]) % 4
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    return codes.contiguous().view(torch.int32).to(device)
+    """The layout the kernel reads: popcount is one instruction on 32-bit words."""
+    return to_words(codes, torch.int32, device)
 
 
 if triton is not None:
