@@ -25,6 +25,7 @@ from data.images import ImageLoadError, load_image
 from pipeline import DuchError
 from pipeline.config import ExtractConfig, digest
 from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
+from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
 from pipeline.shards import read_attrs, read_shard, shard_name, temp_path, write_shard
@@ -336,6 +337,11 @@ def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> ExtractResult:
     """Run stage 1 (or resume it, or find it up to date) and return its manifest."""
     cfg.validate()
+    with run_lock(cfg.run, STAGE):
+        return _extract(cfg, force, progress, echo)
+
+
+def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> ExtractResult:
     if cfg.decode == "gpu":  # said before the run directory is touched and the encoders are loaded
         problems = _decode_problems(cfg, resolve_device(cfg.device))
         if problems:

@@ -28,6 +28,7 @@ from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
 from pipeline.losses import (bank_contrastive, bit_balance, bit_balance_groups, discriminator_loss, fooling_loss,
                              gradient_penalty, nt_xent, nt_xent_groups, quantization, quantization_groups)
+from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
 from pipeline.rundir import stage_dir
@@ -540,6 +541,11 @@ class TrainResult:
 def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
                echo: Callable[[str], None] = print) -> TrainResult:
     cfg.validate()
+    with run_lock(cfg.run, STAGE):
+        return _train_hash(cfg, force, progress, echo)
+
+
+def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> TrainResult:
     features = load_features(cfg.run)
     check_features(features)
     split = choose_split(features, cfg)

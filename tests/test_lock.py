@@ -54,3 +54,25 @@ def test_waiting_for_the_lock(tmp_path):
         proc.wait()
     with run_lock(tmp_path, "evaluate", wait_s=5):  # free again
         pass
+
+
+def test_every_stage_takes_the_lock_before_touching_the_run(tmp_path):
+    from pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
+    from stages.encode_archive import encode_archive
+    from stages.evaluate import evaluate
+    from stages.extract import extract
+    from stages.train_hash import train_hash
+
+    proc = holder(tmp_path)
+    try:
+        calls = [lambda: extract(ExtractConfig(data=str(tmp_path / "none"), run=str(tmp_path)), progress=False),
+                 lambda: train_hash(TrainConfig(run=str(tmp_path)), progress=False),
+                 lambda: encode_archive(EncodeConfig(run=str(tmp_path)), progress=False),
+                 lambda: evaluate(EvaluateConfig(run=str(tmp_path)))]
+        for call in calls:
+            with pytest.raises(DuchError, match="in use by another duch process"):
+                call()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".duch.lock"]  # nothing else written
+    finally:
+        proc.kill()
+        proc.wait()
