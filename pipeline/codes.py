@@ -12,6 +12,7 @@ shard by shard with flat memory, and the codes can be memory-mapped straight fro
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ META = {"image": ("ids", "path", "label"), "text": ("image_id", "caption_index",
 
 def codes_name(bits: int) -> str:
     return f"codes-{bits}.h5"
+
+
+def caption_key(image_id, caption_index) -> str:
+    """A caption's archive id: IMAGE_ID#CAPTION_INDEX."""
+    return f"{image_id}#{int(caption_index)}"
 
 
 class CodeWriter:
@@ -85,6 +91,15 @@ class CodeTable:
 
     def __len__(self) -> int:
         return len(self.codes)
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Archive id -> row: image ids, or IMAGE_ID#CAPTION_INDEX for captions (needs the metadata)."""
+        if self.modality == "image":
+            keys = map(str, self.meta["ids"])
+        else:
+            keys = map(caption_key, self.meta["image_id"], self.meta["caption_index"])
+        return {key: row for row, key in enumerate(keys)}
 
 
 def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:

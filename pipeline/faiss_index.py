@@ -22,6 +22,12 @@ def index_name(bits: int, modality: str) -> str:
     return f"index-{bits}-{modality}.faiss"
 
 
+def installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
 def _faiss():
     try:
         import faiss

@@ -48,10 +48,3 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     """uint8 [N, K/8] -> {-1, +1} int8 [N, K]."""
     return np.unpackbits(packed, axis=1, count=bits, bitorder="big").astype(np.int8) * 2 - 1
 
-
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def hamming(query: np.ndarray, database: np.ndarray) -> np.ndarray:
-    """[Q, B] x [N, B] packed codes -> [Q, N] Hamming distances (XOR + popcount)."""
-    return _POPCOUNT[np.bitwise_xor(query[:, None, :], database[None, :, :])].sum(axis=2, dtype=np.int32)

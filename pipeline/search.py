@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from pipeline import DuchError
-from pipeline.codes import CodeTable, codes_name, open_codes
+from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from pipeline.manifest import read_manifest
+from pipeline.metrics import cosine
 from pipeline.rundir import stage_dir
 
 
@@ -40,12 +41,10 @@ class Hit:
         return asdict(self)
 
 
-def rerank(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Cosine similarity of one continuous query [K] to candidates [n, K] -> order, best first, ties in
-    shortlist order (which is Hamming order)."""
-    q = np.asarray(query, np.float32)
-    c = np.asarray(candidates, np.float32)
-    scores = c @ q / (np.linalg.norm(c, axis=1) * np.linalg.norm(q) + 1e-12)
+def rerank(query: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of one continuous query [K] to candidates [n, K] -> (order, best first, ties in
+    shortlist order, which is Hamming order; the similarities)."""
+    scores = cosine(np.asarray(query)[None], candidates)[0]
     return np.argsort(-scores, kind="stable"), scores
 
 
@@ -58,8 +57,7 @@ class Index:
         self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
         self._heads = None
         self._encoders: dict = {}
-        self._device_codes: dict[str, object] = {}
-        self._row_of_id: dict[str, dict[str, int]] = {}
+        self._backends: dict[str, object] = {}
         archive = read_manifest(stage_dir(manifest["archive_run"], "extract")) or {}
         self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
 
@@ -127,12 +125,7 @@ class Index:
     def item(self, item_id: str) -> tuple[str, int]:
         """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""
         modality = "text" if "#" in item_id and "text" in self.tables else "image"
-        if modality not in self._row_of_id:
-            meta = self.tables[modality].meta
-            keys = meta["ids"] if modality == "image" else [f"{i}#{c}" for i, c in zip(meta["image_id"],
-                                                                                       meta["caption_index"])]
-            self._row_of_id[modality] = {str(k): r for r, k in enumerate(keys)}
-        row = self._row_of_id[modality].get(item_id)
+        row = self.tables[modality].row_of.get(item_id)
         if row is None:
             raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
                             f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
@@ -144,12 +137,11 @@ class Index:
         in archive order, whichever backend runs (each is tested equal to the numpy scan)."""
         codes = np.asarray(codes, np.uint8)
         backend = self._backend(modality)
-        if isinstance(backend, tuple):  # GPU: Triton kernel over int32 words, or the torch scan
-            db32, db64 = backend
-            if db32 is not None:
-                d, rows = hamming_topk_triton(codes, db32, k, db64=db64)
+        if isinstance(backend, torch.Tensor):  # GPU: Triton kernel over int32 words, or the torch scan over int64
+            if backend.dtype == torch.int32:
+                d, rows = hamming_topk_triton(codes, backend, k)
             else:
-                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), db64, k)
+                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), backend, k)
             return d.cpu().numpy(), rows.cpu().numpy()
         if backend is not None:  # faiss: flat gives the numpy scan's rows, faster on batches; ivf/hnsw approximate
             d, rows = backend.search(codes, min(k, len(self.tables[modality])))
@@ -162,32 +154,25 @@ class Index:
     def _backend(self, modality: str):
         """Built once per modality: the codes on the GPU, or a faiss index in memory, or None (numpy scan over
         the memory-mapped file)."""
-        if modality in self._device_codes:
-            return self._device_codes[modality]
+        if modality in self._backends:
+            return self._backends[modality]
         table = self._table(modality)
         backend = None
         if self.device.type == "cuda":
             # One copy at packed size: the kernel's int32 words (viewed as int64 where it needs them), or the
             # int64 words of the torch scan where Triton is missing.
-            if gpu_kernel_available(self.device):
-                backend = (to_int32_words(table.codes, self.device), None)
-            else:
-                backend = (None, to_int64_words(table.codes, self.device))
+            words = to_int32_words if gpu_kernel_available(self.device) else to_int64_words
+            backend = words(table.codes, self.device)
         elif self.backend in ("auto", "faiss") and self._index_file(modality):
             from pipeline import faiss_index
 
             backend = faiss_index.read(self._index_file(modality))
         elif self.backend in ("auto", "faiss"):
-            try:
-                import faiss
-            except ImportError:
-                if self.backend == "faiss":
-                    raise DuchError("--backend faiss needs faiss: pip install faiss-cpu") from None
-            else:
-                backend = faiss.IndexBinaryFlat(table.codes.shape[1] * 8)
-                for s in range(0, len(table), 1 << 22):
-                    backend.add(np.ascontiguousarray(table.codes[s:s + (1 << 22)]))
-        self._device_codes[modality] = backend
+            from pipeline import faiss_index
+
+            if self.backend == "faiss" or faiss_index.installed():  # "faiss" without it: the install hint
+                backend = faiss_index.build(table.codes, "flat")
+        self._backends[modality] = backend
         return backend
 
     def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
@@ -240,14 +225,9 @@ class Index:
             label, path = str(meta["label"][row]) or None, str(self.images_dir / meta["path"][row])
         else:
             image_id = str(meta["image_id"][row])
-            item_id, caption = f"{image_id}#{int(meta['caption_index'][row])}", str(meta["text"][row])
-            image_row = self._image_row(image_id)
+            item_id, caption = caption_key(image_id, meta["caption_index"][row]), str(meta["text"][row])
+            image_row = self.tables["image"].row_of.get(image_id)
             images = self.tables["image"].meta
             label = (str(images["label"][image_row]) or None) if image_row is not None else None
             path = str(self.images_dir / images["path"][image_row]) if image_row is not None else None
         return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
-
-    def _image_row(self, image_id: str) -> int | None:
-        if "image" not in self._row_of_id:
-            self._row_of_id["image"] = {str(k): r for r, k in enumerate(self.tables["image"].meta["ids"])}
-        return self._row_of_id["image"].get(image_id)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import DuchError
-from pipeline.codes import CodeTable, codes_name, open_codes
+from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.config import EvaluateConfig, digest
 from pipeline.hamming import hamming
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
@@ -62,12 +62,10 @@ def _rows(keys: list[str], index: dict[str, int], what: str, run: Path) -> np.nd
 def gather(tables: dict[str, CodeTable], split: dict, run: Path) -> dict:
     """Query/database sides per modality for class level, and the instance-level sets, from split.json."""
     images = tables["image"].meta
-    image_row = {str(i): r for r, i in enumerate(images["ids"])}
+    image_row, text_row = tables["image"].row_of, tables["text"].row_of
     labels = np.asarray(images["label"]).astype(str)
     text = tables["text"].meta
-    text_keys = [f"{i}#{c}" for i, c in zip(text["image_id"], text["caption_index"])]
-    text_row = {k: r for r, k in enumerate(text_keys)}
-    eval_caption = {str(i): f"{i}#{c}" for i, c in split["eval_caption"] or []}
+    eval_caption = {str(i): caption_key(i, c) for i, c in split["eval_caption"] or []}
     out = {}
     for side in ("query", "database"):
         ids = [str(i) for i in split[side]]
@@ -91,7 +89,7 @@ def class_metrics(sides: dict, bits: int, k: int, shortlist: int, ks: list[int])
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
         q, db = sides["query"][src], sides["database"][dst]
-        d = hamming(q.codes, db.codes)
+        d = hamming(q.codes, db.codes).astype(np.int32)  # signed: negated as scores below
         order = ranking(-d)
         curves = radius_curves(d, q.labels, db.labels, bits)
         entry = {
@@ -112,7 +110,7 @@ def class_metrics(sides: dict, bits: int, k: int, shortlist: int, ks: list[int])
 def instance_metrics(sides: dict, shortlist: int) -> dict:
     images, captions = sides["instance"]["I"], sides["instance"]["T"]
     positive = captions.image_ids[None, :] == images.image_ids[:, None]  # [images, captions]
-    d = hamming(images.codes, captions.codes)
+    d = hamming(images.codes, captions.codes).astype(np.int32)  # signed: negated as scores below
     orders = {"hamming": (ranking(-d), ranking(-d.T))}
     if shortlist and images.continuous is not None and captions.continuous is not None:
         sim = cosine(images.continuous, captions.continuous)

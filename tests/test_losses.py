@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.hashing import hamming, pack_codes, unpack_codes
+from pipeline.hamming import hamming
+from pipeline.hashing import pack_codes, unpack_codes
 from pipeline.losses import (bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
                              quantization)
 

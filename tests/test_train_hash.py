@@ -13,7 +13,8 @@ import cli
 from pipeline import DuchError
 from pipeline.config import TrainConfig
 from pipeline.features import load_features
-from pipeline.hashing import CodeDiscriminator, DuchHeads, hamming, pack_codes
+from pipeline.hamming import hamming
+from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes
 from pipeline.metrics import ranking
 from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
                                fused_terms, graph_chunks, hamming_ranking, load_heads, make_optimizers, paper_terms,
