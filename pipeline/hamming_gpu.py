@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline.hamming import hamming_topk_torch, to_int64_words, to_words
+from pipeline.hamming import hamming_topk_torch, to_words
 
 try:
     import triton
@@ -67,23 +67,25 @@ if triton is not None:
 
 
 def _as_int64(words32: torch.Tensor) -> torch.Tensor:
-    if words32.shape[1] % 2 == 0:
-        return words32.contiguous().view(torch.int64)
-    return to_int64_words(words32.cpu().view(torch.uint8), words32.device)
+    """The same codes as int64 words, for the torch scan: a view, or one zero word padded on the device (the
+    layout `to_int64_words` gives the bytes)."""
+    if words32.shape[1] % 2:
+        words32 = torch.nn.functional.pad(words32, (0, 1))
+    return words32.contiguous().view(torch.int64)
 
 
-def hamming_topk_triton(query: np.ndarray | torch.Tensor, db32: torch.Tensor, k: int, db64: torch.Tensor | None = None,
-                        capacity: int = 8192, block_q: int = 32, block_n: int = 256,
+def hamming_topk_triton(query: np.ndarray | torch.Tensor, db32: torch.Tensor, k: int, capacity: int = 8192,
+                        block_q: int = 32, block_n: int = 256,
                         direct_below: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k ([Q, k] int32 distances, [Q, k] int64 rows) of packed `query` codes (uint8 [Q, B], or int32
-    words) over `db32` (`to_int32_words`), ties in archive order. `db64` (the same codes as int64 words) serves
-    the small cases and overflow; it is derived from db32 when not given."""
+    words) over `db32` (`to_int32_words`), ties in archive order. Small archives, huge k and overflowing queries
+    go to the torch scan over the same codes viewed as int64 words."""
     device = db32.device
     n, words = db32.shape
     k = min(k, n)
     q32 = (query if isinstance(query, torch.Tensor) else to_int32_words(query, device)).contiguous()
     if n <= direct_below or 4 * k > capacity:  # small archives or huge k: the plain scan is the right tool
-        return hamming_topk_torch(_as_int64(q32), _as_int64(db32) if db64 is None else db64, k)
+        return hamming_topk_torch(_as_int64(q32), _as_int64(db32), k)
     # The threshold comes from every ratio-th row: about k * ratio candidates per query, well within capacity.
     ratio = max(2, capacity // (16 * k))
     sample = db32[::ratio].contiguous()
@@ -103,7 +105,7 @@ def hamming_topk_triton(query: np.ndarray | torch.Tensor, db32: torch.Tensor, k:
     distances, rows = (keys // n).to(torch.int32), keys % n
     overflow = torch.nonzero(counts > capacity).flatten()
     if len(overflow):  # a tie too large for the buffer: this query by the plain scan
-        d, r = hamming_topk_torch(_as_int64(q32[overflow]), _as_int64(db32) if db64 is None else db64, k)
+        d, r = hamming_topk_torch(_as_int64(q32[overflow]), _as_int64(db32), k)
         distances[overflow], rows[overflow] = d.to(torch.int32), r
     return distances, rows
 

@@ -25,7 +25,7 @@ from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.config import EvaluateConfig, digest
 from pipeline.hamming import hamming
-from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
+from pipeline.manifest import library_versions, now_iso, sha256_file, write_json_atomic, write_manifest
 from pipeline.lock import run_lock
 from pipeline.metrics import (cosine, map_of_ranking, precision_at_k, radius_curves, ranking, recall_at_k,
                               rerank_order)
