@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from pipeline.shards import STRING, temp_path
+from pipeline.storage import write_errors
 
 MODALITIES = ("image", "text")
 META = {"image": ("ids", "path", "label"), "text": ("image_id", "caption_index", "text")}
@@ -36,12 +37,22 @@ def caption_key(image_id, caption_index) -> str:
 
 
 class CodeWriter:
-    """Fills a code file row range by row range; `close()` renames it into place, `abort()` removes it."""
+    """Fills a code file row range by row range; `close()` renames it into place, `abort()` removes it. A write
+    that fails for want of space or permission raises a DuchError naming the file (pipeline.storage)."""
 
     def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict):
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.tmp.unlink(missing_ok=True)
+        self.file = None
+        with write_errors(self.path):
+            try:
+                self._create(bits, rows, continuous, attrs)
+            except BaseException:
+                self.abort()
+                raise
+
+    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict) -> None:
         self.file = h5py.File(self.tmp, "w")
         self.filled = dict.fromkeys(rows, 0)
         for modality, n in rows.items():
@@ -59,23 +70,28 @@ class CodeWriter:
         group = self.file[modality]
         start = self.filled[modality]
         n = len(arrays["codes"])
-        for name, value in arrays.items():
-            group[name][start:start + n] = value
+        with write_errors(self.path):
+            for name, value in arrays.items():
+                group[name][start:start + n] = value
         self.filled[modality] = start + n
 
     def close(self) -> None:
         expected = {m: self.file[m]["codes"].shape[0] for m in self.filled}
-        self.file.close()
-        if expected != self.filled:
-            self.tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"{self.path}: filled {self.filled} rows, expected {expected}")
-        with open(self.tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
-        os.replace(self.tmp, self.path)
+        with write_errors(self.path):
+            self.file.close()  # HDF5 flushes what it still holds here: where a full disk often shows
+            if expected != self.filled:
+                self.tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"{self.path}: filled {self.filled} rows, expected {expected}")
+            with open(self.tmp, "rb+") as raw:
+                os.fsync(raw.fileno())
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
+        except Exception:  # closing flushes, and a full disk fails that too; the file goes anyway
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 

@@ -38,6 +38,13 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    from pipeline.storage import write_errors
+
+    with write_errors(path):
+        _write_json_atomic(Path(path), obj)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -64,10 +71,28 @@ def read_manifest(stage_dir: Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
+    from pipeline import DuchError
+
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        from pipeline import DuchError
-
         raise DuchError(f"{path}: unreadable manifest ({e}); rerun the stage with --force to redo it") from None
+    if not isinstance(manifest, dict):
+        raise DuchError(f"{path}: unreadable manifest (a JSON {type(manifest).__name__}, not an object); "
+                        "rerun the stage with --force to redo it")
+    schema = manifest.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise DuchError(f"{path}: unreadable manifest (no schema number); rerun the stage with --force to redo it")
+    if schema > SCHEMA_VERSION:
+        # Guessing at a newer layout could misread it; an older duch cannot know what changed.
+        raise DuchError(f"{path} was written by a newer duch (manifest schema {schema}; this duch "
+                        f"{_own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
+    return manifest
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version("duch")
+    except metadata.PackageNotFoundError:
+        return "(version unknown)"

@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.storage import write_errors
+
 STRING = h5py.string_dtype(encoding="utf-8")
 
 
@@ -27,6 +29,11 @@ def temp_path(path: Path) -> Path:
 def write_shard(path: Path, arrays: dict[str, np.ndarray | list], attrs: dict) -> None:
     """Write a whole shard, then rename it into place: a crash never leaves a half shard under the final name."""
     path = Path(path)
+    with write_errors(path):
+        _write_shard(path, arrays, attrs)
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray | list], attrs: dict) -> None:
     tmp = temp_path(path)
     if tmp.exists():
         tmp.unlink()
