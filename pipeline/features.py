@@ -1,8 +1,9 @@
 """Reading a finished extract stage back as arrays: the input of the later stages and of the benchmarks."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -48,12 +49,31 @@ class Features:
         return np.array(out, dtype=np.int64)
 
 
+def stage_file(stage: Path, name) -> Path:
+    """The path of a file a manifest names in its stage folder. A manifest is data from disk, maybe from someone
+    else: a name that is not a plain relative path inside the folder ('../../x', '/etc/x', a symlink leading out)
+    is refused, never followed."""
+    stage = Path(stage)
+    manifest = stage / "manifest.json"
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise DuchError(f"{manifest} lists an output that is not a file name ({name!r}); rerun `duch {stage.name} "
+                        "--force` to redo the stage")
+    pure = PurePosixPath(name)
+    real_stage = os.path.realpath(stage)
+    real = os.path.realpath(stage / pure)
+    if pure.is_absolute() or ".." in pure.parts or os.path.commonpath([real_stage, real]) != real_stage:
+        raise DuchError(f"{manifest} lists an output outside its stage folder ({name!r}) and is not read; "
+                        f"rerun `duch {stage.name} --force` to redo the stage")
+    return stage / pure
+
+
 def verify_output(stage: Path, output: dict) -> None:
-    """A stage's output file must be the one its manifest lists: a truncated or altered file is never read."""
-    path = stage / output["file"]
+    """A stage's output file must be the one its manifest lists: a truncated or altered file is never read, nor
+    a file outside the stage folder."""
+    path = stage_file(stage, output.get("file") if isinstance(output, dict) else None)
     if not path.is_file():
         raise DuchError(f"{path} is missing; rerun `duch {stage.name}` on this run to redo it")
-    if path.stat().st_size != output["bytes"] or sha256_file(path) != output["sha256"]:
+    if path.stat().st_size != output.get("bytes") or sha256_file(path) != output.get("sha256"):
         raise DuchError(f"{path} does not match the checksum in {stage / 'manifest.json'} (truncated or altered); "
                         f"rerun `duch {stage.name}` on this run to redo it")
 

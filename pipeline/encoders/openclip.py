@@ -7,6 +7,7 @@ import torch
 
 from pipeline import DuchError
 from pipeline.encoders.base import autocast_for, in_chunks
+from pipeline.encoders.weights import check_tensors_only
 
 
 def _resolve_arch(arch: str) -> str:
@@ -35,13 +36,15 @@ class OpenClipModel:
         weights = spec.weights
         if weights and ("/" in weights or Path(weights).suffix) and not Path(weights).is_file():
             raise DuchError(f"open_clip checkpoint {weights} not found")
+        if weights and Path(weights).is_file():
+            check_tensors_only(weights)  # a hostile pickle is refused before open_clip unpickles it
         try:
             # 'none' means random weights, and the same ones every time: a resumed or repeated run must
             # not mix embeddings from two different random models.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights,
-                                                                             device=self.device)
+                                                                             device=self.device, weights_only=True)
         except DuchError:
             raise
         except Exception as e:
