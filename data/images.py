@@ -11,6 +11,7 @@ Conversion rules (documented in the README):
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     return _to_rgb(img)
                 array = np.asarray(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"image too large ({e})") from None
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(int(found.group(1)) if found else None) from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not a recognised image (expected JPEG, PNG or TIFF)") from None
     except OSError as e:
@@ -60,12 +62,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return Image.fromarray(raster_to_rgb8(array))
 
 
+def too_large(pixels: int | None) -> ImageLoadError:
+    """One rule for every format: more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about
+    89 Mpx) is refused unread; a small compressed file can unpack to gigabytes."""
+    size = f"{pixels} pixels" if pixels else "too many pixels"
+    return ImageLoadError(f"image too large ({size}; the limit against decompression bombs is "
+                          f"{Image.MAX_IMAGE_PIXELS} pixels)")
+
+
 def _read_tiff(path: Path) -> np.ndarray | None:
     """The raster, or None where tifffile cannot decode it (PIL gets a try then)."""
     import tifffile
 
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            # tifffile has no bomb check of its own: the size is read from the header before any pixel.
+            pixels = int(page.imagelength) * int(page.imagewidth)
+            if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+                raise too_large(pixels)
+            return tif.asarray()
+    except ImageLoadError:
+        raise
     except Exception:  # tifffile raises many types for corrupt or exotic files
         return None
 

@@ -65,6 +65,9 @@ def safe_image_path(images_dir: Path, name: str, where: str) -> str:
     """Return `name` normalised relative to `images_dir`; refuse anything that would leave that folder."""
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"{where}: image path must be a non-empty string, got {name!r}")
+    problem = _unicode_problem(name)
+    if problem:
+        raise DatasetError(f"{where}: image path {name!r} is {problem}")
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or re.match(r"^[A-Za-z]:", name):
         raise DatasetError(f"{where}: image path {name!r} is absolute; paths must be relative to {images_dir}")
@@ -100,12 +103,32 @@ def _check_unique(items: list[Item], source: Path) -> None:
         seen[item.id] = item.image
 
 
+def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError) -> DatasetError:
+    """Where the first byte that is not UTF-8 sits, as a text editor counts it."""
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return DatasetError(f"{path}: not UTF-8 text at line {line}, column {column} (byte 0x{data[e.start]:02x}); "
+                        "save the file as UTF-8")
+
+
+def _unicode_problem(text: str) -> str | None:
+    """A reason to reject text that holds no valid Unicode (JSON's "\\ud800" escapes decode to lone surrogates,
+    which no UTF-8 writer, HDF5's included, can store)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode text (unpaired surrogate {text[e.start]!r} at character {e.start})"
+
+
 def read_caption_json(path: Path, images_dir: Path) -> Dataset:
+    data = b""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
+            data = f.read()
+        doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        raise _not_utf8(path, data, e) from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
@@ -136,6 +159,10 @@ def read_caption_json(path: Path, images_dir: Path) -> Dataset:
                 raise DatasetError(f"{where}.sentences[{k}].raw: expected a string, got {type(raw).__name__}")
             if not raw.strip():
                 rejects.append(Reject(f"{item_id}#{k}", "empty caption"))
+                continue
+            problem = _unicode_problem(raw)
+            if problem:
+                rejects.append(Reject(f"{item_id}#{k}", f"caption {problem}"))
                 continue
             captions.append(raw.strip())
         split = entry.get("split")
@@ -177,6 +204,8 @@ class _Grouper:
             self.rejects.append(Reject(where, "missing or non-string 'caption'"))
         elif not caption.strip():
             self.rejects.append(Reject(where, "empty caption"))
+        elif _unicode_problem(caption):
+            self.rejects.append(Reject(where, f"caption {_unicode_problem(caption)}"))
         else:
             row["captions"].append(caption.strip())
 
@@ -226,8 +255,14 @@ def read_pairs_csv(path: Path, images_dir: Path) -> Dataset:
             for row in reader:
                 where = f"{path.name}:{reader.line_num}"
                 grouper.add(where, row.get("image"), row.get("caption"), row.get("split"), row.get("label"))
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        # The decoder's position counts from the chunk it was reading: decode the whole file to find the byte.
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, data, e) from None
+        raise
     except csv.Error as e:
         raise DatasetError(f"{path}: malformed CSV: {e}") from None
     return grouper.dataset("pairs-csv", path)
@@ -243,10 +278,14 @@ def read_image_folder(folder: Path) -> Dataset:
     )
     if not relatives:
         raise DatasetError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    items = []
+    items, rejects = [], []
     for rel in relatives:
+        problem = _unicode_problem(rel)
+        if problem:  # a file name in another encoding: Python hands it over with surrogates standing for bytes
+            rejects.append(Reject(rel.encode("utf-8", "backslashreplace").decode(), f"file name is {problem}"))
+            continue
         parts = PurePosixPath(rel).parts
         label = parts[0] if len(parts) > 1 else class_from_name(rel)
         items.append(Item(_item_id(rel), safe_image_path(folder, rel, rel), (), None, label))
     _check_unique(items, folder)
-    return Dataset("image-folder", folder, folder, items, [])
+    return Dataset("image-folder", folder, folder, items, rejects)
