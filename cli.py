@@ -11,20 +11,41 @@ from pipeline import DuchError
 
 
 def user_errors(fn):
-    """A mistake a user can fix is one line on stderr and exit code 2, never a traceback."""
+    """A mistake a user can fix is one line on stderr and exit code 2, never a traceback. A full disk or a folder
+    without write permission is one of those, wherever the write happened (pipeline.storage words it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.storage import storage_error
+
         try:
             return fn(*args, **kwargs)
         except (DuchError, DatasetError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            translated = storage_error(e)
+            if translated is None:
+                raise
+            click.echo(f"error: {translated}", err=True)
+            sys.exit(2)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """Usage mistakes (a bad option value, a missing option) as one line too, instead of click's usage block."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """duch: unsupervised contrastive hashing for cross-modal retrieval in remote-sensing archives."""
 
@@ -94,12 +115,14 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--compile", "compile_terms", is_flag=True,
               help="GPU: torch.compile the loss terms (+10% steps/s, ~20 s to compile per code length).")
 @click.option("--eval-every", default=10, show_default=True, type=int, help="Epochs between validation mAPs.")
+@click.option("--checkpoint-every", default=10, show_default=True, type=int,
+              help="Epochs between checkpoints a killed run resumes from (0: none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Retrain even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
 def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
-               no_cuda_graphs, compile_terms, eval_every, device, force, no_progress):
+               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, force, no_progress):
     """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
     from pipeline.config import TrainConfig
     from stages.train_hash import train_hash as run_train
@@ -107,7 +130,8 @@ def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, prec
     extra = {} if tau is None else {"tau": tau}
     cfg = TrainConfig(run=run_dir, bits=bits, split=split, epochs=epochs, batch_size=batch_size, hidden=hidden,
                       seed=seed, precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
-                      device=device, cuda_graphs=not no_cuda_graphs, compile_terms=compile_terms, **extra)
+                      checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,
+                      compile_terms=compile_terms, **extra)
     run_train(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from data.splits import Split, dataset_split, paper_split
 from pipeline import DuchError
 from pipeline.config import TrainConfig, digest
+from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.features import Features, load_features
 from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
@@ -32,6 +34,7 @@ from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
 from pipeline.rundir import stage_dir
+from pipeline.storage import write_errors
 
 STAGE = "train-hash"
 DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
@@ -402,11 +405,60 @@ def epoch_row(epoch: int, sums: torch.Tensor, steps: int) -> dict:
     return {"epoch": epoch, **{k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())}}
 
 
+@dataclass
+class Checkpoints:
+    """Where and under which fingerprint a code length saves its checkpoints, every cfg.checkpoint_every epochs."""
+
+    folder: Path
+    fingerprint: str
+    echo: Callable[[str], None] = print
+
+
+def training_state(state: StepState, schedules: list, gen: torch.Generator, log: dict) -> dict:
+    """Everything the next epoch reads: weights, BatchNorm statistics, both optimizers' moments and steps, the
+    schedules, the random generators, the binary targets and code sums, the banks, and the history so far."""
+    return {"heads": state.heads.state_dict(), "disc": state.disc.state_dict(), "opt": state.opt.state_dict(),
+            "disc_opt": state.disc_opt.state_dict(), "schedules": [s.state_dict() for s in schedules],
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "targets": state.targets,
+            "code_sums": state.code_sums, "banks": state.banks, "log": log}
+
+
+def restore_training_state(saved: dict, state: StepState, schedules: list, gen: torch.Generator) -> dict:
+    """Put a checkpoint back into the live objects, in place where a CUDA graph may later capture them; returns
+    its log (history, evaluations, timings)."""
+    state.heads.load_state_dict(saved["heads"])
+    state.disc.load_state_dict(saved["disc"])
+    for opt, saved_opt in ((state.opt, saved["opt"]), (state.disc_opt, saved["disc_opt"])):
+        _load_optimizer(opt, saved_opt)
+    for schedule, saved_schedule in zip(schedules, saved["schedules"]):
+        schedule.load_state_dict(saved_schedule)
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.targets.copy_(saved["targets"])
+    state.code_sums.copy_(saved["code_sums"])
+    if state.banks is not None:
+        for name, bank in state.banks.items():
+            bank.copy_(saved["banks"][name])
+    return saved["log"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """load_state_dict, keeping learning rates that are device tensors (CUDA-graph Adam) the same tensors: a
+    graph reads the lr at the address it was captured with, and StepLR updates it in place."""
+    live = [{k: v for k, v in group.items() if isinstance(v, torch.Tensor)} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, tensors in zip(opt.param_groups, live):
+        for key, tensor in tensors.items():
+            tensor.copy_(torch.as_tensor(group[key]))
+            group[key] = tensor
+
+
 def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
                labels: np.ndarray, progress: bool, graphs: bool | None = None,
-               compile_terms: bool | None = None) -> dict:
+               compile_terms: bool | None = None, checkpoints: Checkpoints | None = None) -> dict:
     """graphs: replay the steps as CUDA graphs (default: on a GPU, see use_graphs); compile_terms: with graphs,
-    torch.compile the loss terms (default: see use_compile)."""
+    torch.compile the loss terms (default: see use_compile); checkpoints: save one every cfg.checkpoint_every
+    epochs there, and resume from the one found there (None: neither)."""
     device = data.image.device
     graphs = use_graphs(device, cfg) if graphs is None else graphs
     compile_terms = use_compile(graphs, cfg) if compile_terms is None else compile_terms
@@ -421,7 +473,6 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     history, evals, epoch_seconds = [], [], []
     evaluate = eval_text is not None and len(split.query) and (labels != "").all()
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{bits} bits", unit="epoch", disable=not progress, dynamic_ncols=True)
     # B for the first epoch from the initial heads; after that from the codes the heads produced while
     # training the previous epoch (as the reference code does): no extra forward pass over the archive.
     views = sample_views(data, train, gen, cfg.reference_quirks, cfg.augment_anchor)
@@ -430,9 +481,26 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     banks = {"image": targets.clone(), "text": targets.clone()} if cfg.w_bank else None
     state = StepState(heads, disc, opt, disc_opt, list(views), targets, torch.zeros_like(targets), banks,
                       torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device))
+    done = 0
+    if checkpoints is not None:
+        # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then
+        # the checkpoint overwrites it with the state after its epoch: the epochs after it run as they would have.
+        done, saved = load_checkpoint(checkpoints.folder, checkpoints.fingerprint)
+        if done is None:
+            if saved != "no checkpoint":
+                checkpoints.echo(f"train-hash: {bits} bits: not resuming ({saved}); training from the start")
+            done = 0
+        else:
+            log = restore_training_state(saved, state, schedules, gen)
+            history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
+            t0 -= log["seconds"]
+            checkpoints.echo(f"train-hash: {bits} bits: resuming from the checkpoint after epoch {done} of "
+                             f"{cfg.epochs}")
     run_epoch = epoch_runner(state, cfg, graphs, compile_terms)
     batches = epoch_batches(n, cfg.batch_size, cfg.drop_last)
     covered = batches[-1][1] if batches else 0
+    bar = tqdm(range(done + 1, cfg.epochs + 1), desc=f"{bits} bits", unit="epoch", disable=not progress,
+               dynamic_ncols=True, initial=done, total=cfg.epochs)
     for epoch in bar:
         started = time.perf_counter()
         for buffer, view in zip(state.views, sample_views(data, train, gen, cfg.reference_quirks,
@@ -455,6 +523,12 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
             evals.append({"epoch": epoch, "map": evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k)})
         bar.set_postfix(loss=f"{row['total']:.3f}", inter=f"{row['inter']:.3f}", disc=f"{row['discriminator']:.3f}",
                         items_s=f"{epoch * n / (time.perf_counter() - t0):.0f}")
+        if checkpoints is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch < cfg.epochs:
+            log = {"history": history, "evals": evals, "epoch_seconds": epoch_seconds,
+                   "seconds": time.perf_counter() - t0}
+            save_checkpoint(checkpoints.folder, epoch, checkpoints.fingerprint,
+                            training_state(state, schedules, gen, log))
     bar.close()
     return {"heads": heads, "disc": disc, "history": history, "evals": evals, "seconds": time.perf_counter() - t0,
             "epoch_seconds": epoch_seconds}
@@ -468,9 +542,18 @@ def save_weights(path: Path, heads: DuchHeads, disc: CodeDiscriminator, metadata
     tensors |= {f"text_head.{k}": v for k, v in heads.text.state_dict().items()}
     tensors |= {f"discriminator.{k}": v for k, v in disc.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
+    with write_errors(path):
+        try:
+            # One metadata entry: safetensors writes a map of several in a random order, and the same weights must
+            # make the same file (its SHA-256 identifies the model downstream).
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"duch": json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)})
+            with open(tmp, "rb+") as raw:
+                os.fsync(raw.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int) -> DuchHeads:
@@ -485,12 +568,13 @@ def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int
 
 
 def write_history(folder: Path, history: list[dict], evals: list[dict], bits: int) -> None:
-    with open(folder / "losses.csv", "w", newline="") as f:
+    with write_errors(folder / "losses.csv"), open(folder / "losses.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["epoch", *LOSS_TERMS])
         writer.writeheader()
         writer.writerows(history)
     write_json_atomic(folder / "history.json", {"losses": history, "validation": evals})
-    plot_history(folder / "losses.png", history, evals, bits)
+    with write_errors(folder / "losses.png"):
+        plot_history(folder / "losses.png", history, evals, bits)
 
 
 def plot_history(path: Path, history: list[dict], evals: list[dict], bits: int) -> None:
@@ -560,8 +644,9 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         echo(f"train-hash: up to date in {out_dir}; nothing to do (--force redoes it)")
         echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}, k=cfg.map_k))
         return TrainResult(out_dir, previous, did_work=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    with write_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
 
     data = prepare(features, device)
     evaluate = len(split.query) > 0 and (features.labels != "").all()
@@ -584,9 +669,13 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
             echo(f"train-hash: {bits} bits already trained, kept")
             results[str(bits)] = kept
         else:
-            folder.mkdir(parents=True, exist_ok=True)
-            done.unlink(missing_ok=True)
-            run = train_bits(bits, cfg, data, split, eval_text, features.labels, progress)
+            with write_errors(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                done.unlink(missing_ok=True)
+            if force:
+                remove_checkpoint(folder)
+            run = train_bits(bits, cfg, data, split, eval_text, features.labels, progress,
+                             checkpoints=Checkpoints(folder, digest(bits_basis), echo))
             save_weights(folder / "model.safetensors", run["heads"], run["disc"],
                          {"bits": bits, "hidden": cfg.hidden, "image_dim": data.image.shape[1],
                           "text_dim": data.text.shape[1], "extract_fingerprint": features.manifest["fingerprint"]})
@@ -595,6 +684,7 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
             results[str(bits)] = {"fingerprint": digest(bits_basis), "bits": bits, "seconds": round(run["seconds"], 2),
                                   "map": final, "final_losses": run["history"][-1]}
             write_json_atomic(done, results[str(bits)])
+            remove_checkpoint(folder)  # after result.json: a kill before it still finds the checkpoint
             echo(f"train-hash: {bits} bits in {run['seconds']:.1f} s"
                  + (f"; mAP@{cfg.map_k} " + ", ".join(f"{d} {final[d]['reference']:.3f}" for d in DIRECTIONS)
                     if final else ""))
