@@ -107,7 +107,7 @@ def load_checkpoint(folder: Path, fingerprint: str) -> tuple[int, dict] | tuple[
                 or sha256_file(path) != meta["tensors"]["sha256"]:
             return None, f"{path} is missing or does not match its checksum"
         return int(meta["epoch"]), join_tensors(meta["state"], load_file(str(path)))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # whatever is wrong with it (safetensors' own errors included), it is not resumed
         return None, f"{index} is unreadable ({type(e).__name__}: {e})"
 
 

@@ -560,7 +560,11 @@ def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int
     """Tensors only, through safetensors: nothing in the file can run code."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a file that is not safetensors (a pickle put in its place, say) is refused unread
+        raise DuchError(f"{path}: not a safetensors file of duch's ({type(e).__name__}: {e}); rerun "
+                        "`duch train-hash --force` to remake it") from None
     heads = DuchHeads(image_dim, text_dim, bits, hidden)
     heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items() if k.startswith("image_head.")})
     heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,13 +32,16 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict:
         except Exception as e:
             raise DuchError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not mmap or "mmap" not in str(e):
-                raise
-            # The legacy (pre-zip) format cannot be memory-mapped; it is read whole, as safely.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not read before refusing them: noise on top of our line.
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                # The legacy (pre-zip) format cannot be memory-mapped; it is read whole, as safely.
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = _UNSAFE_GLOBAL.search(str(e))
         what = f" (it calls for {found.group(1).rstrip('.,')})" if found else ""

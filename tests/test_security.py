@@ -1,0 +1,201 @@
+"""Hostile files: nothing a user hands over is unpickled, and no path inside a run's data leads out of the run.
+
+Every payload here is a pickle whose unpickling runs `touch MARKER` (os.system via __reduce__): the proof that it
+was refused is that the marker never appears.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline.config import TrainConfig
+from pipeline.manifest import sha256_file
+from stages.train_hash import train_hash
+from tests.conftest import ASSETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.command = f"touch {marker}"
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def hostile_checkpoints(folder: Path, marker: Path) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    files = {"torch.save zip": folder / "model.pt", "torch.save legacy": folder / "legacy.pth",
+             "bare pickle, protocol 2": folder / "weights.bin", "bare pickle, protocol 5": folder / "weights5.ckpt"}
+    torch.save({"visual.proj": torch.zeros(2), "evil": Payload(marker)}, files["torch.save zip"])
+    torch.save({"evil": Payload(marker)}, files["torch.save legacy"], _use_new_zipfile_serialization=False)
+    files["bare pickle, protocol 2"].write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    files["bare pickle, protocol 5"].write_bytes(pickle.dumps(Payload(marker), protocol=5))
+    return files
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(cli.main, args, prog_name="duch")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_the_payload_is_real(tmp_path):
+    """The control: unpickled the ordinary way, the payload does run."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.exists()
+
+
+def test_an_open_clip_checkpoint_that_is_a_hostile_pickle_is_refused_and_never_run(tmp_path, tiny_clip_spec):
+    marker = tmp_path / "pwned"
+    arch = tiny_clip_spec.split(":")[1]
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    shutil.copy(ASSETS / "102.jpg", tmp_path / "data" / "images" / "a.jpg")
+    for kind, path in hostile_checkpoints(tmp_path / "ckpt", marker).items():
+        line = one_line_error(["extract", "--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
+                               "--image-encoder", f"open_clip:{arch}:{path}", "--text-encoder", "none",
+                               "--workers", "0", "--device", "cpu", "--no-progress"])
+        # torch's allow-list refuses the payload's call (posix.system), or the newer pickle opcodes around it
+        # before it gets there.
+        called = "" if "protocol 5" in kind else " (it calls for posix.system)"
+        assert line == (f"error: checkpoint {path} holds pickled objects other than tensors{called}; refused: duch "
+                        "loads checkpoints as tensors only and never runs code from a file. Use a checkpoint of "
+                        "plain tensors (a state dict) or safetensors from a source you trust"), kind
+        assert not marker.exists(), kind
+
+
+def test_a_tensors_only_open_clip_checkpoint_still_loads(tmp_path, tiny_clip_spec):
+    from pipeline.encoders import parse_spec
+    from pipeline.encoders.openclip import load_open_clip
+
+    random_weights = load_open_clip(parse_spec(tiny_clip_spec, "image"), "cpu").model.state_dict()
+    torch.save(random_weights, tmp_path / "good.pt")
+    arch = tiny_clip_spec.split(":")[1]
+    loaded = load_open_clip(parse_spec(f"open_clip:{arch}:{tmp_path / 'good.pt'}", "image"), "cpu")
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in random_weights.items())
+
+
+@pytest.fixture
+def trained(tiny_extract_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_extract_run, run)
+    train_hash(TrainConfig(run=str(run), bits=(8,), epochs=2, hidden=32, batch_size=8, device="cpu"),
+               progress=False, echo=lambda _: None)
+    return run
+
+
+def resign(stage: Path, name: str) -> None:
+    """List a replaced file's checksum in its manifest, as an attacker who edits both would."""
+    manifest = json.loads((stage / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        if out["file"] == name:
+            out["bytes"], out["sha256"] = (stage / name).stat().st_size, sha256_file(stage / name)
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_pickle_in_place_of_the_trained_model_is_refused_and_never_run(trained, tmp_path):
+    marker = tmp_path / "pwned"
+    model = trained / "train-hash" / "bits-8" / "model.safetensors"
+    model.write_bytes(pickle.dumps(Payload(marker)))
+    resign(trained / "train-hash", "bits-8/model.safetensors")
+    line = one_line_error(["encode-archive", "--run", str(trained), "--device", "cpu", "--no-progress"])
+    assert line.startswith(f"error: {model}: not a safetensors file of duch's (SafetensorError: ")
+    assert line.endswith("); rerun `duch train-hash --force` to remake it")
+    assert not marker.exists()
+
+
+def test_a_pickle_in_place_of_a_checkpoint_is_not_resumed_and_never_run(run_with_checkpoint):
+    run, folder, marker = run_with_checkpoint
+    said = []
+    train_hash(TrainConfig(run=str(run), bits=(8,), epochs=4, hidden=32, batch_size=8, device="cpu",
+                           checkpoint_every=2), progress=False, echo=said.append)
+    assert any(s.startswith(f"train-hash: 8 bits: not resuming ({folder / 'checkpoint.json'} is unreadable "
+                            "(SafetensorError") for s in said), said
+    assert not marker.exists()
+
+
+@pytest.fixture
+def run_with_checkpoint(tiny_extract_run, tmp_path, monkeypatch):
+    import stages.train_hash as th
+    from pipeline.checkpoint import INDEX
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_extract_run, run)
+
+    def crash(*args):
+        raise KeyboardInterrupt("crash after training")
+    with monkeypatch.context() as m:
+        m.setattr(th, "write_history", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train_hash(TrainConfig(run=str(run), bits=(8,), epochs=4, hidden=32, batch_size=8, device="cpu",
+                                   checkpoint_every=2), progress=False, echo=lambda _: None)
+    folder = run / "train-hash" / "bits-8"
+    marker = tmp_path / "pwned"
+    index = json.loads((folder / INDEX).read_text())
+    tensors = folder / index["tensors"]["file"]
+    tensors.write_bytes(pickle.dumps(Payload(marker)))
+    index["tensors"].update(bytes=tensors.stat().st_size, sha256=sha256_file(tensors))
+    (folder / INDEX).write_text(json.dumps(index))
+    return run, folder, marker
+
+
+@pytest.mark.parametrize("stage", ["train-hash", "encode-archive"])
+@pytest.mark.parametrize("how", ["../../evil.h5", "absolute", "symlink"])
+def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained, tmp_path, stage, how):
+    """An extract manifest naming a shard outside its folder (a relative escape, an absolute path, or a symlink
+    inside the folder pointing out) is refused by the stage reading it, even with the right checksum."""
+    extract = trained / "extract"
+    evil = tmp_path / "evil.h5"
+    shutil.copy(extract / "image-00000.h5", evil)  # a valid shard, out of the run
+    manifest = json.loads((extract / "manifest.json").read_text())
+    first = manifest["outputs"][0]
+    assert first["file"] == "image-00000.h5"
+    if how == "symlink":
+        (extract / "image-00000.h5").unlink()
+        os.symlink(evil, extract / "image-00000.h5")
+        name = "image-00000.h5"
+    else:
+        name = str(evil) if how == "absolute" else how
+        first["file"] = name
+        (extract / "manifest.json").write_text(json.dumps(manifest))
+    args = (["train-hash", "--run", str(trained), "--bits", "8", "--epochs", "1", "--hidden", "32", "--force"]
+            if stage == "train-hash" else ["encode-archive", "--run", str(trained), "--device", "cpu"])
+    line = one_line_error([*args, "--no-progress"])
+    assert line == (f"error: {extract / 'manifest.json'} lists an output outside its stage folder ({name!r}) and "
+                    "is not read; rerun `duch extract --force` to redo the stage")
+
+
+UNSAFE = [
+    (re.compile(r"\bpickle\.loads?\(|\bcPickle\b|\bdill\b|\bjoblib\.load\("), "unpickling"),
+    (re.compile(r"\btorch\.load\((?![^)]*weights_only=True)"), "torch.load without weights_only=True"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "np.load with allow_pickle"),
+    (re.compile(r"(?<![.\w])(eval|exec)\("), "eval/exec"),
+    (re.compile(r"\byaml\.load\((?![^)]*SafeLoader)"), "yaml.load"),
+]
+
+
+def test_the_code_base_has_no_unsafe_loader():
+    """Every way to run code from data, looked for in duch's own source (not its tests)."""
+    found = []
+    for folder in ("data", "pipeline", "stages", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                for pattern, what in UNSAFE:
+                    if pattern.search(line):
+                        found.append(f"{path.relative_to(ROOT)}:{n}: {what}: {line.strip()}")
+    found += [f"cli.py: {what}" for pattern, what in UNSAFE if pattern.search((ROOT / "cli.py").read_text())]
+    assert not found, "\n".join(found)
