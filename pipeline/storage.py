@@ -37,9 +37,12 @@ def storage_error(exc: BaseException, path: str | os.PathLike | None = None) -> 
         path = getattr(exc, "filename", None) or "a file of the run"
     path = Path(path)
     kept = "files already finished are kept, and rerunning the same command resumes from them"
+    if number == errno.EFBIG:
+        return DuchError(f"cannot write {path}: file too large for the file size limit of this process (ulimit -f) "
+                         f"or of its file system; raise the limit or choose another --run directory, then rerun: "
+                         f"{kept}")
     if number in _NO_SPACE:
-        what = "file too large for the limit set on this process" if number == errno.EFBIG else \
-            "no space left on device" if number == errno.ENOSPC else "disk quota exceeded"
+        what = "no space left on device" if number == errno.ENOSPC else "disk quota exceeded"
         return DuchError(f"cannot write {path}: {what}; free some space on {_mount_of(path)} (or choose another "
                          f"--run directory), then rerun: {kept}")
     if number in _NO_PERMISSION or number in _READ_ONLY:
