@@ -30,6 +30,7 @@ from pipeline.lock import run_lock
 from pipeline.metrics import (cosine, map_of_ranking, precision_at_k, radius_curves, ranking, recall_at_k,
                               rerank_order)
 from pipeline.rundir import stage_dir
+from pipeline.storage import write_errors
 
 STAGE = "evaluate"
 DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
@@ -204,7 +205,8 @@ def plot_curves(out_dir: Path, results: dict) -> list[Path]:
         fig.suptitle(title)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=90)
+        with write_errors(path):
+            fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -259,13 +261,15 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
                       f"{len(split['query'])} images and their captions")
     table = format_tables(results, cfg.k, split, instance_label)
     out_dir = stage_dir(run, STAGE)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    with write_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
     metrics = {"k": cfg.k, "rerank": cfg.rerank, "split": {s: len(split[s]) for s in ("train", "query", "database")},
                "split_mode": split["mode"], "instance_items": instance_label,
                "tie_break": "database order", "results": results}
     write_json_atomic(out_dir / "metrics.json", metrics)
-    (out_dir / "table.md").write_text(table + "\n")
+    with write_errors(out_dir / "table.md"):
+        (out_dir / "table.md").write_text(table + "\n")
     plots = plot_curves(out_dir, results)
     outputs = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                for p in [out_dir / "metrics.json", out_dir / "table.md", *plots]]
