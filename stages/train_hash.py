@@ -672,6 +672,7 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         if kept and kept.get("fingerprint") == digest(bits_basis):
             echo(f"train-hash: {bits} bits already trained, kept")
             results[str(bits)] = kept
+            remove_checkpoint(folder)  # left by a kill between result.json and its removal
         else:
             with write_errors(folder):
                 folder.mkdir(parents=True, exist_ok=True)
