@@ -154,3 +154,38 @@ def test_model_file_bytes_do_not_depend_on_the_run(run, tmp_path):
     a, b = (r / "train-hash" / "bits-8" / "model.safetensors" for r in (run, other))
     assert a.read_bytes() == b.read_bytes()
     assert load_file(a).keys() == load_file(b).keys()
+
+
+def test_an_optimizer_with_a_device_tensor_lr_keeps_that_tensor_through_a_restore():
+    """The CUDA-graph path's Adam reads its lr from a tensor that a captured graph holds by address; a restore
+    must write the saved value into that tensor, not swap in another (checked here on the CPU, the same code)."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2), foreach=False)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+
+    def step(model, opt, schedule):
+        opt.zero_grad()
+        model(torch.ones(3, 4)).square().sum().backward()
+        opt.step()
+        schedule.step()
+
+    model, opt, schedule = make()
+    for _ in range(2):
+        step(model, opt, schedule)
+    tensors = {}
+    saved = join_tensors(split_tensors({"model": model.state_dict(), "opt": opt.state_dict(),
+                                        "schedule": schedule.state_dict()}, tensors), tensors)
+    at_save = opt.param_groups[0]["lr"].clone()
+    step(model, opt, schedule)
+
+    other, other_opt, other_schedule = make()
+    lr = other_opt.param_groups[0]["lr"]
+    other.load_state_dict(saved["model"])
+    th._load_optimizer(other_opt, saved["opt"])
+    other_schedule.load_state_dict(saved["schedule"])
+    assert other_opt.param_groups[0]["lr"] is lr and torch.equal(lr, at_save)
+    step(other, other_opt, other_schedule)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_opt.param_groups[0]["lr"] is lr and torch.equal(lr, opt.param_groups[0]["lr"])
