@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import DuchError
 from pipeline.manifest import now_iso
+from pipeline.storage import write_errors
 
 LOCK_FILE = ".duch.lock"
 
@@ -22,9 +23,16 @@ LOCK_FILE = ".duch.lock"
 @contextlib.contextmanager
 def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
+    if not run.is_dir() and stage != "extract":
+        # Only extract starts a run; a mistyped --run for a later stage must not leave an empty folder behind. The
+        # stage itself then says what is missing.
+        yield None
+        return
+    with write_errors(run):
+        run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with write_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s
         while True:
@@ -38,9 +46,23 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"stage": stage, "pid": os.getpid(), "since": now_iso()}).encode())
+        sweep_temporaries(run / stage)
         yield path
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Remove the temporary files (`.NAME.*.tmp`) that killed attempts of a stage left in its folder.
+
+    Only safe under the run lock: every writer of this folder belongs to the lock's holder, and the holder has not
+    started writing yet, so whatever temporary is there is garbage nobody will rename into place."""
+    swept = 0
+    if folder.is_dir():
+        for leftover in folder.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+            swept += 1
+    return swept
 
 
 def _holder(path: Path) -> str:

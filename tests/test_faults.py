@@ -196,12 +196,9 @@ def test_random_sigkills_then_a_rerun_give_the_uninterrupted_outputs(world, stag
     assert final.code == 0, final.log
     stats["resumed_runs"] += resumed(final.log)
     outputs_equal(stage, run, w["clean"])
-    # Temporary files of killed attempts are garbage, never read; a rerun sweeps them. encode-archive does not
-    # yet (its writers' temporary names are unique per attempt, and nothing removes a killed attempt's): counted
-    # here, to be asserted once stages/encode_archive.py sweeps them at its start as extract does.
+    # Temporary files of killed attempts are garbage, never read; the rerun sweeps them once it holds the run lock.
     stats["temporary_files_left"] = len(list((run / stage).rglob(".*.tmp")))
-    if stage != "encode-archive":
-        assert stats["temporary_files_left"] == 0, sorted((run / stage).rglob(".*.tmp"))
+    assert stats["temporary_files_left"] == 0, sorted((run / stage).rglob(".*.tmp"))
     FAULTS[stage] = stats
     assert stats["landed_mid_work"] >= 1, stats  # the loop did kill the stage at work
 
