@@ -73,11 +73,17 @@ def main():
               help="gpu: JPEGs decoded (nvJPEG) and resized in batches on the GPU; cpu: PIL in worker processes; "
                    "auto: gpu on a CUDA device for a JPEG archive with --image-views 0. Same embeddings "
                    "within float16 rounding.")
+@click.option("--scheduler", default="none", show_default=True,
+              help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
+                   "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
+                   "(outputs must then be on storage every worker reaches).")
+@click.option("--threads", default=None, type=int,
+              help="Torch threads per encoding process [default: all cores; on a local cluster, cores / N].")
 @click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other settings.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
 def extract(data, images, run_dir, image_encoder, text_encoder, image_views, seed, shard_size, dtype, device,
-            batch_size, text_batch_size, workers, decode, force, no_progress):
+            batch_size, text_batch_size, workers, decode, scheduler, threads, force, no_progress):
     """Stage 1: cache image and text embeddings (with augmented views) in HDF5 shards."""
     from pipeline.config import ExtractConfig
     from stages.extract import extract as run_extract
@@ -85,7 +91,8 @@ def extract(data, images, run_dir, image_encoder, text_encoder, image_views, see
     cfg = ExtractConfig(data=data, images=images, run=run_dir, image_encoder=image_encoder,
                         text_encoder=None if text_encoder.lower() == "none" else text_encoder,
                         image_views=image_views, seed=seed, shard_size=shard_size, dtype=dtype, device=device,
-                        batch_size=batch_size, text_batch_size=text_batch_size, workers=workers, decode=decode)
+                        batch_size=batch_size, text_batch_size=text_batch_size, workers=workers, decode=decode,
+                        scheduler=scheduler, threads=threads)
     run_extract(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 
@@ -148,16 +155,20 @@ def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, prec
                    "(approximate, for archives of ~100M codes and more).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8192, show_default=True, type=int)
+@click.option("--scheduler", default="none", show_default=True,
+              help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
+                   "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
+                   "(outputs must then be on storage every worker reaches).")
 @click.option("--force", is_flag=True, help="Re-encode even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
-def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, force, no_progress):
+def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, force, no_progress):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
     from pipeline.config import EncodeConfig
     from stages.encode_archive import encode_archive as run_encode
 
     cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, index=index, device=device,
-                       batch_size=batch_size)
+                       batch_size=batch_size, scheduler=scheduler)
     run_encode(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 

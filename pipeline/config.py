@@ -33,8 +33,24 @@ class ExtractConfig:
     # image, in worker processes; "auto" gpu on a CUDA device when the archive is mostly JPEG and there are no
     # augmented views. Both give the same embeddings within float16 rounding, so it is no output setting.
     decode: str = "auto"
+    # Where the shards are made: "none" (this process), "local[:N]" (a dask LocalCluster of N worker processes)
+    # or the address of a running dask scheduler, tcp://host:8786. Shards are equal either way.
+    scheduler: str = "none"
+    # Torch threads per encoding process; None: torch's default in-process, the cores shared out on a local
+    # cluster. CPU float32 matmuls may sum in another order with another thread count (a last-bit difference
+    # in a few values), so runs compared bit for bit use the same count.
+    threads: int | None = None
 
-    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run")
+    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run", "scheduler", "threads")
+
+    def __post_init__(self):
+        # The augmentations as a manifest records them (dicts, lists for tuples): ExtractConfig(**manifest["config"])
+        # rebuilds the run's config.
+        if isinstance(self.image_augment, dict):
+            self.image_augment = ImageAugment(**{k: tuple(v) if isinstance(v, list) else v
+                                                 for k, v in self.image_augment.items()})
+        if isinstance(self.text_augment, dict):
+            self.text_augment = TextAugment(**self.text_augment)
 
     def validate(self) -> None:
         from pipeline import DuchError
@@ -51,6 +67,9 @@ class ExtractConfig:
             raise DuchError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.decode not in ("auto", "gpu", "cpu"):
             raise DuchError(f"--decode must be auto, gpu or cpu, got {self.decode!r}")
+        _check_scheduler(self.scheduler)
+        if self.threads is not None and self.threads < 1:
+            raise DuchError(f"--threads must be at least 1, got {self.threads}")
 
     def resolved_workers(self) -> int:
         if self.workers is not None:
@@ -68,6 +87,20 @@ def output_settings(cfg, also_drop: tuple[str, ...] = ()) -> dict:
     for name in (*cfg.RUNTIME_FIELDS, *also_drop):
         out.pop(name, None)
     return out
+
+
+def manifest_config(cfg) -> dict:
+    """The config a manifest records: all of it but where the work ran (recorded apart, under "execution"), so a
+    run on a cluster and one in-process leave the same manifest but for timings."""
+    out = dataclasses.asdict(cfg)
+    out.pop("scheduler", None)
+    return out
+
+
+def _check_scheduler(text: str) -> None:
+    from pipeline.cluster import SchedulerSpec
+
+    SchedulerSpec.parse(text)
 
 
 def digest(obj) -> str:
@@ -162,8 +195,9 @@ class EncodeConfig:
     index: str | None = None  # also write a faiss index per code length: "flat", "ivf" or "hnsw"
     device: str = "auto"
     batch_size: int = 8192
+    scheduler: str = "none"  # as for extract: one task per archive shard, here or on a dask cluster
 
-    RUNTIME_FIELDS = ("device", "batch_size")
+    RUNTIME_FIELDS = ("device", "batch_size", "scheduler")
 
     def validate(self) -> None:
         from pipeline import DuchError
@@ -175,6 +209,7 @@ class EncodeConfig:
                 raise DuchError(f"--bits {k}: code lengths are positive multiples of 8")
         if self.index not in (None, "flat", "ivf", "hnsw"):
             raise DuchError(f"--index must be flat, ivf or hnsw, got {self.index!r}")
+        _check_scheduler(self.scheduler)
 
 
 @dataclass

@@ -8,6 +8,7 @@ Both: reject_id, reject_reason [r] strings; attrs: modality, shard, fingerprint,
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import h5py
@@ -23,7 +24,10 @@ def shard_name(modality: str, index: int) -> str:
 
 
 def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    """A temporary name unique to this writer: two attempts at one shard (a task retried on another dask worker
+    while the first still runs) never write into the same file; the one that finishes last renames over the
+    other's identical result."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray | list], attrs: dict) -> None:
@@ -35,8 +39,6 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray | list], attrs: dict) -
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray | list], attrs: dict) -> None:
     tmp = temp_path(path)
-    if tmp.exists():
-        tmp.unlink()
     try:
         with h5py.File(tmp, "w") as f:
             for name, value in arrays.items():

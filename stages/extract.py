@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 from data import Dataset, Item, Reject, read_dataset
 from data.augment import augment_caption, augment_image, view_rng
 from data.images import ImageLoadError, load_image
-from pipeline import DuchError
-from pipeline.config import ExtractConfig, digest
+from pipeline import DuchError, cluster
+from pipeline.config import ExtractConfig, digest, manifest_config
 from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
+from pipeline.features import stage_file
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
@@ -160,7 +162,11 @@ def _image_batches(plans: list[ShardPlan], batch_size: int) -> tuple[list[Item],
 BATCHED_ON_CPU = False
 
 
-def choose_decode(cfg: ExtractConfig, dataset: Dataset, encoder, device: torch.device):
+def jpeg_share(items: list[Item]) -> float:
+    return sum(1 for item in items if Path(item.image).suffix.lower() in (".jpg", ".jpeg")) / max(1, len(items))
+
+
+def choose_decode(cfg: ExtractConfig, jpegs: float, encoder, device: torch.device):
     """("gpu", TensorPreprocess) for the batched path, or ("cpu", why the PIL path runs)."""
     from pipeline.gpu_decode import TensorPreprocess, nvjpeg_problem
 
@@ -175,8 +181,7 @@ def choose_decode(cfg: ExtractConfig, dataset: Dataset, encoder, device: torch.d
         if problem:
             problems.append(f"nvJPEG is not usable ({problem})")
     if cfg.decode == "auto" and not problems:
-        jpegs = sum(1 for item in dataset.items if Path(item.image).suffix.lower() in (".jpg", ".jpeg"))
-        if jpegs < len(dataset.items) / 2:  # the rest would go to PIL on threads, slower than worker processes
+        if jpegs < 0.5:  # the rest would go to PIL on threads, slower than worker processes
             problems.append("most images are not JPEG")
     if problems:
         if cfg.decode == "gpu":
@@ -195,15 +200,15 @@ def _decode_problems(cfg: ExtractConfig, device: torch.device) -> list[str]:
     return problems
 
 
-def _extract_images(plans: list[ShardPlan], dataset: Dataset, encoder, cfg: ExtractConfig, fingerprint: str,
+def _extract_images(plans: list[ShardPlan], images_dir: Path, encoder, cfg: ExtractConfig, fingerprint: str,
                     out_dir: Path, dtype: np.dtype, bar: tqdm, writes: list, writer: ThreadPoolExecutor,
                     decode: tuple) -> dict:
     items, batches, owners = _image_batches(plans, cfg.batch_size)
-    views = ImageViews(items, dataset.images_dir, encoder.transform, cfg)
+    views = ImageViews(items, images_dir, encoder.transform, cfg)
     if decode[0] == "gpu":
         from stages.extract_fast import BatchedImages
 
-        source = BatchedImages(items, dataset.images_dir, batches, decode[1], encoder.device, views.__getitem__)
+        source = BatchedImages(items, images_dir, batches, decode[1], encoder.device, views.__getitem__)
     else:
         workers = cfg.resolved_workers()
         source = DataLoader(views, batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
@@ -325,12 +330,21 @@ def _stale_error(out_dir: Path, old: dict | None, new: dict) -> DuchError:
                      "rerun with --force to redo it, or choose another --run directory")
 
 
-def _outputs_intact(out_dir: Path, manifest: dict) -> bool:
-    for out in manifest.get("outputs", []):
-        path = out_dir / out["file"]
-        if not path.is_file() or path.stat().st_size != out["bytes"]:
-            return False
-    return True
+def _damaged_outputs(out_dir: Path, manifest: dict) -> list[Path]:
+    """The finished run's shards that are missing or no longer match their manifest checksum (a later stage would
+    refuse them); they are removed so that the resume below writes them again. Hashed on threads: hashlib releases
+    the GIL, and an archive's shards are many."""
+    def damaged(out: dict) -> Path | None:
+        path = stage_file(out_dir, out.get("file"))
+        if path.is_file() and path.stat().st_size == out.get("bytes") and sha256_file(path) == out.get("sha256"):
+            return None
+        return path
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        bad = [p for p in pool.map(damaged, manifest.get("outputs", [])) if p is not None]
+    for path in bad:
+        path.unlink(missing_ok=True)
+    return bad
 
 
 def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
@@ -347,6 +361,7 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
         if problems:
             raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
     t_start = time.perf_counter()
+    scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
     image_spec = parse_spec(cfg.image_encoder, "image")
     text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
     dataset = read_dataset(cfg.data, cfg.images)
@@ -363,7 +378,10 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     if previous and not force:
         if previous.get("fingerprint") != fingerprint:
             raise _stale_error(out_dir, previous.get("basis"), basis)
-        if _outputs_intact(out_dir, previous):
+        damaged = _damaged_outputs(out_dir, previous)
+        for path in damaged:
+            echo(f"extract: {path} is missing or does not match its checksum; writing it again")
+        if not damaged:
             c = previous["counts"]
             echo(f"extract: up to date ({c['images']} images, {c['captions']} captions, {c['rejects']} rejects) "
                  f"in {out_dir}; nothing to do (--force redoes it)")
@@ -379,40 +397,24 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     if n_done:
         echo(f"extract: resuming, {n_done} of {len(plans)} shards already finished")
 
-    device = resolve_device(cfg.device)
-    dtype = np.dtype(cfg.dtype)
-    timings = {}
     pending_images = [p for p in pending if p.modality == "image"]
     pending_texts = [p for p in pending if p.modality == "text"]
-    t0 = time.perf_counter()
-    image_encoder, text_encoder = load_encoders(image_spec if pending_images else None,
-                                                text_spec if pending_texts else None, str(device))
-    timings["load_encoders_s"] = time.perf_counter() - t0
-    n_images = sum(len(p.rows) for p in pending_images)
-    n_texts = sum(len(p.rows) for p in pending_texts)
-    image_decode = None
-    # Shards are written on one thread while the next ones are encoded; h5py serialises its own calls.
-    with ThreadPoolExecutor(1, thread_name_prefix="duch-write") as writer:
-        writes: list = []
-        if pending_images:
-            decode = choose_decode(cfg, dataset, image_encoder, device)
-            t0 = time.perf_counter()
-            with tqdm(total=n_images, unit="img", desc="images", disable=not progress, dynamic_ncols=True) as bar:
-                image_decode = _extract_images(pending_images, dataset, image_encoder, cfg, fingerprint, out_dir,
-                                               dtype, bar, writes, writer, decode)
-                _wait(writes)
-            timings["images_s"] = time.perf_counter() - t0
-            timings["images_per_s"] = n_images / timings["images_s"]
-        if pending_texts:
-            t0 = time.perf_counter()
-            with tqdm(total=n_texts, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
-                _extract_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, dtype, bar, writes, writer)
-                _wait(writes)
-            timings["captions_s"] = time.perf_counter() - t0
-            timings["captions_per_s"] = n_texts / timings["captions_s"]
+    specs = (image_spec if pending_images else None, text_spec if pending_texts else None)
+    if scheduler.kind == "none" or not pending:
+        device = resolve_device(cfg.device)
+        with cluster.torch_threads(cfg.threads):
+            timings, image_decode = _encode_here(pending_images, pending_texts, specs, dataset, cfg, fingerprint,
+                                                 out_dir, device, progress)
+        execution = {"scheduler": "none"}
+    else:
+        jobs = [ShardJob(cfg, plan, str(dataset.images_dir), str(out_dir), fingerprint, specs,
+                         jpeg_share(dataset.items)) for plan in pending]
+        with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
+            timings, image_decode, device, execution = _encode_on_cluster(client, jobs, progress)
+        execution["scheduler"] = str(scheduler)
 
-    manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start,
-                       image_encoder, text_encoder, image_decode)
+    manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
+                       execution)
     c = manifest["counts"]
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
@@ -423,9 +425,115 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     return ExtractResult(out_dir, manifest, did_work=True)
 
 
+def _encode_here(pending_images, pending_texts, specs, dataset, cfg, fingerprint, out_dir, device,
+                 progress) -> tuple[dict, dict | None]:
+    """In this process: one DataLoader over every pending image shard (so loading never pauses between
+    shards), then the captions; shards are written on a thread while the next ones are encoded."""
+    dtype = np.dtype(cfg.dtype)
+    timings = {}
+    t0 = time.perf_counter()
+    image_encoder, text_encoder = load_encoders(*specs, str(device))
+    timings["load_encoders_s"] = time.perf_counter() - t0
+    n_images = sum(len(p.rows) for p in pending_images)
+    n_texts = sum(len(p.rows) for p in pending_texts)
+    image_decode = None
+    with ThreadPoolExecutor(1, thread_name_prefix="duch-write") as writer:  # h5py serialises its own calls
+        writes: list = []
+        if pending_images:
+            decode = choose_decode(cfg, jpeg_share(dataset.items), image_encoder, device)
+            t0 = time.perf_counter()
+            with tqdm(total=n_images, unit="img", desc="images", disable=not progress, dynamic_ncols=True) as bar:
+                image_decode = _extract_images(pending_images, dataset.images_dir, image_encoder, cfg, fingerprint,
+                                               out_dir, dtype, bar, writes, writer, decode)
+                _wait(writes)
+            timings["images_s"] = time.perf_counter() - t0
+            timings["images_per_s"] = n_images / timings["images_s"]
+        if pending_texts:
+            t0 = time.perf_counter()
+            with tqdm(total=n_texts, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
+                _extract_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, dtype, bar, writes, writer)
+                _wait(writes)
+            timings["captions_s"] = time.perf_counter() - t0
+            timings["captions_per_s"] = n_texts / timings["captions_s"]
+    return timings, image_decode
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a dask worker needs to make one shard: settings, rows and paths only, no open file or model."""
+
+    cfg: ExtractConfig
+    plan: ShardPlan
+    images_dir: str
+    out_dir: str
+    fingerprint: str
+    specs: tuple  # (image EncoderSpec | None, text EncoderSpec | None): loaded together, once per worker
+    jpeg_share: float  # of the whole archive, so every worker picks the decoding path the driver would
+
+
+def extract_shard(job: ShardJob) -> dict:
+    """One shard, start to finish, on a dask worker (or anywhere): the task `--scheduler` maps over shards."""
+    cluster.setup_worker_threads(job.cfg.threads)
+    device = resolve_device(cluster.worker_device(job.cfg.device))
+    image_encoder, text_encoder = cluster.cached("extract-encoders", (job.specs, str(device)),
+                                                 lambda: load_encoders(*job.specs, str(device)))
+    # Within a dask worker (a daemonic process) images load in the task's own process, the cluster's
+    # workers being the parallelism.
+    cfg = job.cfg if cluster.can_fork_workers() else dataclasses.replace(job.cfg, workers=0)
+    dtype = np.dtype(cfg.dtype)
+    out_dir = Path(job.out_dir)
+    decode = None
+    with ThreadPoolExecutor(1) as writer, tqdm(disable=True) as bar:
+        writes: list = []
+        if job.plan.modality == "image":
+            decode = _extract_images([job.plan], Path(job.images_dir), image_encoder, cfg, job.fingerprint, out_dir,
+                                     dtype, bar, writes, writer,
+                                     choose_decode(cfg, job.jpeg_share, image_encoder, device))
+        else:
+            _extract_texts([job.plan], text_encoder, cfg, job.fingerprint, out_dir, dtype, bar, writes, writer)
+        _wait(writes)
+    return {"modality": job.plan.modality, "rows": len(job.plan.rows), "device": str(device), "decode": decode,
+            "worker": getattr(cluster.in_worker(), "address", None)}
+
+
+def _encode_on_cluster(client, jobs: list[ShardJob], progress: bool) -> tuple[dict, dict | None, str, dict]:
+    total = sum(len(job.plan.rows) for job in jobs)
+    t0 = time.perf_counter()
+    finished: dict[str, float] = {}
+    results: list[dict] = []
+
+    def done(job: ShardJob, result: dict) -> None:
+        results.append(result)
+        finished[job.plan.modality] = time.perf_counter() - t0
+        bar.update(len(job.plan.rows))
+
+    with tqdm(total=total, unit="item", desc=f"{len(jobs)} shards", disable=not progress, dynamic_ncols=True) as bar:
+        cluster.run_jobs(client, extract_shard, jobs, [job.plan.name for job in jobs], done,
+                         cluster.gpu_resources(client))
+    timings = {}
+    for modality, unit in (("image", "images"), ("text", "captions")):
+        n = sum(len(job.plan.rows) for job in jobs if job.plan.modality == modality)
+        if n:  # the modalities overlap on the cluster: each is timed from the start to its last shard
+            timings[f"{unit}_s"] = finished[modality]
+            timings[f"{unit}_per_s"] = n / finished[modality]
+    devices = sorted({r["device"] for r in results})
+    execution = {"workers": len({r["worker"] for r in results}), "tasks": len(results)}
+    return timings, _merge_decode([r["decode"] for r in results if r["decode"]]), ",".join(devices), execution
+
+
+def _merge_decode(infos: list[dict]) -> dict | None:
+    """The shards' decoding paths as one entry, the form an in-process run records."""
+    if not infos:
+        return None
+    if all(i["path"] == "cpu" for i in infos) and len({i["why"] for i in infos}) == 1:
+        return infos[0]
+    gpu = [i for i in infos if i["path"] == "gpu"]
+    if len(gpu) == len(infos):
+        return {"path": "gpu", "batched": sum(i["batched"] for i in gpu), "pil": sum(i["pil"] for i in gpu)}
+    return {"path": "mixed", "shards": infos}
+
+
 def _pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str, basis: dict) -> list[ShardPlan]:
-    for leftover in out_dir.glob(".*.tmp"):  # half-written shards of a killed run
-        leftover.unlink()
     pending = []
     for plan in plans:
         path = out_dir / plan.name
@@ -449,8 +557,8 @@ def _wait(writes: list) -> None:
     writes.clear()
 
 
-def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_encoder,
-            text_encoder, image_decode) -> dict:
+def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
+            execution) -> dict:
     outputs, rejects = [], list(dataset.rejects)
     rows = {"image": 0, "text": 0}
     dims = {}
@@ -470,7 +578,7 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
         "created": now_iso(),
         "fingerprint": fingerprint,
         "basis": basis,
-        "config": dataclasses.asdict(cfg),
+        "config": manifest_config(cfg),
         "device": str(device),
         "versions": library_versions(),
         "dataset": {"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
@@ -484,6 +592,8 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
         "outputs": outputs,
         "rejects": [{"id": r.id, "reason": r.reason} for r in rejects],
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # Where the work ran; like the timings, it never changes a shard.
+        "execution": execution,
     }
     write_manifest(out_dir, manifest)
     return manifest

@@ -237,3 +237,24 @@ def test_an_altered_shard_is_detected_before_it_is_read(run):
     shard.unlink()
     with pytest.raises(DuchError, match=r"image-00001.h5 is missing; rerun `duch extract`"):
         load_features(run)
+
+
+def test_an_extract_rerun_writes_an_altered_shard_again(run):
+    """The fix the error above names works: the finished extract, rerun, finds the shard that no longer matches its
+    checksum (same size, one byte flipped), writes that one shard again, and the run reads as before."""
+    stage = run / "extract"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    shard = stage / "image-00001.h5"
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    others = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5") if p != shard}
+    said = []
+    result = extract(ExtractConfig(**{**manifest["config"], "run": str(run)}), progress=False, echo=said.append)
+    assert result.did_work
+    assert f"extract: {shard} is missing or does not match its checksum; writing it again" in said
+    assert shard.read_bytes() == original
+    assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5") if p != shard} == others  # the rest kept
+    assert [o["sha256"] for o in result.manifest["outputs"]] == [o["sha256"] for o in manifest["outputs"]]
+    load_features(run)
