@@ -50,6 +50,19 @@ def main():
     """duch: unsupervised contrastive hashing for cross-modal retrieval in remote-sensing archives."""
 
 
+def cluster_options(command):
+    """--scheduler and --threads, for the stages that run one task per shard (docs/cluster.md)."""
+    command = click.option(
+        "--threads", default=None, type=int,
+        help="Torch threads per encoding process [default: all cores; on a local cluster, cores / N]. Runs "
+             "compared bit for bit on CPU use the same count.")(command)
+    return click.option(
+        "--scheduler", default="none", show_default=True,
+        help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
+             "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
+             "(outputs must then be on storage every worker reaches; see docs/cluster.md).")(command)
+
+
 @main.command()
 @click.option("--data", required=True, type=click.Path(),
               help="Annotation file (.json caption format, .jsonl or .csv image,caption rows) or a folder "
@@ -73,12 +86,7 @@ def main():
               help="gpu: JPEGs decoded (nvJPEG) and resized in batches on the GPU; cpu: PIL in worker processes; "
                    "auto: gpu on a CUDA device for a JPEG archive with --image-views 0. Same embeddings "
                    "within float16 rounding.")
-@click.option("--scheduler", default="none", show_default=True,
-              help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
-                   "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
-                   "(outputs must then be on storage every worker reaches).")
-@click.option("--threads", default=None, type=int,
-              help="Torch threads per encoding process [default: all cores; on a local cluster, cores / N].")
+@cluster_options
 @click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other settings.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
@@ -155,20 +163,18 @@ def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, prec
                    "(approximate, for archives of ~100M codes and more).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8192, show_default=True, type=int)
-@click.option("--scheduler", default="none", show_default=True,
-              help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
-                   "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
-                   "(outputs must then be on storage every worker reaches).")
+@cluster_options
 @click.option("--force", is_flag=True, help="Re-encode even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
-def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, force, no_progress):
+def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, threads, force,
+                   no_progress):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
     from pipeline.config import EncodeConfig
     from stages.encode_archive import encode_archive as run_encode
 
     cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, index=index, device=device,
-                       batch_size=batch_size, scheduler=scheduler)
+                       batch_size=batch_size, scheduler=scheduler, threads=threads)
     run_encode(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 

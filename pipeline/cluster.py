@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -180,11 +181,13 @@ def clear_worker_cache() -> None:
 
 def in_worker() -> Any:
     """The dask worker running this code, or None in the driver."""
-    try:
-        from distributed import get_worker
+    if "distributed" not in sys.modules:  # a dask worker has it loaded; the driver need not pay its import
+        return None
+    from distributed import get_worker
 
+    try:
         return get_worker()
-    except (ImportError, ValueError):
+    except ValueError:
         return None
 
 

@@ -196,8 +196,9 @@ class EncodeConfig:
     device: str = "auto"
     batch_size: int = 8192
     scheduler: str = "none"  # as for extract: one task per archive shard, here or on a dask cluster
+    threads: int | None = None  # torch threads per encoding process, as for extract
 
-    RUNTIME_FIELDS = ("device", "batch_size", "scheduler")
+    RUNTIME_FIELDS = ("device", "batch_size", "scheduler", "threads")
 
     def validate(self) -> None:
         from pipeline import DuchError
@@ -210,6 +211,8 @@ class EncodeConfig:
         if self.index not in (None, "flat", "ivf", "hnsw"):
             raise DuchError(f"--index must be flat, ivf or hnsw, got {self.index!r}")
         _check_scheduler(self.scheduler)
+        if self.threads is not None and self.threads < 1:
+            raise DuchError(f"--threads must be at least 1, got {self.threads}")
 
 
 @dataclass

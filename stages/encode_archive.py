@@ -6,7 +6,8 @@ every code length's heads, so memory stays flat however large the archive is.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import DuchError
-from pipeline.codes import CodeWriter, codes_name, open_codes
-from pipeline.config import EncodeConfig, digest
+from pipeline import DuchError, cluster
+from pipeline.codes import META, CodeWriter, codes_name, open_codes
+from pipeline.config import EncodeConfig, digest, manifest_config
 from pipeline.features import verify_output
 from pipeline.hashing import DuchHeads
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import stage_dir
-from pipeline.shards import read_shard
+from pipeline.shards import read_attrs, read_shard, write_shard
+from pipeline.storage import write_errors
+from stages.extract import resolve_device
 
 STAGE = "encode-archive"
+PARTS = "parts"  # per-shard codes of a run in progress, merged into the code files, then removed
 
 
 @dataclass
@@ -110,29 +114,88 @@ def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.devic
     return np.concatenate(out) if out else np.zeros((0, head.net[3].out_features), np.float32)
 
 
-def shard_rows(stage: Path, output: dict) -> dict[str, np.ndarray]:
-    """The rows of one extract shard that get codes: every image; every real caption (not the rewrites)."""
+def shard_rows(stage: Path, output: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """`names` of the rows of one extract shard that get codes: every image; every real caption (not the
+    rewrites)."""
     if output["modality"] == "image":
-        return read_shard(stage / output["file"], ("ids", "path", "label", "emb"))
-    shard = read_shard(stage / output["file"], ("image_id", "caption_index", "text", "augmented", "emb"))
+        return read_shard(stage / output["file"], names)
+    shard = read_shard(stage / output["file"], (*names, "augmented"))
     keep = ~shard.pop("augmented")
     return {k: v[keep] for k, v in shard.items()}
 
 
-def encode_shards(archive_dir: Path, archive: dict, heads: dict[int, DuchHeads], writers: dict[int, CodeWriter],
-                  continuous: bool, device: torch.device, batch: int, bar: tqdm) -> None:
+@dataclass(frozen=True)
+class PartJob:
+    """One extract shard's codes at every code length being encoded: the task `--scheduler` maps over shards.
+    Paths, checksums and small settings only; each worker loads the heads itself (once) and opens its own files."""
+
+    archive_dir: str
+    output: dict  # the extract manifest's entry for the shard
+    models: dict  # {bits: Model}
+    continuous: bool
+    device: str
+    batch: int
+    threads: int | None
+    part: str  # where the task writes, parts/<shard name>
+    key: str  # the shard and settings it is made from; a part with another key is redone
+
+
+def part_key(output: dict, continuous: bool) -> str:
+    return digest({"shard": output["sha256"], "continuous": continuous})
+
+
+def _models_attr(models: dict[int, Model]) -> str:
+    return json.dumps({str(b): m.sha256 for b, m in sorted(models.items())})
+
+
+def encode_part(job: PartJob) -> dict:
+    """Codes of one extract shard for every code length, written as one part file (renamed into place)."""
+    cluster.setup_worker_threads(job.threads)
+    device = resolve_device(cluster.worker_device(job.device))
+    models = job.models
+    heads = cluster.cached("encode-heads", (tuple((b, m.sha256) for b, m in models.items()), str(device)),
+                           lambda: {b: m.load(device) for b, m in models.items()})
+    archive_dir = Path(job.archive_dir)
+    verify_output(archive_dir, job.output)
+    modality = job.output["modality"]
+    # The part holds the codes only: the driver reads the rows' ids from the shard as it merges, so no string
+    # is written twice.
+    emb = shard_rows(archive_dir, job.output, ("emb",))["emb"]
+    arrays = {}
+    for bits, pair in heads.items():
+        h = continuous_codes(getattr(pair, modality), emb, device, job.batch)
+        arrays[f"codes-{bits}"] = np.packbits(h >= 0, axis=1, bitorder="big")
+        if job.continuous:
+            arrays[f"continuous-{bits}"] = h.astype(np.float16)
+    write_shard(Path(job.part), arrays, {"key": job.key, "models": _models_attr(models), "modality": modality,
+                                         "rows": len(emb)})
+    return {"rows": len(emb), "device": str(device), "worker": getattr(cluster.in_worker(), "address", None)}
+
+
+def _part_done(path: Path, key: str, models: dict[int, Model]) -> bool:
+    """A part of a killed run is kept when made from the same shard by every model still to encode (it may hold
+    more code lengths: those finished since are not read)."""
+    try:
+        attrs = read_attrs(path) if path.is_file() else {}
+        made_by = json.loads(attrs.get("models", "{}"))
+    except (OSError, ValueError):  # unreadable: redone
+        return False
+    return attrs.get("key") == key and all(made_by.get(str(b)) == m.sha256 for b, m in models.items())
+
+
+def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict[int, CodeWriter], continuous: bool, bar: tqdm
+                ) -> None:
+    """Every code file filled from the parts in archive order; each part is read once for all code lengths."""
     for output in archive["outputs"]:
+        part = read_shard(parts_dir / output["file"])
         modality = output["modality"]
-        verify_output(archive_dir, output)
-        rows = shard_rows(archive_dir, output)
-        emb = rows.pop("emb")
-        for bits, pair in heads.items():
-            h = continuous_codes(getattr(pair, modality), emb, device, batch)
-            arrays = {**rows, "codes": np.packbits(h >= 0, axis=1, bitorder="big")}
+        meta = shard_rows(archive_dir, output, META[modality])
+        for bits, writer in writers.items():
+            arrays = {**meta, "codes": part[f"codes-{bits}"]}
             if continuous:
-                arrays["continuous"] = h.astype(np.float16)
-            writers[bits].append(modality, arrays)
-        bar.update(len(emb))
+                arrays["continuous"] = part[f"continuous-{bits}"]
+            writer.append(modality, arrays)
+        bar.update(len(part[f"codes-{next(iter(writers))}"]))
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -151,8 +214,6 @@ def encode_archive(cfg: EncodeConfig, force: bool = False, progress: bool = True
 
 
 def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> EncodeResult:
-    from stages.extract import resolve_device
-
     model_run = load_model_run(cfg.run)
     archive_run = Path(cfg.archive or cfg.run)
     archive_dir = stage_dir(archive_run, "extract")
@@ -189,22 +250,29 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
     todo = {b: m for b, m in models.items() if force or not _code_file_done(out_dir / codes_name(b), m, attrs, cfg)}
     if len(todo) < len(models):
         echo(f"encode-archive: {', '.join(str(b) for b in models if b not in todo)} bits already encoded, kept")
-    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    device, execution, timings = str(resolve_device(cfg.device)), {"scheduler": "none"}, {}
+    parts_dir = out_dir / PARTS
+    if force and parts_dir.exists():
+        shutil.rmtree(parts_dir)
     if todo:
-        heads = {b: m.load(device) for b, m in todo.items()}
+        device, execution, timings = _encode_parts(cfg, archive_dir, archive, todo, parts_dir, progress, echo)
+        t1 = time.perf_counter()
         writers = {b: CodeWriter(out_dir / codes_name(b), b, rows, cfg.continuous,
                                  {**attrs, "model_sha256": m.sha256}) for b, m in todo.items()}
         try:
-            with tqdm(total=sum(rows.values()), unit="item", desc=f"encode {','.join(map(str, todo))} bits",
+            with tqdm(total=sum(rows.values()), unit="item", desc=f"write {','.join(map(str, todo))} bits",
                       disable=not progress, dynamic_ncols=True) as bar:
-                encode_shards(archive_dir, archive, heads, writers, cfg.continuous, device, cfg.batch_size, bar)
+                merge_parts(parts_dir, archive_dir, archive, writers, cfg.continuous, bar)
             for writer in writers.values():
                 writer.close()
         except BaseException:
             for writer in writers.values():
                 writer.abort()
             raise
+        timings["write_s"] = round(time.perf_counter() - t1, 3)
+    if parts_dir.exists():  # every code file is in place: the parts have served
+        shutil.rmtree(parts_dir)
     seconds = time.perf_counter() - t0
     indexes = write_indexes(out_dir, list(models), cfg.index, echo) if cfg.index else {}
     for stale in out_dir.glob("index-*.faiss"):
@@ -218,19 +286,61 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
                             "sha256": sha256_file(path)})
     manifest = {
         "stage": STAGE, "created": now_iso(), "fingerprint": digest(basis), "basis": basis,
-        "config": dataclasses.asdict(cfg), "device": str(device), "versions": library_versions(),
+        "config": manifest_config(cfg), "device": device, "execution": execution, "versions": library_versions(),
         "model_run": str(model_run.run), "archive_run": str(archive_run.resolve()),
         "encoders": {m: {"spec": model_run.encoders[m], "dim": model_run.extract["encoders"][m]["dim"]}
                      for m in ("image", "text") if model_run.encoders[m]},
         "models": {str(b): {"file": str(m.path), "sha256": m.sha256, "hidden": m.hidden} for b, m in models.items()},
         "rows": rows, "index": {"kind": cfg.index, "files": indexes} if cfg.index else None,
-        "outputs": outputs, "timings": {"encode_s": round(seconds, 3)},
+        "outputs": outputs, "timings": {**timings, "total_s": round(seconds, 3)},
     }
     write_manifest(out_dir, manifest)
     sizes = ", ".join(f"{o['bits']} bits {o['bytes'] / 1e6:.1f} MB" for o in outputs if o["file"].startswith("codes"))
     echo(f"encode-archive: {rows['image']} images, {rows.get('text', 0)} captions in {seconds:.1f} s -> "
          f"{out_dir} ({sizes})")
     return EncodeResult(out_dir, manifest, did_work=True)
+
+
+def _encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: dict[int, Model], parts_dir: Path,
+                  progress: bool, echo: Callable[[str], None]) -> tuple[str, dict, dict]:
+    """One part file per extract shard not encoded yet, in this process or on the cluster; (device, execution,
+    timings). Parts of a killed run made from the same shard and models are kept."""
+    scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
+    here = scheduler.kind == "none"
+    device = str(resolve_device(cfg.device)) if here else cfg.device
+    jobs = []
+    for output in archive["outputs"]:
+        key = part_key(output, cfg.continuous)
+        part = parts_dir / output["file"]
+        if not _part_done(part, key, models):
+            jobs.append(PartJob(str(archive_dir), output, models, cfg.continuous, device, cfg.batch_size, cfg.threads,
+                                str(part), key))
+    n_parts = len(archive["outputs"])
+    if len(jobs) < n_parts:
+        echo(f"encode-archive: resuming, {n_parts - len(jobs)} of {n_parts} shards already encoded")
+    with write_errors(parts_dir):
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    # Counted in shard rows (a text shard's include its rule-based rewrites, which get no code).
+    with tqdm(total=sum(job.output["rows"] for job in jobs), unit="row",
+              desc=f"encode {','.join(map(str, models))} bits", disable=not progress, dynamic_ncols=True) as bar:
+        def done(job: PartJob, result: dict) -> None:
+            results.append(result)
+            bar.update(job.output["rows"])
+
+        names = [Path(job.part).stem for job in jobs]
+        if here:
+            with cluster.torch_threads(cfg.threads):
+                cluster.run_jobs(None, encode_part, jobs, names, done)
+            execution = {"scheduler": "none"}
+        else:
+            with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
+                cluster.run_jobs(client, encode_part, jobs, names, done, cluster.gpu_resources(client))
+            execution = {"scheduler": str(scheduler), "workers": len({r["worker"] for r in results}),
+                         "tasks": len(results)}
+            device = ",".join(sorted({r["device"] for r in results})) or device
+    return device, execution, {"encode_s": round(time.perf_counter() - t0, 3)}
 
 
 def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[str, dict[str, str]]:

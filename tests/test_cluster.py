@@ -139,3 +139,27 @@ def test_a_killed_cluster_driver_resumes_from_its_finished_shards(archive, tiny_
     assert said[0].startswith("extract: resuming,")
     assert comparable(result.manifest) == comparable(expected)
     shutil.rmtree(run)
+
+
+def test_encode_archive_on_a_local_cluster_writes_the_in_process_code_files(tiny_extract_run, tmp_path):
+    from pipeline.config import EncodeConfig, TrainConfig
+    from stages.encode_archive import encode_archive
+    from stages.train_hash import train_hash
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_extract_run, trained)
+    train_hash(TrainConfig(run=str(trained), bits=(8, 16), epochs=2, hidden=32, batch_size=8, eval_every=2,
+                           device="cpu"), progress=False, echo=quiet)
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    config = dict(continuous=True, device="cpu", threads=1)
+    here = encode_archive(EncodeConfig(run=str(trained), **config), progress=False, echo=quiet).manifest
+    said = []
+    there = encode_archive(EncodeConfig(run=str(other), scheduler="local:2", **config), progress=False,
+                           echo=said.append).manifest
+    assert any(line.startswith("dask: LocalCluster of 2 worker processes") for line in said)
+    assert [(o["file"], o["sha256"]) for o in there["outputs"]] == [(o["file"], o["sha256"]) for o in here["outputs"]]
+    shards = len(read_manifest(tiny_extract_run / "extract")["outputs"])
+    assert there["execution"] == {"scheduler": "local:2", "workers": there["execution"]["workers"], "tasks": shards}
+    assert here["execution"] == {"scheduler": "none"} and here["config"] == {**there["config"], "run": str(trained)}
+    assert not (other / "encode-archive" / "parts").exists()

@@ -84,12 +84,17 @@ def test_a_killed_encode_keeps_finished_code_lengths_and_no_half_file(run, monke
     with pytest.raises(KeyboardInterrupt):
         encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
     stage = run / "encode-archive"
-    assert sorted(p.name for p in stage.iterdir()) == ["codes-8.h5"]  # no temp file, no manifest
+    # No temporary file, no manifest; the per-shard parts that both code files were written from stay.
+    assert sorted(p.name for p in stage.iterdir()) == ["codes-8.h5", "parts"]
+    shards = sorted(o["file"] for o in json.loads((run / "extract" / "manifest.json").read_text())["outputs"])
+    assert sorted(p.name for p in (stage / "parts").iterdir()) == shards
     monkeypatch.setattr(codes.CodeWriter, "close", real_close)
     said = []
     encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=said.append)
-    assert said[0] == "encode-archive: 8 bits already encoded, kept"
+    assert said[:2] == ["encode-archive: 8 bits already encoded, kept",
+                        f"encode-archive: resuming, {len(shards)} of {len(shards)} shards already encoded"]
     assert (stage / "manifest.json").exists() and (stage / "codes-16.h5").exists()
+    assert not (stage / "parts").exists()
 
 
 def test_a_new_archive_with_the_same_encoders_is_encoded_and_searchable(run, tmp_path, tiny_clip_spec):
