@@ -64,7 +64,7 @@ def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0,
         "encoders": {"image": {"encoder": SPEC, "dim": dim}, **({"text": {"encoder": SPEC, "dim": dim}}
                                                                 if captions else {})},
         "counts": {"items": n, "images": n, "image_views": views, "captions": rows, "augmented_captions": 0,
-                   "rejects": 0},
+                   "rejects": 0, "truncated_captions": 0},
         "outputs": outputs, "rejects": [], "timings": {},
     })
     return out

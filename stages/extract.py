@@ -26,6 +26,7 @@ from data.images import ImageLoadError, load_image
 from pipeline import DuchError, cluster
 from pipeline.config import ExtractConfig, digest, manifest_config
 from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
+from pipeline.encoders.context import count_truncated
 from pipeline.features import stage_file
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
@@ -414,7 +415,7 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
         execution["scheduler"] = str(scheduler)
 
     manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
-                       execution)
+                       execution, text_spec)
     c = manifest["counts"]
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
@@ -422,6 +423,9 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
          f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
     if c["rejects"]:
         echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
+    if c["truncated_captions"]:
+        echo(f"extract: note: {c['truncated_captions']} of {c['captions']} captions are longer than the text encoder "
+             "reads; each is embedded from its first tokens only")
     return ExtractResult(out_dir, manifest, did_work=True)
 
 
@@ -558,7 +562,7 @@ def _wait(writes: list) -> None:
 
 
 def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
-            execution) -> dict:
+            execution, text_spec: EncoderSpec | None) -> dict:
     outputs, rejects = [], list(dataset.rejects)
     rows = {"image": 0, "text": 0}
     dims = {}
@@ -572,6 +576,10 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
         outputs.append({"file": plan.name, "modality": plan.modality, "rows": int(attrs["rows"]),
                         "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     n_aug = sum(1 for p in plans if p.modality == "text" for r in p.rows if r.augmented)
+    # Counted from the plans (every caption row of the archive, not only this session's), with the tokenizer
+    # alone: the same number whether the shards were written here, on a cluster, or by an earlier attempt.
+    real_captions = [r.text for p in plans if p.modality == "text" for r in p.rows if not r.augmented]
+    n_truncated = count_truncated(text_spec, real_captions) if text_spec and real_captions else 0
     timings["total_s"] = time.perf_counter() - t_start
     manifest = {
         "stage": STAGE,
@@ -588,7 +596,9 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
         # the batched way and how many to PIL, or cpu and why.
         "image_decode": image_decode,
         "counts": {"items": len(dataset.items), "images": rows["image"], "image_views": cfg.image_views,
-                   "captions": rows["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(rejects)},
+                   "captions": rows["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(rejects),
+                   # captions longer than the text encoder reads: it sees only their first tokens
+                   "truncated_captions": n_truncated},
         "outputs": outputs,
         "rejects": [{"id": r.id, "reason": r.reason} for r in rejects],
         "timings": {k: round(v, 3) for k, v in timings.items()},

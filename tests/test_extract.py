@@ -63,7 +63,7 @@ def test_extract_writes_shards_views_and_manifest(caption_dataset, tmp_path, tin
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["schema"] == 1 and manifest["stage"] == "extract"
     assert manifest["counts"] == {"items": 5, "images": 5, "image_views": 2, "captions": 13,
-                                  "augmented_captions": 1, "rejects": 0}
+                                  "augmented_captions": 1, "rejects": 0, "truncated_captions": 0}
     assert manifest["encoders"]["image"]["dim"] == 16
     assert manifest["versions"]["torch"] and manifest["basis"]["inputs"]["annotation_sha256"]
     assert {o["file"] for o in manifest["outputs"]} == set(names)
@@ -116,6 +116,40 @@ def test_resume_after_crash_redoes_only_missing_shards(caption_dataset, tmp_path
     assert not list(stage.glob(".*.tmp"))
     assert_same_shards(shard_arrays(stage), expected)  # bitwise equal to the uninterrupted run
     assert result.manifest["counts"]["images"] == 5
+
+
+def test_the_manifest_counts_the_captions_the_tokenizer_truncates_whichever_shards_a_session_wrote(
+        caption_dataset, tmp_path, tiny_clip_spec):
+    """Tiny CLIP reads 16 tokens. Three real captions are longer; so is the rule-based rewrite of the long single
+    caption, which is not counted (it is no caption of the dataset's). A resumed run whose text shards were all
+    written before counts the same, and so does an up-to-date rerun."""
+    from pipeline.encoders import parse_spec
+    from pipeline.encoders.context import count_truncated
+    from pipeline.features import load_features
+
+    long = "a harbor with many boats moored along the long pier beside a road and some green trees " * 2
+    annotation = caption_dataset / "dataset.json"
+    data = json.loads(annotation.read_text())
+    for i, k in ((0, 1), (2, 0), (3, 2)):  # image 2 has one caption: its rewrite is long too
+        data["images"][i]["sentences"][k]["raw"] = long
+    annotation.write_text(json.dumps(data))
+    said = []
+    result = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec), progress=False, echo=said.append)
+    assert result.manifest["counts"]["truncated_captions"] == 3
+    assert "extract: note: 3 of 13 captions are longer than the text encoder reads; each is embedded from its " \
+           "first tokens only" in said
+    features = load_features(tmp_path / "run")
+    spec = parse_spec(tiny_clip_spec, "text")
+    assert count_truncated(spec, features.text[features.text_augmented]) == 1  # the long rewrite, left out
+    assert count_truncated(spec, features.text[~features.text_augmented]) == 3
+
+    stage = tmp_path / "run" / "extract"
+    (stage / "manifest.json").unlink()  # a crash after every text shard was written, one image shard not
+    (stage / "image-00002.h5").unlink()
+    resumed = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec), progress=False, echo=quiet)
+    assert resumed.did_work and resumed.manifest["counts"] == result.manifest["counts"]
+    again = extract(config(caption_dataset, tmp_path / "run", tiny_clip_spec), progress=False, echo=quiet)
+    assert not again.did_work and again.manifest["counts"]["truncated_captions"] == 3
 
 
 def test_worker_processes_give_identical_embeddings(caption_dataset, tmp_path, tiny_clip_spec):
