@@ -61,29 +61,59 @@ def _default_images_dir(annotation: Path) -> Path:
     return beside if beside.is_dir() else annotation.parent
 
 
+class ImagesFolder:
+    """Turns the image paths an archive names into paths relative to its images folder, refusing any that would
+    leave it. Real paths are compared (a symlink inside the folder may point outside), each parent folder resolved
+    once per reading: an archive's files share a few folders, and per-file `realpath` was most of a large
+    archive's listing time."""
+
+    def __init__(self, images_dir: Path):
+        self.images_dir = images_dir
+        real_root = os.path.realpath(images_dir)
+        self.prefix = real_root if real_root.endswith(os.sep) else real_root + os.sep
+        self.real_root = real_root
+        self._real_dirs: dict[str, str] = {}
+
+    def relative(self, name: str, where: str) -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{where}: image path must be a non-empty string, got {name!r}")
+        problem = _unicode_problem(name)
+        if problem:
+            raise DatasetError(f"{where}: image path {name!r} is {problem}")
+        posix = name.replace("\\", "/")
+        parts = posix.split("/")
+        if not all(parts) or "." in parts:  # not already in normal form ("a//b", "./a", "a/"): let pathlib say
+            parts = list(PurePosixPath(posix).parts)
+        if posix.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise DatasetError(f"{where}: image path {name!r} is absolute; paths must be relative to "
+                               f"{self.images_dir}")
+        if ".." in parts:
+            raise DatasetError(f"{where}: image path {name!r} leaves the images folder {self.images_dir}")
+        if not parts:
+            raise DatasetError(f"{where}: image path {name!r} names the images folder itself, not an image")
+        relative = "/".join(parts)
+        if not self.inside(relative):
+            raise DatasetError(f"{where}: image path {name!r} resolves outside the images folder {self.images_dir}")
+        return relative
+
+    def inside(self, relative: str) -> bool:
+        parent, _, leaf = relative.rpartition("/")
+        real_parent = self._real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._real_dirs[parent] = os.path.realpath(os.path.join(self.images_dir, parent))
+        real = os.path.join(real_parent, leaf)
+        if os.path.islink(real):  # the leaf itself may point anywhere
+            real = os.path.realpath(real)
+        return real == self.real_root or real.startswith(self.prefix)
+
+
 def safe_image_path(images_dir: Path, name: str, where: str) -> str:
     """Return `name` normalised relative to `images_dir`; refuse anything that would leave that folder."""
-    if not isinstance(name, str) or not name.strip():
-        raise DatasetError(f"{where}: image path must be a non-empty string, got {name!r}")
-    problem = _unicode_problem(name)
-    if problem:
-        raise DatasetError(f"{where}: image path {name!r} is {problem}")
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:", name):
-        raise DatasetError(f"{where}: image path {name!r} is absolute; paths must be relative to {images_dir}")
-    if ".." in pure.parts:
-        raise DatasetError(f"{where}: image path {name!r} leaves the images folder {images_dir}")
-    full = images_dir / pure
-    # A symlink inside the folder may still point outside it: compare real paths.
-    real_root = os.path.realpath(images_dir)
-    real = os.path.realpath(full)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise DatasetError(f"{where}: image path {name!r} resolves outside the images folder {images_dir}")
-    return pure.as_posix()
+    return ImagesFolder(images_dir).relative(name, where)
 
 
 def _item_id(relative: str) -> str:
-    return str(PurePosixPath(relative).with_suffix(""))
+    return os.path.splitext(relative)[0]  # the last component's suffix, as PurePosixPath.with_suffix("")
 
 
 def class_from_name(relative: str) -> str | None:
@@ -134,6 +164,7 @@ def read_caption_json(path: Path, images_dir: Path) -> Dataset:
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError(f"{path}: expected an object with an 'images' list (the UCM/RSICD caption format)")
     classes = doc.get("classes") if isinstance(doc.get("classes"), dict) else {}
+    folder = ImagesFolder(images_dir)
     items: list[Item] = []
     rejects: list[Reject] = []
     for i, entry in enumerate(doc["images"]):
@@ -145,7 +176,7 @@ def read_caption_json(path: Path, images_dir: Path) -> Dataset:
         name = entry["filename"]
         if isinstance(entry.get("filepath"), str) and entry["filepath"]:
             name = f"{entry['filepath']}/{name}"
-        relative = safe_image_path(images_dir, name, f"{where}.filename")
+        relative = folder.relative(name, f"{where}.filename")
         item_id = _item_id(relative)
         sentences = entry.get("sentences", [])
         if not isinstance(sentences, list):
@@ -191,6 +222,7 @@ class _Grouper:
 
     def __init__(self, images_dir: Path):
         self.images_dir = images_dir
+        self.folder = ImagesFolder(images_dir)
         self.rows: OrderedDict[str, dict] = OrderedDict()
         self.rejects: list[Reject] = []
 
@@ -198,7 +230,7 @@ class _Grouper:
         if not isinstance(image, str) or not image.strip():
             self.rejects.append(Reject(where, "missing or non-string 'image'"))
             return
-        relative = safe_image_path(self.images_dir, image.strip(), where)
+        relative = self.folder.relative(image.strip(), where)
         row = self.rows.setdefault(relative, {"captions": [], "split": split or None, "label": label or None})
         if not isinstance(caption, str):
             self.rejects.append(Reject(where, "missing or non-string 'caption'"))
@@ -268,24 +300,38 @@ def read_pairs_csv(path: Path, images_dir: Path) -> Dataset:
     return grouper.dataset("pairs-csv", path)
 
 
+def _image_files(folder: Path) -> list[str]:
+    """Image files under `folder` (POSIX paths relative to it), from directory entries: their types come with
+    the listing, so a folder of millions costs no stat per file. Symlinked folders are not descended into (nor
+    were they by pathlib's rglob); where a symlinked file leads is checked afterwards by ImagesFolder."""
+    out = []
+    stack = [("", os.fspath(folder))]
+    while stack:
+        prefix, path = stack.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((f"{prefix}{entry.name}/", entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    out.append(prefix + entry.name)
+    return out
+
+
 def read_image_folder(folder: Path) -> Dataset:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder of images")
-    relatives = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    relatives = sorted(_image_files(folder))
     if not relatives:
         raise DatasetError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    images = ImagesFolder(folder)
     items, rejects = [], []
     for rel in relatives:
         problem = _unicode_problem(rel)
         if problem:  # a file name in another encoding: Python hands it over with surrogates standing for bytes
             rejects.append(Reject(rel.encode("utf-8", "backslashreplace").decode(), f"file name is {problem}"))
             continue
-        parts = PurePosixPath(rel).parts
-        label = parts[0] if len(parts) > 1 else class_from_name(rel)
-        items.append(Item(_item_id(rel), safe_image_path(folder, rel, rel), (), None, label))
+        top, _, rest = rel.partition("/")
+        label = top if rest else class_from_name(rel)
+        items.append(Item(_item_id(rel), images.relative(rel, rel), (), None, label))
     _check_unique(items, folder)
     return Dataset("image-folder", folder, folder, items, rejects)

@@ -64,6 +64,35 @@ def test_symlink_out_of_images_folder_is_refused(tmp_path):
         read_dataset(tmp_path)
 
 
+def test_symlinks_in_a_folder_archive_and_its_subfolders(tmp_path):
+    """A folder archive is listed from directory entries and parent folders are resolved once: a symlinked folder
+    leading out is refused, so is a symlinked file in a real subfolder leading out; links that stay inside, and
+    odd but harmless spellings in a caption file, are kept."""
+    images = tmp_path / "images"
+    (images / "beach").mkdir(parents=True)
+    shutil.copy(ASSETS / "102.jpg", images / "beach" / "1.jpg")
+    os.symlink(images / "beach" / "1.jpg", images / "beach" / "2.jpg")  # inside: fine
+    assert [i.image for i in read_dataset(images).items] == ["beach/1.jpg", "beach/2.jpg"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(ASSETS / "102.jpg", outside / "3.jpg")
+    os.symlink(outside / "3.jpg", images / "beach" / "3.jpg")
+    with pytest.raises(DatasetError, match=r"beach/3.jpg: image path 'beach/3.jpg' resolves outside"):
+        read_dataset(images)
+    (images / "beach" / "3.jpg").unlink()
+    os.symlink(outside, images / "harbor")  # a symlinked folder is not walked into
+    assert [i.image for i in read_dataset(images).items] == ["beach/1.jpg", "beach/2.jpg"]
+    write_caption_json(tmp_path, [{"filename": "./beach//1.jpg", "sentences": []},
+                                  {"filename": "harbor/3.jpg", "sentences": []}])
+    with pytest.raises(DatasetError, match=r"images\[1\].filename: image path 'harbor/3.jpg' resolves outside"):
+        read_dataset(tmp_path)
+    write_caption_json(tmp_path, [{"filename": "./beach//1.jpg", "sentences": []}])
+    assert [i.image for i in read_dataset(tmp_path).items] == ["beach/1.jpg"]
+    write_caption_json(tmp_path, [{"filename": ".", "sentences": []}])
+    with pytest.raises(DatasetError, match="names the images folder itself"):
+        read_dataset(tmp_path)
+
+
 def test_duplicate_image_ids_are_refused(tmp_path):
     (tmp_path / "images").mkdir()
     write_caption_json(tmp_path, [{"filename": "a.jpg", "sentences": []}, {"filename": "a.jpg", "sentences": []}])
