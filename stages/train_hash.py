@@ -25,7 +25,7 @@ from data.splits import Split, dataset_split, paper_split
 from pipeline import DuchError
 from pipeline.config import TrainConfig, digest
 from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
-from pipeline.features import Features, load_features
+from pipeline.features import Features, load_features, stage_file
 from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
 from pipeline.losses import (bank_contrastive, bit_balance, bit_balance_groups, discriminator_loss, fooling_loss,
@@ -626,6 +626,24 @@ class TrainResult:
     did_work: bool
 
 
+BITS_FILES = ("model.safetensors", "losses.csv", "history.json", "losses.png", "result.json")  # per code length
+
+
+def _damaged_outputs(out_dir: Path, manifest: dict, bits_list) -> list[tuple[int, Path]]:
+    """The files of a finished run's code lengths that are missing, absent from its manifest's outputs or no longer
+    match their checksum: a rerun trains those code lengths again (what the errors of later stages tell a user)."""
+    listed = {o.get("file"): o for o in manifest.get("outputs", []) if isinstance(o, dict)}
+    damaged = []
+    for bits in bits_list:
+        for name in BITS_FILES:
+            path = stage_file(out_dir, f"bits-{bits}/{name}")
+            out = listed.get(f"bits-{bits}/{name}")
+            if not (out and path.is_file() and path.stat().st_size == out.get("bytes")
+                    and sha256_file(path) == out.get("sha256")):
+                damaged.append((bits, path))
+    return damaged
+
+
 def train_hash(cfg: TrainConfig, force: bool = False, progress: bool = True,
                echo: Callable[[str], None] = print) -> TrainResult:
     cfg.validate()
@@ -645,9 +663,15 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
     basis = json.loads(json.dumps({"extract": features.manifest["fingerprint"], "settings": cfg.output_settings()}))
     previous = read_manifest(out_dir)
     if previous and not force and previous.get("fingerprint") == digest(basis):
-        echo(f"train-hash: up to date in {out_dir}; nothing to do (--force redoes it)")
-        echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}, k=cfg.map_k))
-        return TrainResult(out_dir, previous, did_work=False)
+        damaged = _damaged_outputs(out_dir, previous, cfg.bits)
+        if not damaged:
+            echo(f"train-hash: up to date in {out_dir}; nothing to do (--force redoes it)")
+            echo(format_table({b: r["map"] for b, r in previous["results"].items() if r.get("map")}, k=cfg.map_k))
+            return TrainResult(out_dir, previous, did_work=False)
+        for bits, path in damaged:  # its code length is trained again below; the others are kept
+            echo(f"train-hash: {path} is missing, unlisted or does not match its checksum; training {bits} bits "
+                 "again")
+            (path.parent / "result.json").unlink(missing_ok=True)
     with write_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)
@@ -669,7 +693,7 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         bits_basis = {**basis, "bits": bits}
         done = folder / "result.json"
         kept = json.loads(done.read_text()) if done.exists() and not force else None
-        if kept and kept.get("fingerprint") == digest(bits_basis):
+        if kept and kept.get("fingerprint") == digest(bits_basis) and all((folder / n).is_file() for n in BITS_FILES):
             echo(f"train-hash: {bits} bits already trained, kept")
             results[str(bits)] = kept
             remove_checkpoint(folder)  # left by a kill between result.json and its removal
@@ -693,7 +717,7 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
             echo(f"train-hash: {bits} bits in {run['seconds']:.1f} s"
                  + (f"; mAP@{cfg.map_k} " + ", ".join(f"{d} {final[d]['reference']:.3f}" for d in DIRECTIONS)
                     if final else ""))
-        for name in ("model.safetensors", "losses.csv", "history.json", "losses.png", "result.json"):
+        for name in BITS_FILES:
             path = folder / name
             outputs.append({"file": f"bits-{bits}/{name}", "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     manifest = {

@@ -64,6 +64,34 @@ def test_outputs_table_and_rerun(run):
     assert "up to date" in again[0]
 
 
+def outputs(manifest: dict) -> list[dict]:
+    """A train-hash manifest's outputs less the result files (they hold the training time)."""
+    return [o for o in manifest["outputs"] if not o["file"].endswith("result.json")]
+
+
+def test_a_rerun_of_a_finished_run_trains_again_the_code_lengths_whose_files_are_gone_or_altered(run):
+    """What later stages tell a user to do when a model file is missing or altered: the same command again."""
+    train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    stage = run / "train-hash"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    model = stage / "bits-16" / "model.safetensors"
+    original = model.read_bytes()
+    model.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped, the size unchanged
+    said = []
+    result = train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=said.append)
+    assert result.did_work and said[:2] == [
+        f"train-hash: {model} is missing, unlisted or does not match its checksum; training 16 bits again",
+        "train-hash: 8 bits already trained, kept"]
+    assert model.read_bytes() == original
+    assert outputs(result.manifest) == outputs(manifest)
+    (stage / "bits-8" / "history.json").unlink()  # no manifest to compare with: a crash before it was written
+    (stage / "manifest.json").unlink()
+    said = []
+    assert train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=said.append).did_work
+    assert "train-hash: 8 bits already trained, kept" not in said and "train-hash: 16 bits already trained, kept" in said
+    assert outputs(json.loads((stage / "manifest.json").read_text())) == outputs(manifest)
+
+
 def test_same_command_gives_bit_identical_weights(run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run, other)
