@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline import DuchError, cluster
 from pipeline.codes import META, CodeWriter, codes_name, open_codes
 from pipeline.config import EncodeConfig, digest, manifest_config
-from pipeline.features import verify_output
+from pipeline.features import stage_file, verify_output
 from pipeline.hashing import DuchHeads
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
@@ -71,20 +71,42 @@ class ModelRun:
 
 def load_model_run(run: str | Path) -> ModelRun:
     run = Path(run).resolve()
-    manifest = read_manifest(stage_dir(run, "train-hash"))
+    stage = stage_dir(run, "train-hash")
+    manifest = read_manifest(stage)
     if manifest is None:
         raise DuchError(f"{run}: no finished train-hash stage; run `duch train-hash --run {run}` first")
     extract = read_manifest(stage_dir(run, "extract"))
     if extract is None or extract["fingerprint"] != manifest["basis"]["extract"]:
         raise DuchError(f"{run}: the extract stage changed after train-hash ran; rerun `duch train-hash --force`")
     dims = extract["encoders"]
-    checksums = {o["file"]: o["sha256"] for o in manifest["outputs"]}
+    # A manifest is data from disk: its numbers are read as numbers (a code length is part of a path) and the
+    # files it names are looked up inside the stage folder only.
+    checksums = {o.get("file"): o.get("sha256") for o in manifest.get("outputs", []) if isinstance(o, dict)}
+    fix = f"rerun `duch train-hash --run {run}` (with the options it was trained with) to train it again"
+    hidden = _manifest_int(manifest["config"].get("hidden"), stage, "config.hidden")
     models = {}
-    for bits in manifest["config"]["bits"]:
+    for value in manifest["config"]["bits"]:
+        bits = _manifest_int(value, stage, "config.bits")
         file = f"bits-{bits}/model.safetensors"
-        models[bits] = Model(bits, run / "train-hash" / file, checksums[file], manifest["config"]["hidden"],
-                             dims["image"]["dim"], dims["text"]["dim"])
+        path = stage_file(stage, file)
+        if file not in checksums:
+            raise DuchError(f"{path} is not listed in the outputs of {stage / 'manifest.json'}; {fix}")
+        if not path.is_file():
+            raise DuchError(f"{path} is missing; {fix}")
+        models[bits] = Model(bits, path, checksums[file], hidden, dims["image"]["dim"], dims["text"]["dim"])
     return ModelRun(run, manifest, extract, models)
+
+
+def _manifest_int(value, stage: Path, key: str) -> int:
+    """A positive whole number a manifest holds (as a number, or a string of digits), or the one-line error."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0:
+        raise DuchError(f"{stage / 'manifest.json'}: {key} holds {value!r}, not a positive whole number; "
+                        f"rerun `duch {stage.name} --force` to redo the stage")
+    return number
 
 
 def check_archive(model_run: ModelRun, archive: dict, archive_dir: Path) -> None:

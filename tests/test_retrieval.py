@@ -228,6 +228,35 @@ def test_faiss_index_files_are_written_and_used_by_search(run, kind):
     assert plain.manifest["index"] is None and not list(plain.stage_dir.glob("*.faiss"))
 
 
+@pytest.mark.parametrize("how", ["missing", "unlisted"])
+def test_a_model_file_gone_is_named_with_its_fix_and_the_fix_works(run, how):
+    """A model the train-hash manifest should list but that is not on disk (or not in its outputs) is one error
+    naming the file and the fix; that fix, a rerun of train-hash, trains that code length again, the same
+    weights, and keeps the other."""
+    stage = run / "train-hash"
+    model = stage / "bits-16" / "model.safetensors"
+    original = model.read_bytes()
+    if how == "missing":
+        model.unlink()
+        problem = f"{model} is missing"
+    else:
+        manifest = json.loads((stage / "manifest.json").read_text())
+        manifest["outputs"] = [o for o in manifest["outputs"] if o["file"] != "bits-16/model.safetensors"]
+        (stage / "manifest.json").write_text(json.dumps(manifest))
+        problem = f"{model} is not listed in the outputs of {stage / 'manifest.json'}"
+    fix = f"rerun `duch train-hash --run {run}` (with the options it was trained with) to train it again"
+    with pytest.raises(DuchError) as error:
+        encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    assert str(error.value) == f"{problem}; {fix}"
+
+    said = []
+    assert train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=said.append).did_work
+    assert said[:2] == [f"train-hash: {model} is missing, unlisted or does not match its checksum; training 16 bits "
+                        "again", "train-hash: 8 bits already trained, kept"]
+    assert model.read_bytes() == original
+    assert encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet).did_work
+
+
 def test_an_altered_shard_is_detected_before_it_is_read(run):
     shard = run / "extract" / "image-00001.h5"
     data = bytearray(shard.read_bytes())

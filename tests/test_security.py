@@ -179,6 +179,33 @@ def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained,
                     "is not read; rerun `duch extract --force` to redo the stage")
 
 
+@pytest.mark.parametrize("how", ["symlinked folder", "bits a path", "bits a string of digits"])
+def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(trained, tmp_path, how):
+    """The model files come from the train-hash folder only: a code length from the manifest is read as a number
+    (it is part of the file's path), and a bits folder that is a symlink leading out is refused, even with the
+    right checksums."""
+    from stages.encode_archive import load_model_run
+
+    stage = trained / "train-hash"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    args = ["encode-archive", "--run", str(trained), "--device", "cpu", "--no-progress"]
+    if how == "symlinked folder":
+        shutil.move(stage / "bits-8", tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", stage / "bits-8")
+        assert one_line_error(args) == (f"error: {stage / 'manifest.json'} lists an output outside its stage folder "
+                                        "('bits-8/model.safetensors') and is not read; rerun `duch train-hash "
+                                        "--force` to redo the stage")
+        return
+    manifest["config"]["bits"] = ["../../../evil"] if how == "bits a path" else ["8"]
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    if how == "bits a path":
+        assert one_line_error(args) == (f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a "
+                                        "positive whole number; rerun `duch train-hash --force` to redo the stage")
+    else:
+        models = load_model_run(trained).models
+        assert list(models) == [8] and models[8].path == stage / "bits-8" / "model.safetensors"
+
+
 UNSAFE = [
     (re.compile(r"\bpickle\.loads?\(|\bcPickle\b|\bdill\b|\bjoblib\.load\("), "unpickling"),
     (re.compile(r"\btorch\.load\((?![^)]*weights_only=True)"), "torch.load without weights_only=True"),
