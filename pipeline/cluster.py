@@ -191,6 +191,18 @@ def in_worker() -> Any:
         return None
 
 
+def require_shared(paths: dict[str, str]) -> None:
+    """On a dask worker, every path the task needs must be there: a worker without the shared filesystem would
+    otherwise read no image (each a 'missing file' reject) or fail deep in a write."""
+    worker = in_worker()
+    if worker is None:
+        return
+    for what, path in paths.items():
+        if not os.path.exists(path):
+            raise DuchError(f"dask worker {worker.address}: {what} {path} is not there; the dataset and the run "
+                            "directory must be on storage every worker mounts at the same path (docs/cluster.md)")
+
+
 def setup_worker_threads(threads: int | None) -> None:
     """Torch threads as asked, or as the local cluster shared the cores out (dask's default is one a worker)."""
     threads = threads or (int(os.environ["DUCH_TORCH_THREADS"]) if "DUCH_TORCH_THREADS" in os.environ else None)

@@ -7,6 +7,7 @@ every code length's heads, so memory stays flat however large the archive is.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -172,6 +173,8 @@ def _models_attr(models: dict[int, Model]) -> str:
 
 def encode_part(job: PartJob) -> dict:
     """Codes of one extract shard for every code length, written as one part file (renamed into place)."""
+    cluster.require_shared({"the archive's extract folder": job.archive_dir,
+                            "the parts folder": os.path.dirname(job.part)})
     cluster.setup_worker_threads(job.threads)
     device = resolve_device(cluster.worker_device(job.device))
     models = job.models

@@ -487,6 +487,7 @@ class ShardJob:
 
 def extract_shard(job: ShardJob) -> dict:
     """One shard, start to finish, on a dask worker (or anywhere): the task `--scheduler` maps over shards."""
+    cluster.require_shared({"the images folder": job.images_dir, "the stage folder": job.out_dir})
     cluster.setup_worker_threads(job.cfg.threads)
     device = resolve_device(cluster.worker_device(job.cfg.device))
     image_encoder, text_encoder = cluster.cached("extract-encoders", (job.specs, str(device)),

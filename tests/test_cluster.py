@@ -163,3 +163,20 @@ def test_encode_archive_on_a_local_cluster_writes_the_in_process_code_files(tiny
     assert there["execution"] == {"scheduler": "local:2", "workers": there["execution"]["workers"], "tasks": shards}
     assert here["execution"] == {"scheduler": "none"} and here["config"] == {**there["config"], "run": str(trained)}
     assert not (other / "encode-archive" / "parts").exists()
+
+
+def test_a_worker_without_the_shared_paths_says_so(tmp_path):
+    """A worker that does not see the run's storage stops the run with the path and the fix, rather than
+    rejecting every image as missing."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.cluster import require_shared
+
+    require_shared({"the images folder": str(tmp_path / "absent")})  # in the driver: nothing to check
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      silence_logs=40) as cluster, Client(cluster) as client:
+        client.submit(require_shared, {"the images folder": str(tmp_path)}).result()
+        with pytest.raises(DuchError, match=rf"dask worker inproc://.*: the images folder {tmp_path / 'absent'} is not "
+                                            r"there; the dataset and the run directory must be on storage every "
+                                            r"worker mounts at the same path \(docs/cluster.md\)"):
+            client.submit(require_shared, {"the images folder": str(tmp_path / "absent")}).result()
