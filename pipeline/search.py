@@ -17,6 +17,7 @@ import torch
 
 from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
+from pipeline.features import stage_file
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from pipeline.manifest import read_manifest
@@ -209,9 +210,10 @@ class Index:
                 for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
 
     def _index_file(self, modality: str) -> Path | None:
-        """The faiss index `encode-archive --index` wrote for this code length and modality, if any."""
+        """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the
+        encode-archive folder only, whatever name its manifest gives."""
         files = ((self.manifest.get("index") or {}).get("files") or {}).get(str(self.bits), {})
-        return stage_dir(self.run, "encode-archive") / files[modality] if modality in files else None
+        return stage_file(stage_dir(self.run, "encode-archive"), files[modality]) if modality in files else None
 
     def _table(self, modality: str) -> CodeTable:
         if modality not in self.tables:

@@ -179,6 +179,31 @@ def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained,
                     "is not read; rerun `duch extract --force` to redo the stage")
 
 
+@pytest.mark.parametrize("how", ["../../evil.faiss", "absolute", "symlink"])
+def test_faiss_index_names_leading_out_of_the_encode_archive_folder_are_refused_not_followed(trained, tmp_path, how):
+    """search reads the faiss index files its encode-archive manifest names from that folder only."""
+    from pipeline.config import EncodeConfig
+    from stages.encode_archive import encode_archive
+
+    encode_archive(EncodeConfig(run=str(trained), index="flat", device="cpu"), progress=False, echo=lambda _: None)
+    stage = trained / "encode-archive"
+    evil = tmp_path / "evil.faiss"
+    shutil.copy(stage / "index-8-image.faiss", evil)  # a valid index, out of the run
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["index"]["files"]["8"]["image"] == "index-8-image.faiss"
+    if how == "symlink":
+        (stage / "index-8-image.faiss").unlink()
+        os.symlink(evil, stage / "index-8-image.faiss")
+        name = "index-8-image.faiss"
+    else:
+        name = str(evil) if how == "absolute" else how
+        manifest["index"]["files"]["8"]["image"] = name
+        (stage / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(["search", "--run", str(trained), "--bits", "8", "--text", "a harbor", "--device", "cpu"])
+    assert line == (f"error: {stage / 'manifest.json'} lists an output outside its stage folder ({name!r}) and "
+                    "is not read; rerun `duch encode-archive --force` to redo the stage")
+
+
 @pytest.mark.parametrize("how", ["symlinked folder", "bits a path", "bits a string of digits"])
 def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(trained, tmp_path, how):
     """The model files come from the train-hash folder only: a code length from the manifest is read as a number
