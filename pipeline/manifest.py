@@ -62,8 +62,10 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def write_manifest(stage_dir: Path, manifest: dict) -> Path:
+    """The one writer of manifest.json. The schema number is always this duch's, first: a "schema" in `manifest`
+    (a manifest read back and rewritten, say) is not kept, since read_manifest trusts the number it finds."""
     path = Path(stage_dir) / MANIFEST
-    write_json_atomic(path, {"schema": SCHEMA_VERSION, **manifest})
+    write_json_atomic(path, {"schema": SCHEMA_VERSION, **{k: v for k, v in manifest.items() if k != "schema"}})
     return path
 
 

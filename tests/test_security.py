@@ -5,6 +5,7 @@ was refused is that the marker never appears.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -251,3 +252,61 @@ def test_the_code_base_has_no_unsafe_loader():
                         found.append(f"{path.relative_to(ROOT)}:{n}: {what}: {line.strip()}")
     found += [f"cli.py: {what}" for pattern, what in UNSAFE if pattern.search((ROOT / "cli.py").read_text())]
     assert not found, "\n".join(found)
+
+
+MANIFEST_WRITERS = {"write_text", "write_bytes", "write_json_atomic", "_write_json_atomic", "dump", "replace",
+                    "rename", "copy", "copyfile", "copy2", "move"}
+
+
+def manifest_writes(source: str) -> list[tuple[int, str]]:
+    """(line, call) of every write in `source` that is not write_manifest's: a JSON file dumped by hand, or a call
+    that writes, opens for writing, or moves into place something named like a manifest."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        text = ast.get_source_segment(source, node) or ""
+        writing_open = name == "open" and any(
+            isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax+")
+            for a in [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "mode")])
+        if (name == "dump" and text.startswith("json.")) or (
+                "manifest" in text.lower() and (name in MANIFEST_WRITERS or writing_open)):
+            found.append((node.lineno, text.splitlines()[0]))
+    return found
+
+
+def test_the_manifest_write_check_sees_a_manifest_written_by_hand():
+    """The control for the test below: each way of writing a manifest around write_manifest is seen."""
+    bypasses = ['(out / "manifest.json").write_text(json.dumps(manifest))',
+                'with open(stage / MANIFEST, "w") as f:\n    f.write(text)',
+                'with open(path, "w") as f:\n    json.dump(manifest, f)',
+                'write_json_atomic(out_dir / "manifest.json", manifest)',
+                'os.replace(tmp, out_dir / MANIFEST)']
+    for source in bypasses:
+        assert manifest_writes(source), source
+    assert not manifest_writes('write_manifest(out_dir, manifest)\n(out_dir / "manifest.json").unlink()\n'
+                               'read_manifest(stage)\nopen(stage / MANIFEST).read()')
+
+
+def test_every_manifest_is_written_by_write_manifest():
+    """One writer for every stage's manifest (and the benchmarks' synthetic ones): atomic, fsynced, world-readable,
+    with the integer schema number that read_manifest checks first."""
+    found = []
+    sources = [p for folder in ("data", "pipeline", "stages", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+    for path in [*sources, ROOT / "cli.py"]:
+        if path == ROOT / "pipeline" / "manifest.py":
+            continue
+        found += [f"{path.relative_to(ROOT)}:{n}: {call}" for n, call in manifest_writes(path.read_text())]
+    assert not found, "\n".join(found)
+
+
+def test_write_manifest_always_writes_its_own_integer_schema(tmp_path):
+    from pipeline.manifest import SCHEMA_VERSION, read_manifest, write_manifest
+
+    for given in ("1", 1.0, None, SCHEMA_VERSION + 1):  # a caller's (or a manifest read back's) schema is not kept
+        write_manifest(tmp_path, {"schema": given, "stage": "test"})
+        text = (tmp_path / "manifest.json").read_text()
+        assert json.loads(text) == {"schema": SCHEMA_VERSION, "stage": "test"} and text.startswith('{\n "schema": 1,')
+        assert read_manifest(tmp_path)["schema"] == SCHEMA_VERSION
