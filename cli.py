@@ -194,8 +194,11 @@ def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
               help="CPU scan: faiss IndexBinaryFlat (auto, when installed) or numpy over the memory-mapped codes.")
+@click.option("--no-verify", is_flag=True,
+              help="Check the code and index files' sizes only, not their SHA-256 against the manifest (hashing "
+                   "billions of codes takes minutes).")
 @user_errors
-def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device, backend):
+def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device, backend, no_verify):
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
@@ -205,7 +208,7 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, de
         raise click.UsageError("give exactly one of --text, --image, --id")
     if k < 1 or rerank < 0:
         raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
-    index = Index.load(run_dir, bits=bits, device=device, backend=backend)
+    index = Index.load(run_dir, bits=bits, device=device, backend=backend, verify=not no_verify)
     hits = index.search(text=text, image=image, id=item_id, k=k, modality=modality, rerank_top=rerank)
     if as_json:
         click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))

@@ -67,15 +67,44 @@ def stage_file(stage: Path, name) -> Path:
     return stage / pure
 
 
-def verify_output(stage: Path, output: dict) -> None:
+def verify_output(stage: Path, output: dict, checksum: bool = True) -> Path:
     """A stage's output file must be the one its manifest lists: a truncated or altered file is never read, nor
-    a file outside the stage folder."""
+    a file outside the stage folder. `checksum=False` checks the size only (for a search over billions of codes,
+    whose full hash takes minutes)."""
     path = stage_file(stage, output.get("file") if isinstance(output, dict) else None)
     if not path.is_file():
         raise DuchError(f"{path} is missing; rerun `duch {stage.name}` on this run to redo it")
-    if path.stat().st_size != output.get("bytes") or sha256_file(path) != output.get("sha256"):
+    if path.stat().st_size != output.get("bytes") or (checksum and sha256_file(path) != output.get("sha256")):
         raise DuchError(f"{path} does not match the checksum in {stage / 'manifest.json'} (truncated or altered); "
                         f"rerun `duch {stage.name}` on this run to redo it")
+    return path
+
+
+def verify_listed(stage: Path, manifest: dict, name: str, checksum: bool = True) -> Path:
+    """verify_output for the output the manifest lists under `name`."""
+    listed = [o for o in manifest.get("outputs", []) if isinstance(o, dict) and o.get("file") == name]
+    if not listed:
+        raise DuchError(f"{stage / 'manifest.json'} does not list {name}; rerun `duch {stage.name}` on this run")
+    return verify_output(stage, listed[0], checksum)
+
+
+def damaged_outputs(stage: Path, manifest: dict) -> list[Path]:
+    """A finished stage's outputs that are missing or no longer match their manifest checksum (a later stage
+    would refuse them); they are removed so that a rerun writes them again. Hashed on threads: hashlib releases
+    the GIL, and an archive's files are many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def damaged(out: dict) -> Path | None:
+        path = stage_file(stage, out.get("file"))
+        if path.is_file() and path.stat().st_size == out.get("bytes") and sha256_file(path) == out.get("sha256"):
+            return None
+        return path
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        bad = [p for p in pool.map(damaged, manifest.get("outputs", [])) if p is not None]
+    for path in bad:
+        path.unlink(missing_ok=True)
+    return bad
 
 
 def load_features(run: str | Path) -> Features:

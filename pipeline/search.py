@@ -17,7 +17,7 @@ import torch
 
 from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
-from pipeline.features import stage_file
+from pipeline.features import stage_file, verify_listed
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from pipeline.manifest import read_manifest
@@ -53,8 +53,9 @@ class Index:
     """The codes of one code length of an encoded archive, with the model that made them."""
 
     def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device,
-                 backend: str = "auto"):
+                 backend: str = "auto", verify: bool = True):
         self.run, self.bits, self.manifest, self.tables, self.device = run, bits, manifest, tables, device
+        self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
         self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
         self._heads = None
         self._encoders: dict = {}
@@ -63,7 +64,10 @@ class Index:
         self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
 
     @classmethod
-    def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto") -> "Index":
+    def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
+             verify: bool = True) -> "Index":
+        """The codes of one code length of a finished encode-archive stage, checked against its manifest:
+        `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes."""
         from stages.encode_archive import load_encode_manifest
         from stages.extract import resolve_device
 
@@ -71,10 +75,10 @@ class Index:
         if str(bits) not in manifest["models"]:
             raise DuchError(f"{out_dir} holds codes of {', '.join(manifest['models'])} bits, not {bits}; "
                             f"pick one of those with --bits")
-        _, tables = open_codes(out_dir / codes_name(bits))
         if backend not in ("auto", "faiss", "numpy"):
             raise DuchError(f"backend must be auto, faiss or numpy, got {backend!r}")
-        return cls(Path(run), bits, manifest, tables, resolve_device(device), backend)
+        _, tables = open_codes(verify_listed(out_dir, manifest, codes_name(bits), checksum=verify))
+        return cls(Path(run), bits, manifest, tables, resolve_device(device), backend, verify)
 
     # ------------------------------------------------------------------------------------------ queries
     @property
@@ -164,10 +168,10 @@ class Index:
             # int64 words of the torch scan where Triton is missing.
             words = to_int32_words if gpu_kernel_available(self.device) else to_int64_words
             backend = words(table.codes, self.device)
-        elif self.backend in ("auto", "faiss") and self._index_file(modality):
+        elif self.backend in ("auto", "faiss") and (index_file := self._index_file(modality)):
             from pipeline import faiss_index
 
-            backend = faiss_index.read(self._index_file(modality))
+            backend = faiss_index.read(index_file)
         elif self.backend in ("auto", "faiss"):
             from pipeline import faiss_index
 
@@ -213,7 +217,11 @@ class Index:
         """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the
         encode-archive folder only, whatever name its manifest gives."""
         files = ((self.manifest.get("index") or {}).get("files") or {}).get(str(self.bits), {})
-        return stage_file(stage_dir(self.run, "encode-archive"), files[modality]) if modality in files else None
+        if modality not in files:
+            return None
+        stage = stage_dir(self.run, "encode-archive")
+        stage_file(stage, files[modality])  # a name leading out of the folder is refused before anything else
+        return verify_listed(stage, self.manifest, files[modality], checksum=self.verify)
 
     def _table(self, modality: str) -> CodeTable:
         if modality not in self.tables:

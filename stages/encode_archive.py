@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline import DuchError, cluster
 from pipeline.codes import META, CodeWriter, codes_name, open_codes
 from pipeline.config import EncodeConfig, digest, manifest_config
-from pipeline.features import stage_file, verify_output
+from pipeline.features import damaged_outputs, stage_file, verify_output
 from pipeline.hashing import DuchHeads
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
@@ -76,6 +76,14 @@ def load_model_run(run: str | Path) -> ModelRun:
     manifest = read_manifest(stage)
     if manifest is None:
         raise DuchError(f"{run}: no finished train-hash stage; run `duch train-hash --run {run}` first")
+    try:
+        return _model_run(run, stage, manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest edited by hand, or cut short by another tool
+        raise DuchError(f"{stage / 'manifest.json'} (or the extract manifest beside it) lacks or mistypes "
+                        f"{e!s}; rerun `duch train-hash --run {run} --force` to redo the stage") from None
+
+
+def _model_run(run: Path, stage: Path, manifest: dict) -> ModelRun:
     extract = read_manifest(stage_dir(run, "extract"))
     if extract is None or extract["fingerprint"] != manifest["basis"]["extract"]:
         raise DuchError(f"{run}: the extract stage changed after train-hash ran; rerun `duch train-hash --force`")
@@ -175,7 +183,7 @@ def encode_part(job: PartJob) -> dict:
     """Codes of one extract shard for every code length, written as one part file (renamed into place)."""
     cluster.require_shared({"the archive's extract folder": job.archive_dir,
                             "the parts folder": os.path.dirname(job.part)})
-    cluster.setup_worker_threads(job.threads)
+    cluster.setup_worker(job.threads)
     device = resolve_device(cluster.worker_device(job.device))
     models = job.models
     heads = cluster.cached("encode-heads", (tuple((b, m.sha256) for b, m in models.items()), str(device)),
@@ -264,8 +272,12 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
              "continuous": cfg.continuous, "index": cfg.index}
     previous = read_manifest(out_dir)
     if previous and not force and previous.get("fingerprint") == digest(basis):
-        echo(f"encode-archive: up to date in {out_dir}; nothing to do (--force redoes it)")
-        return EncodeResult(out_dir, previous, did_work=False)
+        damaged = damaged_outputs(out_dir, previous)
+        for path in damaged:
+            echo(f"encode-archive: {path} is missing or does not match its checksum; writing it again")
+        if not damaged:
+            echo(f"encode-archive: up to date in {out_dir}; nothing to do (--force redoes it)")
+            return EncodeResult(out_dir, previous, did_work=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
 

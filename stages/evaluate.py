@@ -25,6 +25,7 @@ from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.config import EvaluateConfig, digest
 from pipeline.hamming import hamming
+from pipeline.features import verify_listed
 from pipeline.manifest import library_versions, now_iso, sha256_file, write_json_atomic, write_manifest
 from pipeline.lock import run_lock
 from pipeline.metrics import (cosine, map_of_ranking, precision_at_k, radius_curves, ranking, recall_at_k,
@@ -246,7 +247,7 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
         if model is None or made_by != model.sha256 or encoded["basis"]["archive"] != model_run.extract["fingerprint"]:
             raise DuchError(f"{codes_dir}: the {bits}-bit codes were not made by this run's model from this run's "
                             f"archive; run `duch encode-archive --run {run}` first")
-        attrs, tables = open_codes(codes_dir / codes_name(bits))
+        attrs, tables = open_codes(verify_listed(codes_dir, encoded, codes_name(bits)))
         if "text" not in tables:
             raise DuchError(f"{run}: the archive has no captions; evaluate needs image-caption pairs")
         sides = gather(tables, split, run)

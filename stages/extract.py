@@ -27,7 +27,7 @@ from pipeline import DuchError, cluster
 from pipeline.config import ExtractConfig, digest, manifest_config
 from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
 from pipeline.encoders.context import count_truncated
-from pipeline.features import stage_file
+from pipeline.features import damaged_outputs
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
@@ -341,23 +341,6 @@ def _stale_error(out_dir: Path, old: dict | None, new: dict) -> DuchError:
                      "rerun with --force to redo it, or choose another --run directory")
 
 
-def _damaged_outputs(out_dir: Path, manifest: dict) -> list[Path]:
-    """The finished run's shards that are missing or no longer match their manifest checksum (a later stage would
-    refuse them); they are removed so that the resume below writes them again. Hashed on threads: hashlib releases
-    the GIL, and an archive's shards are many."""
-    def damaged(out: dict) -> Path | None:
-        path = stage_file(out_dir, out.get("file"))
-        if path.is_file() and path.stat().st_size == out.get("bytes") and sha256_file(path) == out.get("sha256"):
-            return None
-        return path
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        bad = [p for p in pool.map(damaged, manifest.get("outputs", [])) if p is not None]
-    for path in bad:
-        path.unlink(missing_ok=True)
-    return bad
-
-
 def extract(cfg: ExtractConfig, force: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> ExtractResult:
     """Run stage 1 (or resume it, or find it up to date) and return its manifest."""
@@ -389,7 +372,7 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     if previous and not force:
         if previous.get("fingerprint") != fingerprint:
             raise _stale_error(out_dir, previous.get("basis"), basis)
-        damaged = _damaged_outputs(out_dir, previous)
+        damaged = damaged_outputs(out_dir, previous)
         for path in damaged:
             echo(f"extract: {path} is missing or does not match its checksum; writing it again")
         if not damaged:
@@ -488,7 +471,7 @@ class ShardJob:
 def extract_shard(job: ShardJob) -> dict:
     """One shard, start to finish, on a dask worker (or anywhere): the task `--scheduler` maps over shards."""
     cluster.require_shared({"the images folder": job.images_dir, "the stage folder": job.out_dir})
-    cluster.setup_worker_threads(job.cfg.threads)
+    cluster.setup_worker(job.cfg.threads)
     device = resolve_device(cluster.worker_device(job.cfg.device))
     image_encoder, text_encoder = cluster.cached("extract-encoders", (job.specs, str(device)),
                                                  lambda: load_encoders(*job.specs, str(device)))

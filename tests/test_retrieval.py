@@ -1,5 +1,6 @@
 """encode-archive, search and evaluate on a tiny real pipeline: tiny open_clip, real tiles, trained heads."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -257,6 +258,23 @@ def test_a_model_file_gone_is_named_with_its_fix_and_the_fix_works(run, how):
     assert encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet).did_work
 
 
+@pytest.mark.parametrize("edit", ["no basis", "bits not a list", "config not an object"])
+def test_a_malformed_train_hash_manifest_is_one_error_with_its_fix(run, edit):
+    stage = run / "train-hash"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    if edit == "no basis":
+        del manifest["basis"]
+    elif edit == "bits not a list":
+        manifest["config"]["bits"] = 16
+    else:
+        manifest["config"] = "bits 16"
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DuchError, match=rf"^{re.escape(str(stage / 'manifest.json'))} \(or the extract manifest "
+                                        rf"beside it\) lacks or mistypes .*; rerun `duch train-hash --run "
+                                        rf"{re.escape(str(run))} --force` to redo the stage$"):
+        encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+
+
 def test_an_altered_shard_is_detected_before_it_is_read(run):
     shard = run / "extract" / "image-00001.h5"
     data = bytearray(shard.read_bytes())
@@ -271,6 +289,44 @@ def test_an_altered_shard_is_detected_before_it_is_read(run):
     shard.unlink()
     with pytest.raises(DuchError, match=r"image-00001.h5 is missing; rerun `duch extract`"):
         load_features(run)
+
+
+def test_altered_code_files_are_refused_by_search_and_evaluate_and_rewritten_by_a_rerun(run):
+    """Code files and faiss indexes are checked against the encode-archive manifest where they are opened; the
+    rerun the message names writes the damaged file again, and only it."""
+    encode_archive(EncodeConfig(run=str(run), continuous=True, index="flat", device="cpu"), progress=False,
+                   echo=quiet)
+    evaluate(EvaluateConfig(run=str(run), bits=(16,)), progress=False, echo=quiet)
+    stage = run / "encode-archive"
+    codes = stage / "codes-16.h5"
+    original = codes.read_bytes()
+    data = bytearray(original)
+    data[-10] ^= 0xFF  # same size
+    codes.write_bytes(bytes(data))
+    refused = r"codes-16.h5 does not match the checksum in .*manifest.json \(truncated or altered\); rerun `duch " \
+              r"encode-archive`"
+    with pytest.raises(DuchError, match=refused):
+        Index.load(run, bits=16, device="cpu")
+    with pytest.raises(DuchError, match=refused):
+        evaluate(EvaluateConfig(run=str(run), bits=(16,)), progress=False, echo=quiet)
+    Index.load(run, bits=16, device="cpu", verify=False)  # sizes only: for billions of codes
+    codes.write_bytes(bytes(data[:-10]))
+    with pytest.raises(DuchError, match=refused):
+        Index.load(run, bits=16, device="cpu", verify=False)
+    index_file = stage / "index-8-image.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-1])
+    with pytest.raises(DuchError, match=r"index-8-image.faiss does not match the checksum"):
+        Index.load(run, bits=8, device="cpu").search(text="harbor", k=3)
+    kept = (stage / "codes-8.h5").stat().st_mtime_ns
+    said = []
+    encode_archive(EncodeConfig(run=str(run), continuous=True, index="flat", device="cpu"), progress=False,
+                   echo=said.append)
+    assert sorted(s for s in said if "does not match" in s) == [
+        f"encode-archive: {codes} is missing or does not match its checksum; writing it again",
+        f"encode-archive: {index_file} is missing or does not match its checksum; writing it again"]
+    assert codes.read_bytes() == original and (stage / "codes-8.h5").stat().st_mtime_ns == kept
+    Index.load(run, bits=8, device="cpu").search(text="harbor", k=3)
+    evaluate(EvaluateConfig(run=str(run), bits=(16,)), progress=False, echo=quiet)
 
 
 def test_an_extract_rerun_writes_an_altered_shard_again(run):
