@@ -48,6 +48,7 @@ def plan(quick: bool, run: str) -> dict[str, list[str]]:
             "search_latency": ["--n", "1000000", "--bits", "64,128"],
             "search_ann": ["--n", "200000"],
             "encode_memory": ["--sizes", "10000,100000"],
+            "cluster_speed": ["--images", "60", "--codes", "60000"],
         }
     else:
         jobs = {
@@ -57,6 +58,7 @@ def plan(quick: bool, run: str) -> dict[str, list[str]]:
             "search_latency": ["--n", "1000000", "--bits", "64,128"],
             "search_ann": ["--n", "1000000"],
             "encode_memory": ["--sizes", "100000,1000000", "--device", "cuda"],
+            "cluster_speed": ["--workers", "8", "--images", "2000", "--shard-size", "100"],
         }
     return jobs
 
