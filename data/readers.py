@@ -107,11 +107,6 @@ class ImagesFolder:
         return real == self.real_root or real.startswith(self.prefix)
 
 
-def safe_image_path(images_dir: Path, name: str, where: str) -> str:
-    """Return `name` normalised relative to `images_dir`; refuse anything that would leave that folder."""
-    return ImagesFolder(images_dir).relative(name, where)
-
-
 def _item_id(relative: str) -> str:
     return os.path.splitext(relative)[0]  # the last component's suffix, as PurePosixPath.with_suffix("")
 

@@ -52,17 +52,14 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
         os.close(fd)  # closing releases the lock
 
 
-def sweep_temporaries(folder: Path) -> int:
+def sweep_temporaries(folder: Path) -> None:
     """Remove the temporary files (`.NAME.*.tmp`) that killed attempts of a stage left in its folder.
 
     Only safe under the run lock: every writer of this folder belongs to the lock's holder, and the holder has not
     started writing yet, so whatever temporary is there is garbage nobody will rename into place."""
-    swept = 0
     if folder.is_dir():
         for leftover in folder.rglob(".*.tmp"):
             leftover.unlink(missing_ok=True)
-            swept += 1
-    return swept
 
 
 def _holder(path: Path) -> str:

@@ -1,8 +1,9 @@
 """Stage 3: packed binary codes of every archive item, one file per code length.
 
 The archive is any finished extract run made with the model's encoders: the run the model was trained on, or a
-new archive encoded with an existing model (the production case). Shards are streamed one at a time through
-every code length's heads, so memory stays flat however large the archive is.
+new archive encoded with an existing model (the production case). One task per extract shard (here or on a dask
+cluster) runs it through every code length's heads into a part file; the parts are then merged, in archive order,
+into the code files. Memory stays flat however large the archive is.
 """
 from __future__ import annotations
 
@@ -216,8 +217,8 @@ def _part_done(path: Path, key: str, models: dict[int, Model]) -> bool:
     return attrs.get("key") == key and all(made_by.get(str(b)) == m.sha256 for b, m in models.items())
 
 
-def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict[int, CodeWriter], continuous: bool, bar: tqdm
-                ) -> None:
+def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict[int, CodeWriter],
+                continuous: bool, bar: tqdm) -> None:
     """Every code file filled from the parts in archive order; each part is read once for all code lengths."""
     for output in archive["outputs"]:
         part = read_shard(parts_dir / output["file"])

@@ -154,6 +154,19 @@ def run_with_checkpoint(tiny_extract_run, tmp_path, monkeypatch):
     return run, folder, marker
 
 
+def lead_out(stage, manifest: dict, entry: dict, key: str, evil, how: str) -> str:
+    """Make the file `entry[key]` of the stage's manifest lead to `evil`, outside the stage: by a relative escape
+    (`how` itself), an absolute path, or a symlink in the stage in place of the file. Returns the name the manifest
+    then gives."""
+    if how == "symlink":
+        (stage / entry[key]).unlink()
+        os.symlink(evil, stage / entry[key])
+        return entry[key]
+    entry[key] = str(evil) if how == "absolute" else how
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    return entry[key]
+
+
 @pytest.mark.parametrize("stage", ["train-hash", "encode-archive"])
 @pytest.mark.parametrize("how", ["../../evil.h5", "absolute", "symlink"])
 def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained, tmp_path, stage, how):
@@ -165,14 +178,7 @@ def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained,
     manifest = json.loads((extract / "manifest.json").read_text())
     first = manifest["outputs"][0]
     assert first["file"] == "image-00000.h5"
-    if how == "symlink":
-        (extract / "image-00000.h5").unlink()
-        os.symlink(evil, extract / "image-00000.h5")
-        name = "image-00000.h5"
-    else:
-        name = str(evil) if how == "absolute" else how
-        first["file"] = name
-        (extract / "manifest.json").write_text(json.dumps(manifest))
+    name = lead_out(extract, manifest, first, "file", evil, how)
     args = (["train-hash", "--run", str(trained), "--bits", "8", "--epochs", "1", "--hidden", "32", "--force"]
             if stage == "train-hash" else ["encode-archive", "--run", str(trained), "--device", "cpu"])
     line = one_line_error([*args, "--no-progress"])
@@ -192,14 +198,7 @@ def test_faiss_index_names_leading_out_of_the_encode_archive_folder_are_refused_
     shutil.copy(stage / "index-8-image.faiss", evil)  # a valid index, out of the run
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["index"]["files"]["8"]["image"] == "index-8-image.faiss"
-    if how == "symlink":
-        (stage / "index-8-image.faiss").unlink()
-        os.symlink(evil, stage / "index-8-image.faiss")
-        name = "index-8-image.faiss"
-    else:
-        name = str(evil) if how == "absolute" else how
-        manifest["index"]["files"]["8"]["image"] = name
-        (stage / "manifest.json").write_text(json.dumps(manifest))
+    name = lead_out(stage, manifest, manifest["index"]["files"]["8"], "image", evil, how)
     line = one_line_error(["search", "--run", str(trained), "--bits", "8", "--text", "a harbor", "--device", "cpu"])
     assert line == (f"error: {stage / 'manifest.json'} lists an output outside its stage folder ({name!r}) and "
                     "is not read; rerun `duch encode-archive --force` to redo the stage")
