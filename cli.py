@@ -118,10 +118,13 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--split", default="paper", show_default=True, type=click.Choice(["paper", "dataset", "all"]),
               help="paper: seed-42 50% train, 20%/80% of the rest query/database; dataset: its split field; "
                    "all: train on everything, no evaluation.")
-@click.option("--epochs", default=100, show_default=True, type=int)
-@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--recipe", default="duch", show_default=True, type=click.Choice(["duch", "paper"]),
+              help="duch: the settings that measured best on UCM (README); paper: DUCH's published ones (batch "
+                   "256, 100 epochs, lr decay at 50, quantization 0.001 at every code length).")
+@click.option("--epochs", default=None, type=int, help="[default: the recipe's: 50, paper 100]")
+@click.option("--batch-size", default=None, type=int, help="[default: the recipe's: 128, paper 256]")
 @click.option("--hidden", default=4096, show_default=True, type=int, help="Width of the heads' hidden layer.")
-@click.option("--tau", default=None, type=float, help="NT-Xent temperature [default: the config's].")
+@click.option("--tau", default=None, type=float, help="NT-Xent temperature [default: 1].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
               help="bf16 autocast for the heads (auto: on a GPU or a CPU with native bf16), or fp32.")
@@ -136,17 +139,17 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--force", is_flag=True, help="Retrain even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
-def train_hash(run_dir, bits, split, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
+def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
                no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, force, no_progress):
     """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
     from pipeline.config import TrainConfig
     from stages.train_hash import train_hash as run_train
 
-    extra = {} if tau is None else {"tau": tau}
-    cfg = TrainConfig(run=run_dir, bits=bits, split=split, epochs=epochs, batch_size=batch_size, hidden=hidden,
-                      seed=seed, precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
-                      checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,
-                      compile_terms=compile_terms, **extra)
+    given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, tau=tau).items() if v is not None}
+    cfg = TrainConfig.recipe(recipe, run=run_dir, bits=bits, split=split, hidden=hidden, seed=seed,
+                             precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
+                             checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,
+                             compile_terms=compile_terms, **given)
     run_train(cfg, force=force, progress=not no_progress, echo=click.echo)
 
 

@@ -2,6 +2,7 @@
 
     python bench/train_quality.py --run runs/ucm                      # defaults, seed 0
     python bench/train_quality.py --run runs/ucm --seeds 0,1,2 --set tau=0.5 --label tau0.5
+    python bench/train_quality.py --run runs/ucm --seeds 0,1,2 --recipe paper --label paper   # DUCH's settings
 
 Each (setting, seed) trains in a scratch run directory that links the extract stage, so the user's own
 RUN/train-hash is never touched. Prints both mAP definitions (mean over seeds) and seconds per code length,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import sys
 import tempfile
 import time
@@ -21,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from stages.train_hash import DIRECTIONS, train_hash  # noqa: E402
 
 
@@ -38,10 +40,10 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_once(extract_dir: Path, settings: dict, seed: int) -> dict:
+def run_once(extract_dir: Path, recipe: str, settings: dict, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="duch-bench-") as scratch:
         (Path(scratch) / "extract").symlink_to(extract_dir.resolve())
-        cfg = TrainConfig(run=scratch, seed=seed, eval_every=10**6, **settings)
+        cfg = TrainConfig.recipe(recipe, run=scratch, seed=seed, eval_every=10**6, **settings)
         result = train_hash(cfg, progress=False, echo=lambda _: None)
         return result.manifest["results"]
 
@@ -51,6 +53,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
     parser.add_argument("--bits", default="16,32,64,128")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--recipe", default="duch", choices=sorted(TRAIN_RECIPES),
+                        help="named settings under --set: duch (the defaults) or paper (DUCH's published ones)")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. tau=0.5 epochs=50")
     parser.add_argument("--label", default="default")
     args = parser.parse_args(argv)
@@ -60,21 +64,24 @@ def main(argv=None) -> dict:
     runs = []
     t0 = time.perf_counter()
     for seed in seeds:
-        runs.append(run_once(Path(args.run) / "extract", settings, seed))
+        runs.append(run_once(Path(args.run) / "extract", args.recipe, settings, seed))
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     bits = [str(b) for b in settings["bits"]]
     table = {b: {d: {defn: float(np.mean([r[b]["map"][d][defn] for r in runs])) for defn in ("reference", "textbook")}
                  for d in DIRECTIONS} for b in bits}
     spread = {b: {d: float(np.std([r[b]["map"][d]["reference"] for r in runs])) for d in DIRECTIONS} for b in bits}
     seconds = {b: float(np.median([r[b]["seconds"] for r in runs])) for b in bits}
-    print(f"\n{args.label}: {settings} seeds {seeds}")
+    print(f"\n{args.label}: recipe {args.recipe}, {settings} seeds {seeds}")
     for defn in ("reference", "textbook"):
         print(f"{'mAP@20 ' + defn:<22}" + "".join(f"{b + ' bits':>10}" for b in bits))
         for d in DIRECTIONS:
             print(f"{d:<22}" + "".join(f"{table[b][d][defn]:>10.3f}" for b in bits))
     print(f"{'seconds (median)':<22}" + "".join(f"{seconds[b]:>10.1f}" for b in bits))
     path = save(f"train_quality-{args.label}", {
-        "run": args.run, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "run": args.run, "recipe": args.recipe, "resolved": {
+            k: v for k, v in dataclasses.asdict(TrainConfig.recipe(args.recipe, run="", **settings)).items()
+            if k not in TrainConfig.RUNTIME_FIELDS},
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
         "seeds": seeds, "map": table, "std_reference": spread, "seconds_per_bits": seconds,
         "per_seed": [{b: r[b]["map"] for b in bits} for r in runs]})
     print(f"saved {path}")

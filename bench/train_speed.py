@@ -2,11 +2,12 @@
 
     python bench/train_speed.py --run runs/ucm                  # both parts at full size (a GPU's job)
     python bench/train_speed.py --run runs/ucm --quick          # CPU-sized: 64 bits x 10 epochs, 4096 items
+    python bench/train_speed.py --run runs/ucm --recipe paper --items 0   # the paper's 100-epoch UCM run
     python bench/train_speed.py --items 1000000 --label graphs  # throughput only
     python bench/train_speed.py --compile --label compiled      # throughput with torch.compile'd loss terms
     python bench/train_speed.py --no-cuda-graphs ...            # the eager GPU path, for comparison
 
-(i) UCM: `train_hash` with the default config on a finished extract run, in a scratch run directory that links the
+(i) UCM: `train_hash` with the recipe's config (default: the defaults) on a finished extract run, in a scratch run directory that links the
 extract stage (the run's own train-hash is left alone); seconds per code length as the stage reports them (weight
 init, the first binary targets, every epoch and the validation mAPs).
 (ii) Synthetic: N items of random D-dim image features with one augmented view each and two captions each, trained
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
 from data.splits import Split  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from stages.extract import resolve_device  # noqa: E402
 from stages.train_hash import TrainData, resolve_precision, train_bits, train_hash, use_graphs  # noqa: E402
 
@@ -51,10 +52,12 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def ucm_seconds(run: Path, bits: tuple[int, ...], epochs: int, device: torch.device, graphs: bool) -> dict:
+def ucm_seconds(run: Path, bits: tuple[int, ...], epochs: int | None, device: torch.device, graphs: bool,
+                recipe: str = "duch") -> dict:
     with tempfile.TemporaryDirectory(prefix="duch-speed-") as scratch:
         (Path(scratch) / "extract").symlink_to((run / "extract").resolve())
-        cfg = TrainConfig(run=scratch, bits=bits, epochs=epochs, device=device.type, cuda_graphs=graphs)
+        cfg = TrainConfig.recipe(recipe, run=scratch, bits=bits, device=device.type, cuda_graphs=graphs,
+                                 **({} if epochs is None else {"epochs": epochs}))
         reset_peak(device)
         t0 = time.perf_counter()
         results = train_hash(cfg, progress=False, echo=lambda _: None).manifest["results"]
@@ -101,7 +104,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="run directory with a finished extract stage (the UCM part; skipped without)")
     parser.add_argument("--bits", default="16,32,64,128", help="UCM code lengths")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="UCM epochs")
+    parser.add_argument("--recipe", default="duch", choices=sorted(TRAIN_RECIPES), help="UCM: named settings")
+    parser.add_argument("--epochs", type=int, default=None, help="UCM epochs [default: the recipe's]")
     parser.add_argument("--items", type=int, default=1_000_000, help="synthetic items (0 skips the part)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--synthetic-bits", type=int, default=64)
@@ -123,8 +127,9 @@ def main(argv=None) -> dict:
            "quick": args.quick}
     if args.run:
         out["ucm"] = ucm_seconds(Path(args.run), tuple(int(b) for b in args.bits.split(",")), args.epochs, device,
-                                 not args.no_cuda_graphs)
-        out["ucm"]["epochs"] = args.epochs
+                                 not args.no_cuda_graphs, args.recipe)
+        out["ucm"]["recipe"] = args.recipe
+        out["ucm"]["epochs"] = args.epochs or TrainConfig.recipe(args.recipe, run="").epochs
     if args.items:
         out["synthetic"] = synthetic_throughput(args.items, args.dim, args.synthetic_bits, args.batch_size,
                                                 args.warmup, args.repeats, device, args.compile,
@@ -140,7 +145,7 @@ def print_table(out: dict) -> None:
     if "ucm" in out:
         ucm = out["ucm"]
         bits = list(ucm["seconds_per_bits"])
-        print(f"UCM, {ucm['epochs']} epochs" + "".join(f"{b + ' bits':>10}" for b in bits))
+        print(f"UCM {ucm.get('recipe', '')}, {ucm['epochs']} epochs" + "".join(f"{b + ' bits':>10}" for b in bits))
         print(f"{'seconds':<16}" + "".join(f"{ucm['seconds_per_bits'][b]:>10.2f}" for b in bits))
         print(f"{'I->T mAP@20':<16}" + "".join(f"{ucm['map_reference'][b]['I->T']:>10.3f}" for b in bits))
         print(f"peak memory {ucm['peak_bytes'] / 2**20:.0f} MiB")

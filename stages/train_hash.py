@@ -275,7 +275,7 @@ def train_step(state: StepState, cfg: TrainConfig, idx: torch.Tensor, eps: torch
             banks["text"][idx] = m * banks["text"][idx] + (1 - m) * torch.sign(ht + hta)
     total = (cfg.w_inter * terms["inter"] + terms["inter_extra"] + cfg.w_image * terms["image"]
              + cfg.w_text * terms["text"]
-             + cfg.alpha * terms["adversarial"] + cfg.beta * terms["quantization"]
+             + cfg.alpha * terms["adversarial"] + cfg.quantization_weight(b.shape[1]) * terms["quantization"]
              + cfg.gamma * terms["balance"])
     state.opt.zero_grad(set_to_none=True)
     total.backward()

@@ -310,3 +310,37 @@ def test_hamming_ranking_ranks_as_packed_codes_do():
     database[3, :4] = 0.0  # 0 counts as bit 1, as in pack_codes
     expected = ranking(-hamming(pack_codes(query), pack_codes(database)).astype(np.float64))
     assert np.array_equal(hamming_ranking(query, database), expected)
+
+
+def test_recipes_the_defaults_and_the_papers_settings():
+    # DESIGN.md section 1's values, field by field: the paper recipe must give every one of them.
+    paper = dict(batch_size=256, epochs=100, hidden=4096, tau=1.0, w_inter=1.0, w_image=1.0, w_text=1.0, alpha=0.01,
+                 beta=0.001, gamma=0.01, gp_weight=10.0, lr=1e-4, weight_decay=5e-4, disc_lr=1e-4,
+                 disc_betas=(0.5, 0.9), disc_weight_decay=1e-4, lr_step=50, lr_decay=0.8)
+    cfg = TrainConfig.recipe("paper", run="r")
+    assert {k: getattr(cfg, k) for k in paper} == paper
+    default = TrainConfig(run="r")
+    assert TrainConfig.recipe("duch", run="r") == default
+    assert {k for k in paper if getattr(default, k) != paper[k]} == {"batch_size", "epochs", "lr_step", "beta"}
+    # The quantization weight: the paper's at every code length; the default's grows with it from 0.01 at 64 bits.
+    assert [cfg.quantization_weight(k) for k in (16, 64, 128)] == [0.001] * 3
+    assert [default.quantization_weight(k) for k in (16, 32, 64, 128)] == [0.0025, 0.005, 0.01, 0.02]
+    assert TrainConfig.recipe("paper", run="r", epochs=3).epochs == 3  # given fields win over the recipe's
+    with pytest.raises(DuchError, match="--recipe 'fast': unknown; use one of duch, paper"):
+        TrainConfig.recipe("fast", run="r")
+
+
+def test_cli_recipe_and_its_help_give_the_configs_values(run):
+    help_text = " ".join(CliRunner().invoke(cli.main, ["train-hash", "--help"]).output.split())
+    paper = TrainConfig.recipe("paper", run="r")
+    default = TrainConfig(run="r")
+    assert f"the recipe's: {default.epochs}, paper {paper.epochs}" in help_text
+    assert f"the recipe's: {default.batch_size}, paper {paper.batch_size}" in help_text
+    assert (f"batch {paper.batch_size}, {paper.epochs} epochs, lr decay at {paper.lr_step}, quantization "
+            f"{paper.beta}") in help_text
+    result = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--bits", "8", "--recipe", "paper",
+                                           "--epochs", "2", "--batch-size", "8", "--hidden", "32", "--device", "cpu",
+                                           "--no-progress"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "train-hash" / "config.json").read_text())
+    assert (config["epochs"], config["batch_size"], config["lr_step"], config["beta"]) == (2, 8, 50, 0.001)
