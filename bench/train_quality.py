@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import sys
 import tempfile
 import time
@@ -78,9 +77,8 @@ def main(argv=None) -> dict:
             print(f"{d:<22}" + "".join(f"{table[b][d][defn]:>10.3f}" for b in bits))
     print(f"{'seconds (median)':<22}" + "".join(f"{seconds[b]:>10.1f}" for b in bits))
     path = save(f"train_quality-{args.label}", {
-        "run": args.run, "recipe": args.recipe, "resolved": {
-            k: v for k, v in dataclasses.asdict(TrainConfig.recipe(args.recipe, run="", **settings)).items()
-            if k not in TrainConfig.RUNTIME_FIELDS},
+        "run": args.run, "recipe": args.recipe,
+        "resolved": TrainConfig.recipe(args.recipe, run="", **settings).output_settings(),
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
         "seeds": seeds, "map": table, "std_reference": spread, "seconds_per_bits": seconds,
         "per_seed": [{b: r[b]["map"] for b in bits} for r in runs]})

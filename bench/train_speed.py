@@ -7,8 +7,8 @@
     python bench/train_speed.py --compile --label compiled      # throughput with torch.compile'd loss terms
     python bench/train_speed.py --no-cuda-graphs ...            # the eager GPU path, for comparison
 
-(i) UCM: `train_hash` with the recipe's config (default: the defaults) on a finished extract run, in a scratch run directory that links the
-extract stage (the run's own train-hash is left alone); seconds per code length as the stage reports them (weight
+(i) UCM: `train_hash` with the --recipe's config (default: the defaults) on a finished extract run, in a scratch
+run directory that links the extract stage (the run's own train-hash is left alone); seconds per code length as the stage reports them (weight
 init, the first binary targets, every epoch and the validation mAPs).
 (ii) Synthetic: N items of random D-dim image features with one augmented view each and two captions each, trained
 by the stage's own train_bits (no evaluation); after --warmup epochs, each of --repeats epochs is timed and its
@@ -61,7 +61,8 @@ def ucm_seconds(run: Path, bits: tuple[int, ...], epochs: int | None, device: to
         reset_peak(device)
         t0 = time.perf_counter()
         results = train_hash(cfg, progress=False, echo=lambda _: None).manifest["results"]
-        return {"seconds_per_bits": {b: r["seconds"] for b, r in results.items()},
+        return {"recipe": recipe, "epochs": cfg.epochs,
+                "seconds_per_bits": {b: r["seconds"] for b, r in results.items()},
                 "stage_seconds": time.perf_counter() - t0, "peak_bytes": peak_bytes(device),
                 "map_reference": {b: {d: v["reference"] for d, v in r["map"].items()} for b, r in results.items()}}
 
@@ -128,8 +129,6 @@ def main(argv=None) -> dict:
     if args.run:
         out["ucm"] = ucm_seconds(Path(args.run), tuple(int(b) for b in args.bits.split(",")), args.epochs, device,
                                  not args.no_cuda_graphs, args.recipe)
-        out["ucm"]["recipe"] = args.recipe
-        out["ucm"]["epochs"] = args.epochs or TrainConfig.recipe(args.recipe, run="").epochs
     if args.items:
         out["synthetic"] = synthetic_throughput(args.items, args.dim, args.synthetic_bits, args.batch_size,
                                                 args.warmup, args.repeats, device, args.compile,
@@ -145,7 +144,7 @@ def print_table(out: dict) -> None:
     if "ucm" in out:
         ucm = out["ucm"]
         bits = list(ucm["seconds_per_bits"])
-        print(f"UCM {ucm.get('recipe', '')}, {ucm['epochs']} epochs" + "".join(f"{b + ' bits':>10}" for b in bits))
+        print(f"UCM {ucm['recipe']}, {ucm['epochs']} epochs" + "".join(f"{b + ' bits':>10}" for b in bits))
         print(f"{'seconds':<16}" + "".join(f"{ucm['seconds_per_bits'][b]:>10.2f}" for b in bits))
         print(f"{'I->T mAP@20':<16}" + "".join(f"{ucm['map_reference'][b]['I->T']:>10.3f}" for b in bits))
         print(f"peak memory {ucm['peak_bytes'] / 2**20:.0f} MiB")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import cli
 from pipeline import DuchError
-from pipeline.config import TrainConfig
+from pipeline.config import TRAIN_RECIPES, TrainConfig
 from pipeline.features import load_features
 from pipeline.hamming import hamming
 from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes
@@ -332,6 +332,8 @@ def test_recipes_the_defaults_and_the_papers_settings():
 
 def test_cli_recipe_and_its_help_give_the_configs_values(run):
     help_text = " ".join(CliRunner().invoke(cli.main, ["train-hash", "--help"]).output.split())
+    # cli.py names the recipes and their values itself (importing the config at start-up costs seconds).
+    assert f"--recipe [{'|'.join(TRAIN_RECIPES)}]" in help_text
     paper = TrainConfig.recipe("paper", run="r")
     default = TrainConfig(run="r")
     assert f"the recipe's: {default.epochs}, paper {paper.epochs}" in help_text
