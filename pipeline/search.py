@@ -9,6 +9,7 @@ the N nearest by Hamming are re-ordered by the cosine similarity of the heads' c
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ class Index:
         self._heads = None
         self._encoders: dict = {}
         self._backends: dict[str, object] = {}
-        archive = read_manifest(stage_dir(manifest["archive_run"], "extract")) or {}
+        # The manifest's paths are relative to its stage folder (absolute in runs encoded before 2026-11-24).
+        self.stage = stage_dir(run, "encode-archive")
+        archive = read_manifest(stage_dir(self.stage / manifest["archive_run"], "extract")) or {}
         self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
 
     @classmethod
@@ -88,7 +91,8 @@ class Index:
 
             m = self.manifest["models"][str(self.bits)]
             dims = self.manifest["encoders"]
-            model = Model(self.bits, Path(m["file"]), m["sha256"], m["hidden"], dims["image"]["dim"],
+            path = Path(os.path.normpath(self.stage / m["file"]))
+            model = Model(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
                           dims.get("text", {}).get("dim", 0))
             self._heads = model.load(self.device)
         return self._heads

@@ -50,8 +50,9 @@ class Model:
         from stages.train_hash import load_heads
 
         if sha256_file(self.path) != self.sha256:
-            raise DuchError(f"{self.path} differs from the file its train-hash manifest lists; "
-                            "rerun `duch train-hash --force` or restore the file")
+            raise DuchError(f"{self.path} differs from the file its train-hash manifest lists; rerun `duch "
+                            f"train-hash --run {self.path.parents[2]}` (with the options it was trained with): it "
+                            "trains that code length again and keeps the others")
         return load_heads(self.path, self.image_dim, self.text_dim, self.bits, self.hidden).to(device)
 
 
@@ -325,10 +326,12 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
     manifest = {
         "stage": STAGE, "created": now_iso(), "fingerprint": digest(basis), "basis": basis,
         "config": manifest_config(cfg), "device": device, "execution": execution, "versions": library_versions(),
-        "model_run": str(model_run.run), "archive_run": str(archive_run.resolve()),
+        # Paths relative to this stage folder: a run tree moved or copied elsewhere stays searchable.
+        "model_run": _relative(model_run.run, out_dir), "archive_run": _relative(archive_run, out_dir),
         "encoders": {m: {"spec": model_run.encoders[m], "dim": model_run.extract["encoders"][m]["dim"]}
                      for m in ("image", "text") if model_run.encoders[m]},
-        "models": {str(b): {"file": str(m.path), "sha256": m.sha256, "hidden": m.hidden} for b, m in models.items()},
+        "models": {str(b): {"file": _relative(m.path, out_dir), "sha256": m.sha256, "hidden": m.hidden}
+                   for b, m in models.items()},
         "rows": rows, "index": {"kind": cfg.index, "files": indexes} if cfg.index else None,
         "outputs": outputs, "timings": {**timings, "total_s": round(seconds, 3)},
     }
@@ -337,6 +340,10 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
     echo(f"encode-archive: {rows['image']} images, {rows.get('text', 0)} captions in {seconds:.1f} s -> "
          f"{out_dir} ({sizes})")
     return EncodeResult(out_dir, manifest, did_work=True)
+
+
+def _relative(path: Path, stage: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), stage.resolve())
 
 
 def _encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: dict[int, Model], parts_dir: Path,

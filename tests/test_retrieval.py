@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,37 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run):
     assert index.search(id="0#1", k=1, modality="text")[0].id == "0#1"  # a caption finds itself first
     with pytest.raises(DuchError, match="is not in the archive"):
         index.search(id="no-such-item")
+
+
+def test_a_moved_run_tree_stays_searchable(run, tmp_path):
+    """The encode-archive manifest holds its paths relative to its own folder, so a run copied or moved as a whole
+    (to another disk, another machine) is searched as it was."""
+    encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    before = [h.row for h in Index.load(run, bits=16, device="cpu").search(text="a harbor", k=5)]
+    manifest = json.loads((run / "encode-archive" / "manifest.json").read_text())
+    assert manifest["archive_run"] == ".." and manifest["model_run"] == ".."
+    assert manifest["models"]["16"]["file"] == "../train-hash/bits-16/model.safetensors"
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    index = Index.load(moved, bits=16, device="cpu")
+    assert [h.row for h in index.search(text="a harbor", k=5)] == before
+    assert index.images_dir == Path(load_features(moved).manifest["dataset"]["images_dir"])
+
+
+def test_a_model_changed_after_encoding_is_named_with_its_fix_and_the_fix_works(run):
+    encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    model = run / "train-hash" / "bits-16" / "model.safetensors"
+    original = model.read_bytes()
+    model.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(DuchError) as error:
+        Index.load(run, bits=16, device="cpu").search(text="a harbor", k=3)
+    assert str(error.value) == (f"{model} differs from the file its train-hash manifest lists; rerun `duch "
+                                f"train-hash --run {run}` (with the options it was trained with): it trains that "
+                                "code length again and keeps the others")
+    assert train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet).did_work
+    assert model.read_bytes() == original
+    assert len(Index.load(run, bits=16, device="cpu").search(text="a harbor", k=3)) == 3
 
 
 def test_rerank_needs_continuous_outputs(run):
