@@ -18,6 +18,22 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     return F.cross_entropy(sim, positives)
 
 
+def all_captions_contrastive(image: torch.Tensor, captions: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Cross-modal InfoNCE with every caption of an item as a positive. image [n, K], captions [n, C, K]. Each
+    image is an anchor over the n x C captions with its own C as positives (their probabilities summed inside the
+    log); each caption is an anchor over the n images with its own image as the positive. The mean of the two
+    directions' mean anchor losses; with C = 1 it is CLIP's symmetric loss on cosines over tau."""
+    n, c, k = captions.shape
+    zi = F.normalize(image, dim=1)
+    zt = F.normalize(captions.reshape(n * c, k), dim=1)
+    sim = (zi @ zt.T) / tau  # [n, n x C]
+    owner = torch.arange(n, device=sim.device).repeat_interleave(c)
+    own = owner[None, :] == torch.arange(n, device=sim.device)[:, None]
+    image_to_text = (torch.logsumexp(sim, dim=1) - torch.logsumexp(sim.masked_fill(~own, float("-inf")), dim=1))
+    text_to_image = F.cross_entropy(sim.T, owner)
+    return (image_to_text.mean() + text_to_image) / 2
+
+
 def quantization(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared distance of continuous codes to their binary targets, per bit (/ (batch x K), as the reference)."""
     return ((h - target) ** 2).mean()

@@ -28,8 +28,9 @@ from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpo
 from pipeline.features import Features, load_features, stage_file
 from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
-from pipeline.losses import (bank_contrastive, bit_balance, bit_balance_groups, discriminator_loss, fooling_loss,
-                             gradient_penalty, nt_xent, nt_xent_groups, quantization, quantization_groups)
+from pipeline.losses import (all_captions_contrastive, bank_contrastive, bit_balance, bit_balance_groups,
+                             discriminator_loss, fooling_loss, gradient_penalty, nt_xent, nt_xent_groups,
+                             quantization, quantization_groups)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
@@ -204,6 +205,9 @@ class StepState:
     code_sums: torch.Tensor  # [n, K] each item's four codes summed as last seen: the next epoch's B
     banks: dict | None
     sums: torch.Tensor  # float64 [len(LOSS_TERMS)]: the epoch's loss sums, read once per epoch
+    # For w_inter_all: every caption's text-row index per training position [n, C], and the text features.
+    caption_rows: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
 
 def paper_terms(codes: tuple[torch.Tensor, ...], b: torch.Tensor, tau: float,
@@ -264,6 +268,11 @@ def train_step(state: StepState, cfg: TrainConfig, idx: torch.Tensor, eps: torch
     extra = ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta))
     terms["inter_extra"] = sum((w * nt_xent(u, v, cfg.tau) for w, u, v in extra if w),
                                torch.zeros((), device=device))
+    if cfg.w_inter_all:
+        rows = state.caption_rows[idx]
+        with autocast_for(device, cfg.precision):
+            every = state.heads.text(state.text[rows.flatten()]).float().view(*rows.shape, -1)
+        terms["inter_extra"] = terms["inter_extra"] + cfg.w_inter_all * all_captions_contrastive(hi, every, cfg.tau)
     if state.banks is not None:
         banks = state.banks
         terms["inter_extra"] = terms["inter_extra"] + cfg.w_bank * (
@@ -480,7 +489,8 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     # Banks indexed by position in the training set, started from the first targets.
     banks = {"image": targets.clone(), "text": targets.clone()} if cfg.w_bank else None
     state = StepState(heads, disc, opt, disc_opt, list(views), targets, torch.zeros_like(targets), banks,
-                      torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device))
+                      torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device),
+                      data.captions[train] if cfg.w_inter_all else None, data.text)
     done = 0
     if checkpoints is not None:
         # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then

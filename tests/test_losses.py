@@ -6,8 +6,8 @@ import torch
 
 from pipeline.hamming import hamming
 from pipeline.hashing import pack_codes, unpack_codes
-from pipeline.losses import (bank_contrastive, bit_balance, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
-                             quantization)
+from pipeline.losses import (all_captions_contrastive, bank_contrastive, bit_balance, discriminator_loss, fooling_loss,
+                             gradient_penalty, nt_xent, quantization)
 
 
 def test_nt_xent_on_a_hand_computed_case():
@@ -34,6 +34,34 @@ def test_nt_xent_matches_the_direct_formula(tau):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     assert float(nt_xent(a, b, tau)) == pytest.approx(direct_nt_xent(a, b, tau), rel=1e-5)
+
+
+def test_all_captions_contrastive_on_a_hand_computed_case():
+    # Images e1, e2; item 0's two captions are e1, item 1's are e2. An image anchor: two positives at cos 1 and two
+    # negatives at cos 0, -log(2e / (2e + 2)); a caption anchor: -log(e / (e + 1)). Both are log(1 + 1/e).
+    eye = torch.eye(2)
+    captions = eye[:, None, :].repeat(1, 2, 1)
+    assert float(all_captions_contrastive(eye, captions)) == pytest.approx(math.log(1 + 1 / math.e), abs=1e-6)
+
+
+def direct_all_captions(image, captions, tau):
+    """The same loss one anchor at a time: images over all captions (own ones positive), captions over images."""
+    n, c, _ = captions.shape
+    unit = lambda v: v / v.norm()  # noqa: E731
+    cos = lambda i, j, k: float(unit(image[i]) @ unit(captions[j, k])) / tau  # noqa: E731
+    image_side = sum(-math.log(sum(math.exp(cos(i, i, k)) for k in range(c))
+                               / sum(math.exp(cos(i, j, k)) for j in range(n) for k in range(c))) for i in range(n))
+    text_side = sum(-math.log(math.exp(cos(j, j, k)) / sum(math.exp(cos(i, j, k)) for i in range(n)))
+                    for j in range(n) for k in range(c))
+    return (image_side / n + text_side / (n * c)) / 2
+
+
+@pytest.mark.parametrize("captions_per_item,tau", [(5, 1.0), (3, 0.3), (1, 1.0)])
+def test_all_captions_contrastive_matches_the_direct_formula(captions_per_item, tau):
+    g = torch.Generator().manual_seed(1)
+    image, captions = torch.randn(4, 8, generator=g), torch.randn(4, captions_per_item, 8, generator=g)
+    assert float(all_captions_contrastive(image, captions, tau)) == pytest.approx(
+        direct_all_captions(image, captions, tau), rel=1e-5)
 
 
 def test_gradient_penalty_of_a_linear_critic():

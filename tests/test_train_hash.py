@@ -188,14 +188,15 @@ def test_shards_of_different_dimensions_are_refused(run):
 
 
 @pytest.mark.parametrize("option", [
-    dict(w_inter_second=1.0), dict(w_inter_views=1.0), dict(w_bank=0.5), dict(drop_last=True, batch_size=5),
+    dict(w_inter_second=1.0), dict(w_inter_views=1.0), dict(w_inter_all=1.0), dict(w_bank=0.5),
+    dict(drop_last=True, batch_size=5),
     dict(augment_anchor=True), dict(reference_quirks=True), dict(precision="fp32"),
 ])
 def test_training_options_run_and_report_their_terms(run, option):
     result = train_hash(TrainConfig(run=str(run), **(FAST | dict(bits=(8,), epochs=2) | option)), progress=False,
                         echo=quiet)
     losses = result.manifest["results"]["8"]["final_losses"]
-    extra_on = any(option.get(k) for k in ("w_inter_second", "w_inter_views", "w_bank"))
+    extra_on = any(option.get(k) for k in ("w_inter_second", "w_inter_views", "w_inter_all", "w_bank"))
     assert (losses["inter_extra"] > 0) == bool(extra_on)
     assert all(np.isfinite(v) for v in losses.values())
 
