@@ -55,8 +55,9 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
 def sweep_temporaries(folder: Path) -> None:
     """Remove the temporary files (`.NAME.*.tmp`) that killed attempts of a stage left in its folder.
 
-    Only safe under the run lock: every writer of this folder belongs to the lock's holder, and the holder has not
-    started writing yet, so whatever temporary is there is garbage nobody will rename into place."""
+    Only safe under the run lock, before the holder starts writing or after all its writers are done (every
+    writer of this folder belongs to the lock's holder): whatever temporary is there is then garbage nobody will
+    rename into place."""
     if folder.is_dir():
         for leftover in folder.rglob(".*.tmp"):
             leftover.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from pipeline.config import ExtractConfig, digest, manifest_config
 from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
 from pipeline.encoders.context import count_truncated
 from pipeline.features import damaged_outputs
-from pipeline.lock import run_lock
+from pipeline.lock import run_lock, sweep_temporaries
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
 from pipeline.shards import read_attrs, read_shard, shard_name, temp_path, write_shard
@@ -406,6 +406,9 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
         with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
             timings, image_decode, device, execution = _encode_on_cluster(client, jobs, progress)
         execution["scheduler"] = str(scheduler)
+        # A worker killed mid-shard leaves its temporary behind; its shard was redone elsewhere and every task is
+        # finished, so no writer is left (and the run lock is still held).
+        sweep_temporaries(out_dir)
 
     manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
                        execution, text_spec)
