@@ -178,6 +178,9 @@ class TrainConfig:
     checkpoint_every: int = 10
 
     RUNTIME_FIELDS = ("device", "run", "eval_every", "cuda_graphs", "compile_terms", "checkpoint_every")
+    # Options added after runs were trained without them. While off they change no byte, so they stay out of the
+    # fingerprint then: a run trained before they existed is still up to date, not trained again.
+    LATER_OPTIONS = ("w_inter_all",)
 
     def quantization_weight(self, bits: int) -> float:
         return self.beta * bits / 64 if self.beta_scales_with_bits else self.beta
@@ -211,7 +214,11 @@ class TrainConfig:
             raise DuchError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {self.checkpoint_every}")
 
     def output_settings(self) -> dict:
-        return output_settings(self)
+        out = output_settings(self)
+        for name in self.LATER_OPTIONS:
+            if not out[name]:
+                del out[name]
+        return out
 
 
 @dataclass

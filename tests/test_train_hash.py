@@ -64,6 +64,17 @@ def test_outputs_table_and_rerun(run):
     assert "up to date" in again[0]
 
 
+def test_options_added_later_enter_the_fingerprint_only_when_on(run):
+    """A run trained before an option existed stays up to date while the option is off; turning it on retrains."""
+    train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    manifest_file = run / "train-hash" / "manifest.json"
+    settings = json.loads(manifest_file.read_text())["basis"]["settings"]
+    assert not set(TrainConfig.LATER_OPTIONS) & set(settings)  # what a run made before them holds
+    assert not train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=0.0), progress=False, echo=quiet).did_work
+    on = train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=1.0), progress=False, echo=quiet)
+    assert on.did_work and on.manifest["basis"]["settings"]["w_inter_all"] == 1.0
+
+
 def outputs(manifest: dict) -> list[dict]:
     """A train-hash manifest's outputs less the result files (they hold the training time)."""
     return [o for o in manifest["outputs"] if not o["file"].endswith("result.json")]
