@@ -136,16 +136,21 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--checkpoint-every", default=10, show_default=True, type=int,
               help="Epochs between checkpoints a killed run resumes from (0: none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting of pipeline.config.TrainConfig, over the recipe; repeat for more (e.g. --set "
+                   "w_inter_all=2 --set beta=0.005).")
 @click.option("--force", is_flag=True, help="Retrain even if finished.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
 def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
-               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, force, no_progress):
+               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, overrides, force, no_progress):
     """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
-    from pipeline.config import TrainConfig
+    from pipeline.config import TrainConfig, parse_overrides
     from stages.train_hash import train_hash as run_train
 
+    own_options = ("bits", "split", "epochs", "batch_size", "hidden", "tau", "seed", "precision", "reference_quirks")
     given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, tau=tau).items() if v is not None}
+    given |= parse_overrides(overrides, TrainConfig, reserved=own_options)
     cfg = TrainConfig.recipe(recipe, run=run_dir, bits=bits, split=split, hidden=hidden, seed=seed,
                              precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
                              checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,

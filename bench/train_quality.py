@@ -11,7 +11,6 @@ and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import tempfile
 import time
@@ -22,21 +21,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
+from pipeline import DuchError  # noqa: E402
+from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides  # noqa: E402
 from stages.train_hash import DIRECTIONS, train_hash  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if key not in TrainConfig.__dataclass_fields__:
-            raise SystemExit(f"--set {item}: TrainConfig has no field {key!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    try:
+        return parse_overrides(items, TrainConfig)
+    except DuchError as e:
+        raise SystemExit(str(e)) from None
 
 
 def run_once(extract_dir: Path, recipe: str, settings: dict, seed: int) -> dict:

@@ -1,6 +1,7 @@
 """Stage configs as dataclasses, and the fingerprint that says whether two runs would write the same outputs."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -87,6 +88,47 @@ def output_settings(cfg, also_drop: tuple[str, ...] = ()) -> dict:
     for name in (*cfg.RUNTIME_FIELDS, *also_drop):
         out.pop(name, None)
     return out
+
+
+def parse_overrides(items, cls, reserved: tuple[str, ...] = ()) -> dict:
+    """`KEY=VALUE` strings (`--set`) as fields of the dataclass `cls`: each value a Python literal of its field's
+    type (an int where a float is wanted, a comma list or one number for a tuple). `reserved`: fields that have
+    options of their own, named in the error instead."""
+    from pipeline import DuchError
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in reserved:
+            raise DuchError(f"--set {item}: use --{key.replace('_', '-')} instead")
+        if not sep or key not in fields or key in getattr(cls, "RUNTIME_FIELDS", ()):
+            names = sorted(set(fields) - set(getattr(cls, "RUNTIME_FIELDS", ())) - set(reserved))
+            raise DuchError(f"--set {item}: {cls.__name__} has no such setting; give KEY=VALUE with KEY one of "
+                            f"{', '.join(names)}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        out[key] = _as_field_type(item, value, _field_default(fields[key]))
+    return out
+
+
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _as_field_type(item: str, value, default):
+    from pipeline import DuchError
+
+    kind = type(default)
+    if default is None or (kind is float and type(value) in (int, float)) or (kind is type(value)):
+        return float(value) if kind is float else value
+    if kind is tuple and isinstance(value, (list, int, float)):
+        return tuple(value) if isinstance(value, list) else (value,)
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise DuchError(f"--set {item}: takes {article} {kind.__name__} (like {default!r}), not {value!r}")
 
 
 def manifest_config(cfg) -> dict:

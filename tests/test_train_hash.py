@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import cli
 from pipeline import DuchError
-from pipeline.config import TRAIN_RECIPES, TrainConfig
+from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides
 from pipeline.features import load_features
 from pipeline.hamming import hamming
 from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes
@@ -358,3 +358,30 @@ def test_cli_recipe_and_its_help_give_the_configs_values(run):
     assert result.exit_code == 0, result.output
     config = json.loads((run / "train-hash" / "config.json").read_text())
     assert (config["epochs"], config["batch_size"], config["lr_step"], config["beta"]) == (2, 8, 50, 0.001)
+
+
+def test_set_overrides_become_typed_fields_or_one_error_each():
+    assert parse_overrides(["w_inter_all=2", "beta=0.005", "disc_betas=0.4,0.8", "drop_last=True", "bits=16",
+                            "precision=fp32"], TrainConfig) == dict(
+        w_inter_all=2.0, beta=0.005, disc_betas=(0.4, 0.8), drop_last=True, bits=(16,), precision="fp32")
+    with pytest.raises(DuchError, match=r"^--set beta=abc: takes a float \(like 0.01\), not 'abc'$"):
+        parse_overrides(["beta=abc"], TrainConfig)
+    with pytest.raises(DuchError, match=r"^--set lr_step=2.5: takes an int \(like 25\), not 2.5$"):
+        parse_overrides(["lr_step=2.5"], TrainConfig)
+    with pytest.raises(DuchError, match=r"^--set epochs=3: use --epochs instead$"):
+        parse_overrides(["epochs=3"], TrainConfig, reserved=("epochs",))
+    for unknown in ("no_such=1", "beta", "device=cpu"):  # not a field, no value, a runtime field with its own option
+        with pytest.raises(DuchError, match=rf"^--set {unknown}: TrainConfig has no such setting; give KEY=VALUE "
+                                            "with KEY one of alpha, "):
+            parse_overrides([unknown], TrainConfig)
+
+
+def test_cli_set_reaches_the_config_over_the_recipe(run):
+    result = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--bits", "8", "--recipe", "paper",
+                                           "--epochs", "2", "--batch-size", "8", "--hidden", "32", "--device", "cpu",
+                                           "--set", "w_inter_all=1", "--set", "lr_step=7", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "train-hash" / "config.json").read_text())
+    assert (config["w_inter_all"], config["lr_step"], config["beta"]) == (1.0, 7, 0.001)
+    bad = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--set", "tau=2"])
+    assert bad.exit_code == 2 and bad.output.strip() == "error: --set tau=2: use --tau instead"
