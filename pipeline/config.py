@@ -97,14 +97,15 @@ def parse_overrides(items, cls, reserved: tuple[str, ...] = ()) -> dict:
     from pipeline import DuchError
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    runtime = getattr(cls, "RUNTIME_FIELDS", ())
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if key in reserved:
             raise DuchError(f"--set {item}: use --{key.replace('_', '-')} instead")
-        if not sep or key not in fields or key in getattr(cls, "RUNTIME_FIELDS", ()):
-            names = sorted(set(fields) - set(getattr(cls, "RUNTIME_FIELDS", ())) - set(reserved))
+        if not sep or key not in fields or key in runtime:
+            names = sorted(set(fields) - set(runtime) - set(reserved))
             raise DuchError(f"--set {item}: {cls.__name__} has no such setting; give KEY=VALUE with KEY one of "
                             f"{', '.join(names)}")
         try:

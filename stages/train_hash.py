@@ -490,7 +490,7 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     banks = {"image": targets.clone(), "text": targets.clone()} if cfg.w_bank else None
     state = StepState(heads, disc, opt, disc_opt, list(views), targets, torch.zeros_like(targets), banks,
                       torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device),
-                      data.captions[train] if cfg.w_inter_all else None, data.text)
+                      *((data.captions[train], data.text) if cfg.w_inter_all else ()))
     done = 0
     if checkpoints is not None:
         # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then
