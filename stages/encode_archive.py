@@ -35,6 +35,12 @@ STAGE = "encode-archive"
 PARTS = "parts"  # per-shard codes of a run in progress, merged into the code files, then removed
 
 
+def retrain_fix(run: Path) -> str:
+    """What to do when one trained model is missing or damaged: train-hash redoes just that code length."""
+    return (f"rerun `duch train-hash --run {run}` (with the options it was trained with): it trains that code "
+            "length again and keeps the others")
+
+
 @dataclass
 class Model:
     """A trained code length of a train-hash stage, as encode-archive and search need it."""
@@ -50,9 +56,8 @@ class Model:
         from stages.train_hash import load_heads
 
         if sha256_file(self.path) != self.sha256:
-            raise DuchError(f"{self.path} differs from the file its train-hash manifest lists; rerun `duch "
-                            f"train-hash --run {self.path.parents[2]}` (with the options it was trained with): it "
-                            "trains that code length again and keeps the others")
+            raise DuchError(f"{self.path} differs from the file its train-hash manifest lists; "
+                            f"{retrain_fix(self.path.parents[2])}")
         return load_heads(self.path, self.image_dim, self.text_dim, self.bits, self.hidden).to(device)
 
 
@@ -93,7 +98,7 @@ def _model_run(run: Path, stage: Path, manifest: dict) -> ModelRun:
     # A manifest is data from disk: its numbers are read as numbers (a code length is part of a path) and the
     # files it names are looked up inside the stage folder only.
     checksums = {o.get("file"): o.get("sha256") for o in manifest.get("outputs", []) if isinstance(o, dict)}
-    fix = f"rerun `duch train-hash --run {run}` (with the options it was trained with) to train it again"
+    fix = retrain_fix(run)
     hidden = _manifest_int(manifest["config"].get("hidden"), stage, "config.hidden")
     models = {}
     for value in manifest["config"]["bits"]:

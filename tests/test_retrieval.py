@@ -277,7 +277,8 @@ def test_a_model_file_gone_is_named_with_its_fix_and_the_fix_works(run, how):
         manifest["outputs"] = [o for o in manifest["outputs"] if o["file"] != "bits-16/model.safetensors"]
         (stage / "manifest.json").write_text(json.dumps(manifest))
         problem = f"{model} is not listed in the outputs of {stage / 'manifest.json'}"
-    fix = f"rerun `duch train-hash --run {run}` (with the options it was trained with) to train it again"
+    fix = (f"rerun `duch train-hash --run {run}` (with the options it was trained with): it trains that code length "
+           "again and keeps the others")
     with pytest.raises(DuchError) as error:
         encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
     assert str(error.value) == f"{problem}; {fix}"
