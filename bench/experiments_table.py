@@ -20,7 +20,7 @@ from pipeline.config import TrainConfig  # noqa: E402
 FOLDER = Path(__file__).resolve().parent / "results" / "train_quality_experiments"
 DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
 
-INTRO = """# train-hash experiments on UCM-captions (2026-11-24/25, 2-core CPU)
+INTRO = """# train-hash experiments on UCM-captions (2026-11-24 to 25, 2-core CPU)
 
 Made by `python bench/experiments_table.py` from the files here. Each file is one `bench/train_quality.py` run:
 mean mAP@20 (reference definition) over its seeds, paper split. The settings are over the paper's (batch 256, 100
@@ -29,8 +29,11 @@ epochs, lr decay every 50, beta 0.001) where the file has no `resolved` entry; o
 defaults of that hour, which its `resolved` config records (beta 0.01 at every code length, before it scaled with K).
 `v4*` ran on an extract with 4 cached image views (`--image-views 4`). `default16-s345` is the defaults with seeds
 3 to 5, to judge 16-bit seed noise. Options tried then removed, since none helped: `ema_decay` (an exponential
-moving average of the heads' weights), `contrast_group` (NT-Xent negatives only within groups of that many items)
-and `w_decorrelation` (a penalty on the off-diagonal second moments h^T h / n of the image and text codes).
+moving average of the heads' weights), `contrast_group` (NT-Xent negatives only within groups of that many items),
+`w_decorrelation` (a penalty on the off-diagonal second moments h^T h / n of the image and text codes), and
+`w_nb_image` / `w_nb_text` with `neighbors` (each image also paired with the image, or a caption, of one of its
+`neighbors` training items nearest by mean caption embedding; 96-98% of those share its class on UCM).
+`*-s345` files repeat a setting with seeds 3 to 5.
 Seconds are not comparable between files: some runs shared the 2 cores with other work.
 """
 

@@ -34,6 +34,20 @@ def all_captions_contrastive(image: torch.Tensor, captions: torch.Tensor, tau: f
     return (image_to_text.mean() + text_to_image) / 2
 
 
+def straight_through_sign(h: torch.Tensor) -> torch.Tensor:
+    """The bits as retrieval reads them (+1 where h >= 0, as pack_codes), -1/+1, with the identity's gradient:
+    the straight-through estimator."""
+    return h + ((h >= 0).to(h.dtype) * 2 - 1 - h).detach()
+
+
+def binary_nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """NT-Xent of the codes' signs: between +-1 codes the cosine is 1 - 2 x Hamming / K, the distance search ranks
+    by, where nt_xent sees the continuous codes. Gradients pass the sign straight through, as Greedy Hash (Su et
+    al., NeurIPS 2018) trains through sign and CIBHash (Qiu et al., IJCAI 2021) puts its contrastive loss on
+    binary codes."""
+    return nt_xent(straight_through_sign(a), straight_through_sign(b), tau)
+
+
 def quantization(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared distance of continuous codes to their binary targets, per bit (/ (batch x K), as the reference)."""
     return ((h - target) ** 2).mean()

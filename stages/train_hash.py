@@ -28,8 +28,8 @@ from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpo
 from pipeline.features import Features, load_features, stage_file
 from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
-from pipeline.losses import (all_captions_contrastive, bank_contrastive, bit_balance, bit_balance_groups,
-                             discriminator_loss, fooling_loss, gradient_penalty, nt_xent, nt_xent_groups,
+from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
+                             bit_balance_groups, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, nt_xent_groups,
                              quantization, quantization_groups)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
@@ -268,6 +268,8 @@ def train_step(state: StepState, cfg: TrainConfig, idx: torch.Tensor, eps: torch
     extra = ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta))
     terms["inter_extra"] = sum((w * nt_xent(u, v, cfg.tau) for w, u, v in extra if w),
                                torch.zeros((), device=device))
+    if cfg.w_inter_binary:
+        terms["inter_extra"] = terms["inter_extra"] + cfg.w_inter_binary * binary_nt_xent(hi, ht, cfg.tau)
     if cfg.w_inter_all:
         rows = state.caption_rows[idx]
         with autocast_for(device, cfg.precision):

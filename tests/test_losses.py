@@ -6,8 +6,9 @@ import torch
 
 from pipeline.hamming import hamming
 from pipeline.hashing import pack_codes, unpack_codes
-from pipeline.losses import (all_captions_contrastive, bank_contrastive, bit_balance, discriminator_loss, fooling_loss,
-                             gradient_penalty, nt_xent, quantization)
+from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
+                             discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization,
+                             straight_through_sign)
 
 
 def test_nt_xent_on_a_hand_computed_case():
@@ -34,6 +35,29 @@ def test_nt_xent_matches_the_direct_formula(tau):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     assert float(nt_xent(a, b, tau)) == pytest.approx(direct_nt_xent(a, b, tau), rel=1e-5)
+
+
+def test_binary_nt_xent_on_a_hand_computed_case():
+    # Signs (0 counts +1, as pack_codes): a -> (1,-1), (-1,1); b -> (1,-1), (1,1). Cosines of the +-1 codes:
+    # a0.a1 = -1, a0.b0 = 1, a0.b1 = 0, a1.b0 = -1, a1.b1 = 0, b0.b1 = 0. Anchors a0 and b0: -log(e / (e + 1/e + 1));
+    # a1 (positive b1): -log(1 / (1 + 2/e)); b1 (positive a1, the rest at 0): -log(1 / 3).
+    a = torch.tensor([[0.2, -0.7], [-0.1, 0.4]])
+    b = torch.tensor([[0.9, -0.05], [0.0, 3.0]])
+    e = math.e
+    expected = (2 * (math.log(e + 1 / e + 1) - 1) + math.log(1 + 2 / e) + math.log(3)) / 4
+    assert float(binary_nt_xent(a, b)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_binary_nt_xent_passes_the_gradient_at_the_signs_straight_through():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 16, generator=g).requires_grad_(True)
+    b = torch.randn(6, 16, generator=g).requires_grad_(True)
+    binary_nt_xent(a, b, tau=0.5).backward()
+    signs = [torch.where(x.detach() >= 0, 1.0, -1.0).requires_grad_(True) for x in (a, b)]
+    nt_xent(*signs, tau=0.5).backward()
+    assert torch.allclose(a.grad, signs[0].grad) and torch.allclose(b.grad, signs[1].grad)
+    assert a.grad.abs().sum() > 0
+    assert torch.equal(straight_through_sign(torch.tensor([-0.5, 0.0, 2.0])), torch.tensor([-1.0, 1.0, 1.0]))
 
 
 def test_all_captions_contrastive_on_a_hand_computed_case():

@@ -70,7 +70,8 @@ def test_options_added_later_enter_the_fingerprint_only_when_on(run):
     manifest_file = run / "train-hash" / "manifest.json"
     settings = json.loads(manifest_file.read_text())["basis"]["settings"]
     assert not set(TrainConfig.LATER_OPTIONS) & set(settings)  # what a run made before them holds
-    assert not train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=0.0), progress=False, echo=quiet).did_work
+    off = dict(w_inter_all=0.0, w_inter_binary=0.0)
+    assert not train_hash(TrainConfig(run=str(run), **FAST, **off), progress=False, echo=quiet).did_work
     on = train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=1.0), progress=False, echo=quiet)
     assert on.did_work and on.manifest["basis"]["settings"]["w_inter_all"] == 1.0
 
@@ -199,15 +200,16 @@ def test_shards_of_different_dimensions_are_refused(run):
 
 
 @pytest.mark.parametrize("option", [
-    dict(w_inter_second=1.0), dict(w_inter_views=1.0), dict(w_inter_all=1.0), dict(w_bank=0.5),
-    dict(drop_last=True, batch_size=5),
+    dict(w_inter_second=1.0), dict(w_inter_views=1.0), dict(w_inter_all=1.0), dict(w_inter_binary=1.0),
+    dict(w_bank=0.5), dict(drop_last=True, batch_size=5),
     dict(augment_anchor=True), dict(reference_quirks=True), dict(precision="fp32"),
 ])
 def test_training_options_run_and_report_their_terms(run, option):
     result = train_hash(TrainConfig(run=str(run), **(FAST | dict(bits=(8,), epochs=2) | option)), progress=False,
                         echo=quiet)
     losses = result.manifest["results"]["8"]["final_losses"]
-    extra_on = any(option.get(k) for k in ("w_inter_second", "w_inter_views", "w_inter_all", "w_bank"))
+    extra_on = any(option.get(k) for k in ("w_inter_second", "w_inter_views", "w_inter_all", "w_inter_binary",
+                                           "w_bank"))
     assert (losses["inter_extra"] > 0) == bool(extra_on)
     assert all(np.isfinite(v) for v in losses.values())
 
