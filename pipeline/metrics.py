@@ -30,20 +30,33 @@ def map_at_k(scores: np.ndarray, query_labels, db_labels, k: int, definition: st
 
 def map_of_ranking(order: np.ndarray, query_labels, db_labels, k: int, definition: str = "textbook") -> float:
     """mAP@k of a ranking ([Q, N] database indices, best first) under one of the two definitions."""
+    return float(average_precisions(order, query_labels, db_labels, k, definition).mean())
+
+
+def average_precisions(order: np.ndarray, query_labels, db_labels, k: int, definition: str = "textbook") -> np.ndarray:
+    """AP@k of each query [Q] (float64): map_of_ranking before its mean."""
     rel = relevance(order, query_labels, db_labels)
     if definition == "textbook":
         top = rel[:, :k].astype(np.float64)
         precision = top.cumsum(axis=1) / np.arange(1, top.shape[1] + 1)
         possible = np.minimum(rel.sum(axis=1), k).astype(np.float64)
-        ap = np.divide((precision * top).sum(axis=1), possible, out=np.zeros_like(possible), where=possible > 0)
-        return float(ap.mean())
+        return np.divide((precision * top).sum(axis=1), possible, out=np.zeros_like(possible), where=possible > 0)
     if definition == "reference":
-        aps = []
-        for row in rel:
+        aps = np.zeros(len(rel))
+        for q, row in enumerate(rel):
             ranks = np.flatnonzero(row)[: k] + 1  # 1-based ranks of the first min(K, R) relevant items
-            aps.append(0.0 if len(ranks) == 0 else float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
-        return float(np.mean(aps))
+            if len(ranks):
+                aps[q] = np.mean(np.arange(1, len(ranks) + 1) / ranks)
+        return aps
     raise ValueError(f"unknown mAP definition {definition!r}; use 'textbook' or 'reference'")
+
+
+def per_class_mean(values: np.ndarray, labels) -> dict[str, float]:
+    """The mean of per-query values by query class, lowest first (ties by name): which classes retrieval misses."""
+    labels = np.asarray(labels)
+    means = {str(c): float(np.mean(values[labels == c])) for c in np.unique(labels)}
+    return dict(sorted(means.items(), key=lambda kv: (kv[1], kv[0])))
+
 
 def precision_at_k(scores: np.ndarray, query_labels, db_labels, ks) -> np.ndarray:
     """Mean precision within the top K of the ranking, for each K in `ks` (K beyond N counts N)."""

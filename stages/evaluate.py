@@ -28,8 +28,8 @@ from pipeline.hamming import hamming
 from pipeline.features import verify_listed
 from pipeline.manifest import library_versions, now_iso, sha256_file, write_json_atomic, write_manifest
 from pipeline.lock import run_lock
-from pipeline.metrics import (cosine, map_of_ranking, precision_at_k, radius_curves, ranking, recall_at_k,
-                              rerank_order)
+from pipeline.metrics import (average_precisions, cosine, map_of_ranking, per_class_mean, precision_at_k,
+                              radius_curves, ranking, recall_at_k, rerank_order)
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
@@ -94,9 +94,12 @@ def class_metrics(sides: dict, bits: int, k: int, shortlist: int, ks: list[int])
         d = hamming(q.codes, db.codes).astype(np.int32)  # signed: negated as scores below
         order = ranking(-d)
         curves = radius_curves(d, q.labels, db.labels, bits)
+        aps = {definition: average_precisions(order, q.labels, db.labels, k, definition)
+               for definition in ("reference", "textbook")}
         entry = {
-            "map": {definition: map_of_ranking(order, q.labels, db.labels, k, definition)
-                    for definition in ("reference", "textbook")},
+            "map": {definition: float(values.mean()) for definition, values in aps.items()},
+            # Lowest first: the classes a user should look at (on UCM, medium- against dense-residential).
+            "map_per_class": {definition: per_class_mean(values, q.labels) for definition, values in aps.items()},
             "precision_at_k": {"k": ks, "precision": precision_at_k(-d, q.labels, db.labels, ks).tolist()},
             "radius": {name: curve.tolist() for name, curve in curves.items()},
             "precision_within_radius": {str(r): float(curves["precision_all"][r]) for r in range(min(3, bits) + 1)},
@@ -137,6 +140,12 @@ def _cell(value: float) -> str:
     return "1.00" if value >= 0.9995 else f"{value:.3f}"[1:]
 
 
+def _lowest_classes(per_class: dict[str, float], most: int = 3) -> str:
+    """The `most` lowest classes that miss anything (per_class is lowest first), or "all 1.00"."""
+    missed = [f"{name} {_cell(value)}" for name, value in per_class.items() if _cell(value) != "1.00"][:most]
+    return ", ".join(missed) or "all 1.00"
+
+
 def format_tables(results: dict, k: int, split: dict, instance_label: str) -> str:
     bits = sorted(results, key=int)
     head = " / ".join(bits)
@@ -161,6 +170,13 @@ def format_tables(results: dict, k: int, split: dict, instance_label: str) -> st
         for b in bits:
             cells = " | ".join(f"{results[b]['class'][d]['precision_within_radius'].get('2', 0):.3f}"
                                for d in DIRECTIONS)
+            lines.append(f"| {b} | {cells} |")
+        lines.append("")
+        lines.append(f"lowest query classes by reference mAP@{k} (class: its queries' mean AP)")
+        lines.append("| bits | " + " | ".join(DIRECTIONS) + " |")
+        lines.append("|---|" + "---|" * len(DIRECTIONS))
+        for b in bits:
+            cells = " | ".join(_lowest_classes(results[b]["class"][d]["map_per_class"]["reference"]) for d in DIRECTIONS)
             lines.append(f"| {b} | {cells} |")
         lines.append("")
     lines.append(f"instance-level Recall@K ({instance_label})")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from data.splits import paper_split
-from pipeline.metrics import map_at_k, ranking
+from pipeline.metrics import average_precisions, map_at_k, per_class_mean, ranking
 
 DB_LABELS = np.array(["a", "b", "a", "a", "b"])
 # Query "a" ranks the database 0, 1, 2 (1 and 2 tie: database order), 4, 3 -> relevance 1 0 1 0 1, R = 3.
@@ -27,6 +27,16 @@ def test_a_query_with_no_relevant_item_scores_zero_and_is_averaged_in():
     scores = np.vstack([SCORES, SCORES])
     value = map_at_k(scores, np.array(["a", "zzz"]), DB_LABELS, 5, "textbook")
     assert value == pytest.approx((1 + 2 / 3 + 3 / 5) / 3 / 2)
+
+
+def test_per_query_aps_and_their_class_means():
+    # Query "a" as above; query "b" ranks 0, 1, 2, 4, 3 too -> relevance 0 1 0 1 0 (R = 2): (1/2 + 2/4) / 2.
+    order = ranking(np.vstack([SCORES, SCORES, SCORES]))
+    aps = average_precisions(order, np.array(["a", "b", "a"]), DB_LABELS, 5, "reference")
+    assert aps == pytest.approx([(1 + 2 / 3 + 3 / 5) / 3, (1 / 2 + 2 / 4) / 2, (1 + 2 / 3 + 3 / 5) / 3])
+    means = per_class_mean(aps, np.array(["a", "b", "a"]))
+    assert list(means) == ["b", "a"]  # lowest first
+    assert means == pytest.approx({"a": aps[0], "b": 0.5})
 
 
 def test_unknown_definition():

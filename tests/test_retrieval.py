@@ -202,6 +202,9 @@ def test_evaluate_reproduces_train_hash_validation_and_writes_plots(run):
         for direction in ("I->T", "T->I", "I->I", "T->T"):
             assert metrics["class"][direction]["map"] == pytest.approx(trained[bits]["map"][direction])
             assert set(metrics["class"][direction]["map_rerank"]) == {"reference", "textbook"}
+            per_class = metrics["class"][direction]["map_per_class"]["reference"]
+            values = list(per_class.values())
+            assert values == sorted(values) and min(values) <= metrics["class"][direction]["map"]["reference"]
         inst = metrics["instance"]
         assert (inst["images"], inst["captions"]) == (2, 4)  # the 2 query images and their 2 captions each
         assert set(inst) >= {"hamming", "rerank", "continuous"}
@@ -209,6 +212,7 @@ def test_evaluate_reproduces_train_hash_validation_and_writes_plots(run):
         assert (run / "evaluate" / name).stat().st_size > 0
     assert (run / "evaluate" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| method | I->T 8 / 16 bits | T->I 8 / 16 bits |" in said[0]
+    assert "lowest query classes by reference mAP@20" in said[0]
 
 
 def test_cli_encode_search_evaluate(run):
