@@ -8,8 +8,8 @@
     python bench/train_speed.py --no-cuda-graphs ...            # the eager GPU path, for comparison
 
 (i) UCM: `train_hash` with the --recipe's config (default: the defaults) on a finished extract run, in a scratch
-run directory that links the extract stage (the run's own train-hash is left alone); seconds per code length as the stage reports them (weight
-init, the first binary targets, every epoch and the validation mAPs).
+run directory that links the extract stage (the run's own train-hash is left alone); seconds per code length as
+the stage reports them (weight init, the first binary targets, every epoch and the validation mAPs).
 (ii) Synthetic: N items of random D-dim image features with one augmented view each and two captions each, trained
 by the stage's own train_bits (no evaluation); after --warmup epochs, each of --repeats epochs is timed and its
 item-updates/s (items trained on / seconds of that epoch) taken; the median is reported, with peak memory

@@ -176,7 +176,8 @@ def format_tables(results: dict, k: int, split: dict, instance_label: str) -> st
         lines.append("| bits | " + " | ".join(DIRECTIONS) + " |")
         lines.append("|---|" + "---|" * len(DIRECTIONS))
         for b in bits:
-            cells = " | ".join(_lowest_classes(results[b]["class"][d]["map_per_class"]["reference"]) for d in DIRECTIONS)
+            per_class = {d: results[b]["class"][d]["map_per_class"]["reference"] for d in DIRECTIONS}
+            cells = " | ".join(_lowest_classes(per_class[d]) for d in DIRECTIONS)
             lines.append(f"| {b} | {cells} |")
         lines.append("")
     lines.append(f"instance-level Recall@K ({instance_label})")

@@ -29,8 +29,8 @@ from pipeline.features import Features, load_features, stage_file
 from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
 from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
-                             bit_balance_groups, discriminator_loss, fooling_loss, gradient_penalty, nt_xent, nt_xent_groups,
-                             quantization, quantization_groups)
+                             bit_balance_groups, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
+                             nt_xent_groups, quantization, quantization_groups)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
