@@ -30,9 +30,13 @@ defaults of that hour, which its `resolved` config records (beta 0.01 at every c
 `v4*` ran on an extract with 4 cached image views (`--image-views 4`). `default16-s345` is the defaults with seeds
 3 to 5, to judge 16-bit seed noise. Options tried then removed, since none helped: `ema_decay` (an exponential
 moving average of the heads' weights), `contrast_group` (NT-Xent negatives only within groups of that many items),
-`w_decorrelation` (a penalty on the off-diagonal second moments h^T h / n of the image and text codes), and
+`w_decorrelation` (a penalty on the off-diagonal second moments h^T h / n of the image and text codes),
 `w_nb_image` / `w_nb_text` with `neighbors` (each image also paired with the image, or a caption, of one of its
-`neighbors` training items nearest by mean caption embedding; 96-98% of those share its class on UCM).
+`neighbors` training items nearest by mean caption embedding; 96-98% of those share its class on UCM),
+`tanh_scale` (the heads' tanh(s x), s raised from 1 to that value over the epochs: HashNet's continuation towards
+binary outputs), and `w_semantic` with `semantic_floor` (DJSRH-style: the cosines of the batch's image-caption,
+image-image and caption-caption code pairs regressed onto the cosines of the items' mean caption embeddings,
+[floor, 1] mapped onto [0, 1], lower ones onto 0).
 `*-s345` files repeat a setting with seeds 3 to 5.
 Seconds are not comparable between files: some runs shared the 2 cores with other work.
 """
