@@ -194,6 +194,10 @@ class TrainConfig:
     w_bank: float = 0.0
     bank_momentum: float = 0.5
     bank_tau: float = 0.2
+    # A robustness study, not a training method: this share of the training items trains with another training
+    # item's captions (pipeline.noise.swap_captions, drawn with split_seed so every training seed sees the same
+    # wrong pairs); evaluation keeps the true ones. bench/caption_noise.py sweeps it.
+    caption_noise: float = 0.0
     drop_last: bool = False  # skip an epoch's last batch when it is smaller than batch_size
     augment_anchor: bool = False  # the image pair is any two distinct of {original, cached views}, not (original, view)
     alpha: float = 0.01  # adversarial
@@ -228,7 +232,7 @@ class TrainConfig:
     RUNTIME_FIELDS = ("device", "run", "eval_every", "cuda_graphs", "compile_terms", "checkpoint_every")
     # Options added after runs were trained without them. While off they change no byte, so they stay out of the
     # fingerprint then: a run trained before they existed is still up to date, not trained again.
-    LATER_OPTIONS = ("w_inter_all", "w_inter_binary")
+    LATER_OPTIONS = ("w_inter_all", "w_inter_binary", "caption_noise")
 
     def quantization_weight(self, bits: int) -> float:
         return self.beta * bits / 64 if self.beta_scales_with_bits else self.beta
@@ -258,6 +262,9 @@ class TrainConfig:
             raise DuchError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.tau <= 0:
             raise DuchError(f"--tau must be positive, got {self.tau}")
+        if not 0 <= self.caption_noise <= 1:
+            raise DuchError(f"caption_noise is the share of training items given wrong captions, from 0 to 1; got "
+                            f"{self.caption_noise}")
         if self.checkpoint_every < 0:
             raise DuchError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {self.checkpoint_every}")
 

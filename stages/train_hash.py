@@ -34,6 +34,7 @@ from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
+from pipeline.noise import swap_captions
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
@@ -94,6 +95,16 @@ def prepare(features: Features, device: torch.device) -> TrainData:
     as_tensor = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
     return TrainData(as_tensor(features.image), as_tensor(features.views), as_tensor(features.text_emb),
                      as_tensor(padded, torch.long), as_tensor([len(r) for r in rows], torch.long))
+
+
+def with_caption_noise(data: TrainData, split: Split, cfg: TrainConfig) -> tuple[TrainData, np.ndarray]:
+    """The data with cfg.caption_noise of the training items given another's captions (pipeline.noise), and
+    owner: whose captions each item now has. The text features stay: only which rows an item samples changes."""
+    owner = swap_captions(len(data.captions), split.train, cfg.caption_noise, cfg.split_seed)
+    if (owner == np.arange(len(owner))).all():
+        return data, owner
+    rows = torch.as_tensor(owner, device=data.captions.device)
+    return dataclasses.replace(data, captions=data.captions[rows], n_captions=data.n_captions[rows]), owner
 
 
 def _distinct_pair(rand_a: torch.Tensor, rand_b: torch.Tensor, count: torch.Tensor):
@@ -688,7 +699,11 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)
 
-    data = prepare(features, device)
+    data, owner = with_caption_noise(prepare(features, device), split, cfg)
+    swapped = np.flatnonzero(owner != np.arange(len(owner)))
+    if len(swapped):
+        echo(f"train-hash: caption_noise {cfg.caption_noise}: {len(swapped)} of {len(split.train)} training items "
+             "train with another item's captions")
     evaluate = len(split.query) > 0 and (features.labels != "").all()
     eval_rows = features.one_caption_per_image(cfg.split_seed) if evaluate else None
     eval_text = torch.as_tensor(eval_rows, device=device) if evaluate else None
@@ -697,6 +712,8 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         **{name: features.ids[getattr(split, name)].tolist() for name in ("train", "query", "database")},
         "eval_caption": None if eval_rows is None else [
             [str(features.text_image_id[r]), int(features.text_caption_index[r])] for r in eval_rows],
+        **({"captions_swapped": [[str(features.ids[i]), str(features.ids[owner[i]])] for i in swapped]}
+           if len(swapped) else {}),
     })
     write_json_atomic(out_dir / "config.json", dataclasses.asdict(cfg))
     results, outputs = {}, []
@@ -736,7 +753,7 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
         "stage": STAGE, "created": now_iso(), "fingerprint": digest(basis), "basis": basis,
         "config": dataclasses.asdict(cfg), "device": str(device), "versions": library_versions(),
         "split": {"mode": cfg.split, "train": len(split.train), "query": len(split.query),
-                  "database": len(split.database)},
+                  "database": len(split.database), **({"captions_swapped": len(swapped)} if len(swapped) else {})},
         "results": results, "outputs": outputs,
     }
     write_manifest(out_dir, manifest)

@@ -70,7 +70,7 @@ def test_options_added_later_enter_the_fingerprint_only_when_on(run):
     manifest_file = run / "train-hash" / "manifest.json"
     settings = json.loads(manifest_file.read_text())["basis"]["settings"]
     assert not set(TrainConfig.LATER_OPTIONS) & set(settings)  # what a run made before them holds
-    off = dict(w_inter_all=0.0, w_inter_binary=0.0)
+    off = dict(w_inter_all=0.0, w_inter_binary=0.0, caption_noise=0.0)
     assert not train_hash(TrainConfig(run=str(run), **FAST, **off), progress=False, echo=quiet).did_work
     on = train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=1.0), progress=False, echo=quiet)
     assert on.did_work and on.manifest["basis"]["settings"]["w_inter_all"] == 1.0
@@ -141,6 +141,7 @@ def test_views_are_distinct_captions_unless_reference_quirks(run):
     (dict(bits=(12,)), "--bits 12: code lengths must be positive multiples of 8"),
     (dict(split="dataset"), None),
     (dict(precision="fp8"), "--precision must be auto, bf16 or fp32"),
+    (dict(caption_noise=1.5), "caption_noise is the share of training items given wrong captions, from 0 to 1"),
 ])
 def test_config_errors(run, change, message):
     if message is None:  # the dataset's own split works: train+val to train, test to query and database
@@ -212,6 +213,24 @@ def test_training_options_run_and_report_their_terms(run, option):
                                            "w_bank"))
     assert (losses["inter_extra"] > 0) == bool(extra_on)
     assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_caption_noise_trains_on_swapped_captions_and_evaluates_on_the_true_ones(run, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(run, clean)
+    config = FAST | dict(bits=(8,), epochs=2)
+    said = []
+    noisy = train_hash(TrainConfig(run=str(run), caption_noise=0.5, **config), progress=False, echo=said.append)
+    train_hash(TrainConfig(run=str(clean), **config), progress=False, echo=quiet)
+    assert noisy.manifest["split"]["captions_swapped"] == 6  # half of the 12 training items
+    assert "train-hash: caption_noise 0.5: 6 of 12 training items train with another item's captions" in said
+    split, clean_split = (json.loads((r / "train-hash" / "split.json").read_text()) for r in (run, clean))
+    pairs = split.pop("captions_swapped")
+    assert len(pairs) == 6 and all(a != b and a in split["train"] and b in split["train"] for a, b in pairs)
+    assert split == clean_split  # the split and every evaluation caption as without noise
+    weights = [load_file(r / "train-hash" / "bits-8" / "model.safetensors")["text_head.net.0.weight"]
+               for r in (run, clean)]
+    assert not torch.equal(*weights)
 
 
 def test_epoch_batches_skip_only_a_last_batch_too_small():
