@@ -7,6 +7,7 @@ shard of the same settings and inputs, redoes only the missing ones, and refuses
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from pipeline.lock import run_lock, sweep_temporaries
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
 from pipeline.shards import read_attrs, read_shard, shard_name, temp_path, write_shard
+from pipeline.storage import write_errors
 
 STAGE = "extract"
 
@@ -82,15 +84,20 @@ def plan_shards(dataset: Dataset, cfg: ExtractConfig, with_text: bool) -> list[S
     return plans
 
 
-def _stat_rows(root: str, names: list[str]) -> list[tuple]:
+def _file_rows(root: str, names: list[str], describe: Callable[[str], tuple], missing: tuple) -> list[tuple]:
+    """(name, *describe(path)) per file, (name, *missing) for one that cannot be read."""
     rows = []
     for name in names:
         try:
-            stat = os.stat(os.path.join(root, name))
-            rows.append((name, stat.st_size, stat.st_mtime_ns))
+            rows.append((name, *describe(os.path.join(root, name))))
         except OSError:
-            rows.append((name, None, None))
+            rows.append((name, *missing))
     return rows
+
+
+def _size_and_mtime(path: str) -> tuple:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def input_fingerprint(dataset: Dataset) -> dict:
@@ -100,7 +107,8 @@ def input_fingerprint(dataset: Dataset) -> dict:
     chunks = [names[s:s + 4096] for s in range(0, len(names), 4096)]
     # On threads: on a shared filesystem (NFS, Lustre) every stat is a round trip, and a cluster's archive is there.
     with ThreadPoolExecutor(max_workers=min(8, len(chunks)) or 1) as pool:
-        listing = [row for part in pool.map(lambda chunk: _stat_rows(root, chunk), chunks) for row in part]
+        stat = functools.partial(_file_rows, root, describe=_size_and_mtime, missing=(None, None))
+        listing = [row for part in pool.map(stat, chunks) for row in part]
     source = dataset.source if dataset.source.is_file() else None
     return {
         "kind": dataset.kind,
@@ -109,6 +117,50 @@ def input_fingerprint(dataset: Dataset) -> dict:
         "captions": dataset.n_captions,
         "images_listing_sha256": digest(listing),
     }
+
+
+def images_content_digest(dataset: Dataset, progress: bool = False) -> str:
+    """One digest of every image's path and bytes, in dataset order. Not in the fingerprint (that would mean
+    reading the whole archive at every rerun): kept beside it, to tell a copied or restored archive (new
+    modification times, the same bytes) from a changed one when the quick listing differs."""
+    root = os.fspath(dataset.images_dir)
+    names = [item.image for item in dataset.items]
+    chunks = [names[s:s + 256] for s in range(0, len(names), 256)]
+    rows = []
+    with ThreadPoolExecutor(max_workers=min(8, len(chunks)) or 1) as pool, \
+            tqdm(total=len(names), unit="img", desc="hashing images", disable=not progress, dynamic_ncols=True) as bar:
+        hash_files = functools.partial(_file_rows, root, describe=lambda path: (sha256_file(path),), missing=(None,))
+        for part in pool.map(hash_files, chunks):  # hashlib frees the GIL on large blocks
+            rows += part
+            bar.update(len(part))
+    return digest(rows)
+
+
+def _without_listing(basis: dict) -> dict:
+    return {**basis, "inputs": {**basis.get("inputs", {}), "images_listing_sha256": None}}
+
+
+def relisted_with_same_content(out_dir: Path, previous: dict, basis: dict, dataset: Dataset,
+                               echo: Callable[[str], None], progress: bool = False) -> bool:
+    """Whether the finished stage still holds this archive although the images' quick listing (path, size, mtime)
+    changed and nothing else did: their bytes hash as they did at extraction (a copy, a restore from backup, a
+    `touch`). Then the listing is recorded as confirmed, so the next rerun finds it at once, and the stage keeps its
+    fingerprint: the later stages stay up to date too."""
+    listing = basis["inputs"]["images_listing_sha256"]
+    if "basis" not in previous or _without_listing(previous["basis"]) != _without_listing(basis):
+        return False
+    if listing in previous.get("confirmed_listings", []):
+        return True
+    if not previous.get("images_content_sha256"):
+        return False
+    echo(f"extract: the images' sizes or modification times changed since extraction; comparing the contents of "
+         f"{len(dataset.items)} images with what was extracted")
+    if images_content_digest(dataset, progress) != previous["images_content_sha256"]:
+        return False
+    echo("extract: the images' contents are unchanged; the extracted embeddings still hold")
+    with write_errors(out_dir):
+        write_manifest(out_dir, {**previous, "confirmed_listings": [*previous.get("confirmed_listings", []), listing]})
+    return True
 
 
 def resolve_device(device: str) -> torch.device:
@@ -371,7 +423,10 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     previous = read_manifest(out_dir)
     if previous and not force:
         if previous.get("fingerprint") != fingerprint:
-            raise _stale_error(out_dir, previous.get("basis"), basis)
+            if not relisted_with_same_content(out_dir, previous, basis, dataset, echo, progress):
+                raise _stale_error(out_dir, previous.get("basis"), basis)
+            fingerprint, basis = previous["fingerprint"], previous["basis"]
+            previous = read_manifest(out_dir)
         damaged = damaged_outputs(out_dir, previous)
         for path in damaged:
             echo(f"extract: {path} is missing or does not match its checksum; writing it again")
@@ -411,7 +466,7 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
         sweep_temporaries(out_dir)
 
     manifest = _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
-                       execution, text_spec)
+                       execution, text_spec, progress)
     c = manifest["counts"]
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
@@ -559,7 +614,7 @@ def _wait(writes: list) -> None:
 
 
 def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t_start, image_decode,
-            execution, text_spec: EncoderSpec | None) -> dict:
+            execution, text_spec: EncoderSpec | None, progress: bool = False) -> dict:
     outputs, rejects = [], list(dataset.rejects)
     rows = {"image": 0, "text": 0}
     dims = {}
@@ -597,6 +652,7 @@ def _finish(out_dir, plans, dataset, cfg, basis, fingerprint, device, timings, t
                    # captions longer than the text encoder reads: it sees only their first tokens
                    "truncated_captions": n_truncated},
         "outputs": outputs,
+        "images_content_sha256": images_content_digest(dataset, progress),
         "rejects": [{"id": r.id, "reason": r.reason} for r in rejects],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         # Where the work ran; like the timings, it never changes a shard.

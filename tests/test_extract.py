@@ -95,6 +95,35 @@ def test_rerun_does_nothing_and_changed_settings_are_stale(caption_dataset, tmp_
     assert forced.did_work and read_shard(stage / "image-00000.h5")["views"].shape == (2, 3, 16)
 
 
+def test_a_copied_archive_with_new_modification_times_is_still_up_to_date(caption_dataset, tmp_path,
+                                                                           tiny_clip_spec):
+    cfg = config(caption_dataset, tmp_path / "run", tiny_clip_spec)
+    first = extract(cfg, progress=False, echo=quiet)
+    stage = tmp_path / "run" / "extract"
+    shards = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5")}
+    images = sorted((caption_dataset / "images").iterdir())
+    for image in images:  # as `cp` without -p leaves them
+        os.utime(image, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    said = []
+    assert not extract(cfg, progress=False, echo=said.append).did_work
+    assert "comparing the contents of 5 images" in said[0] and "contents are unchanged" in said[1]
+    assert "up to date" in said[2]
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["fingerprint"] == first.manifest["fingerprint"]  # later stages stay up to date
+    assert len(manifest["confirmed_listings"]) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5")} == shards
+    said = []
+    assert not extract(cfg, progress=False, echo=said.append).did_work and "up to date" in said[0]  # no re-read
+
+    # The same names and sizes but other bytes: stale, as before.
+    data = bytearray(images[0].read_bytes())
+    data[-3] ^= 0xFF
+    images[0].write_bytes(bytes(data))
+    with pytest.raises(DuchError, match="images_listing_sha256"):
+        extract(cfg, progress=False, echo=quiet)
+    assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5")} == shards  # nothing lost
+
+
 def test_resume_after_crash_redoes_only_missing_shards(caption_dataset, tmp_path, tiny_clip_spec):
     full = tmp_path / "full"
     extract(config(caption_dataset, full, tiny_clip_spec), progress=False, echo=quiet)
