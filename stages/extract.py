@@ -384,11 +384,14 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _stale_error(out_dir: Path, old: dict | None, new: dict) -> DuchError:
-    detail = ""
+def _stale_error(out_dir: Path, previous: dict | None, new: dict) -> DuchError:
+    detail, old = "", (previous or {}).get("basis")
     if old:
         changes = _changed_keys(old, new)
         detail = f" (changed: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})" if changes else ""
+        if _without_listing(old) == _without_listing(new) and not previous.get("images_content_sha256"):
+            detail += (" (made before extract kept a digest of the images' bytes, so an archive copied with new "
+                       "modification times cannot be told from an edited one)")
     return DuchError(f"{out_dir} holds embeddings made from other settings or inputs{detail}; "
                      "rerun with --force to redo it, or choose another --run directory")
 
@@ -424,7 +427,7 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     if previous and not force:
         if previous.get("fingerprint") != fingerprint:
             if not relisted_with_same_content(out_dir, previous, basis, dataset, echo, progress):
-                raise _stale_error(out_dir, previous.get("basis"), basis)
+                raise _stale_error(out_dir, previous, basis)
             fingerprint, basis = previous["fingerprint"], previous["basis"]
             previous = read_manifest(out_dir)
         damaged = damaged_outputs(out_dir, previous)

@@ -115,6 +115,15 @@ def test_a_copied_archive_with_new_modification_times_is_still_up_to_date(captio
     said = []
     assert not extract(cfg, progress=False, echo=said.append).did_work and "up to date" in said[0]  # no re-read
 
+    # A run made before the digest existed cannot tell, and says why.
+    from pipeline.manifest import write_manifest
+    write_manifest(stage, {k: v for k, v in manifest.items() if k not in ("images_content_sha256",
+                                                                          "confirmed_listings")})
+    os.utime(images[1], ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    with pytest.raises(DuchError, match="made before extract kept a digest of the images' bytes"):
+        extract(cfg, progress=False, echo=quiet)
+    write_manifest(stage, manifest)
+
     # The same names and sizes but other bytes: stale, as before.
     data = bytearray(images[0].read_bytes())
     data[-3] ^= 0xFF
