@@ -8,6 +8,17 @@ import torch.nn.functional as F
 def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """SimCLR's NT-Xent over N pairs (a_i, b_i): each of the 2N codes is an anchor whose positive is its pair
     and whose negatives are the other 2N - 2; cosine similarity over temperature tau, mean over anchors."""
+    return F.cross_entropy(*_nt_xent_logits(a, b, tau))
+
+
+def weighted_nt_xent(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """nt_xent with pair i's two anchors (a_i and b_i) weighted by weights[i]: the sum of the 2N weighted anchor
+    losses over 2N, so weights of one give nt_xent. A pair of weight 0 still serves the others as negatives."""
+    losses = F.cross_entropy(*_nt_xent_logits(a, b, tau), reduction="none")
+    return (losses * torch.cat([weights, weights])).mean()
+
+
+def _nt_xent_logits(a: torch.Tensor, b: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
     z = F.normalize(torch.cat([a, b]), dim=1)
     sim = (z @ z.T) / tau
@@ -15,7 +26,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     sim = sim.masked_fill(self_mask, float("-inf"))
     # Made on the device: a host-to-device copy would synchronise every step and cannot be graph-captured.
     positives = torch.cat([torch.arange(n, 2 * n, device=sim.device), torch.arange(0, n, device=sim.device)])
-    return F.cross_entropy(sim, positives)
+    return sim, positives
 
 
 def all_captions_contrastive(image: torch.Tensor, captions: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data.splits import Split, dataset_split, paper_split
@@ -30,11 +31,11 @@ from pipeline.hashing import CodeDiscriminator, DuchHeads
 from pipeline.encoders.base import autocast_for
 from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
                              bit_balance_groups, discriminator_loss, fooling_loss, gradient_penalty, nt_xent,
-                             nt_xent_groups, quantization, quantization_groups)
+                             nt_xent_groups, quantization, quantization_groups, weighted_nt_xent)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
 from pipeline.metrics import map_of_ranking
-from pipeline.noise import swap_captions
+from pipeline.noise import clean_probability, swap_captions
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
@@ -219,6 +220,9 @@ class StepState:
     # For w_inter_all: every caption's text-row index per training position [n, C], and the text features.
     caption_rows: torch.Tensor | None = None
     text: torch.Tensor | None = None
+    # For robust_inter: each training item's image-caption code cosine as last seen, and its pair's weight.
+    agreement: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
 
 
 def paper_terms(codes: tuple[torch.Tensor, ...], b: torch.Tensor, tau: float,
@@ -275,6 +279,9 @@ def train_step(state: StepState, cfg: TrainConfig, idx: torch.Tensor, eps: torch
     b = state.targets[idx]
     state.code_sums[idx] = (hi + hia + ht + hta).detach()
     terms = terms_of((hi, hia, ht, hta), b, cfg.tau, lambda: fooling_loss(disc(fake)))
+    if cfg.robust_inter:  # in place of the plain term (computed above with the others, in the fused GPU kernels)
+        state.agreement[idx] = (F.normalize(hi.detach(), dim=1) * F.normalize(ht.detach(), dim=1)).sum(dim=1)
+        terms["inter"] = weighted_nt_xent(hi, ht, state.clean[idx], cfg.tau)
     # Extra cross-modal positives, off in the paper's setting: weighted here, reported as one term.
     extra = ((cfg.w_inter_second, hi, hta), (cfg.w_inter_views, hia, hta))
     terms["inter_extra"] = sum((w * nt_xent(u, v, cfg.tau) for w, u, v in extra if w),
@@ -442,7 +449,8 @@ def training_state(state: StepState, schedules: list, gen: torch.Generator, log:
     return {"heads": state.heads.state_dict(), "disc": state.disc.state_dict(), "opt": state.opt.state_dict(),
             "disc_opt": state.disc_opt.state_dict(), "schedules": [s.state_dict() for s in schedules],
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "targets": state.targets,
-            "code_sums": state.code_sums, "banks": state.banks, "log": log}
+            "code_sums": state.code_sums, "banks": state.banks, "agreement": state.agreement, "clean": state.clean,
+            "log": log}
 
 
 def restore_training_state(saved: dict, state: StepState, schedules: list, gen: torch.Generator) -> dict:
@@ -461,6 +469,9 @@ def restore_training_state(saved: dict, state: StepState, schedules: list, gen: 
     if state.banks is not None:
         for name, bank in state.banks.items():
             bank.copy_(saved["banks"][name])
+    if state.clean is not None:
+        state.agreement.copy_(saved["agreement"])
+        state.clean.copy_(saved["clean"])
     return saved["log"]
 
 
@@ -504,6 +515,8 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     state = StepState(heads, disc, opt, disc_opt, list(views), targets, torch.zeros_like(targets), banks,
                       torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device),
                       *((data.captions[train], data.text) if cfg.w_inter_all else ()))
+    if cfg.robust_inter:
+        state.agreement, state.clean = torch.zeros(n, device=device), torch.ones(n, device=device)
     done = 0
     if checkpoints is not None:
         # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then
@@ -537,6 +550,8 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
         for schedule in schedules:
             schedule.step()
         state.targets.copy_(torch.where(state.code_sums >= 0, 1.0, -1.0))
+        if cfg.robust_inter and epoch >= cfg.robust_warmup:
+            state.clean.copy_(clean_probability(state.agreement))
         row = epoch_row(epoch, state.sums, len(batches))
         epoch_seconds.append(time.perf_counter() - started)
         if not all(math.isfinite(v) for v in row.values()):

@@ -94,7 +94,8 @@ def crash_after_training(monkeypatch):
     monkeypatch.setattr(th, "write_history", boom)
 
 
-@pytest.mark.parametrize("options", [{}, {"w_bank": 0.1, "drop_last": True, "augment_anchor": True}])
+@pytest.mark.parametrize("options", [{}, {"w_bank": 0.1, "drop_last": True, "augment_anchor": True},
+                                     {"robust_inter": True, "robust_warmup": 2, "caption_noise": 0.5}])
 def test_resumed_training_ends_with_the_uninterrupted_weights(run, tmp_path, monkeypatch, options):
     cfg = dict(FAST, **options)
     clean = tmp_path / "clean"

@@ -8,7 +8,7 @@ from pipeline.hamming import hamming
 from pipeline.hashing import pack_codes, unpack_codes
 from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
                              discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization,
-                             straight_through_sign)
+                             straight_through_sign, weighted_nt_xent)
 
 
 def test_nt_xent_on_a_hand_computed_case():
@@ -35,6 +35,17 @@ def test_nt_xent_matches_the_direct_formula(tau):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     assert float(nt_xent(a, b, tau)) == pytest.approx(direct_nt_xent(a, b, tau), rel=1e-5)
+
+
+def test_weighted_nt_xent_weights_each_pairs_two_anchors():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    assert float(weighted_nt_xent(a, b, torch.ones(3), 0.5)) == pytest.approx(float(nt_xent(a, b, 0.5)), abs=1e-6)
+    # Hand case of test_nt_xent_on_a_hand_computed_case: all four anchors lose log(2 + e) - 1; weights (1, 0)
+    # keep pair 0's two anchors of the four.
+    eye = torch.eye(2)
+    expected = 2 * (math.log(2 + math.e) - 1) / 4
+    assert float(weighted_nt_xent(eye, eye, torch.tensor([1.0, 0.0]))) == pytest.approx(expected, abs=1e-6)
 
 
 def test_binary_nt_xent_on_a_hand_computed_case():

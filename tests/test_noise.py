@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
-from pipeline.noise import swap_captions
+from pipeline.noise import clean_probability, swap_captions
 
 
 def test_no_share_keeps_every_caption_with_its_image():
@@ -25,3 +26,17 @@ def test_the_cycle_hands_captions_on_in_the_drawn_order():
     order = np.random.default_rng(0).permutation(4)
     for i in range(4):  # item order[i] trains with the captions of order[i - 1]
         assert owner[order[i]] == order[i - 1]
+
+
+def test_clean_probability_splits_low_agreement_from_high():
+    g = torch.Generator().manual_seed(0)
+    right = 0.7 + 0.1 * torch.randn(800, generator=g)
+    wrong = 0.1 + 0.1 * torch.randn(200, generator=g)
+    p = clean_probability(torch.cat([wrong, right]))
+    assert p.shape == (1000,) and p.dtype == torch.float32
+    assert float(p[:200].mean()) < 0.03 and float(p[200:].mean()) > 0.99
+    # Monotone in the agreement where the two groups meet, and independent of the items' order.
+    x = torch.tensor([0.1, 0.3, 0.4, 0.5, 0.7])
+    assert torch.all(torch.diff(clean_probability(torch.cat([x, wrong, right]))[:5]) > 0)
+    order = torch.randperm(1000, generator=g)
+    assert torch.allclose(clean_probability(torch.cat([wrong, right])[order]), p[order], atol=1e-6)

@@ -70,7 +70,7 @@ def test_options_added_later_enter_the_fingerprint_only_when_on(run):
     manifest_file = run / "train-hash" / "manifest.json"
     settings = json.loads(manifest_file.read_text())["basis"]["settings"]
     assert not set(TrainConfig.LATER_OPTIONS) & set(settings)  # what a run made before them holds
-    off = dict(w_inter_all=0.0, w_inter_binary=0.0, caption_noise=0.0)
+    off = dict(w_inter_all=0.0, w_inter_binary=0.0, caption_noise=0.0, robust_inter=False, robust_warmup=3)
     assert not train_hash(TrainConfig(run=str(run), **FAST, **off), progress=False, echo=quiet).did_work
     on = train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=1.0), progress=False, echo=quiet)
     assert on.did_work and on.manifest["basis"]["settings"]["w_inter_all"] == 1.0
@@ -204,6 +204,7 @@ def test_shards_of_different_dimensions_are_refused(run):
     dict(w_inter_second=1.0), dict(w_inter_views=1.0), dict(w_inter_all=1.0), dict(w_inter_binary=1.0),
     dict(w_bank=0.5), dict(drop_last=True, batch_size=5),
     dict(augment_anchor=True), dict(reference_quirks=True), dict(precision="fp32"),
+    dict(robust_inter=True, robust_warmup=1, caption_noise=0.5),
 ])
 def test_training_options_run_and_report_their_terms(run, option):
     result = train_hash(TrainConfig(run=str(run), **(FAST | dict(bits=(8,), epochs=2) | option)), progress=False,
@@ -385,6 +386,10 @@ def test_set_overrides_become_typed_fields_or_one_error_each():
     assert parse_overrides(["w_inter_all=2", "beta=0.005", "disc_betas=0.4,0.8", "drop_last=True", "bits=16",
                             "precision=fp32"], TrainConfig) == dict(
         w_inter_all=2.0, beta=0.005, disc_betas=(0.4, 0.8), drop_last=True, bits=(16,), precision="fp32")
+    assert parse_overrides(["robust_inter=true", "drop_last=off"], TrainConfig) == dict(robust_inter=True,
+                                                                                       drop_last=False)
+    with pytest.raises(DuchError, match=r"^--set drop_last=maybe: takes a bool \(like False\), not 'maybe'$"):
+        parse_overrides(["drop_last=maybe"], TrainConfig)
     with pytest.raises(DuchError, match=r"^--set beta=abc: takes a float \(like 0.01\), not 'abc'$"):
         parse_overrides(["beta=abc"], TrainConfig)
     with pytest.raises(DuchError, match=r"^--set lr_step=2.5: takes an int \(like 25\), not 2.5$"):
