@@ -100,15 +100,25 @@ def _size_and_mtime(path: str) -> tuple:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _image_rows(dataset: Dataset, describe: Callable[[str], tuple], missing: tuple, chunk: int,
+                bar: tqdm | None = None) -> list[tuple]:
+    """_file_rows of every image, in dataset order, `chunk` files to a task on 8 threads: on a shared filesystem
+    (NFS, Lustre) every stat or read is a round trip, and a cluster's archive is there."""
+    names = [item.image for item in dataset.items]
+    chunks = [names[s:s + chunk] for s in range(0, len(names), chunk)]
+    describe_chunk = functools.partial(_file_rows, os.fspath(dataset.images_dir), describe=describe, missing=missing)
+    rows = []
+    with ThreadPoolExecutor(max_workers=min(8, len(chunks)) or 1) as pool:
+        for part in pool.map(describe_chunk, chunks):
+            rows += part
+            if bar is not None:
+                bar.update(len(part))
+    return rows
+
+
 def input_fingerprint(dataset: Dataset) -> dict:
     """Annotation by content; images by (path, size, mtime): cheap for millions of files, and it sees edits."""
-    root = os.fspath(dataset.images_dir)
-    names = [item.image for item in dataset.items]
-    chunks = [names[s:s + 4096] for s in range(0, len(names), 4096)]
-    # On threads: on a shared filesystem (NFS, Lustre) every stat is a round trip, and a cluster's archive is there.
-    with ThreadPoolExecutor(max_workers=min(8, len(chunks)) or 1) as pool:
-        stat = functools.partial(_file_rows, root, describe=_size_and_mtime, missing=(None, None))
-        listing = [row for part in pool.map(stat, chunks) for row in part]
+    listing = _image_rows(dataset, _size_and_mtime, (None, None), chunk=4096)
     source = dataset.source if dataset.source.is_file() else None
     return {
         "kind": dataset.kind,
@@ -123,17 +133,9 @@ def images_content_digest(dataset: Dataset, progress: bool = False) -> str:
     """One digest of every image's path and bytes, in dataset order. Not in the fingerprint (that would mean
     reading the whole archive at every rerun): kept beside it, to tell a copied or restored archive (new
     modification times, the same bytes) from a changed one when the quick listing differs."""
-    root = os.fspath(dataset.images_dir)
-    names = [item.image for item in dataset.items]
-    chunks = [names[s:s + 256] for s in range(0, len(names), 256)]
-    rows = []
-    with ThreadPoolExecutor(max_workers=min(8, len(chunks)) or 1) as pool, \
-            tqdm(total=len(names), unit="img", desc="hashing images", disable=not progress, dynamic_ncols=True) as bar:
-        hash_files = functools.partial(_file_rows, root, describe=lambda path: (sha256_file(path),), missing=(None,))
-        for part in pool.map(hash_files, chunks):  # hashlib frees the GIL on large blocks
-            rows += part
-            bar.update(len(part))
-    return digest(rows)
+    with tqdm(total=len(dataset.items), unit="img", desc="hashing images", disable=not progress,
+              dynamic_ncols=True) as bar:  # on threads: hashlib frees the GIL on large blocks
+        return digest(_image_rows(dataset, lambda path: (sha256_file(path),), (None,), chunk=256, bar=bar))
 
 
 def _without_listing(basis: dict) -> dict:
@@ -141,26 +143,27 @@ def _without_listing(basis: dict) -> dict:
 
 
 def relisted_with_same_content(out_dir: Path, previous: dict, basis: dict, dataset: Dataset,
-                               echo: Callable[[str], None], progress: bool = False) -> bool:
-    """Whether the finished stage still holds this archive although the images' quick listing (path, size, mtime)
-    changed and nothing else did: their bytes hash as they did at extraction (a copy, a restore from backup, a
-    `touch`). Then the listing is recorded as confirmed, so the next rerun finds it at once, and the stage keeps its
-    fingerprint: the later stages stay up to date too."""
+                               echo: Callable[[str], None], progress: bool = False) -> dict | None:
+    """The finished stage's manifest if it still holds this archive although the images' quick listing (path,
+    size, mtime) changed and nothing else did: their bytes hash as they did at extraction (a copy, a restore from
+    backup, a `touch`); else None. The listing is then recorded as confirmed, so the next rerun finds it at once,
+    and the stage keeps its fingerprint: the later stages stay up to date too."""
     listing = basis["inputs"]["images_listing_sha256"]
     if "basis" not in previous or _without_listing(previous["basis"]) != _without_listing(basis):
-        return False
+        return None
     if listing in previous.get("confirmed_listings", []):
-        return True
+        return previous
     if not previous.get("images_content_sha256"):
-        return False
+        return None
     echo(f"extract: the images' sizes or modification times changed since extraction; comparing the contents of "
          f"{len(dataset.items)} images with what was extracted")
     if images_content_digest(dataset, progress) != previous["images_content_sha256"]:
-        return False
+        return None
     echo("extract: the images' contents are unchanged; the extracted embeddings still hold")
+    confirmed = {**previous, "confirmed_listings": [*previous.get("confirmed_listings", []), listing]}
     with write_errors(out_dir):
-        write_manifest(out_dir, {**previous, "confirmed_listings": [*previous.get("confirmed_listings", []), listing]})
-    return True
+        write_manifest(out_dir, confirmed)
+    return confirmed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -426,10 +429,10 @@ def _extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[st
     previous = read_manifest(out_dir)
     if previous and not force:
         if previous.get("fingerprint") != fingerprint:
-            if not relisted_with_same_content(out_dir, previous, basis, dataset, echo, progress):
+            confirmed = relisted_with_same_content(out_dir, previous, basis, dataset, echo, progress)
+            if confirmed is None:
                 raise _stale_error(out_dir, previous, basis)
-            fingerprint, basis = previous["fingerprint"], previous["basis"]
-            previous = read_manifest(out_dir)
+            previous, fingerprint, basis = confirmed, confirmed["fingerprint"], confirmed["basis"]
         damaged = damaged_outputs(out_dir, previous)
         for path in damaged:
             echo(f"extract: {path} is missing or does not match its checksum; writing it again")
