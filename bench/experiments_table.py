@@ -37,7 +37,9 @@ moving average of the heads' weights), `contrast_group` (NT-Xent negatives only 
 binary outputs), and `w_semantic` with `semantic_floor` (DJSRH-style: the cosines of the batch's image-caption,
 image-image and caption-caption code pairs regressed onto the cosines of the items' mean caption embeddings,
 [floor, 1] mapped onto [0, 1], lower ones onto 0).
-`*-s345` files repeat a setting with seeds 3 to 5.
+`*-s345` files repeat a setting with seeds 3 to 5. `ensemble-16-64` is the first with `view_ensemble` (an image's code
+from the head's mean over the image and its 2 cached views), on by default since; every run before it coded
+images from the image alone, as the paper does, and the files without a `resolved` config say so too.
 Seconds are not comparable between files: some runs shared the 2 cores with other work.
 """
 
@@ -46,10 +48,13 @@ def over_what(data: dict, current: dict) -> str:
     resolved = data.get("resolved")
     if resolved is None:
         return "over the paper"
-    tried = set(data["settings"]) | {"bits", "seed"}
+    tried = set(data["settings"]) | {"bits", "seed", "view_ensemble"}
     # A field newer than the file is the same when it is off (options are added off), else it changed behaviour.
     same = all(resolved[k] == v if k in resolved else not v for k, v in current.items() if k not in tried)
-    return "over the duch defaults" if same else "over the duch defaults then"
+    # view_ensemble came on by default: the files from before it coded images from the image alone.
+    alone = not data["settings"].get("view_ensemble", resolved.get("view_ensemble", False))
+    return ("over the duch defaults" if same else "over the duch defaults then") + (
+        ", image codes from the image alone" if alone and current["view_ensemble"] else "")
 
 
 def rows() -> list[str]:

@@ -118,18 +118,30 @@ class Index:
 
     @torch.no_grad()
     def embed_image(self, paths: list[str | Path]) -> np.ndarray:
-        """Image files -> continuous codes [Q, K], converted and embedded as extract does."""
+        """Image files -> continuous codes [Q, K], converted and embedded as extract does. Where the archive's
+        image codes average the head over augmented views (encode-archive's `image_code`), the query's are made
+        the same way, its views drawn as extract draws an item's with the file's name stem as the id: an archive
+        image given as a query, under its own file name, gets its archive code."""
+        from data.augment import ImageAugment, augment_image, view_rng
         from data.images import ImageLoadError, load_image
+        from stages.train_hash import image_codes
 
         encoder = self._encoder("image")
+        code = self.manifest.get("image_code") or {"views": 0}
+        n_views = int(code["views"])
+        augment = ImageAugment(**{k: tuple(v) if isinstance(v, list) else v for k, v in code["augment"].items()}) \
+            if n_views else None
         pixels = []
         for path in paths:
             try:
-                pixels.append(encoder.transform(load_image(Path(path))))
+                img = load_image(Path(path))
             except ImageLoadError as e:
                 raise DuchError(f"query image {path}: {e}") from None
-        emb = encoder.encode(torch.stack(pixels)).to(self.device)
-        return self.heads.image(emb.float()).float().cpu().numpy()
+            pixels.append(encoder.transform(img))
+            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), Path(path).stem, v), augment))
+                       for v in range(1, n_views + 1)]
+        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(paths), 1 + n_views, -1)
+        return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
 
     def item(self, item_id: str) -> tuple[str, int]:
         """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""

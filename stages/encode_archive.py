@@ -71,6 +71,11 @@ class ModelRun:
     models: dict[int, Model]
 
     @property
+    def view_ensemble(self) -> bool:
+        """Whether its image codes average the head over the image and its augmented views (TrainConfig)."""
+        return bool(self.manifest["config"].get("view_ensemble", False))  # runs made before the option: no
+
+    @property
     def encoders(self) -> dict:
         """{"image": spec, "text": spec or None}: what a query must be embedded with."""
         config = self.extract["config"]
@@ -143,13 +148,23 @@ def check_archive(model_run: ModelRun, archive: dict, archive_dir: Path) -> None
 
 # ---------------------------------------------------------------------------------------------- encoding
 @torch.no_grad()
-def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.device, batch: int) -> np.ndarray:
-    """Head outputs in fp32 (what train-hash validates with), [n, K]."""
+def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.device, batch: int,
+                     views: np.ndarray | None = None) -> np.ndarray:
+    """Head outputs in fp32 (what train-hash validates with), [n, K]; with `views` [n, V, D] their mean over the
+    image and its views, as train-hash's image_codes."""
+    from stages.train_hash import image_codes
+
     out = []
     for s in range(0, len(emb), batch):
         x = torch.as_tensor(np.asarray(emb[s:s + batch], dtype=np.float32), device=device)
-        out.append(head(x).float().cpu().numpy())
+        v = None if views is None else torch.as_tensor(np.asarray(views[s:s + batch], dtype=np.float32), device=device)
+        out.append(image_codes(head, x, v).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, head.net[3].out_features), np.float32)
+
+
+def archive_views(model_run: ModelRun, archive: dict) -> int:
+    """How many augmented views each image code averages: all the archive has when the model asks for it."""
+    return int(archive["counts"].get("image_views", 0)) if model_run.view_ensemble else 0
 
 
 def shard_rows(stage: Path, output: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -171,6 +186,7 @@ class PartJob:
     output: dict  # the extract manifest's entry for the shard
     models: dict  # {bits: Model}
     continuous: bool
+    views: int  # augmented views averaged into each image code (archive_views); 0: the image alone
     device: str
     batch: int
     threads: int | None
@@ -178,8 +194,8 @@ class PartJob:
     key: str  # the shard and settings it is made from; a part with another key is redone
 
 
-def part_key(output: dict, continuous: bool) -> str:
-    return digest({"shard": output["sha256"], "continuous": continuous})
+def part_key(output: dict, continuous: bool, views: int) -> str:
+    return digest({"shard": output["sha256"], "continuous": continuous, "views": views})
 
 
 def _models_attr(models: dict[int, Model]) -> str:
@@ -200,10 +216,12 @@ def encode_part(job: PartJob) -> dict:
     modality = job.output["modality"]
     # The part holds the codes only: the driver reads the rows' ids from the shard as it merges, so no string
     # is written twice.
-    emb = shard_rows(archive_dir, job.output, ("emb",))["emb"]
+    views = modality == "image" and job.views > 0
+    rows = shard_rows(archive_dir, job.output, ("emb", "views") if views else ("emb",))
+    emb = rows["emb"]
     arrays = {}
     for bits, pair in heads.items():
-        h = continuous_codes(getattr(pair, modality), emb, device, job.batch)
+        h = continuous_codes(getattr(pair, modality), emb, device, job.batch, rows.get("views"))
         arrays[f"codes-{bits}"] = np.packbits(h >= 0, axis=1, bitorder="big")
         if job.continuous:
             arrays[f"continuous-{bits}"] = h.astype(np.float16)
@@ -267,7 +285,12 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
         raise DuchError(f"--bits {','.join(map(str, missing))}: {model_run.run} has models for "
                         f"{','.join(map(str, model_run.models))} bits only")
     out_dir = stage_dir(archive_run, STAGE)
-    attrs = {"extract_fingerprint": archive["fingerprint"]}
+    views = archive_views(model_run, archive)
+    if model_run.view_ensemble and not views:
+        echo(f"encode-archive: {archive_dir} has no augmented image views (extracted with --image-views 0), so its "
+             "image codes come from the images alone, not averaged over views as the model was validated; "
+             "re-extract with --image-views 2 for the view-averaged codes")
+    attrs = {"extract_fingerprint": archive["fingerprint"], "image_views": views}
     # Code lengths encoded earlier by this model from this archive stay listed; files of other models go.
     kept = [b for b, m in model_run.models.items()
             if b not in bits_list and _code_file_done(out_dir / codes_name(b), m, attrs, cfg)]
@@ -276,7 +299,7 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
             stale.unlink()
     models = {b: model_run.models[b] for b in sorted((*bits_list, *kept))}
     basis = {"archive": archive["fingerprint"], "models": {str(b): m.sha256 for b, m in models.items()},
-             "continuous": cfg.continuous, "index": cfg.index}
+             "continuous": cfg.continuous, "index": cfg.index, **({"image_views": views} if views else {})}
     previous = read_manifest(out_dir)
     if previous and not force and previous.get("fingerprint") == digest(basis):
         damaged = damaged_outputs(out_dir, previous)
@@ -300,7 +323,7 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
     if force and parts_dir.exists():
         shutil.rmtree(parts_dir)
     if todo:
-        device, execution, timings = _encode_parts(cfg, archive_dir, archive, todo, parts_dir, progress, echo)
+        device, execution, timings = _encode_parts(cfg, archive_dir, archive, todo, views, parts_dir, progress, echo)
         t1 = time.perf_counter()
         writers = {b: CodeWriter(out_dir / codes_name(b), b, rows, cfg.continuous,
                                  {**attrs, "model_sha256": m.sha256}) for b, m in todo.items()}
@@ -338,6 +361,9 @@ def _encode_archive(cfg: EncodeConfig, force: bool, progress: bool, echo: Callab
         "models": {str(b): {"file": _relative(m.path, out_dir), "sha256": m.sha256, "hidden": m.hidden}
                    for b, m in models.items()},
         "rows": rows, "index": {"kind": cfg.index, "files": indexes} if cfg.index else None,
+        # How an image query must be coded to match the archive's image codes (pipeline.search).
+        "image_code": {"views": views, **({"seed": archive["config"]["seed"],
+                                            "augment": archive["config"]["image_augment"]} if views else {})},
         "outputs": outputs, "timings": {**timings, "total_s": round(seconds, 3)},
     }
     write_manifest(out_dir, manifest)
@@ -351,8 +377,8 @@ def _relative(path: Path, stage: Path) -> str:
     return os.path.relpath(Path(path).resolve(), stage.resolve())
 
 
-def _encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: dict[int, Model], parts_dir: Path,
-                  progress: bool, echo: Callable[[str], None]) -> tuple[str, dict, dict]:
+def _encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: dict[int, Model], views: int,
+                  parts_dir: Path, progress: bool, echo: Callable[[str], None]) -> tuple[str, dict, dict]:
     """One part file per extract shard not encoded yet, in this process or on the cluster; (device, execution,
     timings). Parts of a killed run made from the same shard and models are kept."""
     scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
@@ -360,11 +386,11 @@ def _encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: d
     device = str(resolve_device(cfg.device)) if here else cfg.device
     jobs = []
     for output in archive["outputs"]:
-        key = part_key(output, cfg.continuous)
+        key = part_key(output, cfg.continuous, views)
         part = parts_dir / output["file"]
         if not _part_done(part, key, models):
-            jobs.append(PartJob(str(archive_dir), output, models, cfg.continuous, device, cfg.batch_size, cfg.threads,
-                                str(part), key))
+            jobs.append(PartJob(str(archive_dir), output, models, cfg.continuous, views, device, cfg.batch_size,
+                                cfg.threads, str(part), key))
     n_parts = len(archive["outputs"])
     if len(jobs) < n_parts:
         echo(f"encode-archive: resuming, {n_parts - len(jobs)} of {n_parts} shards already encoded")
@@ -420,7 +446,8 @@ def _code_file_done(path: Path, model: Model, attrs: dict, cfg: EncodeConfig) ->
         return False
     has_continuous = all(t.continuous is not None for t in tables.values())
     return (found.get("model_sha256") == model.sha256 and found.get("extract_fingerprint") == attrs[
-        "extract_fingerprint"] and has_continuous == cfg.continuous)
+        "extract_fingerprint"] and int(found.get("image_views", 0)) == attrs["image_views"]
+        and has_continuous == cfg.continuous)
 
 
 def load_encode_manifest(run: str | Path) -> tuple[Path, dict]:

@@ -146,14 +146,20 @@ def _lowest_classes(per_class: dict[str, float], most: int = 3) -> str:
     return ", ".join(missed) or "all 1.00"
 
 
-def format_tables(results: dict, k: int, split: dict, instance_label: str) -> str:
+def image_code_label(views: int) -> str:
+    return (f"image codes: mean over each image and its {views} augmented views" if views else
+            "image codes: from the image alone")
+
+
+def format_tables(results: dict, k: int, split: dict, instance_label: str, image_views: int = 0) -> str:
     bits = sorted(results, key=int)
     head = " / ".join(bits)
     has_class = any(results[b].get("class") for b in bits)
     lines = []
     if has_class:
         q, db, tr = len(split["query"]), len(split["database"]), len(split["train"])
-        lines.append(f"mAP@{k}, Hamming ranking ({split['mode']} split: {tr} train / {q} query / {db} database)")
+        lines.append(f"mAP@{k}, Hamming ranking ({split['mode']} split: {tr} train / {q} query / {db} database; "
+                     f"{image_code_label(image_views)})")
         for pair in (("I->T", "T->I"), ("I->I", "T->T")):
             lines.append(f"| method | {pair[0]} {head} bits | {pair[1]} {head} bits |")
             lines.append("|---|---|---|")
@@ -277,13 +283,14 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
         }
     instance_label = (f"{split['mode']} split's {'test' if split['mode'] == 'dataset' else 'query'} items: "
                       f"{len(split['query'])} images and their captions")
-    table = format_tables(results, cfg.k, split, instance_label)
+    image_views = int((encoded.get("image_code") or {"views": 0})["views"])
+    table = format_tables(results, cfg.k, split, instance_label, image_views)
     out_dir = stage_dir(run, STAGE)
     with write_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)
     metrics = {"k": cfg.k, "rerank": cfg.rerank, "split": {s: len(split[s]) for s in ("train", "query", "database")},
-               "split_mode": split["mode"], "instance_items": instance_label,
+               "split_mode": split["mode"], "instance_items": instance_label, "image_views_averaged": image_views,
                "tie_break": "database order", "results": results}
     write_json_atomic(out_dir / "metrics.json", metrics)
     with write_errors(out_dir / "table.md"):

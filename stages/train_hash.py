@@ -169,10 +169,24 @@ def binary_targets(heads: DuchHeads, views, chunk: int = 65536) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(head: torch.nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """The head's outputs in eval mode (BatchNorm's running statistics), leaving the head in the mode it was."""
+    was_training = head.training
     head.eval()
     out = torch.cat([head(x[s:s + batch]) for s in range(0, len(x), batch)])
-    head.train()
+    head.train(was_training)
     return out
+
+
+@torch.no_grad()
+def image_codes(head: torch.nn.Module, image: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+    """Continuous codes of images [n, D]: the head's output, or with `views` [n, V, D] its mean over the image and
+    the views (TrainConfig.view_ensemble), whose sign is the code. encode-archive calls this too."""
+    codes = encode(head, image)
+    if views is None or views.shape[1] == 0:
+        return codes
+    for v in range(views.shape[1]):
+        codes += encode(head, views[:, v])
+    return codes / (1 + views.shape[1])
 
 
 def hamming_ranking(query: torch.Tensor, database: torch.Tensor) -> np.ndarray:
@@ -186,12 +200,14 @@ def hamming_ranking(query: torch.Tensor, database: torch.Tensor) -> np.ndarray:
 
 
 def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
-                   k: int) -> dict:
+                   k: int, view_ensemble: bool = False) -> dict:
     """mAP@k of the four directions under both definitions, Hamming ranking, ties by database order."""
     device = data.image.device
     q, db = torch.as_tensor(split.query, device=device), torch.as_tensor(split.database, device=device)
+    images = lambda rows: image_codes(heads.image, data.image[rows],  # noqa: E731
+                                      data.views[rows] if view_ensemble else None)
     codes = {
-        "I": (encode(heads.image, data.image[q]), encode(heads.image, data.image[db])),
+        "I": (images(q), images(db)),
         "T": (encode(heads.text, data.text[eval_text[q]]), encode(heads.text, data.text[eval_text[db]])),
     }
     out = {}
@@ -558,7 +574,8 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
             raise DuchError(f"{bits} bits: the loss became NaN/Inf at epoch {epoch}; lower --lr or check features")
         history.append(row)
         if evaluate and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            evals.append({"epoch": epoch, "map": evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k)})
+            evals.append({"epoch": epoch, "map": evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k,
+                                                                 cfg.view_ensemble)})
         bar.set_postfix(loss=f"{row['total']:.3f}", inter=f"{row['inter']:.3f}", disc=f"{row['discriminator']:.3f}",
                         items_s=f"{epoch * n / (time.perf_counter() - t0):.0f}")
         if checkpoints is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \

@@ -18,7 +18,7 @@ from pipeline.search import Index
 from stages.encode_archive import encode_archive
 from stages.evaluate import evaluate
 from stages.extract import extract
-from stages.train_hash import encode, load_heads, train_hash
+from stages.train_hash import encode, image_codes, load_heads, train_hash
 from tests.conftest import ASSETS, REAL_JPEGS, TINY_CLIP
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=3, device="cpu")
@@ -57,17 +57,36 @@ def test_codes_are_the_packed_signs_of_the_trained_heads(run):
     for bits in (8, 16):
         attrs, tables = open_codes(result.stage_dir / f"codes-{bits}.h5")
         heads = load_heads(run / "train-hash" / f"bits-{bits}" / "model.safetensors", 16, 16, bits, 32)
-        h_image = encode(heads.image, torch.as_tensor(features.image, dtype=torch.float32)).numpy()
+        # view_ensemble (the default): an image's code is the sign of the head's mean over it and its 2 views.
+        h_image = image_codes(heads.image, torch.as_tensor(features.image, dtype=torch.float32),
+                              torch.as_tensor(features.views, dtype=torch.float32)).numpy()
+        assert not np.allclose(h_image, encode(heads.image, torch.as_tensor(features.image, dtype=torch.float32)))
         assert isinstance(tables["image"].codes, np.memmap) and tables["image"].codes.shape == (24, bits // 8)
         assert (tables["image"].codes == np.packbits(h_image >= 0, axis=1)).all()
         assert np.allclose(tables["image"].continuous, h_image, atol=1e-3)
         assert tables["image"].meta["ids"].tolist() == features.ids.tolist()
         assert len(tables["text"]) == 48 and attrs["bits"] == bits  # two real captions per image
-        assert attrs["model_sha256"] == result.manifest["models"][str(bits)]["sha256"]
+        assert attrs["model_sha256"] == result.manifest["models"][str(bits)]["sha256"] and attrs["image_views"] == 2
+    assert result.manifest["image_code"] == {"views": 2, "seed": 0, "augment": load_features(run).manifest[
+        "config"]["image_augment"]}
     said = []
     assert not encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False,
                               echo=said.append).did_work
     assert "up to date" in said[0]
+
+
+def test_a_model_validated_on_images_alone_codes_images_alone(run):
+    """view_ensemble=False (the paper's recipe): image codes from the image's embedding only, as it validated."""
+    train_hash(TrainConfig(run=str(run), **FAST, view_ensemble=False), progress=False, echo=quiet)
+    result = encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    heads = load_heads(run / "train-hash" / "bits-16" / "model.safetensors", 16, 16, 16, 32)
+    h_image = encode(heads.image, torch.as_tensor(load_features(run).image, dtype=torch.float32)).numpy()
+    attrs, tables = open_codes(result.stage_dir / "codes-16.h5")
+    assert (tables["image"].codes == np.packbits(h_image >= 0, axis=1)).all() and attrs["image_views"] == 0
+    assert result.manifest["image_code"] == {"views": 0}
+    trained = json.loads((run / "train-hash" / "manifest.json").read_text())["results"]["16"]["map"]
+    metrics = evaluate(EvaluateConfig(run=str(run)), echo=quiet).metrics["results"]["16"]["class"]
+    assert all(metrics[d]["map"] == pytest.approx(trained[d]) for d in trained)
 
 
 def test_a_killed_encode_keeps_finished_code_lengths_and_no_half_file(run, monkeypatch):
@@ -106,9 +125,12 @@ def test_a_new_archive_with_the_same_encoders_is_encoded_and_searchable(run, tmp
     extract(ExtractConfig(data=str(data / "images"), run=str(archive), image_encoder=tiny_clip_spec,
                           text_encoder=tiny_clip_spec, image_views=0, workers=0, device="cpu"),
             progress=False, echo=quiet)
+    said = []
     result = encode_archive(EncodeConfig(run=str(run), archive=str(archive), device="cpu"), progress=False,
-                            echo=quiet)
+                            echo=said.append)
     assert result.stage_dir == archive / "encode-archive"
+    # The model averages image codes over views, but this archive has none: said, and coded from the images alone.
+    assert "has no augmented image views" in said[0] and result.manifest["image_code"] == {"views": 0}
     _, tables = open_codes(result.stage_dir / "codes-16.h5")
     assert set(tables) == {"image"} and len(tables["image"]) == 3
     hits = Index.load(archive, bits=16, device="cpu").search(text="many planes", k=5)
@@ -130,7 +152,7 @@ def test_an_archive_from_other_encoders_is_refused(run, tmp_path):
     assert not (archive / "encode-archive").exists()
 
 
-def test_search_by_text_image_and_id_matches_a_direct_scan(run):
+def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path):
     encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
     index = Index.load(run, bits=16, device="cpu")
     _, tables = open_codes(run / "encode-archive" / "codes-16.h5")
@@ -143,9 +165,15 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run):
     assert [h.row for h in hits] == np.argsort(d, kind="stable")[:6].tolist()
     assert [h.distance for h in hits] == sorted(h.distance for h in hits)
     assert all(h.modality == "image" and h.path.endswith(".jpg") and h.label for h in hits)
-    # By an image file: the archive's copy of that tile (item 0, first of its ties) at distance 0.
+    # By an image file: a copy of that tile (items 0, 5, 10, ...) at distance 0. Under its archive name, 0.jpg, its
+    # views are drawn as item 0's were, so it gets item 0's code.
     image_hits = index.search(image=ASSETS / REAL_JPEGS[0], k=3, modality="image")
-    assert (image_hits[0].id, image_hits[0].distance) == ("0", 0)
+    assert image_hits[0].distance == 0 and int(image_hits[0].id) % len(REAL_JPEGS) == 0
+    as_item = tmp_path / "0.jpg"
+    shutil.copy(ASSETS / REAL_JPEGS[0], as_item)
+    assert np.allclose(index.embed_image([as_item])[0], tables["image"].continuous[0], atol=2e-3)
+    hit = index.search(image=as_item, k=1, modality="image")[0]
+    assert (hit.id, hit.distance) == ("0", 0)
     # By id: captions by default; re-ranked by cosine within a Hamming shortlist.
     by_id = index.search(id="0", k=4, rerank_top=10)
     assert all(h.modality == "text" and h.caption for h in by_id)

@@ -17,8 +17,8 @@ from pipeline.hamming import hamming
 from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes
 from pipeline.metrics import ranking
 from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
-                               fused_terms, graph_chunks, hamming_ranking, load_heads, make_optimizers, paper_terms,
-                               prepare, sample_views, train_hash, train_step)
+                               fused_terms, graph_chunks, hamming_ranking, image_codes, load_heads, make_optimizers,
+                               paper_terms, prepare, sample_views, train_hash, train_step)
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=2, device="cpu")
 
@@ -66,14 +66,19 @@ def test_outputs_table_and_rerun(run):
 
 def test_options_added_later_enter_the_fingerprint_only_when_on(run):
     """A run trained before an option existed stays up to date while the option is off; turning it on retrains."""
-    train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    off = dict(w_inter_all=0.0, w_inter_binary=0.0, caption_noise=0.0, robust_inter=False, robust_warmup=3,
+               view_ensemble=False)
+    train_hash(TrainConfig(run=str(run), **FAST, **off), progress=False, echo=quiet)
     manifest_file = run / "train-hash" / "manifest.json"
     settings = json.loads(manifest_file.read_text())["basis"]["settings"]
     assert not set(TrainConfig.LATER_OPTIONS) & set(settings)  # what a run made before them holds
-    off = dict(w_inter_all=0.0, w_inter_binary=0.0, caption_noise=0.0, robust_inter=False, robust_warmup=3)
-    assert not train_hash(TrainConfig(run=str(run), **FAST, **off), progress=False, echo=quiet).did_work
-    on = train_hash(TrainConfig(run=str(run), **FAST, w_inter_all=1.0), progress=False, echo=quiet)
+    assert not train_hash(TrainConfig(run=str(run), **FAST, **{**off, "robust_warmup": 7}), progress=False,
+                          echo=quiet).did_work
+    on = train_hash(TrainConfig(run=str(run), **FAST, **{**off, "w_inter_all": 1.0}), progress=False, echo=quiet)
     assert on.did_work and on.manifest["basis"]["settings"]["w_inter_all"] == 1.0
+    # view_ensemble is on by default: a default run is not one made before it (its validation mAPs differ).
+    default = train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    assert default.did_work and default.manifest["basis"]["settings"]["view_ensemble"] is True
 
 
 def outputs(manifest: dict) -> list[dict]:
@@ -346,6 +351,20 @@ def test_hamming_ranking_ranks_as_packed_codes_do():
     assert np.array_equal(hamming_ranking(query, database), expected)
 
 
+def test_image_codes_average_the_head_over_the_image_and_its_views():
+    head = torch.nn.Tanh()
+    image = torch.tensor([[0.5, -2.0, 0.2]])
+    views = torch.tensor([[[1.0, 0.0, -1.0], [-1.0, 1.0, -1.0]]])  # [n=1, V=2, D=3]
+    got = image_codes(head, image, views)
+    # (tanh 0.5 + tanh 1 + tanh -1) / 3, (tanh -2 + 0 + tanh 1) / 3, (tanh 0.2 + 2 tanh -1) / 3
+    assert torch.allclose(got, torch.tensor([[0.154039, -0.067478, -0.441938]]), atol=1e-6)
+    assert torch.equal(image_codes(head, image, None), torch.tanh(image))  # the image alone: its sign is 1
+    assert torch.equal(image_codes(head, image, views[:, :0]), torch.tanh(image))
+    bn = torch.nn.BatchNorm1d(3).train()
+    image_codes(bn, torch.randn(4, 3), torch.randn(4, 2, 3))
+    assert bn.training and int(bn.num_batches_tracked) == 0  # coded in eval mode, handed back as it was
+
+
 def test_recipes_the_defaults_and_the_papers_settings():
     # DESIGN.md section 1's values, field by field: the paper recipe must give every one of them.
     paper = dict(batch_size=256, epochs=100, hidden=4096, tau=1.0, w_inter=1.0, w_image=1.0, w_text=1.0, alpha=0.01,
@@ -359,6 +378,7 @@ def test_recipes_the_defaults_and_the_papers_settings():
     # The quantization weight: the paper's at every code length; the default's grows with it from 0.01 at 64 bits.
     assert [cfg.quantization_weight(k) for k in (16, 64, 128)] == [0.001] * 3
     assert [default.quantization_weight(k) for k in (16, 32, 64, 128)] == [0.0025, 0.005, 0.01, 0.02]
+    assert default.view_ensemble and not cfg.view_ensemble  # the paper codes an image from the image alone
     assert TrainConfig.recipe("paper", run="r", epochs=3).epochs == 3  # given fields win over the recipe's
     with pytest.raises(DuchError, match="--recipe 'fast': unknown; use one of duch, paper"):
         TrainConfig.recipe("fast", run="r")
