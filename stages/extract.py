@@ -32,7 +32,7 @@ from pipeline.features import damaged_outputs
 from pipeline.lock import run_lock, sweep_temporaries
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_manifest
 from pipeline.rundir import clear_stage, stage_dir
-from pipeline.shards import read_attrs, read_shard, shard_name, temp_path, write_shard
+from pipeline.shards import read_attrs, read_shard, shard_name, write_shard
 from pipeline.storage import write_errors
 
 STAGE = "extract"

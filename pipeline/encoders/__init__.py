@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline import DuchError
 from pipeline.encoders.base import ImageEncoder, TextEncoder
