@@ -204,8 +204,8 @@ class TrainConfig:
     # Training for wrong captions: the (image, caption) term weights each item by the probability that its pair is
     # right (pipeline.noise.clean_probability over the items' image-caption code cosines, refit every epoch after
     # robust_warmup epochs; weights 1 until then). UCM, 64 bits, 3 seeds: with half the training captions wrong
-    # (caption_noise=0.5) I->T / T->I / I->I .902 / .980 / .876 against .697 / .880 / .588; on the clean captions
-    # .915 / .977 / .892 against .955 / .992 / .947, since the mixture splits the right pairs too. Off.
+    # (caption_noise=0.5) I->T / T->I / I->I .915 / .977 / .897 against .757 / .927 / .676; on the clean captions
+    # .931 / .976 / .911 against .971 / .993 / .961, since the mixture splits the right pairs too. Off.
     robust_inter: bool = False
     robust_warmup: int = 5
     # An image's code is the mean of the image head's outputs over the image and its cached augmented views, then
