@@ -36,7 +36,9 @@ moving average of the heads' weights), `contrast_group` (NT-Xent negatives only 
 `tanh_scale` (the heads' tanh(s x), s raised from 1 to that value over the epochs: HashNet's continuation towards
 binary outputs), and `w_semantic` with `semantic_floor` (DJSRH-style: the cosines of the batch's image-caption,
 image-image and caption-caption code pairs regressed onto the cosines of the items' mean caption embeddings,
-[floor, 1] mapped onto [0, 1], lower ones onto 0).
+[floor, 1] mapped onto [0, 1], lower ones onto 0), and `inter_pair` (the (image, caption) NT-Xent on the mean of
+the image's and its view's codes, `image_view_mean`, or that against the mean of the two captions' codes,
+`both_view_means`: training as the view ensemble codes images).
 `*-s345` files repeat a setting with seeds 3 to 5. `ensemble-16-64` is the first with `view_ensemble` (an image's code
 from the head's mean over the image and its 2 cached views), on by default since; every run before it coded
 images from the image alone, as the paper does, and the files without a `resolved` config say so too.
