@@ -252,7 +252,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, echo: Callable[[str], N
 
 
 def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResult:
-    from stages.encode_archive import load_encode_manifest, load_model_run
+    from stages.encode_archive import archive_views, load_encode_manifest, load_model_run
 
     run = Path(cfg.run)
     t0 = time.perf_counter()
@@ -262,6 +262,12 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
     split = json.loads(split_path.read_text())
     if not split["query"]:
         raise DuchError(f"{run} was trained with --split all: there is no held-out query set to evaluate on")
+    image_views = int((encoded.get("image_code") or {"views": 0})["views"])
+    if image_views != archive_views(model_run, model_run.extract):
+        # The same weights under another view_ensemble setting: the codes follow the rule they were made by.
+        made = f"averaged over {image_views} augmented views" if image_views else "from the images alone"
+        raise DuchError(f"{codes_dir}: the image codes were made {made}, but the model's view_ensemble setting "
+                        f"codes images otherwise; run `duch encode-archive --run {run}` first")
     bits_list = list(cfg.bits or [int(b) for b in encoded["models"]])
     results = {}
     for bits in bits_list:
@@ -283,7 +289,6 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
         }
     instance_label = (f"{split['mode']} split's {'test' if split['mode'] == 'dataset' else 'query'} items: "
                       f"{len(split['query'])} images and their captions")
-    image_views = int((encoded.get("image_code") or {"views": 0})["views"])
     table = format_tables(results, cfg.k, split, instance_label, image_views)
     out_dir = stage_dir(run, STAGE)
     with write_errors(out_dir):

@@ -87,6 +87,13 @@ def test_a_model_validated_on_images_alone_codes_images_alone(run):
     trained = json.loads((run / "train-hash" / "manifest.json").read_text())["results"]["16"]["map"]
     metrics = evaluate(EvaluateConfig(run=str(run)), echo=quiet).metrics["results"]["16"]["class"]
     assert all(metrics[d]["map"] == pytest.approx(trained[d]) for d in trained)
+    # Back to the default: the same weights (bit for bit), but codes made by the old rule are not evaluated.
+    train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet)
+    with pytest.raises(DuchError, match="image codes were made from the images alone, but the model's view_ensemble"):
+        evaluate(EvaluateConfig(run=str(run)), echo=quiet)
+    again = encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
+    assert again.did_work and again.manifest["image_code"]["views"] == 2
+    assert evaluate(EvaluateConfig(run=str(run)), echo=quiet).metrics["image_views_averaged"] == 2
 
 
 def test_a_killed_encode_keeps_finished_code_lengths_and_no_half_file(run, monkeypatch):
