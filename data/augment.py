@@ -25,6 +25,11 @@ class ImageAugment:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.5)
 
+    @classmethod
+    def from_record(cls, record: dict) -> "ImageAugment":
+        """The settings as a manifest records them (JSON: lists where the fields hold tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
 
 @dataclass(frozen=True)
 class TextAugment:

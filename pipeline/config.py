@@ -48,8 +48,7 @@ class ExtractConfig:
         # The augmentations as a manifest records them (dicts, lists for tuples): ExtractConfig(**manifest["config"])
         # rebuilds the run's config.
         if isinstance(self.image_augment, dict):
-            self.image_augment = ImageAugment(**{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in self.image_augment.items()})
+            self.image_augment = ImageAugment.from_record(self.image_augment)
         if isinstance(self.text_augment, dict):
             self.text_augment = TextAugment(**self.text_augment)
 

@@ -124,13 +124,13 @@ class Index:
         image given as a query, under its own file name, gets its archive code."""
         from data.augment import ImageAugment, augment_image, view_rng
         from data.images import ImageLoadError, load_image
+        from stages.encode_archive import image_code
         from stages.train_hash import image_codes
 
         encoder = self._encoder("image")
-        code = self.manifest.get("image_code") or {"views": 0}
+        code = image_code(self.manifest)
         n_views = int(code["views"])
-        augment = ImageAugment(**{k: tuple(v) if isinstance(v, list) else v for k, v in code["augment"].items()}) \
-            if n_views else None
+        augment = ImageAugment.from_record(code["augment"]) if n_views else None
         pixels = []
         for path in paths:
             try:

@@ -162,6 +162,12 @@ def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.devic
     return np.concatenate(out) if out else np.zeros((0, head.net[3].out_features), np.float32)
 
 
+def image_code(manifest: dict) -> dict:
+    """An encode-archive manifest's rule for image codes: {"views": 0} for the image alone (and for manifests made
+    before the rule was recorded), else the view count, seed and augmentation an image query must be coded with."""
+    return manifest.get("image_code") or {"views": 0}
+
+
 def archive_views(model_run: ModelRun, archive: dict) -> int:
     """How many augmented views each image code averages: all the archive has when the model asks for it."""
     return int(archive["counts"].get("image_views", 0)) if model_run.view_ensemble else 0
@@ -216,8 +222,8 @@ def encode_part(job: PartJob) -> dict:
     modality = job.output["modality"]
     # The part holds the codes only: the driver reads the rows' ids from the shard as it merges, so no string
     # is written twice.
-    views = modality == "image" and job.views > 0
-    rows = shard_rows(archive_dir, job.output, ("emb", "views") if views else ("emb",))
+    averaged = modality == "image" and job.views > 0
+    rows = shard_rows(archive_dir, job.output, ("emb", "views") if averaged else ("emb",))
     emb = rows["emb"]
     arrays = {}
     for bits, pair in heads.items():

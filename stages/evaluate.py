@@ -252,7 +252,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, echo: Callable[[str], N
 
 
 def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResult:
-    from stages.encode_archive import archive_views, load_encode_manifest, load_model_run
+    from stages.encode_archive import archive_views, image_code, load_encode_manifest, load_model_run
 
     run = Path(cfg.run)
     t0 = time.perf_counter()
@@ -262,7 +262,7 @@ def _evaluate(cfg: EvaluateConfig, echo: Callable[[str], None]) -> EvaluateResul
     split = json.loads(split_path.read_text())
     if not split["query"]:
         raise DuchError(f"{run} was trained with --split all: there is no held-out query set to evaluate on")
-    image_views = int((encoded.get("image_code") or {"views": 0})["views"])
+    image_views = int(image_code(encoded)["views"])
     if image_views != archive_views(model_run, model_run.extract):
         # The same weights under another view_ensemble setting: the codes follow the rule they were made by.
         made = f"averaged over {image_views} augmented views" if image_views else "from the images alone"
