@@ -198,6 +198,9 @@ def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size
               help="What to return [default: the other modality than the query's].")
 @click.option("--rerank", default=0, show_default=True, type=int,
               help="Re-rank this many Hamming neighbours by the continuous outputs (needs encode --continuous).")
+@click.option("--ties", default="adaptive", show_default=True, type=click.Choice(["adaptive", "order"]),
+              help="Equal distances: by the query's confidence in the bits that differ (adaptive: the archive "
+                   "needs nothing more), or in archive order.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
@@ -206,7 +209,7 @@ def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size
               help="Check the code and index files' sizes only, not their SHA-256 against the manifest (hashing "
                    "billions of codes takes minutes).")
 @user_errors
-def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, device, backend, no_verify):
+def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_json, device, backend, no_verify):
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
@@ -217,14 +220,17 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, as_json, de
     if k < 1 or rerank < 0:
         raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
     index = Index.load(run_dir, bits=bits, device=device, backend=backend, verify=not no_verify)
-    hits = index.search(text=text, image=image, id=item_id, k=k, modality=modality, rerank_top=rerank)
+    hits = index.search(text=text, image=image, id=item_id, k=k, modality=modality, rerank_top=rerank, ties=ties)
     if as_json:
         click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))
         return
     query = text if text is not None else image if image is not None else f"item {item_id}"
-    click.echo(f"query: {query!r}  ({bits} bits, Hamming distance{', re-ranked by cosine' if rerank else ''})")
+    adaptive = not rerank and any(h.score is not None for h in hits)
+    order = (", re-ranked by cosine" if rerank else
+             ", equal distances by the query's confidence w on the differing bits" if adaptive else "")
+    click.echo(f"query: {query!r}  ({bits} bits, Hamming distance{order})")
     for h in hits:
-        score = f"  cos {h.score:.3f}" if h.score is not None else ""
+        score = f"  {'cos' if rerank else 'w'} {h.score:.3f}" if h.score is not None else ""
         what = h.caption if h.caption is not None else h.path
         click.echo(f"{h.rank:>3}. d={h.distance:<3}{score}  {h.id:<12} {h.label or '':<18} {what}")
 

@@ -1,6 +1,7 @@
 """Retrieval metrics over a score matrix (higher = more similar; for codes, minus the Hamming distance).
 
-Ties are broken by database order (a stable sort), so every figure is deterministic.
+Ties are broken by database order (a stable sort), so every figure is deterministic. `query_adaptive_ranking`
+breaks equal Hamming distances by the query's own continuous code instead, still deterministically.
 
 Two mAP@K definitions (DESIGN.md section 2):
 - "textbook": AP@K over the top K retrieved only: the precision at each relevant rank within K, summed and
@@ -108,6 +109,34 @@ def rerank_order(distances: np.ndarray, similarity: np.ndarray, shortlist: int) 
     sims = np.take_along_axis(np.asarray(similarity), head, axis=1)
     resorted = np.take_along_axis(head, np.argsort(-sims, axis=1, kind="stable"), axis=1)
     return np.concatenate([resorted, order[:, shortlist:]], axis=1)
+
+
+# A query bit's confidence |q_i| in steps of 1/1024, from its float16 value (as encode-archive stores it): whole
+# numbers, so sums of them are exact in float32 whatever the summation order, and every path agrees to the bit.
+CONFIDENCE_STEPS = 1024
+
+
+def confidence_weights(query: np.ndarray) -> np.ndarray:
+    """[Q, K] continuous query codes -> [Q, K] float32 whole numbers: |q_i| in 1/1024 steps."""
+    return np.rint(np.abs(np.asarray(query, np.float16)).astype(np.float32) * CONFIDENCE_STEPS)
+
+
+def weighted_distances(query: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """[Q, K] continuous query codes and [N, K] +-1 database codes (pipeline.hashing.unpack_codes) -> [Q, N]
+    float32: the sum of the query's confidence_weights over the bits where the item's code differs from the
+    query's (bit 1 where q >= 0, as pack_codes). Among equal Hamming distances, the items that differ only on the bits the query is least sure
+    of come first (query-adaptive Hamming ranking, Jiang, Wang and Chang, IEEE TMM 2013). Computed as
+    (sum w - (w s) . d) / 2, s and d the +-1 codes of query and item: one matrix product, exact in float32."""
+    q = np.asarray(query, np.float32)
+    w = confidence_weights(q)
+    signed = np.where(q >= 0, w, -w)
+    return (w.sum(axis=1, keepdims=True) - signed @ np.asarray(database, np.float32).T) / 2
+
+
+def query_adaptive_ranking(distances: np.ndarray, weighted: np.ndarray) -> np.ndarray:
+    """[Q, N] database indices nearest first by Hamming distance; equal distances by `weighted_distances`
+    (smaller first); then database order."""
+    return np.lexsort((np.asarray(weighted), np.asarray(distances)), axis=-1)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

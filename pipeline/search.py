@@ -3,9 +3,11 @@
 A query (a caption, an image file, or an archive item) is embedded with the archive's encoder, passed through
 the trained head and packed, then matched against the archive's packed codes by exact Hamming distance
 (XOR + popcount: faiss' IndexBinaryFlat or a numpy scan over the memory-mapped file on CPU, a Triton kernel
-on a GPU; all return the same rows), nearest first, equal distances in archive order. With `rerank=N`
-the N nearest by Hamming are re-ordered by the cosine similarity of the heads' continuous outputs (stored by
-`encode-archive --continuous`): hash-speed shortlisting, near-float ranking.
+on a GPU; all return the same rows), nearest first. Equal distances are ordered by the query's own continuous
+code (`ties="adaptive"`, the default: first the items that differ from it only on the bits it is least sure of;
+the archive stays 1 bit per bit) or in archive order (`ties="order"`). With `rerank=N` the N nearest by Hamming
+are re-ordered by the cosine similarity of the heads' continuous outputs (stored by `encode-archive
+--continuous`): hash-speed shortlisting, near-float ranking.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.features import stage_file, verify_listed
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
+from pipeline.hashing import unpack_codes
 from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from pipeline.manifest import read_manifest
-from pipeline.metrics import cosine
+from pipeline.metrics import CONFIDENCE_STEPS, cosine, query_adaptive_ranking, weighted_distances
 from pipeline.rundir import stage_dir
 
 
@@ -34,13 +37,21 @@ class Hit:
     id: str  # image id; for a caption "IMAGE_ID#CAPTION_INDEX"
     image_id: str
     distance: int  # Hamming distance to the query's code
-    score: float | None  # cosine of the continuous outputs, when re-ranked
+    score: float | None  # cosine of the continuous outputs when re-ranked; else, with adaptive ties, the query's
+    # confidence (0 to 1 a bit) summed over the differing bits: equal distances are ordered by it, lowest first
     label: str | None
     path: str | None  # the image file (the item's, or the caption's image)
     caption: str | None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+TIES = ("adaptive", "order")
+# Adaptive ties read every item at the k-th hit's distance; past this many candidates the rest of that distance's
+# items stay in archive order (a 16-bit code of a billion-item archive can share its distance with millions).
+MOST_TIE_CANDIDATES = 1 << 16
+ADAPTIVE_SHORTLIST = 256
 
 
 def rerank(query: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,9 +208,13 @@ class Index:
         return backend
 
     def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
-               modality: str | None = None, rerank_top: int = 0) -> list[Hit]:
+               modality: str | None = None, rerank_top: int = 0, ties: str = "adaptive") -> list[Hit]:
         """Top-k archive items for one query. `modality`: what to return, by default the other modality than
-        the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine."""
+        the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine.
+        `ties`: equal distances by the query's confidence ("adaptive"; in archive order for an --id query whose
+        continuous outputs were not stored) or in archive order ("order")."""
+        if ties not in TIES:
+            raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
         given = [q for q in (text, image, id) if q is not None]
         if len(given) != 1:
             raise DuchError("give exactly one query: text, image or id")
@@ -215,10 +230,14 @@ class Index:
         target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
         if id is None:
             packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
-        shortlist = max(k, rerank_top)
+        adaptive = ties == "adaptive" and h is not None and not rerank_top
+        # Adaptive: a first shortlist past k, which usually holds every item at the k-th hit's distance already.
+        shortlist = max(k, rerank_top, ADAPTIVE_SHORTLIST if adaptive else 0)
         distances, rows = self.search_codes(packed, target, shortlist)
         distances, rows = distances[0], rows[0]
         scores = None
+        if adaptive and len(rows):
+            distances, rows, scores = self._adaptive_ties(packed, h, target, distances, rows, k)
         if rerank_top:
             table = self._table(target)
             if table.continuous is None or h is None:
@@ -228,6 +247,24 @@ class Index:
             distances, rows, scores = distances[order], rows[order], all_scores[order]
         return [self._hit(rank, target, int(r), int(d), None if scores is None else float(scores[rank]))
                 for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
+
+    def _adaptive_ties(self, packed: np.ndarray, h: np.ndarray, modality: str, distances: np.ndarray,
+                       rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The top k with equal distances ordered by the query's confidence on the bits that differ. Every item at
+        the k-th hit's distance is a candidate: while the scan's farthest hit is still at that distance, the
+        exact scan is asked for 4 times more (up to the whole archive, or MOST_TIE_CANDIDATES)."""
+        n = len(self._table(modality))
+        last = distances[min(k, len(distances)) - 1]
+        while distances[-1] == last and len(rows) < min(n, MOST_TIE_CANDIDATES):
+            want = min(4 * len(rows), n, MOST_TIE_CANDIDATES)
+            distances, rows = (a[0] for a in self.search_codes(packed, modality, want))
+            if len(rows) < want:  # an approximate index found fewer: these are all there are
+                break
+        keep = distances <= last
+        distances, rows = distances[keep], rows[keep]
+        weighted = weighted_distances(h[None], unpack_codes(self.tables[modality].codes[rows], self.bits))
+        order = query_adaptive_ranking(distances[None], weighted)[0][:k]
+        return distances[order], rows[order], weighted[0, order] / CONFIDENCE_STEPS
 
     def _index_file(self, modality: str) -> Path | None:
         """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the

@@ -25,11 +25,13 @@ from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.config import EvaluateConfig, digest
 from pipeline.hamming import hamming
+from pipeline.hashing import unpack_codes
 from pipeline.features import verify_listed
 from pipeline.manifest import library_versions, now_iso, sha256_file, write_json_atomic, write_manifest
 from pipeline.lock import run_lock
 from pipeline.metrics import (average_precisions, cosine, map_of_ranking, per_class_mean, precision_at_k,
-                              radius_curves, ranking, recall_at_k, rerank_order)
+                              query_adaptive_ranking, radius_curves, ranking, recall_at_k, rerank_order,
+                              weighted_distances)
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
@@ -46,6 +48,10 @@ class Side:
     continuous: np.ndarray | None  # [n, K]
     labels: np.ndarray  # [n]
     image_ids: np.ndarray  # [n]
+
+    def signs(self) -> np.ndarray:
+        """The codes as +-1 [n, K]."""
+        return unpack_codes(self.codes, self.codes.shape[1] * 8)
 
 
 def _side(table: CodeTable, rows: np.ndarray, labels: np.ndarray, image_ids: np.ndarray) -> Side:
@@ -104,6 +110,10 @@ def class_metrics(sides: dict, bits: int, k: int, shortlist: int, ks: list[int])
             "radius": {name: curve.tolist() for name, curve in curves.items()},
             "precision_within_radius": {str(r): float(curves["precision_all"][r]) for r in range(min(3, bits) + 1)},
         }
+        if q.continuous is not None:  # the query's confidence orders equal distances: the database stays binary
+            adaptive = query_adaptive_ranking(d, weighted_distances(q.continuous, db.signs()))
+            entry["map_adaptive"] = {definition: map_of_ranking(adaptive, q.labels, db.labels, k, definition)
+                                     for definition in ("reference", "textbook")}
         if shortlist and q.continuous is not None and db.continuous is not None:
             reranked = rerank_order(d, cosine(q.continuous, db.continuous), shortlist)
             entry["map_rerank"] = {definition: map_of_ranking(reranked, q.labels, db.labels, k, definition)
@@ -117,6 +127,9 @@ def instance_metrics(sides: dict, shortlist: int) -> dict:
     positive = captions.image_ids[None, :] == images.image_ids[:, None]  # [images, captions]
     d = hamming(images.codes, captions.codes).astype(np.int32)  # signed: negated as scores below
     orders = {"hamming": (ranking(-d), ranking(-d.T))}
+    if images.continuous is not None and captions.continuous is not None:
+        orders["adaptive"] = (query_adaptive_ranking(d, weighted_distances(images.continuous, captions.signs())),
+                              query_adaptive_ranking(d.T, weighted_distances(captions.continuous, images.signs())))
     if shortlist and images.continuous is not None and captions.continuous is not None:
         sim = cosine(images.continuous, captions.continuous)
         orders["rerank"] = (rerank_order(d, sim, shortlist), rerank_order(d.T, sim.T, shortlist))
@@ -163,7 +176,8 @@ def format_tables(results: dict, k: int, split: dict, instance_label: str, image
         for pair in (("I->T", "T->I"), ("I->I", "T->T")):
             lines.append(f"| method | {pair[0]} {head} bits | {pair[1]} {head} bits |")
             lines.append("|---|---|---|")
-            for key, name in (("map", "duch"), ("map_rerank", "duch + rerank")):
+            for key, name in (("map", "duch"), ("map_adaptive", "duch, query-adaptive ties"),
+                              ("map_rerank", "duch + rerank")):
                 for definition in ("reference", "textbook"):
                     if not all(key in results[b]["class"][pair[0]] for b in bits):
                         continue
@@ -191,7 +205,7 @@ def format_tables(results: dict, k: int, split: dict, instance_label: str, image
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for b in bits:
         inst = results[b]["instance"]
-        for name in ("hamming", "rerank", "continuous"):
+        for name in ("hamming", "adaptive", "rerank", "continuous"):
             if name not in inst:
                 continue
             r = inst[name]

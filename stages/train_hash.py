@@ -34,7 +34,7 @@ from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_
                              nt_xent_groups, quantization, quantization_groups, weighted_nt_xent)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
-from pipeline.metrics import map_of_ranking
+from pipeline.metrics import CONFIDENCE_STEPS, map_of_ranking
 from pipeline.noise import clean_probability, swap_captions
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
@@ -189,19 +189,28 @@ def image_codes(head: torch.nn.Module, image: torch.Tensor, views: torch.Tensor 
     return codes / (1 + views.shape[1])
 
 
-def hamming_ranking(query: torch.Tensor, database: torch.Tensor) -> np.ndarray:
+def hamming_ranking(query: torch.Tensor, database: torch.Tensor, adaptive: bool = False) -> np.ndarray:
     """[Q, K] and [N, K] continuous codes -> [Q, N] database indices, nearest first in the Hamming distance of their
     bits (1 where h >= 0, as pack_codes), ties in database order. The distance (K - q.d) / 2 of the +-1 codes is an
     exact integer in float32, so this ranks as hamming() of the packed codes does, as one matrix product on the
-    codes' device instead of a byte-table lookup per pair on the CPU (validation runs every few epochs)."""
+    codes' device instead of a byte-table lookup per pair on the CPU (validation runs every few epochs).
+    `adaptive`: equal distances ordered first by pipeline.metrics.weighted_distances, as evaluate's
+    query_adaptive_ranking does (the same whole-number weights, so the same order)."""
     q, d = (torch.where(h >= 0, 1.0, -1.0) for h in (query, database))
     distance = (q.shape[1] - q @ d.T) / 2
-    return torch.argsort(distance, dim=1, stable=True).cpu().numpy()
+    if not adaptive:
+        return torch.argsort(distance, dim=1, stable=True).cpu().numpy()
+    w = torch.round(query.half().abs().float() * CONFIDENCE_STEPS)
+    weighted = (w.sum(dim=1, keepdim=True) - (w * q) @ d.T) / 2
+    by_weight = torch.argsort(weighted, dim=1, stable=True)
+    then_distance = torch.argsort(distance.gather(1, by_weight), dim=1, stable=True)
+    return by_weight.gather(1, then_distance).cpu().numpy()
 
 
 def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
                    k: int, view_ensemble: bool = False) -> dict:
-    """mAP@k of the four directions under both definitions, Hamming ranking, ties by database order."""
+    """mAP@k of the four directions under both definitions, Hamming ranking: "map" with ties in database order,
+    "map_adaptive" with ties by the query's confidence (query-adaptive, as `search` ranks)."""
     device = data.image.device
     q, db = torch.as_tensor(split.query, device=device), torch.as_tensor(split.database, device=device)
     images = lambda rows: image_codes(heads.image, data.image[rows],  # noqa: E731
@@ -210,12 +219,13 @@ def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: t
         "I": (images(q), images(db)),
         "T": (encode(heads.text, data.text[eval_text[q]]), encode(heads.text, data.text[eval_text[db]])),
     }
-    out = {}
+    out = {"map": {}, "map_adaptive": {}}
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
-        order = hamming_ranking(codes[src][0], codes[dst][1])
-        out[direction] = {d: map_of_ranking(order, labels[split.query], labels[split.database], k, d)
-                          for d in ("reference", "textbook")}
+        for key, adaptive in (("map", False), ("map_adaptive", True)):
+            order = hamming_ranking(codes[src][0], codes[dst][1], adaptive)
+            out[key][direction] = {d: map_of_ranking(order, labels[split.query], labels[split.database], k, d)
+                                   for d in ("reference", "textbook")}
     return out
 
 
@@ -574,8 +584,8 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
             raise DuchError(f"{bits} bits: the loss became NaN/Inf at epoch {epoch}; lower --lr or check features")
         history.append(row)
         if evaluate and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            evals.append({"epoch": epoch, "map": evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k,
-                                                                 cfg.view_ensemble)})
+            evals.append({"epoch": epoch, **evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k,
+                                                           cfg.view_ensemble)})
         bar.set_postfix(loss=f"{row['total']:.3f}", inter=f"{row['inter']:.3f}", disc=f"{row['discriminator']:.3f}",
                         items_s=f"{epoch * n / (time.perf_counter() - t0):.0f}")
         if checkpoints is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
@@ -772,7 +782,8 @@ def _train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[s
             write_history(folder, run["history"], run["evals"], bits)
             final = run["evals"][-1]["map"] if run["evals"] else None
             results[str(bits)] = {"fingerprint": digest(bits_basis), "bits": bits, "seconds": round(run["seconds"], 2),
-                                  "map": final, "final_losses": run["history"][-1]}
+                                  "map": final, "map_adaptive": run["evals"][-1].get("map_adaptive") if final else None,
+                                  "final_losses": run["history"][-1]}
             write_json_atomic(done, results[str(bits)])
             remove_checkpoint(folder)  # after result.json: a kill before it still finds the checkpoint
             echo(f"train-hash: {bits} bits in {run['seconds']:.1f} s"

@@ -89,3 +89,19 @@ def test_instance_recall_and_rerank_order():
     assert rerank_order(distances, similarity, 3).tolist() == [[0, 2, 1, 3]]  # item 3 is outside the shortlist
     tie = np.array([[0.5, 0.5, 0.5, 0.5]])
     assert rerank_order(distances, tie, 4).tolist() == [[1, 2, 0, 3]]  # equal cosine: Hamming order kept
+
+
+def test_weighted_distances_and_query_adaptive_ranking_by_hand():
+    from pipeline.metrics import query_adaptive_ranking, weighted_distances
+
+    # The query's bits are 1 0 1 with confidences |q| in 1/1024 steps of its float16 value: 0.9 -> 921.5 -> 922
+    # (half to even), 0.1 -> 102.375 -> 102, 0.5 -> 512.
+    query = np.array([[0.9, -0.1, 0.5]])
+    database = np.array([[1, -1, 1], [1, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]])
+    weighted = weighted_distances(query, database)
+    assert weighted.tolist() == [[0, 102, 922, 512, 1536, 102]]  # the confidences of the bits that differ
+    distances = np.array([[0, 1, 1, 1, 3, 1]])
+    # Distance 1: item 1 (the query's least sure bit differs), then 5 (the same code: database order), 3, 2.
+    assert query_adaptive_ranking(distances, weighted).tolist() == [[0, 1, 5, 3, 2, 4]]
+    # A zero output is bit 1 and weighs nothing either way.
+    assert weighted_distances(np.array([[0.0, 1.0]]), np.array([[-1, 1], [1, 1]])).tolist() == [[0, 0]]

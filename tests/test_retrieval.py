@@ -159,19 +159,34 @@ def test_an_archive_from_other_encoders_is_refused(run, tmp_path):
     assert not (archive / "encode-archive").exists()
 
 
-def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path):
+def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkeypatch):
     encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
     index = Index.load(run, bits=16, device="cpu")
     _, tables = open_codes(run / "encode-archive" / "codes-16.h5")
     # By text: the query's code is the head's sign; results are the archive's images by Hamming, ties by order.
-    hits = index.search(text="a airplane scene number 3", k=6)
-    code = np.packbits(index.embed_text(["a airplane scene number 3"]) >= 0, axis=1)
+    hits = index.search(text="a airplane scene number 3", k=6, ties="order")
+    h = index.embed_text(["a airplane scene number 3"])
+    code = np.packbits(h >= 0, axis=1)
     from pipeline.hamming import hamming
+    from pipeline.hashing import unpack_codes
+    from pipeline.metrics import query_adaptive_ranking, weighted_distances
 
     d = hamming(code, tables["image"].codes)[0]
     assert [h.row for h in hits] == np.argsort(d, kind="stable")[:6].tolist()
     assert [h.distance for h in hits] == sorted(h.distance for h in hits)
     assert all(h.modality == "image" and h.path.endswith(".jpg") and h.label for h in hits)
+    # The default: equal distances by the query's confidence on the differing bits, over the whole archive.
+    weighted = weighted_distances(h, unpack_codes(tables["image"].codes, 16))
+    expected = query_adaptive_ranking(d[None], weighted)[0]
+    import pipeline.search
+
+    for first_shortlist in (256, 0):  # 0: the scan asked again for 4x more while the k-th distance goes on
+        monkeypatch.setattr(pipeline.search, "ADAPTIVE_SHORTLIST", first_shortlist)
+        for k in (1, 6, 30):
+            adaptive = index.search(text="a airplane scene number 3", k=k)
+            assert [h.row for h in adaptive] == expected[:k].tolist()
+            assert [h.score for h in adaptive] == pytest.approx((weighted[0, expected[:k]] / 1024).tolist())
+    monkeypatch.undo()
     # By an image file: a copy of that tile (items 0, 5, 10, ...) at distance 0. Under its archive name, 0.jpg, its
     # views are drawn as item 0's were, so it gets item 0's code.
     image_hits = index.search(image=ASSETS / REAL_JPEGS[0], k=3, modality="image")
@@ -237,12 +252,13 @@ def test_evaluate_reproduces_train_hash_validation_and_writes_plots(run):
         for direction in ("I->T", "T->I", "I->I", "T->T"):
             assert metrics["class"][direction]["map"] == pytest.approx(trained[bits]["map"][direction])
             assert set(metrics["class"][direction]["map_rerank"]) == {"reference", "textbook"}
+            assert metrics["class"][direction]["map_adaptive"] == pytest.approx(trained[bits]["map_adaptive"][direction])
             per_class = metrics["class"][direction]["map_per_class"]["reference"]
             values = list(per_class.values())
             assert values == sorted(values) and min(values) <= metrics["class"][direction]["map"]["reference"]
         inst = metrics["instance"]
         assert (inst["images"], inst["captions"]) == (2, 4)  # the 2 query images and their 2 captions each
-        assert set(inst) >= {"hamming", "rerank", "continuous"}
+        assert set(inst) >= {"hamming", "adaptive", "rerank", "continuous"}
     for name in ("metrics.json", "table.md", "pr_curves.png", "precision_at_k.png", "manifest.json"):
         assert (run / "evaluate" / name).stat().st_size > 0
     assert (run / "evaluate" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"

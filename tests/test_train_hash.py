@@ -14,8 +14,8 @@ from pipeline import DuchError
 from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides
 from pipeline.features import load_features
 from pipeline.hamming import hamming
-from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes
-from pipeline.metrics import ranking
+from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes, unpack_codes
+from pipeline.metrics import query_adaptive_ranking, ranking, weighted_distances
 from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
                                fused_terms, graph_chunks, hamming_ranking, image_codes, load_heads, make_optimizers,
                                paper_terms, prepare, sample_views, train_hash, train_step)
@@ -349,6 +349,22 @@ def test_hamming_ranking_ranks_as_packed_codes_do():
     database[3, :4] = 0.0  # 0 counts as bit 1, as in pack_codes
     expected = ranking(-hamming(pack_codes(query), pack_codes(database)).astype(np.float64))
     assert np.array_equal(hamming_ranking(query, database), expected)
+
+
+def test_adaptive_hamming_ranking_orders_ties_as_evaluate_does():
+    """train-hash validation's query-adaptive ranking (torch, on the codes' device) equals evaluate's (numpy, from
+    the packed codes and the float16 queries encode-archive stores)."""
+    gen = torch.Generator().manual_seed(1)
+    query, database = torch.tanh(torch.randn(9, 16, generator=gen)), torch.randn(60, 16, generator=gen)
+    database[5:20] = database[0]  # identical codes: still in database order
+    d = hamming(pack_codes(query), pack_codes(database)).astype(np.int32)
+    stored = query.half().numpy()
+    expected = query_adaptive_ranking(d, weighted_distances(stored, unpack_codes(pack_codes(database), 16)))
+    got = hamming_ranking(query, database, adaptive=True)
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, hamming_ranking(query, database))  # the ties were reordered
+    # Still nearest first by Hamming distance.
+    assert (np.diff(np.take_along_axis(d, got, axis=1), axis=1) >= 0).all()
 
 
 def test_image_codes_average_the_head_over_the_image_and_its_views():
