@@ -5,7 +5,9 @@
 
 Side by side in one process, median of --repeats runs after a warm-up: duch's numpy scan over codes in memory
 and over a memory-mapped code file (what `search` does on CPU), faiss IndexBinaryFlat when faiss is installed,
-and the torch scan on a GPU when there is one. Results are checked equal (distances) before timing.
+and the torch scan on a GPU when there is one. Results are checked equal (distances) before timing. `*_adaptive_*`:
+the same scans under `search`'s default query-adaptive ties (pipeline.search.adaptive_topk: a 256-item first scan,
+rescans while the k-th distance goes on, the candidates' codes unpacked and weighted by the query's confidence).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import save  # noqa: E402
 from pipeline.codes import CodeWriter, open_codes  # noqa: E402
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words  # noqa: E402
+from pipeline.hashing import unpack_codes  # noqa: E402
+from pipeline.search import adaptive_topk  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -42,7 +46,12 @@ def bench_bits(n: int, bits: int, k: int, batch: int, repeats: int, threads: int
     one, many = db[:1].copy(), rng.integers(0, 256, (batch, bits // 8), dtype=np.uint8)
     row = {"n": n, "bits": bits, "k": k, "batch": batch}
     expected = hamming_topk(one, db, k)[0]
+    # The query's continuous code: item 0's bits, with confidences in (0.05, 1).
+    h = unpack_codes(one, bits)[0] * rng.uniform(0.05, 1.0, bits).astype(np.float32)
     row["numpy_1q_ms"] = median_ms(lambda: hamming_topk(one, db, k), repeats)
+    numpy_scan = lambda n: tuple(a[0] for a in hamming_topk(one, db, n))  # noqa: E731
+    assert (adaptive_topk(numpy_scan, db, h, k)[0] == expected[0]).all()
+    row["numpy_adaptive_1q_ms"] = median_ms(lambda: adaptive_topk(numpy_scan, db, h, k), repeats)
     row["numpy_batch_qps"] = batch / (median_ms(lambda: hamming_topk(many, db, k), max(3, repeats // 2)) / 1000)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "codes.h5"
@@ -64,6 +73,8 @@ def bench_bits(n: int, bits: int, k: int, batch: int, repeats: int, threads: int
         index.add(db)
         assert (index.search(one, k)[0] == expected).all()
         row["faiss_1q_ms"] = median_ms(lambda: index.search(one, k), repeats)
+        faiss_scan = lambda n: tuple(a[0] for a in index.search(one, n))  # noqa: E731
+        row["faiss_adaptive_1q_ms"] = median_ms(lambda: adaptive_topk(faiss_scan, db, h, k), repeats)
         row["faiss_batch_qps"] = batch / (median_ms(lambda: index.search(many, k), max(3, repeats // 2)) / 1000)
         row["numpy_vs_faiss_1q"] = row["faiss_1q_ms"] / row["numpy_1q_ms"]
     except ImportError:
@@ -96,9 +107,10 @@ def main(argv=None) -> dict:
     rows = [bench_bits(args.n, int(b), args.k, args.batch, args.repeats, threads) for b in args.bits.split(",")]
     keys = [k for k in rows[0] if k not in ("n", "bits", "k", "batch")]
     print(f"exact Hamming top-{args.k} over {args.n:,} codes, {threads} threads, median of {args.repeats}")
-    print(f"{'bits':<6}" + "".join(f"{key:>20}" for key in keys))
+    width = {key: max(12, len(key) + 2) for key in keys}
+    print(f"{'bits':<6}" + "".join(f"{key:>{width[key]}}" for key in keys))
     for r in rows:
-        print(f"{r['bits']:<6}" + "".join(f"{r.get(key, float('nan')):>20.2f}" for key in keys))
+        print(f"{r['bits']:<6}" + "".join(f"{r.get(key, float('nan')):>{width[key]}.2f}" for key in keys))
     path = save("search_latency", {"n": args.n, "k": args.k, "threads": threads, "rows": rows})
     print(f"saved {path}")
     return {"rows": rows}

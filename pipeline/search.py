@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +52,32 @@ TIES = ("adaptive", "order")
 # Adaptive ties read every item at the k-th hit's distance; past this many candidates the rest of that distance's
 # items stay in archive order (a 16-bit code of a billion-item archive can share its distance with millions).
 MOST_TIE_CANDIDATES = 1 << 16
+# The first scan's length: past k, so that it usually holds every item at the k-th hit's distance already.
 ADAPTIVE_SHORTLIST = 256
+
+
+def adaptive_topk(scan: Callable[[int], tuple[np.ndarray, np.ndarray]], codes: np.ndarray, query: np.ndarray, k: int,
+                  first: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top k by Hamming distance, equal distances by the query's confidence on the differing bits, then archive
+    order: (distances, rows, weighted distances in units of |output|). scan(n) is the exact top-n of the archive
+    (distances, rows; ties in archive order); codes the archive's packed codes; query its continuous [K] code.
+    Every item at the k-th hit's distance is a candidate: while the scan's farthest hit is still at that
+    distance, it is asked for 4 times more (up to the whole archive, or MOST_TIE_CANDIDATES)."""
+    n = len(codes)
+    distances, rows = scan(min(max(k, ADAPTIVE_SHORTLIST if first is None else first), n))
+    if not len(rows):
+        return distances, rows, np.zeros(0, np.float32)
+    last = distances[min(k, len(distances)) - 1]
+    while distances[-1] == last and len(rows) < min(n, MOST_TIE_CANDIDATES):
+        want = min(4 * len(rows), n, MOST_TIE_CANDIDATES)
+        distances, rows = scan(want)
+        if len(rows) < want:  # an approximate index found fewer: these are all there are
+            break
+    keep = distances <= last
+    distances, rows = distances[keep], rows[keep]
+    weighted = weighted_distances(query[None], unpack_codes(np.asarray(codes[rows]), codes.shape[1] * 8))
+    order = query_adaptive_ranking(distances[None], weighted)[0][:k]
+    return distances[order], rows[order], weighted[0, order] / CONFIDENCE_STEPS
 
 
 def rerank(query: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,14 +256,12 @@ class Index:
         target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
         if id is None:
             packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
-        adaptive = ties == "adaptive" and h is not None and not rerank_top
-        # Adaptive: a first shortlist past k, which usually holds every item at the k-th hit's distance already.
-        shortlist = max(k, rerank_top, ADAPTIVE_SHORTLIST if adaptive else 0)
-        distances, rows = self.search_codes(packed, target, shortlist)
-        distances, rows = distances[0], rows[0]
         scores = None
-        if adaptive and len(rows):
-            distances, rows, scores = self._adaptive_ties(packed, h, target, distances, rows, k)
+        if ties == "adaptive" and h is not None and not rerank_top:
+            scan = lambda n: tuple(a[0] for a in self.search_codes(packed, target, n))  # noqa: E731
+            distances, rows, scores = adaptive_topk(scan, self._table(target).codes, h, k)
+        else:
+            distances, rows = (a[0] for a in self.search_codes(packed, target, max(k, rerank_top)))
         if rerank_top:
             table = self._table(target)
             if table.continuous is None or h is None:
@@ -247,24 +271,6 @@ class Index:
             distances, rows, scores = distances[order], rows[order], all_scores[order]
         return [self._hit(rank, target, int(r), int(d), None if scores is None else float(scores[rank]))
                 for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
-
-    def _adaptive_ties(self, packed: np.ndarray, h: np.ndarray, modality: str, distances: np.ndarray,
-                       rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The top k with equal distances ordered by the query's confidence on the bits that differ. Every item at
-        the k-th hit's distance is a candidate: while the scan's farthest hit is still at that distance, the
-        exact scan is asked for 4 times more (up to the whole archive, or MOST_TIE_CANDIDATES)."""
-        n = len(self._table(modality))
-        last = distances[min(k, len(distances)) - 1]
-        while distances[-1] == last and len(rows) < min(n, MOST_TIE_CANDIDATES):
-            want = min(4 * len(rows), n, MOST_TIE_CANDIDATES)
-            distances, rows = (a[0] for a in self.search_codes(packed, modality, want))
-            if len(rows) < want:  # an approximate index found fewer: these are all there are
-                break
-        keep = distances <= last
-        distances, rows = distances[keep], rows[keep]
-        weighted = weighted_distances(h[None], unpack_codes(self.tables[modality].codes[rows], self.bits))
-        order = query_adaptive_ranking(distances[None], weighted)[0][:k]
-        return distances[order], rows[order], weighted[0, order] / CONFIDENCE_STEPS
 
     def _index_file(self, modality: str) -> Path | None:
         """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the
