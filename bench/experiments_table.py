@@ -38,7 +38,11 @@ binary outputs), and `w_semantic` with `semantic_floor` (DJSRH-style: the cosine
 image-image and caption-caption code pairs regressed onto the cosines of the items' mean caption embeddings,
 [floor, 1] mapped onto [0, 1], lower ones onto 0), and `inter_pair` (the (image, caption) NT-Xent on the mean of
 the image's and its view's codes, `image_view_mean`, or that against the mean of the two captions' codes,
-`both_view_means`: training as the view ensemble codes images).
+`both_view_means`: training as the view ensemble codes images). Tried as ad hoc patches, never options (their
+files name the change as a setting): `hidden_dropout` / `input_dropout` (dropout after the heads' hidden layer, or
+on their input features), `w_align` (both image codes regressed, squared error, onto the detached mean of the
+item's two caption codes: text as the teacher), and `target=captions` (the binary target B from the two caption
+codes only, with the quantization weight unscaled). `default16-ens-s345` is the current defaults with seeds 3 to 5.
 `*-s345` files repeat a setting with seeds 3 to 5. `ensemble-16-64` is the first with `view_ensemble` (an image's code
 from the head's mean over the image and its 2 cached views), on by default since; every run before it coded
 images from the image alone, as the paper does, and the files without a `resolved` config say so too.
