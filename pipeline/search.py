@@ -23,8 +23,8 @@ from pipeline import DuchError
 from pipeline.codes import CodeTable, caption_key, codes_name, open_codes
 from pipeline.features import stage_file, verify_listed
 from pipeline.hamming import hamming_topk, hamming_topk_torch, to_int64_words
-from pipeline.hashing import unpack_codes
 from pipeline.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
+from pipeline.hashing import unpack_codes
 from pipeline.manifest import read_manifest
 from pipeline.metrics import CONFIDENCE_STEPS, cosine, query_adaptive_ranking, weighted_distances
 from pipeline.rundir import stage_dir
@@ -56,15 +56,15 @@ MOST_TIE_CANDIDATES = 1 << 16
 ADAPTIVE_SHORTLIST = 256
 
 
-def adaptive_topk(scan: Callable[[int], tuple[np.ndarray, np.ndarray]], codes: np.ndarray, query: np.ndarray, k: int,
-                  first: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def adaptive_topk(scan: Callable[[int], tuple[np.ndarray, np.ndarray]], codes: np.ndarray, query: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top k by Hamming distance, equal distances by the query's confidence on the differing bits, then archive
     order: (distances, rows, weighted distances in units of |output|). scan(n) is the exact top-n of the archive
     (distances, rows; ties in archive order); codes the archive's packed codes; query its continuous [K] code.
     Every item at the k-th hit's distance is a candidate: while the scan's farthest hit is still at that
     distance, it is asked for 4 times more (up to the whole archive, or MOST_TIE_CANDIDATES)."""
     n = len(codes)
-    distances, rows = scan(min(max(k, ADAPTIVE_SHORTLIST if first is None else first), n))
+    distances, rows = scan(min(max(k, ADAPTIVE_SHORTLIST), n))
     if not len(rows):
         return distances, rows, np.zeros(0, np.float32)
     last = distances[min(k, len(distances)) - 1]
