@@ -124,9 +124,10 @@ def confidence_weights(query: np.ndarray) -> np.ndarray:
 def weighted_distances(query: np.ndarray, database: np.ndarray) -> np.ndarray:
     """[Q, K] continuous query codes and [N, K] +-1 database codes (pipeline.hashing.unpack_codes) -> [Q, N]
     float32: the sum of the query's confidence_weights over the bits where the item's code differs from the
-    query's (bit 1 where q >= 0, as pack_codes). Among equal Hamming distances, the items that differ only on the bits the query is least sure
-    of come first (query-adaptive Hamming ranking, Jiang, Wang and Chang, IEEE TMM 2013). Computed as
-    (sum w - (w s) . d) / 2, s and d the +-1 codes of query and item: one matrix product, exact in float32."""
+    query's (bit 1 where q >= 0, as pack_codes). Among equal Hamming distances, the items that differ only on the
+    bits the query is least sure of come first (query-adaptive Hamming ranking, Jiang, Wang and Chang, IEEE TMM
+    2013). Computed as (sum w - (w s) . d) / 2, s and d the +-1 codes of query and item: one matrix product,
+    exact in float32."""
     q = np.asarray(query, np.float32)
     w = confidence_weights(q)
     signed = np.where(q >= 0, w, -w)

@@ -189,22 +189,21 @@ def image_codes(head: torch.nn.Module, image: torch.Tensor, views: torch.Tensor 
     return codes / (1 + views.shape[1])
 
 
-def hamming_ranking(query: torch.Tensor, database: torch.Tensor, adaptive: bool = False) -> np.ndarray:
-    """[Q, K] and [N, K] continuous codes -> [Q, N] database indices, nearest first in the Hamming distance of their
-    bits (1 where h >= 0, as pack_codes), ties in database order. The distance (K - q.d) / 2 of the +-1 codes is an
-    exact integer in float32, so this ranks as hamming() of the packed codes does, as one matrix product on the
-    codes' device instead of a byte-table lookup per pair on the CPU (validation runs every few epochs).
-    `adaptive`: equal distances ordered first by pipeline.metrics.weighted_distances, as evaluate's
-    query_adaptive_ranking does (the same whole-number weights, so the same order)."""
+def hamming_rankings(query: torch.Tensor, database: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[Q, K] and [N, K] continuous codes -> two [Q, N] rankings of database indices, nearest first in the Hamming
+    distance of their bits (1 where h >= 0, as pack_codes): equal distances in database order, and by
+    pipeline.metrics.weighted_distances (query-adaptive, as evaluate's query_adaptive_ranking: the same
+    whole-number weights, so the same order). The distance (K - q.d) / 2 of the +-1 codes is an exact integer in
+    float32, so this ranks as hamming() of the packed codes does, as one matrix product on the codes' device
+    instead of a byte-table lookup per pair on the CPU (validation runs every few epochs)."""
     q, d = (torch.where(h >= 0, 1.0, -1.0) for h in (query, database))
     distance = (q.shape[1] - q @ d.T) / 2
-    if not adaptive:
-        return torch.argsort(distance, dim=1, stable=True).cpu().numpy()
     w = torch.round(query.half().abs().float() * CONFIDENCE_STEPS)
     weighted = (w.sum(dim=1, keepdim=True) - (w * q) @ d.T) / 2
     by_weight = torch.argsort(weighted, dim=1, stable=True)
     then_distance = torch.argsort(distance.gather(1, by_weight), dim=1, stable=True)
-    return by_weight.gather(1, then_distance).cpu().numpy()
+    return (torch.argsort(distance, dim=1, stable=True).cpu().numpy(),
+            by_weight.gather(1, then_distance).cpu().numpy())
 
 
 def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
@@ -222,8 +221,7 @@ def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: t
     out = {"map": {}, "map_adaptive": {}}
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
-        for key, adaptive in (("map", False), ("map_adaptive", True)):
-            order = hamming_ranking(codes[src][0], codes[dst][1], adaptive)
+        for key, order in zip(("map", "map_adaptive"), hamming_rankings(codes[src][0], codes[dst][1])):
             out[key][direction] = {d: map_of_ranking(order, labels[split.query], labels[split.database], k, d)
                                    for d in ("reference", "textbook")}
     return out

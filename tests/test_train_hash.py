@@ -17,7 +17,7 @@ from pipeline.hamming import hamming
 from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes, unpack_codes
 from pipeline.metrics import query_adaptive_ranking, ranking, weighted_distances
 from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
-                               fused_terms, graph_chunks, hamming_ranking, image_codes, load_heads, make_optimizers,
+                               fused_terms, graph_chunks, hamming_rankings, image_codes, load_heads, make_optimizers,
                                paper_terms, prepare, sample_views, train_hash, train_step)
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=2, device="cpu")
@@ -348,7 +348,7 @@ def test_hamming_ranking_ranks_as_packed_codes_do():
     database[5:20] = database[0]  # ties, kept in database order
     database[3, :4] = 0.0  # 0 counts as bit 1, as in pack_codes
     expected = ranking(-hamming(pack_codes(query), pack_codes(database)).astype(np.float64))
-    assert np.array_equal(hamming_ranking(query, database), expected)
+    assert np.array_equal(hamming_rankings(query, database)[0], expected)
 
 
 def test_adaptive_hamming_ranking_orders_ties_as_evaluate_does():
@@ -360,9 +360,9 @@ def test_adaptive_hamming_ranking_orders_ties_as_evaluate_does():
     d = hamming(pack_codes(query), pack_codes(database)).astype(np.int32)
     stored = query.half().numpy()
     expected = query_adaptive_ranking(d, weighted_distances(stored, unpack_codes(pack_codes(database), 16)))
-    got = hamming_ranking(query, database, adaptive=True)
+    plain, got = hamming_rankings(query, database)
     assert np.array_equal(got, expected)
-    assert not np.array_equal(got, hamming_ranking(query, database))  # the ties were reordered
+    assert not np.array_equal(got, plain)  # the ties were reordered
     # Still nearest first by Hamming distance.
     assert (np.diff(np.take_along_axis(d, got, axis=1), axis=1) >= 0).all()
 
