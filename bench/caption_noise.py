@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import parse_seeds, save  # noqa: E402
 from bench.train_quality import parse_set, run_once  # noqa: E402
 from stages.train_hash import DIRECTIONS  # noqa: E402
 
@@ -32,14 +32,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
     parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--shares", default="0,0.05,0.2,0.5", help="shares of training items with wrong captions")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-9")
     parser.add_argument("--recipe", default="duch", choices=("duch", "paper"))
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, as in train_quality.py")
     parser.add_argument("--label", default="default")
     args = parser.parse_args(argv)
 
     shares = [float(s) for s in args.shares.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     settings = {"bits": (args.bits,)} | parse_set(args.set)
     if "caption_noise" in settings:
         raise SystemExit("--set caption_noise: give the shares with --shares")

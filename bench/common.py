@@ -28,3 +28,17 @@ def save(kind: str, payload: dict) -> Path:
     payload = {"benchmark": kind, "machine": machine_name(), "date": stamp, "versions": library_versions(), **payload}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2", "0-9" or a mix ("0-2,7") -> the seeds in the order given."""
+    seeds = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
+        except ValueError:
+            raise SystemExit(f"--seeds {text!r}: give whole numbers and ranges, e.g. 0,1,2 or 0-9") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import parse_seeds, save  # noqa: E402
 from pipeline.config import EncodeConfig, EvaluateConfig, TrainConfig  # noqa: E402
 from stages.encode_archive import encode_archive  # noqa: E402
 from stages.evaluate import RECALL_KS, evaluate  # noqa: E402
@@ -50,11 +50,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
     parser.add_argument("--bits", default="64")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-9")
     parser.add_argument("--rerank", type=int, default=100, help="Hamming shortlist re-ranked by cosine")
     args = parser.parse_args(argv)
     bits = tuple(int(b) for b in args.bits.split(","))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     t0 = time.perf_counter()
     runs = []
     for seed in seeds:

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import parse_seeds, save  # noqa: E402
 from pipeline import DuchError  # noqa: E402
 from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides  # noqa: E402
 from stages.train_hash import DIRECTIONS, train_hash  # noqa: E402
@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory with a finished extract stage")
     parser.add_argument("--bits", default="16,32,64,128")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-9")
     parser.add_argument("--recipe", default="duch", choices=sorted(TRAIN_RECIPES),
                         help="named settings under --set: duch (the defaults) or paper (DUCH's published ones)")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. tau=0.5 epochs=50")
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     settings = {"bits": tuple(int(b) for b in args.bits.split(","))} | parse_set(args.set)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     runs = []
     t0 = time.perf_counter()
     for seed in seeds:

@@ -1,4 +1,5 @@
-"""bench/compare_quality.py: the seed-noise tests behind "inside the noise" claims, pinned on hand-worked cases."""
+"""bench/compare_quality.py: the seed-noise tests behind "inside the noise" claims, pinned on hand-worked cases;
+and the benchmarks' --seeds syntax."""
 import math
 
 import pytest
@@ -85,3 +86,15 @@ def test_cli_refuses_both_or_neither_and_unreadable_files(tmp_path, capsys):
     old.write_text('{"seeds": [0], "per_seed": [{"16": {"T->I": {"reference": 0.9}}}]}')
     with pytest.raises(SystemExit, match="use --ties order"):
         main([str(old), "--bar", "published", "--ties", "adaptive"])
+
+
+def test_seed_lists_and_ranges():
+    from bench.common import parse_seeds
+
+    assert parse_seeds("0") == [0]
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    assert parse_seeds("0-9") == list(range(10))
+    assert parse_seeds("3-5,0") == [3, 4, 5, 0]
+    for bad in ("", "a", "0-", "1,1", "2-1"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            parse_seeds(bad)
