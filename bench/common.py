@@ -19,12 +19,21 @@ def machine_name() -> str:
     return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
+def new_result_path(stem: str) -> Path:
+    """RESULTS/stem.json, or stem-2.json, -3... when a run of the same day already saved it: the README cites
+    result files by name, so a rerun never replaces one."""
+    path, n = RESULTS / f"{stem}.json", 2
+    while path.exists():
+        path, n = RESULTS / f"{stem}-{n}.json", n + 1
+    return path
+
+
 def save(kind: str, payload: dict) -> Path:
     from pipeline.manifest import library_versions
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
-    path = RESULTS / f"{kind}-{machine_name()}-{stamp}.json"
+    path = new_result_path(f"{kind}-{machine_name()}-{stamp}")
     payload = {"benchmark": kind, "machine": machine_name(), "date": stamp, "versions": library_versions(), **payload}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path

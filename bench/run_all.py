@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, machine_name  # noqa: E402
+from bench.common import RESULTS, machine_name, new_result_path  # noqa: E402
 
 CHILD = """
 import json, resource, sys
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
 
     stamp = dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{machine_name()}-{stamp}.json"
+    path = new_result_path(f"{machine_name()}-{stamp}")
     path.write_text(json.dumps({"machine": machine_name(), "date": stamp, "quick": args.quick,
                                 "versions": library_versions(), "benchmarks": results}, indent=1, default=str) + "\n")
     print(f"\nsaved {path}")

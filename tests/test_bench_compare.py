@@ -98,3 +98,14 @@ def test_seed_lists_and_ranges():
     for bad in ("", "a", "0-", "1,1", "2-1"):
         with pytest.raises(SystemExit, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_results_of_the_same_day_are_never_replaced(tmp_path, monkeypatch):
+    import bench.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    first = common.save("kind", {"x": 1})
+    second = common.save("kind", {"x": 2})
+    assert first != second and second.name == first.name.replace(".json", "-2.json")
+    assert '"x": 1' in first.read_text() and '"x": 2' in second.read_text()
+    assert common.new_result_path("other").name == "other.json"
