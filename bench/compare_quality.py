@@ -71,6 +71,8 @@ def difference_test(base: np.ndarray | float, other: np.ndarray, paired: bool = 
 def per_seed(result: dict, ties: str, definition: str) -> dict[str, dict[str, np.ndarray]]:
     """{bits: {direction: [seeds]}} from a bench/train_quality.py JSON."""
     key = {"order": "per_seed", "adaptive": "per_seed_adaptive"}[ties]
+    if "per_seed" not in result:
+        raise SystemExit("not a bench/train_quality.py result: it has no per-seed figures ('per_seed')")
     if key not in result:
         raise SystemExit(f"the result file has no {key!r} (saved before query-adaptive ties were measured); "
                          "use --ties order")
@@ -89,8 +91,8 @@ def compare(base: dict, other: dict | str, ties: str = "order", definition: str 
             if b in BAR_BITS:
                 out[b] = {d: difference_test(bar[d][BAR_BITS.index(b)], v) for d, v in dirs.items() if d in bar}
         return out
-    paired = list(base["seeds"]) == list(other["seeds"])
     o = per_seed(other, ties, definition)
+    paired = list(base.get("seeds", [])) == list(other.get("seeds", [None]))
     for b in (b for b in a if b in o):
         out[b] = {d: difference_test(a[b][d], o[b][d], paired) for d in DIRECTIONS if d in a[b] and d in o[b]}
     return out

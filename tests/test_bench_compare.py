@@ -82,6 +82,10 @@ def test_cli_refuses_both_or_neither_and_unreadable_files(tmp_path, capsys):
     bad.write_text("{")
     with pytest.raises(SystemExit, match="bad.json: not a readable result JSON"):
         main([str(bad), "--bar", "published"])
+    other = tmp_path / "other.json"
+    other.write_text('{"benchmark": "search_latency"}')
+    with pytest.raises(SystemExit, match="not a bench/train_quality.py result"):
+        main([str(other), "--bar", "published"])
     old = tmp_path / "old.json"
     old.write_text('{"seeds": [0], "per_seed": [{"16": {"T->I": {"reference": 0.9}}}]}')
     with pytest.raises(SystemExit, match="use --ties order"):
