@@ -26,8 +26,8 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
+from pipeline.metrics import DIRECTIONS  # noqa: E402
 
-DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
 # Reference mAP@20 on UCM-captions, paper split, at 16 / 32 / 64 / 128 bits.
 BARS = {
     # Issue 2's bar: a straightforward re-implementation on the default offline encoders (one augmented view, a
@@ -92,7 +92,7 @@ def compare(base: dict, other: dict | str, ties: str = "order", definition: str 
                 out[b] = {d: difference_test(bar[d][BAR_BITS.index(b)], v) for d, v in dirs.items() if d in bar}
         return out
     o = per_seed(other, ties, definition)
-    paired = list(base.get("seeds", [])) == list(other.get("seeds", [None]))
+    paired = base.get("seeds") is not None and base.get("seeds") == other.get("seeds")
     for b in (b for b in a if b in o):
         out[b] = {d: difference_test(a[b][d], o[b][d], paired) for d in DIRECTIONS if d in a[b] and d in o[b]}
     return out
@@ -149,8 +149,9 @@ def main(argv=None) -> dict:
              else (short_name(args.base, base), short_name(args.other, other)))
     print(f"mAP@20 {args.definition}, ties {args.ties}: {names[1]} against {names[0]}")
     print(format_table(rows, *names))
-    label = args.label or "-".join([f"{short_name(args.base, base)}-vs-{args.bar or short_name(args.other, other)}"]
-                                   + [args.ties] * (args.ties != "order") + [args.definition] * (args.definition != "reference"))
+    pair = f"{short_name(args.base, base)}-vs-{args.bar or short_name(args.other, other)}"
+    label = args.label or "-".join([pair] + [args.ties] * (args.ties != "order")
+                                   + [args.definition] * (args.definition != "reference"))
     path = save(f"compare_quality-{label}", {"base": args.base, "other": args.bar or args.other,
                                              "ties": args.ties, "definition": args.definition, "rows": rows})
     print(f"saved {path}")

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.metrics import DIRECTIONS  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent / "results" / "train_quality_experiments"
-DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
 
 INTRO = """# train-hash experiments on UCM-captions (2026-11-24 to 25, 2-core CPU)
 

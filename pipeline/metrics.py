@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The retrieval directions, query modality -> database modality, in the published tables' order.
+DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
+
 
 def ranking(scores: np.ndarray) -> np.ndarray:
     """[Q, N] scores -> [Q, N] database indices, best first, ties in database order."""

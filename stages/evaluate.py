@@ -29,14 +29,13 @@ from pipeline.hashing import unpack_codes
 from pipeline.features import verify_listed
 from pipeline.manifest import library_versions, now_iso, sha256_file, write_json_atomic, write_manifest
 from pipeline.lock import run_lock
-from pipeline.metrics import (average_precisions, cosine, map_of_ranking, per_class_mean, precision_at_k,
-                              query_adaptive_ranking, radius_curves, ranking, recall_at_k, rerank_order,
-                              weighted_distances)
+from pipeline.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,
+                              precision_at_k, query_adaptive_ranking, radius_curves, ranking, recall_at_k,
+                              rerank_order, weighted_distances)
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
 STAGE = "evaluate"
-DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
 RECALL_KS = (1, 5, 10)
 
 

@@ -34,13 +34,12 @@ from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_
                              nt_xent_groups, quantization, quantization_groups, weighted_nt_xent)
 from pipeline.lock import run_lock
 from pipeline.manifest import library_versions, now_iso, read_manifest, sha256_file, write_json_atomic, write_manifest
-from pipeline.metrics import CONFIDENCE_STEPS, map_of_ranking
+from pipeline.metrics import CONFIDENCE_STEPS, DIRECTIONS, map_of_ranking
 from pipeline.noise import clean_probability, swap_captions
 from pipeline.rundir import stage_dir
 from pipeline.storage import write_errors
 
 STAGE = "train-hash"
-DIRECTIONS = ("I->T", "T->I", "I->I", "T->T")
 LOSS_TERMS = ("inter", "inter_extra", "image", "text", "adversarial", "quantization", "balance", "total",
               "discriminator")
 
