@@ -205,18 +205,25 @@ def hamming_rankings(query: torch.Tensor, database: torch.Tensor) -> tuple[np.nd
             by_weight.gather(1, then_distance).cpu().numpy())
 
 
-def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
-                   k: int, view_ensemble: bool = False) -> dict:
-    """mAP@k of the four directions under both definitions, Hamming ranking: "map" with ties in database order,
-    "map_adaptive" with ties by the query's confidence (query-adaptive, as `search` ranks)."""
+def split_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor,
+                view_ensemble: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Continuous codes of the query and database items, per modality: {"I": (query, database), "T": ...}; an
+    item's text is its evaluation caption (eval_text)."""
     device = data.image.device
     q, db = torch.as_tensor(split.query, device=device), torch.as_tensor(split.database, device=device)
     images = lambda rows: image_codes(heads.image, data.image[rows],  # noqa: E731
                                       data.views[rows] if view_ensemble else None)
-    codes = {
+    return {
         "I": (images(q), images(db)),
         "T": (encode(heads.text, data.text[eval_text[q]]), encode(heads.text, data.text[eval_text[db]])),
     }
+
+
+def evaluate_codes(heads: DuchHeads, data: TrainData, split: Split, eval_text: torch.Tensor, labels: np.ndarray,
+                   k: int, view_ensemble: bool = False) -> dict:
+    """mAP@k of the four directions under both definitions, Hamming ranking: "map" with ties in database order,
+    "map_adaptive" with ties by the query's confidence (query-adaptive, as `search` ranks)."""
+    codes = split_codes(heads, data, split, eval_text, view_ensemble)
     out = {"map": {}, "map_adaptive": {}}
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
@@ -391,21 +398,25 @@ def graph_chunks(batches: list[tuple[int, int]], most: int = STEPS_PER_GRAPH) ->
 EpochRunner = Callable[[torch.Tensor, torch.Tensor, list], None]
 
 
-def epoch_runner(state: StepState, cfg: TrainConfig, graphs: bool, compile_terms: bool = False) -> EpochRunner:
+def epoch_runner(state: StepState, cfg: TrainConfig, graphs: bool, compile_terms: bool = False,
+                 terms_of: Callable[..., dict] | None = None) -> EpochRunner:
     """run(order, eps, batches): the epoch's steps, batch (a, b) on the items at order[a:b] with eps[a:b]. Eagerly
     with train_step, or on a GPU as CUDA graphs (one per run length and batch size) of the step with fused loss
     terms, optionally compiled by torch.compile into a few kernels (the discriminator step cannot be: its gradient
-    penalty differentiates twice, which torch.compile does not support)."""
+    penalty differentiates twice, which torch.compile does not support). terms_of: paper_terms' stand-in on
+    either path (bench/closed_routes.py adds terms to DUCH's), None for DUCH's own."""
     if not graphs:
-        step = functools.partial(train_step, state, cfg)
+        step = functools.partial(train_step, state, cfg, terms_of=terms_of or paper_terms)
 
         def run_eager(order: torch.Tensor, eps: torch.Tensor, batches: list) -> None:
             for a, b in batches:
                 step(order[a:b], eps[a:b])
 
         return run_eager
-    terms_of = torch.compile(fused_paper_terms, dynamic=False, fullgraph=True) if compile_terms else fused_paper_terms
-    step = functools.partial(train_step, state, cfg, terms_of=fused_terms(terms_of))
+    if terms_of is None:
+        fused = torch.compile(fused_paper_terms, dynamic=False, fullgraph=True) if compile_terms else fused_paper_terms
+        terms_of = fused_terms(fused)
+    step = functools.partial(train_step, state, cfg, terms_of=terms_of)
     captured: dict[tuple[int, int], GraphedSteps] = {}
 
     def run_graphs(order: torch.Tensor, eps: torch.Tensor, batches: list) -> None:
@@ -511,10 +522,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
 
 def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
                labels: np.ndarray, progress: bool, graphs: bool | None = None,
-               compile_terms: bool | None = None, checkpoints: Checkpoints | None = None) -> dict:
+               compile_terms: bool | None = None, checkpoints: Checkpoints | None = None,
+               terms_of: Callable[..., dict] | None = None) -> dict:
     """graphs: replay the steps as CUDA graphs (default: on a GPU, see use_graphs); compile_terms: with graphs,
     torch.compile the loss terms (default: see use_compile); checkpoints: save one every cfg.checkpoint_every
-    epochs there, and resume from the one found there (None: neither)."""
+    epochs there, and resume from the one found there (None: neither); terms_of: see epoch_runner."""
     device = data.image.device
     graphs = use_graphs(device, cfg) if graphs is None else graphs
     compile_terms = use_compile(graphs, cfg) if compile_terms is None else compile_terms
@@ -555,7 +567,7 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
             t0 -= log["seconds"]
             checkpoints.echo(f"train-hash: {bits} bits: resuming from the checkpoint after epoch {done} of "
                              f"{cfg.epochs}")
-    run_epoch = epoch_runner(state, cfg, graphs, compile_terms)
+    run_epoch = epoch_runner(state, cfg, graphs, compile_terms, terms_of)
     batches = epoch_batches(n, cfg.batch_size, cfg.drop_last)
     covered = batches[-1][1] if batches else 0
     bar = tqdm(range(done + 1, cfg.epochs + 1), desc=f"{bits} bits", unit="epoch", disable=not progress,
