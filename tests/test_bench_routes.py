@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import bench.common as common
-from bench.closed_routes import (hamming_of, itq_rotation, main, nested_terms, pearson, rank_ways, signs)
+from bench.closed_routes import (critical_r, hamming_of, itq_rotation, main, nested_terms, pearson, rank_ways,
+                                 signs)
 from pipeline.losses import nt_xent
 from stages import train_hash as th
 
@@ -70,6 +71,9 @@ def test_rank_ways_by_hand():
 def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    # Critical values from a table of Pearson's r, two-sided .05: 10 pairs .632, 5 pairs .878.
+    assert critical_r(10) == pytest.approx(0.632, abs=5e-4)
+    assert critical_r(5) == pytest.approx(0.878, abs=5e-4)
 
 
 def test_nested_terms_add_the_prefix_contrastive_terms():
