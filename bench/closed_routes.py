@@ -78,6 +78,10 @@ def rank_ways(q: np.ndarray, d: np.ndarray, rotation: np.ndarray) -> dict[str, n
             "continuous": ranking(cosine(q, d))}
 
 
+def hamming_only(q: np.ndarray, d: np.ndarray) -> dict[str, np.ndarray]:
+    return {"hamming": ranking(-hamming_of(q, d))}
+
+
 def pearson(x, y) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.std() == 0 or y.std() == 0:
@@ -147,12 +151,15 @@ def train_statistics(run: dict, setup: Setup, cfg: TrainConfig) -> dict[str, flo
 
 
 def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: set[str]) -> dict:
+    def codes_of(heads, first: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        pairs = th.split_codes(heads, setup.data, setup.split, setup.eval_text, cfg.view_ensemble)
+        return {m: tuple(c[:, :first].numpy() for c in pair) for m, pair in pairs.items()}
+
     base = th.train_bits(bits, cfg, setup.data, setup.split, None, setup.labels, progress=False)
-    codes = {m: tuple(c.numpy() for c in pair) for m, pair in
-             th.split_codes(base["heads"], setup.data, setup.split, setup.eval_text, cfg.view_ensemble).items()}
+    codes = codes_of(base["heads"])
     row: dict = {"seed": cfg.seed}
     if "rankings" in skip:
-        row["map"] = map_table(codes, lambda q, d: {"hamming": ranking(-hamming_of(q, d))}, setup, cfg.map_k)
+        row["map"] = map_table(codes, hamming_only, setup, cfg.map_k)
     else:
         train = setup.split.train
         fit = np.vstack([th.image_codes(base["heads"].image, setup.data.image[train],
@@ -165,12 +172,8 @@ def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: 
     if "nested" not in skip and nested_from > bits:
         run = th.train_bits(nested_from, cfg, setup.data, setup.split, None, setup.labels, progress=False,
                             terms_of=nested_terms(bits))
-        full = th.split_codes(run["heads"], setup.data, setup.split, setup.eval_text, cfg.view_ensemble)
-        prefix = {m: (q[:, :bits].numpy(), d[:, :bits].numpy()) for m, (q, d) in full.items()}
-        hamming_only = lambda q, d: {"hamming": ranking(-hamming_of(q, d))}  # noqa: E731
-        row["nested_prefix"] = map_table(prefix, hamming_only, setup, cfg.map_k)["hamming"]
-        row["nested_full"] = map_table({m: tuple(c.numpy() for c in p) for m, p in full.items()}, hamming_only,
-                                       setup, cfg.map_k)["hamming"]
+        row["nested_prefix"] = map_table(codes_of(run["heads"], bits), hamming_only, setup, cfg.map_k)["hamming"]
+        row["nested_full"] = map_table(codes_of(run["heads"]), hamming_only, setup, cfg.map_k)["hamming"]
     return row
 
 
