@@ -1,7 +1,7 @@
 """Routes to better short codes that were measured and closed, each side by side with the defaults.
 
     python bench/closed_routes.py --run runs/ucm --seeds 0-9                  # 16 bits: every hashing probe
-    python bench/closed_routes.py --run runs/ucm --seeds 0-2 --bits 64 --skip nested
+    python bench/closed_routes.py --run runs/ucm --seeds 0-4 --bits 64 --skip nested
     python bench/closed_routes.py --pooling ../shared/datasets/ucm/dataset_ucm.json   # the encoder's poolings
 
 Per seed it trains the defaults at --bits (the baseline, as bench/train_quality.py does) and then:
