@@ -38,6 +38,8 @@ from bench.common import parse_seeds, save  # noqa: E402
 from bench.compare_quality import difference_test  # noqa: E402
 from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from pipeline.features import load_features  # noqa: E402
+from pipeline.hamming import hamming  # noqa: E402
+from pipeline.hashing import pack_codes, unpack_codes  # noqa: E402
 from pipeline.losses import nt_xent  # noqa: E402
 from pipeline.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,  # noqa: E402
                               query_adaptive_ranking, ranking, recall_at_k, weighted_distances)
@@ -49,13 +51,13 @@ STATISTICS = ("loss_inter", "loss_image", "loss_text", "loss_quantization", "tra
 
 # ------------------------------------------------------------------------------------------- pure functions
 def signs(h: np.ndarray) -> np.ndarray:
-    """+-1 float32 codes, +1 where h >= 0 (as pack_codes)."""
-    return np.where(np.asarray(h) >= 0, 1.0, -1.0).astype(np.float32)
+    """+-1 codes, +1 where h >= 0: the bits as encode-archive packs them, unpacked."""
+    return unpack_codes(pack_codes(np.asarray(h)), h.shape[1])
 
 
 def hamming_of(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """[Q, N] Hamming distances of the continuous codes' bits, exact in float32."""
-    return (q.shape[1] - signs(q) @ signs(d).T) / 2
+    """[Q, N] Hamming distances of the continuous codes' bits, by the archive's own packed-code scan."""
+    return hamming(pack_codes(np.asarray(q)), pack_codes(np.asarray(d))).astype(np.int32)
 
 
 def itq_rotation(v: np.ndarray, iters: int = 50, seed: int = 0) -> np.ndarray:
@@ -132,14 +134,12 @@ def map_table(codes: dict, orders_of, setup: Setup, k: int) -> dict[str, dict[st
     return out
 
 
-def train_statistics(run: dict, setup: Setup, cfg: TrainConfig) -> dict[str, float]:
-    """Label-free figures of a trained model on its own training items."""
-    data, train = setup.data, torch.as_tensor(setup.split.train)
-    heads = run["heads"]
-    image = th.image_codes(heads.image, data.image[train], data.views[train] if cfg.view_ensemble else None).numpy()
-    rows = [data.captions[i, :data.n_captions[i]] for i in train.tolist()]
+def train_statistics(run: dict, setup: Setup, image: np.ndarray) -> dict[str, float]:
+    """Label-free figures of a trained model on its own training items, whose image codes are `image`."""
+    data = setup.data
+    rows = [data.captions[i, :data.n_captions[i]] for i in setup.split.train.tolist()]
     owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    text = th.encode(heads.text, data.text[torch.cat(rows)]).numpy()
+    text = th.encode(run["heads"].text, data.text[torch.cat(rows)]).numpy()
     positive = owner[None, :] == np.arange(len(rows))[:, None]
     distance = hamming_of(image, text)
     recall = (recall_at_k(ranking(-distance), positive, (10,))[10]
@@ -157,18 +157,18 @@ def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: 
 
     base = th.train_bits(bits, cfg, setup.data, setup.split, None, setup.labels, progress=False)
     codes = codes_of(base["heads"])
+    train = setup.split.train
+    train_image = th.image_codes(base["heads"].image, setup.data.image[train],
+                                 setup.data.views[train] if cfg.view_ensemble else None).numpy()
     row: dict = {"seed": cfg.seed}
     if "rankings" in skip:
         row["map"] = map_table(codes, hamming_only, setup, cfg.map_k)
     else:
-        train = setup.split.train
-        fit = np.vstack([th.image_codes(base["heads"].image, setup.data.image[train],
-                                        setup.data.views[train] if cfg.view_ensemble else None).numpy(),
-                         th.encode(base["heads"].text, setup.data.text[setup.data.captions[train, 0]]).numpy()])
-        rotation = itq_rotation(fit, seed=cfg.seed)
+        first_captions = th.encode(base["heads"].text, setup.data.text[setup.data.captions[train, 0]]).numpy()
+        rotation = itq_rotation(np.vstack([train_image, first_captions]), seed=cfg.seed)
         row["map"] = map_table(codes, lambda q, d: rank_ways(q, d, rotation), setup, cfg.map_k)
     if "statistics" not in skip:
-        row["statistics"] = train_statistics(base, setup, cfg)
+        row["statistics"] = train_statistics(base, setup, train_image)
     if "nested" not in skip and nested_from > bits:
         run = th.train_bits(nested_from, cfg, setup.data, setup.split, None, setup.labels, progress=False,
                             terms_of=nested_terms(bits))

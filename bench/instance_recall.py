@@ -7,7 +7,8 @@ Trains train-hash with --split dataset (UCM: train+val 1890 images; test 210 ima
 in a scratch run that links RUN/extract (the user's own stages are never touched), encodes the archive with
 continuous outputs, and evaluates: an image's own captions (I->T) and a caption's own image (T->I) by Hamming
 ranking (ties in archive order, and by the query's confidence: query-adaptive), by a Hamming shortlist re-ranked
-with the continuous outputs, and by the continuous outputs alone. Prints the table, mean over seeds, and writes JSON to bench/results/.
+with the continuous outputs, and by the continuous outputs alone. Prints the table, mean over seeds, and writes
+JSON to bench/results/.
 """
 from __future__ import annotations
 
