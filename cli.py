@@ -1,13 +1,20 @@
-"""duch command line: thin click wrappers over the Python API (`stages.*`)."""
+"""duch command line: thin click wrappers over the Python API (`duch.stages.*`, `duch.pipeline.retrieval`)."""
 from __future__ import annotations
 
 import functools
 import sys
 
+if __name__ == "__main__":  # `python cli.py ...` runs this checkout, installed or not: its folders are duch's
+    import pathlib
+    import types
+
+    sys.modules["duch"] = types.ModuleType("duch")
+    sys.modules["duch"].__path__ = [str(pathlib.Path(__file__).resolve().parent)]
+
 import click
 
-from data import DatasetError
-from pipeline import DuchError
+from duch.data import DatasetError
+from duch.pipeline import DuchError
 
 
 def user_errors(fn):
@@ -16,7 +23,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipeline.storage import storage_error
+        from duch.pipeline.run.storage import storage_error
 
         try:
             return fn(*args, **kwargs)
@@ -48,6 +55,15 @@ class OneLineErrors(click.Group):
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """duch: unsupervised contrastive hashing for cross-modal retrieval in remote-sensing archives."""
+
+
+def stage_options(command):
+    """--force, --wait and --no-progress: what every stage that keeps its outputs takes."""
+    command = click.option("--no-progress", is_flag=True, help="No progress bars.")(command)
+    command = click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
+                           help="When another duch process holds the run, wait up to this long for it.")(command)
+    return click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other "
+                                                      "settings.")(command)
 
 
 def cluster_options(command):
@@ -87,21 +103,20 @@ def cluster_options(command):
                    "auto: gpu on a CUDA device for a JPEG archive with --image-views 0. Same embeddings "
                    "within float16 rounding.")
 @cluster_options
-@click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other settings.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@stage_options
 @user_errors
 def extract(data, images, run_dir, image_encoder, text_encoder, image_views, seed, shard_size, dtype, device,
-            batch_size, text_batch_size, workers, decode, scheduler, threads, force, no_progress):
+            batch_size, text_batch_size, workers, decode, scheduler, threads, force, wait, no_progress):
     """Stage 1: cache image and text embeddings (with augmented views) in HDF5 shards."""
-    from pipeline.config import ExtractConfig
-    from stages.extract import extract as run_extract
+    from duch.pipeline.config import ExtractConfig
+    from duch.stages.extract import extract as run_extract
 
     cfg = ExtractConfig(data=data, images=images, run=run_dir, image_encoder=image_encoder,
                         text_encoder=None if text_encoder.lower() == "none" else text_encoder,
                         image_views=image_views, seed=seed, shard_size=shard_size, dtype=dtype, device=device,
                         batch_size=batch_size, text_batch_size=text_batch_size, workers=workers, decode=decode,
                         scheduler=scheduler, threads=threads)
-    run_extract(cfg, force=force, progress=not no_progress, echo=click.echo)
+    run_extract(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 def _bits(ctx, param, value: str) -> tuple[int, ...]:
@@ -139,14 +154,14 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any other setting of pipeline.config.TrainConfig, over the recipe; repeat for more (e.g. --set "
                    "w_inter_all=2 --set beta=0.005).")
-@click.option("--force", is_flag=True, help="Retrain even if finished.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@stage_options
 @user_errors
 def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
-               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, overrides, force, no_progress):
+               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, overrides, force, wait,
+               no_progress):
     """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
-    from pipeline.config import TrainConfig, parse_overrides
-    from stages.train_hash import train_hash as run_train
+    from duch.pipeline.config import TrainConfig, parse_overrides
+    from duch.stages.train_hash import train_hash as run_train
 
     own_options = ("bits", "split", "epochs", "batch_size", "hidden", "tau", "seed", "precision", "reference_quirks")
     given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, tau=tau).items() if v is not None}
@@ -155,7 +170,7 @@ def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, se
                              precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
                              checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,
                              compile_terms=compile_terms, **given)
-    run_train(cfg, force=force, progress=not no_progress, echo=click.echo)
+    run_train(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command("encode-archive")
@@ -172,18 +187,17 @@ def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, se
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8192, show_default=True, type=int)
 @cluster_options
-@click.option("--force", is_flag=True, help="Re-encode even if finished.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@stage_options
 @user_errors
-def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, threads, force,
+def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, threads, force, wait,
                    no_progress):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
-    from pipeline.config import EncodeConfig
-    from stages.encode_archive import encode_archive as run_encode
+    from duch.pipeline.config import EncodeConfig
+    from duch.stages.encode_archive import encode_archive as run_encode
 
     cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, index=index, device=device,
                        batch_size=batch_size, scheduler=scheduler, threads=threads)
-    run_encode(cfg, force=force, progress=not no_progress, echo=click.echo)
+    run_encode(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command()
@@ -213,7 +227,7 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_js
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
-    from pipeline.search import Index
+    from duch.pipeline.retrieval.search import Index
 
     if sum(q is not None for q in (text, image, item_id)) != 1:
         raise click.UsageError("give exactly one of --text, --image, --id")
@@ -242,13 +256,15 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_js
 @click.option("-k", "--k", default=20, show_default=True, type=int, help="mAP@K.")
 @click.option("--rerank", default=100, show_default=True, type=int,
               help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
+@click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
+              help="When another duch process holds the run, wait up to this long for it.")
 @user_errors
-def evaluate(run_dir, bits, k, rerank):
+def evaluate(run_dir, bits, k, rerank, wait):
     """mAP@K, precision curves and instance-level Recall@K on the run's held-out split; plots and metrics.json."""
-    from pipeline.config import EvaluateConfig
-    from stages.evaluate import evaluate as run_evaluate
+    from duch.pipeline.config import EvaluateConfig
+    from duch.stages.evaluate import evaluate as run_evaluate
 
-    run_evaluate(EvaluateConfig(run=run_dir, bits=bits, k=k, rerank=rerank), echo=click.echo)
+    run_evaluate(EvaluateConfig(run=run_dir, bits=bits, k=k, rerank=rerank), echo=click.echo, wait=wait)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
 from bench.train_quality import parse_set, run_once  # noqa: E402
-from pipeline.metrics import DIRECTIONS  # noqa: E402
+from duch.pipeline.retrieval.metrics import DIRECTIONS  # noqa: E402
 
 # CHNR (ICIP 2022), DUCH on UCM-captions at 64 bits (ResNet18 + BERT features), mAP@20 I->T / T->I by share of
 # wrong training captions: the two ends of its sweep, as DESIGN.md section 2 quotes them.

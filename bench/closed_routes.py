@@ -36,14 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
 from bench.compare_quality import difference_test  # noqa: E402
-from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
-from pipeline.features import load_features  # noqa: E402
-from pipeline.hamming import hamming  # noqa: E402
-from pipeline.hashing import pack_codes, unpack_codes  # noqa: E402
-from pipeline.losses import nt_xent  # noqa: E402
-from pipeline.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,  # noqa: E402
+from duch.pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
+from duch.pipeline.formats.features import load_features  # noqa: E402
+from duch.pipeline.retrieval.hamming import hamming  # noqa: E402
+from duch.pipeline.model.coding import pack_codes, unpack_codes  # noqa: E402
+from duch.pipeline.retrieval.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,  # noqa: E402
                               query_adaptive_ranking, ranking, recall_at_k, weighted_distances)
-from stages import train_hash as th  # noqa: E402
+from duch.pipeline.compute.device import resolve_precision  # noqa: E402
+from duch.pipeline.model.coding import encode, image_codes  # noqa: E402
+from duch.pipeline.train.data import check_features, choose_split, prepare  # noqa: E402
+from duch.pipeline.train.loop import train_bits  # noqa: E402
+from duch.pipeline.train.validate import split_codes  # noqa: E402
 
 RANKINGS = ("hamming", "adaptive", "asymmetric", "itq", "continuous")
 STATISTICS = ("loss_inter", "loss_image", "loss_text", "loss_quantization", "train_recall10", "image_spread")
@@ -99,26 +102,15 @@ def critical_r(n: int, level: float = 0.05) -> float:
     return float(q / np.sqrt(n - 2 + q * q))
 
 
-def nested_terms(prefix: int, weight: float = 1.0):
-    """paper_terms plus its three NT-Xent terms on the codes' first `prefix` bits (same temperature)."""
-    def terms(codes, b, tau, adversarial):
-        out = th.paper_terms(codes, b, tau, adversarial)
-        hi, hia, ht, hta = (h[:, :prefix] for h in codes)
-        for name, (u, v) in (("inter", (hi, ht)), ("image", (hi, hia)), ("text", (ht, hta))):
-            out[name] = out[name] + weight * nt_xent(u, v, tau)
-        return out
-    return terms
-
-
 # ---------------------------------------------------------------------------------------------- one seed
 class Setup:
     """What train-hash builds before training, on the CPU: features, split, tensors, evaluation captions."""
 
     def __init__(self, run: Path, cfg: TrainConfig):
         self.features = load_features(run)
-        th.check_features(self.features)
-        self.split = th.choose_split(self.features, cfg)
-        self.data = th.prepare(self.features, torch.device("cpu"))
+        check_features(self.features)
+        self.split = choose_split(self.features, cfg)
+        self.data = prepare(self.features, torch.device("cpu"))
         self.eval_text = torch.as_tensor(self.features.one_caption_per_image(cfg.split_seed))
         self.labels = self.features.labels
 
@@ -139,7 +131,7 @@ def train_statistics(run: dict, setup: Setup, image: np.ndarray) -> dict[str, fl
     data = setup.data
     rows = [data.captions[i, :data.n_captions[i]] for i in setup.split.train.tolist()]
     owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    text = th.encode(run["heads"].text, data.text[torch.cat(rows)]).numpy()
+    text = encode(run["heads"].text, data.text[torch.cat(rows)]).numpy()
     positive = owner[None, :] == np.arange(len(rows))[:, None]
     distance = hamming_of(image, text)
     recall = (recall_at_k(ranking(-distance), positive, (10,))[10]
@@ -152,26 +144,26 @@ def train_statistics(run: dict, setup: Setup, image: np.ndarray) -> dict[str, fl
 
 def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: set[str]) -> dict:
     def codes_of(heads, first: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        pairs = th.split_codes(heads, setup.data, setup.split, setup.eval_text, cfg.view_ensemble)
+        pairs = split_codes(heads, setup.data, setup.split, setup.eval_text, cfg.view_ensemble)
         return {m: tuple(c[:, :first].numpy() for c in pair) for m, pair in pairs.items()}
 
-    base = th.train_bits(bits, cfg, setup.data, setup.split, None, setup.labels, progress=False)
+    base = train_bits(bits, cfg, setup.data, setup.split, None, setup.labels, progress=False)
     codes = codes_of(base["heads"])
     train = setup.split.train
-    train_image = th.image_codes(base["heads"].image, setup.data.image[train],
+    train_image = image_codes(base["heads"].image, setup.data.image[train],
                                  setup.data.views[train] if cfg.view_ensemble else None).numpy()
     row: dict = {"seed": cfg.seed}
     if "rankings" in skip:
         row["map"] = map_table(codes, hamming_only, setup, cfg.map_k)
     else:
-        first_captions = th.encode(base["heads"].text, setup.data.text[setup.data.captions[train, 0]]).numpy()
+        first_captions = encode(base["heads"].text, setup.data.text[setup.data.captions[train, 0]]).numpy()
         rotation = itq_rotation(np.vstack([train_image, first_captions]), seed=cfg.seed)
         row["map"] = map_table(codes, lambda q, d: rank_ways(q, d, rotation), setup, cfg.map_k)
     if "statistics" not in skip:
         row["statistics"] = train_statistics(base, setup, train_image)
     if "nested" not in skip and nested_from > bits:
-        run = th.train_bits(nested_from, cfg, setup.data, setup.split, None, setup.labels, progress=False,
-                            terms_of=nested_terms(bits))
+        run = train_bits(nested_from, dataclasses.replace(cfg, nested_bits=bits), setup.data, setup.split, None,
+                         setup.labels, progress=False)
         row["nested_prefix"] = map_table(codes_of(run["heads"], bits), hamming_only, setup, cfg.map_k)["hamming"]
         row["nested_full"] = map_table(codes_of(run["heads"]), hamming_only, setup, cfg.map_k)["hamming"]
     return row
@@ -215,8 +207,8 @@ def pooling_probe(annotation: Path, limit: int | None = None, batch: int = 50) -
     """I->I mAP@20 of efficientnet-lite0's raw features under several poolings (cosine, leave one out)."""
     from PIL import Image
 
-    from data.readers import read_dataset
-    from pipeline.encoders.efficientnet_lite import build_model, make_transform
+    from duch.data.readers import read_dataset
+    from duch.pipeline.encoders.efficientnet_lite import build_model, make_transform
 
     dataset = read_dataset(annotation)
     items = dataset.items[:limit] if limit else dataset.items
@@ -291,7 +283,7 @@ def main(argv=None) -> dict:
         setup = None
         for seed in seeds:
             cfg = TrainConfig.recipe(args.recipe, run=scratch, seed=seed, device="cpu", **settings)
-            cfg = dataclasses.replace(cfg, precision=th.resolve_precision(cfg.precision, torch.device("cpu")))
+            cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, torch.device("cpu")))
             setup = setup or Setup(Path(scratch), cfg)
             rows.append(one_seed(setup, cfg, args.bits, args.nested_from, skip))
             print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
 from bench.synthetic import make_extract_run  # noqa: E402
-from pipeline.config import EncodeConfig, ExtractConfig, TrainConfig  # noqa: E402
-from stages.encode_archive import encode_archive  # noqa: E402
-from stages.extract import extract  # noqa: E402
-from stages.train_hash import train_hash  # noqa: E402
+from duch.pipeline.config import EncodeConfig, ExtractConfig, TrainConfig  # noqa: E402
+from duch.stages.encode_archive import encode_archive  # noqa: E402
+from duch.stages.extract import extract  # noqa: E402
+from duch.stages.train_hash import train_hash  # noqa: E402
 
 UCM = Path("/work/shared/datasets/ucm")
 MODES = ("none", "local", "warm")
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster import local_layout
+    from duch.pipeline.compute.cluster import local_layout
 
     cores = os.cpu_count() or 1
     _, threads = local_layout(args.workers, 0, cores)

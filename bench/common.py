@@ -29,7 +29,7 @@ def new_result_path(stem: str) -> Path:
 
 
 def save(kind: str, payload: dict) -> Path:
-    from pipeline.manifest import library_versions
+    from duch.pipeline.run.manifest import library_versions
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()

@@ -26,7 +26,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from pipeline.metrics import DIRECTIONS  # noqa: E402
+from duch.pipeline.retrieval.metrics import DIRECTIONS  # noqa: E402
 
 # Reference mAP@20 on UCM-captions, paper split, at 16 / 32 / 64 / 128 bits.
 BARS = {

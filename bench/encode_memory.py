@@ -27,8 +27,8 @@ from bench.synthetic import make_extract_run  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from pipeline.config import EncodeConfig
-from stages.encode_archive import encode_archive
+from duch.pipeline.config import EncodeConfig
+from duch.stages.encode_archive import encode_archive
 import torch, h5py
 
 
@@ -58,8 +58,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scratch", default=None)
     args = parser.parse_args(argv)
-    from pipeline.config import TrainConfig
-    from stages.train_hash import train_hash
+    from duch.pipeline.config import TrainConfig
+    from duch.stages.train_hash import train_hash
 
     root = Path(__file__).resolve().parents[1]
     scratch = Path(tempfile.mkdtemp(prefix="duch-encode-", dir=args.scratch))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.metrics import DIRECTIONS  # noqa: E402
+from duch.pipeline.config import TrainConfig  # noqa: E402
+from duch.pipeline.retrieval.metrics import DIRECTIONS  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent / "results" / "train_quality_experiments"
 

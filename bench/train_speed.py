@@ -32,10 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from data.splits import Split  # noqa: E402
-from pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
-from stages.extract import resolve_device  # noqa: E402
-from stages.train_hash import TrainData, resolve_precision, train_bits, train_hash, use_graphs  # noqa: E402
+from duch.data.splits import Split  # noqa: E402
+from duch.pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
+from duch.pipeline.compute.device import resolve_device, resolve_precision  # noqa: E402
+from duch.pipeline.train.data import TrainData  # noqa: E402
+from duch.pipeline.train.graphs import use_graphs  # noqa: E402
+from duch.pipeline.train.loop import train_bits  # noqa: E402
+from duch.stages.train_hash import train_hash  # noqa: E402
 
 
 def reset_peak(device: torch.device) -> None:

@@ -18,7 +18,7 @@ import re
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
-from data.records import Dataset, DatasetError, Item, Reject
+from duch.data.records import Dataset, DatasetError, Item, Reject
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ANNOTATION_SUFFIXES = (".json", ".jsonl", ".csv")

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
+
+# The checkout these tests sit in is the duch under test, installed or not: its folders are duch's packages.
+sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [str(Path(__file__).resolve().parents[1])]
 
 ASSETS = Path(__file__).parent / "assets"
 # Real UC Merced images (USGS National Map imagery): 102 airplane, 1003 harbor, 2001 tennis court,
@@ -55,8 +60,8 @@ def caption_dataset(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_extract_run(tmp_path_factory, tiny_clip_spec) -> Path:
     """A finished extract stage over 24 real tiles in 3 classes, tiny open_clip, 2 views: copy it before use."""
-    from pipeline.config import ExtractConfig
-    from stages.extract import extract
+    from duch.pipeline.config import ExtractConfig
+    from duch.stages.extract import extract
 
     root = tmp_path_factory.mktemp("archive24")
     (root / "images").mkdir()

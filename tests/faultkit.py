@@ -30,14 +30,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _SOURCE = r"""
-import errno, json, os, sys, traceback
-sys.path.insert(0, ROOT)
-import cli, stages.extract, stages.train_hash, stages.encode_archive, stages.evaluate  # noqa: E401
+import errno, json, os, sys, traceback, types
+sys.modules["duch"] = types.ModuleType("duch")  # this checkout is the duch package, installed or not
+sys.modules["duch"].__path__ = [ROOT]
+from duch import cli  # noqa: E402
+import duch.stages.extract, duch.stages.train_hash, duch.stages.encode_archive, duch.stages.evaluate  # noqa: E401
 import h5py, open_clip, safetensors.torch, tifffile  # noqa: E401,F401
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401
-import pipeline.encoders.openclip, pipeline.checkpoint  # noqa: E401,F401
+import duch.pipeline.encoders.openclip, duch.pipeline.formats.checkpoint  # noqa: E401,F401
 
 
 def inject(plan):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from data.augment import ImageAugment, TextAugment, augment_caption, augment_image, view_rng
-from data.images import load_image
+from duch.data.augment import ImageAugment, TextAugment, augment_caption, augment_image, view_rng
+from duch.data.images import load_image
 from tests.conftest import ASSETS
 
 

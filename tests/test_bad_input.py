@@ -20,12 +20,12 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from data import read_dataset
-from data.images import load_image
-from pipeline.encoders import parse_spec
-from pipeline.encoders.context import count_truncated
-from pipeline.features import load_features
+from duch import cli
+from duch.data import read_dataset
+from duch.data.images import load_image
+from duch.pipeline.encoders import parse_spec
+from duch.pipeline.encoders.context import count_truncated
+from duch.pipeline.formats.features import load_features
 from tests.conftest import ASSETS, write_caption_json
 
 LONG_CAPTION = ("many planes parked near the terminal " * 300)[:10_000]
@@ -251,7 +251,7 @@ def test_cli_mistakes_are_one_line(extracted, tmp_path, tiny_clip_spec):
 
 
 def test_a_manifest_of_a_newer_schema_is_refused_with_upgrade(extracted):
-    from pipeline.manifest import SCHEMA_VERSION, _own_version
+    from duch.pipeline.run.manifest import SCHEMA_VERSION, own_version
 
     path = extracted / "extract" / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -259,7 +259,7 @@ def test_a_manifest_of_a_newer_schema_is_refused_with_upgrade(extracted):
     path.write_text(json.dumps(manifest))
     line = cli_error(["train-hash", "--run", str(extracted), "--bits", "8", "--epochs", "1", "--no-progress"])
     assert line == (f"error: {path} was written by a newer duch (manifest schema {SCHEMA_VERSION + 1}; this duch "
-                    f"{_own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
+                    f"{own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
     path.write_text("[1, 2]")
     assert cli_error(["train-hash", "--run", str(extracted)]) == (
         f"error: {path}: unreadable manifest (a JSON list, not an object); rerun the stage with --force to redo it")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import stages.train_hash as th
-from pipeline.checkpoint import join_tensors, load_checkpoint, remove_checkpoint, save_checkpoint, split_tensors
-from pipeline.config import TrainConfig
-from pipeline.hashing import CodeDiscriminator, DuchHeads
+import duch.stages.train_hash as th
+from duch.pipeline.train.loop import _load_optimizer
+from duch.pipeline.formats.checkpoint import join_tensors, load_checkpoint, remove_checkpoint, save_checkpoint, split_tensors
+from duch.pipeline.config import TrainConfig
+from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
 
 FAST = dict(bits=(8,), epochs=6, hidden=32, batch_size=8, eval_every=2, device="cpu", checkpoint_every=2)
 
@@ -184,7 +185,7 @@ def test_an_optimizer_with_a_device_tensor_lr_keeps_that_tensor_through_a_restor
     other, other_opt, other_schedule = make()
     lr = other_opt.param_groups[0]["lr"]
     other.load_state_dict(saved["model"])
-    th._load_optimizer(other_opt, saved["opt"])
+    _load_optimizer(other_opt, saved["opt"])
     other_schedule.load_state_dict(saved["schedule"])
     assert other_opt.param_groups[0]["lr"] is lr and torch.equal(lr, at_save)
     step(other, other_opt, other_schedule)

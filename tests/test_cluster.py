@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import DuchError
-from pipeline.cluster import SchedulerSpec, local_layout
-from pipeline.config import ExtractConfig
-from pipeline.manifest import read_manifest
-from stages.extract import extract
+from duch.pipeline import DuchError
+from duch.pipeline.compute.cluster import SchedulerSpec, local_layout
+from duch.pipeline.config import ExtractConfig
+from duch.pipeline.run.manifest import read_manifest
+from duch.stages.extract import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,9 +142,9 @@ def test_a_killed_cluster_driver_resumes_from_its_finished_shards(archive, tiny_
 
 
 def test_encode_archive_on_a_local_cluster_writes_the_in_process_code_files(tiny_extract_run, tmp_path):
-    from pipeline.config import EncodeConfig, TrainConfig
-    from stages.encode_archive import encode_archive
-    from stages.train_hash import train_hash
+    from duch.pipeline.config import EncodeConfig, TrainConfig
+    from duch.stages.encode_archive import encode_archive
+    from duch.stages.train_hash import train_hash
 
     trained = tmp_path / "trained"
     shutil.copytree(tiny_extract_run, trained)
@@ -170,7 +170,7 @@ def test_a_worker_without_the_shared_paths_says_so(tmp_path):
     rejecting every image as missing."""
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster import require_shared
+    from duch.pipeline.compute.cluster import require_shared
 
     require_shared({"the images folder": str(tmp_path / "absent")})  # in the driver: nothing to check
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",

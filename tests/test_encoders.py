@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from data.images import load_image
-from pipeline import DuchError
-from pipeline.encoders import EncoderSpec, load_encoders, parse_spec
+from duch.data.images import load_image
+from duch.pipeline import DuchError
+from duch.pipeline.encoders import EncoderSpec, load_encoders, parse_spec
 from tests.conftest import ASSETS
 
 AIRLINER = 404  # ImageNet-1k class index

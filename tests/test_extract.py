@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
-from pipeline import DuchError
-from pipeline.config import ExtractConfig
-from pipeline.shards import read_shard
-from stages.extract import extract
+from duch import cli
+from duch.pipeline import DuchError
+from duch.pipeline.config import ExtractConfig
+from duch.pipeline.formats.shards import read_shard
+from duch.stages.extract import extract
 from tests.conftest import ASSETS
 
 
@@ -116,7 +116,7 @@ def test_a_copied_archive_with_new_modification_times_is_still_up_to_date(captio
     assert not extract(cfg, progress=False, echo=said.append).did_work and "up to date" in said[0]  # no re-read
 
     # A run made before the digest existed cannot tell, and says why.
-    from pipeline.manifest import write_manifest
+    from duch.pipeline.run.manifest import write_manifest
     write_manifest(stage, {k: v for k, v in manifest.items() if k not in ("images_content_sha256",
                                                                           "confirmed_listings")})
     os.utime(images[1], ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
@@ -161,9 +161,9 @@ def test_the_manifest_counts_the_captions_the_tokenizer_truncates_whichever_shar
     """Tiny CLIP reads 16 tokens. Three real captions are longer; so is the rule-based rewrite of the long single
     caption, which is not counted (it is no caption of the dataset's). A resumed run whose text shards were all
     written before counts the same, and so does an up-to-date rerun."""
-    from pipeline.encoders import parse_spec
-    from pipeline.encoders.context import count_truncated
-    from pipeline.features import load_features
+    from duch.pipeline.encoders import parse_spec
+    from duch.pipeline.encoders.context import count_truncated
+    from duch.pipeline.formats.features import load_features
 
     long = "a harbor with many boats moored along the long pier beside a road and some green trees " * 2
     annotation = caption_dataset / "dataset.json"

@@ -13,15 +13,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-import stages.extract as extract_stage
-from data.images import load_image
-from pipeline import DuchError
-from pipeline.config import ExtractConfig
-from pipeline.encoders import load_encoders, parse_spec
-from pipeline.gpu_decode import TensorPreprocess, decode_and_preprocess, sniff_jpeg
-from pipeline.shards import read_shard
-from stages.extract import extract
+from duch import cli
+import duch.pipeline.embed.sources as sources
+from duch.data.images import load_image
+from duch.pipeline import DuchError
+from duch.pipeline.config import ExtractConfig
+from duch.pipeline.encoders import load_encoders, parse_spec
+from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, sniff_jpeg
+from duch.pipeline.formats.shards import read_shard
+from duch.stages.extract import extract
 from tests.conftest import ASSETS, REAL_JPEGS
 
 CPU = torch.device("cpu")
@@ -139,7 +139,7 @@ def test_batched_pipeline_writes_what_the_pil_path_writes(tmp_path, odd_jpegs, t
               batch_size=3, workers=0, device="cpu")
     slow = extract(ExtractConfig(data=str(data), run=str(tmp_path / "pil"), decode="cpu", **kw),
                    progress=False, echo=quiet)
-    monkeypatch.setattr(extract_stage, "BATCHED_ON_CPU", True)
+    monkeypatch.setattr(sources, "BATCHED_ON_CPU", True)
     fast = extract(ExtractConfig(data=str(data), run=str(tmp_path / "batched"), decode="gpu", **kw),
                    progress=False, echo=quiet)
     assert fast.manifest["fingerprint"] == slow.manifest["fingerprint"]  # --decode is no output setting
@@ -179,7 +179,7 @@ def test_decode_choice(tmp_path, tiny_clip_spec, caption_dataset, monkeypatch):
     assert result.manifest["image_decode"] == {
         "path": "cpu", "why": "the device is not a CUDA GPU; augmented views (--image-views > 0) are made with PIL"}
     # The batched path runs text the same way: captions tokenised in worker processes ahead of the model.
-    monkeypatch.setattr(extract_stage, "BATCHED_ON_CPU", True)
+    monkeypatch.setattr(sources, "BATCHED_ON_CPU", True)
     both = extract(ExtractConfig(**(base | {"run": str(tmp_path / "r2"), "image_views": 0, "workers": 2,
                                             "text_batch_size": 3})), progress=False, echo=quiet)
     assert both.manifest["image_decode"] == {"path": "gpu", "batched": 5, "pil": 0}

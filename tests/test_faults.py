@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.manifest import sha256_file
-from pipeline.shards import read_attrs, read_shard
+from duch.pipeline.run.artifacts import sha256_file
+from duch.pipeline.formats.shards import read_attrs, read_shard
 from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
 from tests.faultkit import Zygote, namespaces_work
 

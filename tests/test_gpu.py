@@ -8,8 +8,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_compiled_kernel_equals_the_numpy_scan():
-    from pipeline.hamming import hamming_topk
-    from pipeline.hamming_gpu import hamming_topk_triton, to_int32_words
+    from duch.pipeline.retrieval.hamming import hamming_topk
+    from duch.pipeline.retrieval.hamming_gpu import hamming_topk_triton, to_int32_words
 
     rng = np.random.default_rng(0)
     for bits, n, k, q in ((64, 300_000, 20, 100), (128, 200_000, 10, 3), (32, 100_000, 50, 1), (64, 100_000, 5, 40)):
@@ -23,10 +23,10 @@ def test_compiled_kernel_equals_the_numpy_scan():
 
 def test_index_on_gpu_returns_the_cpu_rows(tmp_path):
     from bench.synthetic import make_extract_run
-    from pipeline.config import EncodeConfig, TrainConfig
-    from pipeline.search import Index
-    from stages.encode_archive import encode_archive
-    from stages.train_hash import train_hash
+    from duch.pipeline.config import EncodeConfig, TrainConfig
+    from duch.pipeline.retrieval.search import Index
+    from duch.stages.encode_archive import encode_archive
+    from duch.stages.train_hash import train_hash
 
     run = tmp_path / "run"
     make_extract_run(run, 100_000, 64, captions=1, views=1)  # past the plain-scan size: the kernel runs

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hamming as hm
-from pipeline.hashing import pack_codes, unpack_codes
+from duch.pipeline.retrieval import hamming as hm
+from duch.pipeline.model.coding import pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [8, 16, 24, 64, 128, 136])
@@ -69,8 +69,8 @@ def test_codes_of_different_lengths_are_refused():
 
 TRITON_CHECK = """
 import numpy as np
-from pipeline.hamming import hamming_topk
-from pipeline.hamming_gpu import hamming_topk_triton, to_int32_words
+from duch.pipeline.retrieval.hamming import hamming_topk
+from duch.pipeline.retrieval.hamming_gpu import hamming_topk_triton, to_int32_words
 rng = np.random.default_rng(0)
 for bits, n, k in ((64, 3000, 10), (24, 700, 7), (128, 1500, 20)):
     db = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from data.images import ImageLoadError, load_image, raster_to_rgb8
+from duch.data.images import ImageLoadError, load_image, raster_to_rgb8
 from tests.conftest import ASSETS
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shards import read_shard
+from duch.pipeline.formats.shards import read_shard
 from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
 
 ROOT = Path(__file__).resolve().parents[1]

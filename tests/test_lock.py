@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import DuchError
-from pipeline.lock import run_lock
+from duch.pipeline import DuchError
+from duch.pipeline.run.lock import run_lock
 
 HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from pipeline.lock import run_lock
+from duch.pipeline.run.lock import run_lock
 with run_lock({run!r}, "extract"):
     print("held", flush=True)
     time.sleep(60)
@@ -57,11 +57,11 @@ def test_waiting_for_the_lock(tmp_path):
 
 
 def test_every_stage_takes_the_lock_before_touching_the_run(tmp_path):
-    from pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
-    from stages.encode_archive import encode_archive
-    from stages.evaluate import evaluate
-    from stages.extract import extract
-    from stages.train_hash import train_hash
+    from duch.pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
+    from duch.stages.encode_archive import encode_archive
+    from duch.stages.evaluate import evaluate
+    from duch.stages.extract import extract
+    from duch.stages.train_hash import train_hash
 
     proc = holder(tmp_path)
     try:

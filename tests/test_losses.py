@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.hamming import hamming
-from pipeline.hashing import pack_codes, unpack_codes
-from pipeline.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
+from duch.pipeline.retrieval.hamming import hamming
+from duch.pipeline.model.coding import pack_codes, unpack_codes
+from duch.pipeline.model.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
                              discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization,
                              straight_through_sign, weighted_nt_xent)
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from data.splits import paper_split
-from pipeline.metrics import average_precisions, map_at_k, per_class_mean, ranking
+from duch.data.splits import paper_split
+from duch.pipeline.retrieval.metrics import average_precisions, map_at_k, per_class_mean, ranking
 
 DB_LABELS = np.array(["a", "b", "a", "a", "b"])
 # Query "a" ranks the database 0, 1, 2 (1 and 2 tie: database order), 4, 3 -> relevance 1 0 1 0 1, R = 3.
@@ -54,7 +54,7 @@ def test_paper_split_sizes_and_determinism():
 
 
 def test_precision_at_k_on_the_hand_made_ranking():
-    from pipeline.metrics import precision_at_k
+    from duch.pipeline.retrieval.metrics import precision_at_k
 
     # relevance in rank order: 1 0 1 0 1
     assert precision_at_k(SCORES, np.array(["a"]), DB_LABELS, [1, 2, 3, 5, 9]).tolist() == pytest.approx(
@@ -62,7 +62,7 @@ def test_precision_at_k_on_the_hand_made_ranking():
 
 
 def test_radius_curves_by_hand():
-    from pipeline.metrics import radius_curves
+    from duch.pipeline.retrieval.metrics import radius_curves
 
     # Query "a" (relevant: 0, 2, 3); query "b" (relevant: 1, 4). Distances to the five database items:
     distances = np.array([[0, 1, 1, 2, 3], [2, 2, 3, 3, 3]])
@@ -79,7 +79,7 @@ def test_radius_curves_by_hand():
 
 
 def test_instance_recall_and_rerank_order():
-    from pipeline.metrics import recall_at_k, rerank_order
+    from duch.pipeline.retrieval.metrics import recall_at_k, rerank_order
 
     order = np.array([[2, 0, 1], [1, 2, 0]])
     positive = np.array([[True, False, False], [False, False, False]])  # query 1 has no positive at all
@@ -92,7 +92,7 @@ def test_instance_recall_and_rerank_order():
 
 
 def test_weighted_distances_and_query_adaptive_ranking_by_hand():
-    from pipeline.metrics import query_adaptive_ranking, weighted_distances
+    from duch.pipeline.retrieval.metrics import query_adaptive_ranking, weighted_distances
 
     # The query's bits are 1 0 1 with confidences |q| in 1/1024 steps of its float16 value: 0.9 -> 921.5 -> 922
     # (half to even), 0.1 -> 102.375 -> 102, 0.5 -> 512.

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.noise import clean_probability, swap_captions
+from duch.pipeline.model.noise import clean_probability, swap_captions
 
 
 def test_no_share_keeps_every_caption_with_its_image():

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from data import DatasetError, read_dataset
-from data.readers import class_from_name
+from duch.data import DatasetError, read_dataset
+from duch.data.readers import class_from_name
 from tests.conftest import ASSETS, write_caption_json
 
 

@@ -9,16 +9,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
-from pipeline import DuchError
-from pipeline.codes import open_codes
-from pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
-from pipeline.features import load_features
-from pipeline.search import Index
-from stages.encode_archive import encode_archive
-from stages.evaluate import evaluate
-from stages.extract import extract
-from stages.train_hash import encode, image_codes, load_heads, train_hash
+from duch import cli
+from duch.pipeline import DuchError
+from duch.pipeline.formats.codes import open_codes
+from duch.pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
+from duch.pipeline.formats.features import load_features
+from duch.pipeline.retrieval.search import Index
+from duch.stages.encode_archive import encode_archive
+from duch.stages.evaluate import evaluate
+from duch.stages.extract import extract
+from duch.pipeline.formats.weights import load_heads
+from duch.pipeline.model.coding import encode, image_codes
+from duch.stages.train_hash import train_hash
 from tests.conftest import ASSETS, REAL_JPEGS, TINY_CLIP
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=3, device="cpu")
@@ -97,7 +99,7 @@ def test_a_model_validated_on_images_alone_codes_images_alone(run):
 
 
 def test_a_killed_encode_keeps_finished_code_lengths_and_no_half_file(run, monkeypatch):
-    import pipeline.codes as codes
+    import duch.pipeline.formats.codes as codes
 
     real_close = codes.CodeWriter.close
     calls = []
@@ -167,9 +169,9 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkey
     hits = index.search(text="a airplane scene number 3", k=6, ties="order")
     h = index.embed_text(["a airplane scene number 3"])
     code = np.packbits(h >= 0, axis=1)
-    from pipeline.hamming import hamming
-    from pipeline.hashing import unpack_codes
-    from pipeline.metrics import query_adaptive_ranking, weighted_distances
+    from duch.pipeline.retrieval.hamming import hamming
+    from duch.pipeline.model.coding import unpack_codes
+    from duch.pipeline.retrieval.metrics import query_adaptive_ranking, weighted_distances
 
     d = hamming(code, tables["image"].codes)[0]
     assert [h.row for h in hits] == np.argsort(d, kind="stable")[:6].tolist()
@@ -178,10 +180,10 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkey
     # The default: equal distances by the query's confidence on the differing bits, over the whole archive.
     weighted = weighted_distances(h, unpack_codes(tables["image"].codes, 16))
     expected = query_adaptive_ranking(d[None], weighted)[0]
-    import pipeline.search
+    from duch.pipeline.retrieval import ranking
 
     for first_shortlist in (256, 0):  # 0: the scan asked again for 4x more while the k-th distance goes on
-        monkeypatch.setattr(pipeline.search, "ADAPTIVE_SHORTLIST", first_shortlist)
+        monkeypatch.setattr(ranking, "ADAPTIVE_SHORTLIST", first_shortlist)
         for k in (1, 6, 30):
             adaptive = index.search(text="a airplane scene number 3", k=k)
             assert [h.row for h in adaptive] == expected[:k].tolist()

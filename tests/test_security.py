@@ -17,10 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
-from pipeline.config import TrainConfig
-from pipeline.manifest import sha256_file
-from stages.train_hash import train_hash
+from duch import cli
+from duch.pipeline.config import TrainConfig
+from duch.pipeline.run.artifacts import sha256_file
+from duch.stages.train_hash import train_hash
 from tests.conftest import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,8 @@ def test_an_open_clip_checkpoint_that_is_a_hostile_pickle_is_refused_and_never_r
 
 
 def test_a_tensors_only_open_clip_checkpoint_still_loads(tmp_path, tiny_clip_spec):
-    from pipeline.encoders import parse_spec
-    from pipeline.encoders.openclip import load_open_clip
+    from duch.pipeline.encoders import parse_spec
+    from duch.pipeline.encoders.openclip import load_open_clip
 
     random_weights = load_open_clip(parse_spec(tiny_clip_spec, "image"), "cpu").model.state_dict()
     torch.save(random_weights, tmp_path / "good.pt")
@@ -131,8 +131,8 @@ def test_a_pickle_in_place_of_a_checkpoint_is_not_resumed_and_never_run(run_with
 
 @pytest.fixture
 def run_with_checkpoint(tiny_extract_run, tmp_path, monkeypatch):
-    import stages.train_hash as th
-    from pipeline.checkpoint import INDEX
+    import duch.stages.train_hash as th
+    from duch.pipeline.formats.checkpoint import INDEX
 
     run = tmp_path / "run"
     shutil.copytree(tiny_extract_run, run)
@@ -189,8 +189,8 @@ def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained,
 @pytest.mark.parametrize("how", ["../../evil.faiss", "absolute", "symlink"])
 def test_faiss_index_names_leading_out_of_the_encode_archive_folder_are_refused_not_followed(trained, tmp_path, how):
     """search reads the faiss index files its encode-archive manifest names from that folder only."""
-    from pipeline.config import EncodeConfig
-    from stages.encode_archive import encode_archive
+    from duch.pipeline.config import EncodeConfig
+    from duch.stages.encode_archive import encode_archive
 
     encode_archive(EncodeConfig(run=str(trained), index="flat", device="cpu"), progress=False, echo=lambda _: None)
     stage = trained / "encode-archive"
@@ -209,7 +209,7 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
     """The model files come from the train-hash folder only: a code length from the manifest is read as a number
     (it is part of the file's path), and a bits folder that is a symlink leading out is refused, even with the
     right checksums."""
-    from stages.encode_archive import load_model_run
+    from duch.stages.encode_archive import load_model_run
 
     stage = trained / "train-hash"
     manifest = json.loads((stage / "manifest.json").read_text())
@@ -295,14 +295,14 @@ def test_every_manifest_is_written_by_write_manifest():
     found = []
     sources = [p for folder in ("data", "pipeline", "stages", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
     for path in [*sources, ROOT / "cli.py"]:
-        if path == ROOT / "pipeline" / "manifest.py":
+        if path == ROOT / "pipeline" / "run" / "manifest.py":
             continue
         found += [f"{path.relative_to(ROOT)}:{n}: {call}" for n, call in manifest_writes(path.read_text())]
     assert not found, "\n".join(found)
 
 
 def test_write_manifest_always_writes_its_own_integer_schema(tmp_path):
-    from pipeline.manifest import SCHEMA_VERSION, read_manifest, write_manifest
+    from duch.pipeline.run.manifest import SCHEMA_VERSION, read_manifest, write_manifest
 
     for given in ("1", 1.0, None, SCHEMA_VERSION + 1):  # a caller's (or a manifest read back's) schema is not kept
         write_manifest(tmp_path, {"schema": given, "stage": "test"})

@@ -9,16 +9,23 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import cli
-from pipeline import DuchError
-from pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides
-from pipeline.features import load_features
-from pipeline.hamming import hamming
-from pipeline.hashing import CodeDiscriminator, DuchHeads, pack_codes, unpack_codes
-from pipeline.metrics import query_adaptive_ranking, ranking, weighted_distances
-from stages.train_hash import (LOSS_TERMS, StepState, binary_targets, epoch_batches, epoch_row, fused_paper_terms,
-                               fused_terms, graph_chunks, hamming_rankings, image_codes, load_heads, make_optimizers,
-                               paper_terms, prepare, sample_views, train_hash, train_step)
+from duch import cli
+from duch.pipeline import DuchError
+from duch.pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides
+from duch.pipeline.formats.features import load_features
+from duch.pipeline.retrieval.hamming import hamming
+from duch.pipeline.formats.weights import load_heads
+from duch.pipeline.model.coding import image_codes, pack_codes, unpack_codes
+from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
+from duch.pipeline.model.losses import nt_xent
+from duch.pipeline.retrieval.metrics import query_adaptive_ranking, ranking, weighted_distances
+from duch.pipeline.train.data import prepare, sample_views
+from duch.pipeline.train.graphs import graph_chunks
+from duch.pipeline.train.loop import epoch_batches, epoch_row, make_optimizers
+from duch.pipeline.train.step import (LOSS_TERMS, StepState, binary_targets, fused_paper_terms, fused_terms, paper_terms,
+                                      train_step, with_nested_terms)
+from duch.pipeline.train.validate import hamming_rankings
+from duch.stages.train_hash import train_hash
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=2, device="cpu")
 
@@ -160,7 +167,8 @@ def test_config_errors(run, change, message):
 def resign(run):
     """After a deliberate edit of a shard: its manifest lists the new checksum, as if extract had written it so
     (otherwise the checksum check refuses the shard before the check under test runs)."""
-    from pipeline.manifest import sha256_file, write_manifest
+    from duch.pipeline.run.artifacts import sha256_file
+    from duch.pipeline.run.manifest import write_manifest
 
     stage = run / "extract"
     manifest = json.loads((stage / "manifest.json").read_text())
@@ -447,3 +455,18 @@ def test_cli_set_reaches_the_config_over_the_recipe(run):
     assert (config["w_inter_all"], config["lr_step"], config["beta"]) == (1.0, 7, 0.001)
     bad = CliRunner().invoke(cli.main, ["train-hash", "--run", str(run), "--set", "tau=2"])
     assert bad.exit_code == 2 and bad.output.strip() == "error: --set tau=2: use --tau instead"
+
+
+def test_nested_terms_add_the_prefix_contrastive_terms():
+    torch.manual_seed(0)
+    codes = tuple(torch.tanh(torch.randn(6, 8)) for _ in range(4))
+    b = torch.sign(torch.randn(6, 8))
+    adversarial = lambda: torch.tensor(0.25)  # noqa: E731
+    plain = paper_terms(codes, b, 0.5, adversarial)
+    nested = with_nested_terms(plain, codes, 4, 0.5, 2.0)
+    hi, hia, ht, hta = (h[:, :4] for h in codes)
+    assert nested["inter"] == pytest.approx(float(plain["inter"] + 2 * nt_xent(hi, ht, 0.5)))
+    assert nested["image"] == pytest.approx(float(plain["image"] + 2 * nt_xent(hi, hia, 0.5)))
+    assert nested["text"] == pytest.approx(float(plain["text"] + 2 * nt_xent(ht, hta, 0.5)))
+    for key in ("adversarial", "quantization", "balance"):
+        assert nested[key] == plain[key]

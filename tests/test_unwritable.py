@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.storage import error_number, storage_error, write_errors
+from duch.pipeline.run.storage import error_number, storage_error, write_errors
 from tests.faultkit import Zygote, as_unprivileged_prefix
 
 KEPT = "files already finished are kept, and rerunning the same command resumes from them"
@@ -86,8 +86,8 @@ def test_a_real_file_size_limit_on_an_hdf5_write_is_one_clear_error(tmp_path):
     code = f"""
 import resource, signal, sys, numpy as np
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline import DuchError
-from pipeline.shards import write_shard
+from duch.pipeline import DuchError
+from duch.pipeline.formats.shards import write_shard
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
 write_shard({str(tmp_path / 'small.h5')!r}, {{"emb": np.zeros(100)}}, {{}})

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline import DuchError
-from pipeline.encoders.base import ImageEncoder, TextEncoder
+from duch.pipeline import DuchError
+from duch.pipeline.encoders.base import ImageEncoder, TextEncoder
 
 IMAGE_ONLY = {"efficientnet-lite0"}
 TEXT_ONLY = {"minilm-l6"}
@@ -70,7 +70,7 @@ def load_encoders(
     """Load the encoders a run needs, once each; a shared open_clip model serves both towers."""
     image = text = None
     if image_spec and text_spec and image_spec.kind == "open_clip" and image_spec == text_spec:
-        from pipeline.encoders.openclip import load_open_clip
+        from duch.pipeline.encoders.openclip import load_open_clip
 
         model = load_open_clip(image_spec, device)
         return model.image_encoder(), model.text_encoder()
@@ -83,14 +83,14 @@ def load_encoders(
 
 def _load_one(spec: EncoderSpec, modality: str, device: str):
     if spec.kind == "efficientnet-lite0":
-        from pipeline.encoders.efficientnet_lite import EfficientNetLite0
+        from duch.pipeline.encoders.efficientnet_lite import EfficientNetLite0
 
         return EfficientNetLite0(device)
     if spec.kind == "minilm-l6":
-        from pipeline.encoders.minilm import MiniLM
+        from duch.pipeline.encoders.minilm import MiniLM
 
         return MiniLM(device)
-    from pipeline.encoders.openclip import load_open_clip
+    from duch.pipeline.encoders.openclip import load_open_clip
 
     model = load_open_clip(spec, device)
     return model.image_encoder() if modality == "image" else model.text_encoder()

@@ -1,19 +1,10 @@
 """What the extract stage needs from an encoder, whatever its family."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Protocol
 
 import torch
 from PIL import Image
-
-
-def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast (the speed of half precision, the range of fp32) or full precision.
-    "auto": bf16 on GPU, fp32 on CPU; "bf16" and "fp32" force one on any device."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, device: torch.device,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pipeline.encoders import EncoderSpec
+from duch.pipeline.encoders import EncoderSpec
 
 
 @dataclass
@@ -44,7 +44,7 @@ def count_truncated(spec: EncoderSpec, texts: Iterable[str]) -> int:
 def _open_clip_counter(spec: EncoderSpec) -> TokenCounter:
     import open_clip
 
-    from pipeline.encoders.openclip import _resolve_arch
+    from duch.pipeline.encoders.openclip import _resolve_arch
 
     tokenizer = open_clip.get_tokenizer(_resolve_arch(spec.arch))
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip's own BPE tokenizer

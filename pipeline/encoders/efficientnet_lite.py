@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 import torchvision.transforms as T
 
-from pipeline import DuchError
-from pipeline.encoders.base import autocast_for, in_chunks
-from pipeline.encoders.weights import load_tensors
+from duch.pipeline import DuchError
+from duch.pipeline.compute.device import autocast_for
+from duch.pipeline.encoders.base import in_chunks
+from duch.pipeline.encoders.weights import load_tensors
 
 IMAGE_SIZE = 224
 

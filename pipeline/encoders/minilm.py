@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from pipeline import DuchError
+from duch.pipeline import DuchError
 
 
 class MiniLM:

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import DuchError
-from pipeline.encoders.base import autocast_for, in_chunks
-from pipeline.encoders.weights import check_tensors_only
+from duch.pipeline import DuchError
+from duch.pipeline.compute.device import autocast_for
+from duch.pipeline.encoders.base import in_chunks
+from duch.pipeline.encoders.weights import check_tensors_only
 
 
 def _resolve_arch(arch: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import DuchError
+from duch.pipeline import DuchError
 
 _UNSAFE_GLOBAL = re.compile(r"(?:GLOBAL|global) (\S+)")
 

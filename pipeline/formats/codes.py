@@ -1,0 +1,144 @@
+"""Code files: one HDF5 file per code length, `codes-K.h5`, written by encode-archive, read by search/evaluate.
+
+    attrs            bits, model_sha256, extract_fingerprint, image_rows, text_rows
+    image/ids        [N] str    image/path [N] str    image/label [N] str
+    image/codes      [N, K/8] uint8, packed sign bits (1 for h >= 0), big-endian bit order (numpy packbits)
+    image/continuous [N, K] float16, the heads' tanh outputs (only with --continuous: for --rerank)
+    text/image_id    [M] str    text/caption_index [M] int32    text/text [M] str
+    text/codes, text/continuous as for images, one row per real caption (rule-based rewrites are not archived)
+
+Every dataset has its final size from the start and is contiguous and uncompressed, so the file is filled
+shard by shard with flat memory, and the codes can be memory-mapped straight from the file by `open_codes`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from duch.pipeline.formats.shards import STRING
+from duch.pipeline.run.storage import publish, temp_path, write_errors
+
+MODALITIES = ("image", "text")
+META = {"image": ("ids", "path", "label"), "text": ("image_id", "caption_index", "text")}
+
+
+def codes_name(bits: int) -> str:
+    return f"codes-{bits}.h5"
+
+
+def caption_key(image_id, caption_index) -> str:
+    """A caption's archive id: IMAGE_ID#CAPTION_INDEX."""
+    return f"{image_id}#{int(caption_index)}"
+
+
+class CodeWriter:
+    """Fills a code file row range by row range; `close()` publishes it under its name, `abort()` removes it. A write
+    that fails for want of space or permission raises a DuchError naming the file (pipeline.storage)."""
+
+    def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict):
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        self.tmp.unlink(missing_ok=True)
+        self.file = None
+        with write_errors(self.path):
+            try:
+                self._create(bits, rows, continuous, attrs)
+            except BaseException:
+                self.abort()
+                raise
+
+    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict) -> None:
+        self.file = h5py.File(self.tmp, "w")
+        self.filled = dict.fromkeys(rows, 0)
+        for modality, n in rows.items():
+            group = self.file.create_group(modality)
+            for name in META[modality]:
+                dtype = np.int32 if name == "caption_index" else STRING
+                group.create_dataset(name, shape=(n,), dtype=dtype)
+            group.create_dataset("codes", shape=(n, bits // 8), dtype=np.uint8)
+            if continuous:
+                group.create_dataset("continuous", shape=(n, bits), dtype=np.float16)
+        for key, value in {**attrs, "bits": bits, **{f"{m}_rows": n for m, n in rows.items()}}.items():
+            self.file.attrs[key] = value
+
+    def append(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
+        group = self.file[modality]
+        start = self.filled[modality]
+        n = len(arrays["codes"])
+        with write_errors(self.path):
+            for name, value in arrays.items():
+                group[name][start:start + n] = value
+        self.filled[modality] = start + n
+
+    def close(self) -> None:
+        expected = {m: self.file[m]["codes"].shape[0] for m in self.filled}
+        with write_errors(self.path):
+            self.file.close()  # HDF5 flushes what it still holds here: where a full disk often shows
+            if expected != self.filled:
+                self.tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"{self.path}: filled {self.filled} rows, expected {expected}")
+            publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            if self.file is not None:
+                self.file.close()
+        except Exception:  # closing flushes, and a full disk fails that too; the file goes anyway
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class CodeTable:
+    """One modality of a code file: metadata in memory, codes (and continuous outputs) memory-mapped."""
+
+    modality: str
+    codes: np.ndarray  # [N, K/8] uint8, memory-mapped
+    continuous: np.ndarray | None  # [N, K] float16, memory-mapped
+    meta: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Archive id -> row: image ids, or IMAGE_ID#CAPTION_INDEX for captions (needs the metadata)."""
+        if self.modality == "image":
+            keys = map(str, self.meta["ids"])
+        else:
+            keys = map(caption_key, self.meta["image_id"], self.meta["caption_index"])
+        return {key: row for row, key in enumerate(keys)}
+
+
+def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    if len(dataset) == 0:
+        return np.zeros(dataset.shape, dataset.dtype)
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None:  # not contiguous: read it instead
+        return dataset[()]
+    return np.memmap(path, mode="r", dtype=dataset.dtype, offset=offset, shape=dataset.shape)
+
+
+def open_codes(path: Path, with_meta: bool = True) -> tuple[dict, dict[str, CodeTable]]:
+    """(attrs, {modality: CodeTable}) of a finished code file."""
+    path = Path(path)
+    tables = {}
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        for modality in MODALITIES:
+            if modality not in f:
+                continue
+            group = f[modality]
+            meta = {}
+            if with_meta:
+                for name in META[modality]:
+                    ds = group[name]
+                    meta[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+            tables[modality] = CodeTable(modality, _mapped(path, group["codes"]),
+                                         _mapped(path, group["continuous"]) if "continuous" in group else None, meta)
+    return attrs, tables

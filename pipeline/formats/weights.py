@@ -1,0 +1,41 @@
+"""A trained code length's weights, `bits-K/model.safetensors`: tensors only, never a pickle.
+
+Keys `image_head.*`, `text_head.*`, `discriminator.*`; one metadata entry "duch", a JSON of the bits, hidden width,
+input dimensions and the extract fingerprint. The same weights always make the same file, since its SHA-256
+identifies the model downstream.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from duch.pipeline import DuchError
+from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
+from duch.pipeline.run.storage import atomic_write
+
+
+def save_weights(path: Path, heads: DuchHeads, disc: CodeDiscriminator, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"image_head.{k}": v for k, v in heads.image.state_dict().items()}
+    tensors |= {f"text_head.{k}": v for k, v in heads.text.state_dict().items()}
+    tensors |= {f"discriminator.{k}": v for k, v in disc.state_dict().items()}
+    with atomic_write(path) as tmp:
+        # One metadata entry: safetensors writes a map of several in a random order.
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"duch": json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)})
+
+
+def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int) -> DuchHeads:
+    """Tensors only, through safetensors: nothing in the file can run code."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a file that is not safetensors (a pickle put in its place, say) is refused unread
+        raise DuchError(f"{path}: not a safetensors file of duch's ({type(e).__name__}: {e}); rerun "
+                        "`duch train-hash --force` to remake it") from None
+    heads = DuchHeads(image_dim, text_dim, bits, hidden)
+    heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items() if k.startswith("image_head.")})
+    heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})
+    return heads.eval()

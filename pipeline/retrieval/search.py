@@ -1,0 +1,266 @@
+"""Searching an encoded archive: `Index.load(run, bits=64).search(text="many planes at the airport", k=10)`.
+
+A query (a caption, an image file, or an archive item) is embedded with the archive's encoder, passed through
+the trained head and packed, then matched against the archive's packed codes by exact Hamming distance
+(XOR + popcount: faiss' IndexBinaryFlat or a numpy scan over the memory-mapped file on CPU, a Triton kernel
+on a GPU; all return the same rows), nearest first. Equal distances are ordered by the query's own continuous
+code (`ties="adaptive"`, the default: first the items that differ from it only on the bits it is least sure of;
+the archive stays 1 bit per bit) or in archive order (`ties="order"`). With `rerank=N` the N nearest by Hamming
+are re-ordered by the cosine similarity of the heads' continuous outputs (stored by `encode-archive
+--continuous`): hash-speed shortlisting, near-float ranking.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duch.pipeline import DuchError
+from duch.pipeline.compute.device import resolve_device
+from duch.pipeline.formats.codes import CodeTable, caption_key, codes_name, open_codes
+from duch.pipeline.model.coding import image_codes
+from duch.pipeline.model.trained import Model, image_code
+from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
+from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
+from duch.pipeline.retrieval.ranking import TIES, adaptive_topk, rerank
+from duch.pipeline.run.artifacts import stage_file, verify_listed
+from duch.pipeline.run.layout import stage_dir
+from duch.pipeline.run.manifest import read_manifest
+
+
+@dataclass
+class Hit:
+    rank: int
+    modality: str  # of the item found: "image" or "text"
+    row: int  # row in the code file
+    id: str  # image id; for a caption "IMAGE_ID#CAPTION_INDEX"
+    image_id: str
+    distance: int  # Hamming distance to the query's code
+    score: float | None  # cosine of the continuous outputs when re-ranked; else, with adaptive ties, the query's
+    # confidence (0 to 1 a bit) summed over the differing bits: equal distances are ordered by it, lowest first
+    label: str | None
+    path: str | None  # the image file (the item's, or the caption's image)
+    caption: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Index:
+    """The codes of one code length of an encoded archive, with the model that made them."""
+
+    def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device,
+                 backend: str = "auto", verify: bool = True):
+        self.run, self.bits, self.manifest, self.tables, self.device = run, bits, manifest, tables, device
+        self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
+        self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
+        self._heads = None
+        self._encoders: dict = {}
+        self._backends: dict[str, object] = {}
+        # The manifest's paths are relative to its stage folder (absolute in runs encoded before 2026-11-24).
+        self.stage = stage_dir(run, "encode-archive")
+        archive = read_manifest(stage_dir(self.stage / manifest["archive_run"], "extract")) or {}
+        self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
+
+    @classmethod
+    def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
+             verify: bool = True) -> "Index":
+        """The codes of one code length of a finished encode-archive stage, checked against its manifest:
+        `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes."""
+        out_dir, manifest = load_encode_manifest(run)
+        if str(bits) not in manifest["models"]:
+            raise DuchError(f"{out_dir} holds codes of {', '.join(manifest['models'])} bits, not {bits}; "
+                            f"pick one of those with --bits")
+        if backend not in ("auto", "faiss", "numpy"):
+            raise DuchError(f"backend must be auto, faiss or numpy, got {backend!r}")
+        _, tables = open_codes(verify_listed(out_dir, manifest, codes_name(bits), checksum=verify))
+        return cls(Path(run), bits, manifest, tables, resolve_device(device), backend, verify)
+
+    # ------------------------------------------------------------------------------------------ queries
+    @property
+    def heads(self):
+        if self._heads is None:
+            m = self.manifest["models"][str(self.bits)]
+            dims = self.manifest["encoders"]
+            path = Path(os.path.normpath(self.stage / m["file"]))
+            model = Model(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
+                          dims.get("text", {}).get("dim", 0))
+            self._heads = model.load(self.device)
+        return self._heads
+
+    def _encoder(self, modality: str):
+        if modality not in self._encoders:
+            from duch.pipeline.encoders import load_encoders, parse_spec
+
+            spec = self.manifest["encoders"].get(modality, {}).get("spec")
+            if not spec:
+                raise DuchError(f"the model in {self.manifest['model_run']} has no {modality} encoder")
+            parsed = parse_spec(spec, modality)
+            image, text = load_encoders(parsed if modality == "image" else None,
+                                        parsed if modality == "text" else None, str(self.device))
+            self._encoders[modality] = image if modality == "image" else text
+        return self._encoders[modality]
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Captions -> continuous codes [Q, K] through the text encoder and head."""
+        emb = self._encoder("text").encode(list(texts)).to(self.device)
+        return self.heads.text(emb.float()).float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_image(self, paths: list[str | Path]) -> np.ndarray:
+        """Image files -> continuous codes [Q, K], converted and embedded as extract does. Where the archive's
+        image codes average the head over augmented views (encode-archive's `image_code`), the query's are made
+        the same way, its views drawn as extract draws an item's with the file's name stem as the id: an archive
+        image given as a query, under its own file name, gets its archive code."""
+        from duch.data.augment import ImageAugment, augment_image, view_rng
+        from duch.data.images import ImageLoadError, load_image
+
+        encoder = self._encoder("image")
+        code = image_code(self.manifest)
+        n_views = int(code["views"])
+        augment = ImageAugment.from_record(code["augment"]) if n_views else None
+        pixels = []
+        for path in paths:
+            try:
+                img = load_image(Path(path))
+            except ImageLoadError as e:
+                raise DuchError(f"query image {path}: {e}") from None
+            pixels.append(encoder.transform(img))
+            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), Path(path).stem, v), augment))
+                       for v in range(1, n_views + 1)]
+        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(paths), 1 + n_views, -1)
+        return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
+
+    def item(self, item_id: str) -> tuple[str, int]:
+        """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""
+        modality = "text" if "#" in item_id and "text" in self.tables else "image"
+        row = self.tables[modality].row_of.get(item_id)
+        if row is None:
+            raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
+                            f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
+        return modality, row
+
+    # ------------------------------------------------------------------------------------------ search
+    def search_codes(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Packed query codes [Q, K/8] -> ([Q, k] distances, [Q, k] rows) over `modality`'s codes: exact, ties
+        in archive order, whichever backend runs (each is tested equal to the numpy scan)."""
+        codes = np.asarray(codes, np.uint8)
+        backend = self._backend(modality)
+        if isinstance(backend, torch.Tensor):  # GPU: Triton kernel over int32 words, or the torch scan over int64
+            if backend.dtype == torch.int32:
+                d, rows = hamming_topk_triton(codes, backend, k)
+            else:
+                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), backend, k)
+            return d.cpu().numpy(), rows.cpu().numpy()
+        if backend is not None:  # faiss: flat gives the numpy scan's rows, faster on batches; ivf/hnsw approximate
+            d, rows = backend.search(codes, min(k, len(self.tables[modality])))
+            if (rows < 0).any():  # an approximate index may find fewer than k
+                found = (rows >= 0).all(axis=0)
+                d, rows = d[:, found], rows[:, found]
+            return d.astype(np.int32), rows.astype(np.int64)
+        return hamming_topk(codes, self.tables[modality].codes, k)
+
+    def _backend(self, modality: str):
+        """Built once per modality: the codes on the GPU, or a faiss index in memory, or None (numpy scan over
+        the memory-mapped file)."""
+        if modality in self._backends:
+            return self._backends[modality]
+        table = self._table(modality)
+        backend = None
+        if self.device.type == "cuda":
+            # One copy at packed size: the kernel's int32 words (viewed as int64 where it needs them), or the
+            # int64 words of the torch scan where Triton is missing.
+            words = to_int32_words if gpu_kernel_available(self.device) else to_int64_words
+            backend = words(table.codes, self.device)
+        elif self.backend in ("auto", "faiss") and (index_file := self._index_file(modality)):
+            from duch.pipeline.retrieval import faiss_index
+
+            backend = faiss_index.read(index_file)
+        elif self.backend in ("auto", "faiss"):
+            from duch.pipeline.retrieval import faiss_index
+
+            if self.backend == "faiss" or faiss_index.installed():  # "faiss" without it: the install hint
+                backend = faiss_index.build(table.codes, "flat")
+        self._backends[modality] = backend
+        return backend
+
+    def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
+               modality: str | None = None, rerank_top: int = 0, ties: str = "adaptive") -> list[Hit]:
+        """Top-k archive items for one query. `modality`: what to return, by default the other modality than
+        the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine.
+        `ties`: equal distances by the query's confidence ("adaptive"; in archive order for an --id query whose
+        continuous outputs were not stored) or in archive order ("order")."""
+        if ties not in TIES:
+            raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+        given = [q for q in (text, image, id) if q is not None]
+        if len(given) != 1:
+            raise DuchError("give exactly one query: text, image or id")
+        if text is not None:
+            source, h = "text", self.embed_text([text])[0]
+        elif image is not None:
+            source, h = "image", self.embed_image([image])[0]
+        else:
+            source, row = self.item(id)
+            table = self.tables[source]
+            h = None if table.continuous is None else table.continuous[row].astype(np.float32)
+            packed = np.asarray(table.codes[row:row + 1])
+        target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
+        if id is None:
+            packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
+        scores = None
+        if ties == "adaptive" and h is not None and not rerank_top:
+            scan = lambda n: tuple(a[0] for a in self.search_codes(packed, target, n))  # noqa: E731
+            distances, rows, scores = adaptive_topk(scan, self._table(target).codes, h, k)
+        else:
+            distances, rows = (a[0] for a in self.search_codes(packed, target, max(k, rerank_top)))
+        if rerank_top:
+            table = self._table(target)
+            if table.continuous is None or h is None:
+                raise DuchError("--rerank needs the continuous outputs: rerun `duch encode-archive --continuous "
+                                "--force`")
+            order, all_scores = rerank(h, np.asarray(table.continuous[rows]))
+            distances, rows, scores = distances[order], rows[order], all_scores[order]
+        return [self._hit(rank, target, int(r), int(d), None if scores is None else float(scores[rank]))
+                for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
+
+    def _index_file(self, modality: str) -> Path | None:
+        """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the
+        encode-archive folder only, whatever name its manifest gives."""
+        files = ((self.manifest.get("index") or {}).get("files") or {}).get(str(self.bits), {})
+        if modality not in files:
+            return None
+        stage = stage_dir(self.run, "encode-archive")
+        stage_file(stage, files[modality])  # a name leading out of the folder is refused before anything else
+        return verify_listed(stage, self.manifest, files[modality], checksum=self.verify)
+
+    def _table(self, modality: str) -> CodeTable:
+        if modality not in self.tables:
+            raise DuchError(f"the archive holds no {modality} codes (it was extracted without captions)")
+        return self.tables[modality]
+
+    def _hit(self, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
+        meta = self.tables[modality].meta
+        if modality == "image":
+            image_id, item_id, caption = str(meta["ids"][row]), str(meta["ids"][row]), None
+            label, path = str(meta["label"][row]) or None, str(self.images_dir / meta["path"][row])
+        else:
+            image_id = str(meta["image_id"][row])
+            item_id, caption = caption_key(image_id, meta["caption_index"][row]), str(meta["text"][row])
+            image_row = self.tables["image"].row_of.get(image_id)
+            images = self.tables["image"].meta
+            label = (str(images["label"][image_row]) or None) if image_row is not None else None
+            path = str(self.images_dir / images["path"][image_row]) if image_row is not None else None
+        return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
+
+
+def load_encode_manifest(run: str | Path) -> tuple[Path, dict]:
+    """The folder and manifest of a run's finished encode-archive stage."""
+    out_dir = stage_dir(run, "encode-archive")
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise DuchError(f"{run}: no finished encode-archive stage; run `duch encode-archive --run {run}` first")
+    return out_dir, manifest
