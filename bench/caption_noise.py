@@ -23,7 +23,7 @@ from bench.train_quality import parse_set, run_once  # noqa: E402
 from duch.pipeline.retrieval.metrics import DIRECTIONS  # noqa: E402
 
 # CHNR (ICIP 2022), DUCH on UCM-captions at 64 bits (ResNet18 + BERT features), mAP@20 I->T / T->I by share of
-# wrong training captions: the two ends of its sweep, as DESIGN.md section 2 quotes them.
+# wrong training captions: the two ends of its sweep, as docs/design.md, 4.7 quotes them.
 PUBLISHED_DUCH_64 = {0.05: (0.840, 0.925), 0.5: (0.557, 0.641)}
 
 

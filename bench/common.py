@@ -20,7 +20,7 @@ def machine_name() -> str:
 
 
 def new_result_path(stem: str) -> Path:
-    """RESULTS/stem.json, or stem-2.json, -3... when a run of the same day already saved it: the README cites
+    """RESULTS/stem.json, or stem-2.json, -3... when a run of the same day already saved it: docs/results.md cites
     result files by name, so a rerun never replaces one."""
     path, n = RESULTS / f"{stem}.json", 2
     while path.exists():

@@ -6,7 +6,7 @@
 Side by side in one process on the same random 64-bit codes and 1000 queries, top-20, median of --repeats
 timed runs after a warm-up:
 - "matmul": the dense route, codes unpacked to fp16 +-1 vectors (128 bytes per code), distance from one
-  matrix product, torch.topk (the anchor DESIGN.md measured at 11,987 queries/s on 10M codes);
+  matrix product, torch.topk (the anchor measured at 11,987 queries/s on 10M codes, docs/results.md 7);
 - "triton": duch's kernel (pipeline/hamming_gpu.py) over the packed codes (8 bytes per code), exact, ties in
   archive order;
 - "faiss-cpu": IndexBinaryFlat on all CPU cores.

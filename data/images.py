@@ -1,6 +1,6 @@
 """Loading any archive image as 8-bit RGB.
 
-Conversion rules (documented in the README):
+Conversion rules (documented in docs/stages.md):
 - JPEG/PNG/8-bit TIFF: EXIF orientation applied; greyscale, palette, CMYK converted to RGB; transparent pixels
   are composited onto black.
 - Multi-band rasters: bands 1-3 are taken as R, G, B (a 4-band RGB+NIR TIFF drops NIR); one band is repeated.

@@ -1,4 +1,4 @@
-"""The evaluation protocol's split (DESIGN.md section 2)."""
+"""The evaluation protocol's split (docs/design.md, 4.1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

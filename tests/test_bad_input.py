@@ -1,7 +1,7 @@
 """Bad input, each with the exact message a user sees.
 
 Images: one extract run over an archive holding every kind of bad or unusual file; each is either skipped with
-its reason in the manifest's rejects or converted by the README's rules, and the run goes on. Dataset files and
+its reason in the manifest's rejects or converted by the documented rules (docs/stages.md), and the run goes on. Dataset files and
 the command line: one `error: ...` line on stderr and exit code 2, never a traceback. (test_images.py and
 test_readers.py pin the conversion rules and the readers' messages one by one; this file runs them end to end.)
 """
@@ -114,7 +114,7 @@ def test_one_extract_over_every_bad_input_rejects_or_converts_each_and_goes_on(t
     assert counts["truncated_captions"] == 1
     assert f"extract: note: 1 of {2 * 14 + 1} captions are longer than the text encoder reads" in result.output
 
-    # Conversion rules, as README states them, on what the run kept.
+    # Conversion rules, as docs/stages.md states them, on what the run kept.
     assert load_image(images / "one-pixel.png").size == (1, 1)  # any size: the encoder's transform resizes it
     assert load_image(images / "exif.jpg").size == (20, 60)  # EXIF orientation applied
     palette = np.asarray(load_image(images / "palette.png"))

@@ -19,6 +19,8 @@ from duch.pipeline.config import ExtractConfig
 from duch.pipeline.run.manifest import read_manifest
 from duch.stages.extract import extract
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

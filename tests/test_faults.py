@@ -26,6 +26,8 @@ from duch.pipeline.formats.shards import read_attrs, read_shard
 from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
 from tests.faultkit import Zygote, namespaces_work
 
+pytestmark = pytest.mark.slow
+
 MAX_KILLS = 5
 CAP_S = 15.0  # per stage, for its kill loop
 SEED = int(os.environ.get("DUCH_FAULT_SEED", "6"))

@@ -390,7 +390,7 @@ def test_image_codes_average_the_head_over_the_image_and_its_views():
 
 
 def test_recipes_the_defaults_and_the_papers_settings():
-    # DESIGN.md section 1's values, field by field: the paper recipe must give every one of them.
+    # The paper's values (docs/design.md, 2.6), field by field: the paper recipe must give every one of them.
     paper = dict(batch_size=256, epochs=100, hidden=4096, tau=1.0, w_inter=1.0, w_image=1.0, w_text=1.0, alpha=0.01,
                  beta=0.001, gamma=0.01, gp_weight=10.0, lr=1e-4, weight_decay=5e-4, disc_lr=1e-4,
                  disc_betas=(0.5, 0.9), disc_weight_decay=1e-4, lr_step=50, lr_decay=0.8)

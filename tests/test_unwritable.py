@@ -16,6 +16,8 @@ import pytest
 from duch.pipeline.run.storage import error_number, storage_error, write_errors
 from tests.faultkit import Zygote, as_unprivileged_prefix
 
+pytestmark = pytest.mark.slow
+
 KEPT = "files already finished are kept, and rerunning the same command resumes from them"
 
 

@@ -10,8 +10,8 @@ from duch.pipeline import DuchError
 from duch.pipeline.config.fields import output_settings
 
 
-# DUCH's published training settings (DESIGN.md section 1) where TrainConfig's defaults depart from them; the
-# defaults are what measured best on UCM-captions (bench/train_quality.py, mean of 3 seeds; README, "Quality").
+# DUCH's published training settings (docs/design.md, 2.6) where TrainConfig's defaults depart from them; the
+# defaults measured better on UCM-captions (docs/results.md, 2.1 and 2.5).
 PAPER_TRAINING = {"batch_size": 256, "epochs": 100, "lr_step": 50, "beta": 0.001, "beta_scales_with_bits": False,
                   "view_ensemble": False}
 # Named settings, as open_clip names model configs: "duch" is the defaults, "paper" the published values.
@@ -20,35 +20,30 @@ TRAIN_RECIPES = {"duch": {}, "paper": PAPER_TRAINING}
 
 @dataclass
 class TrainConfig:
-    """Stage 2. Every weight and hyper-parameter of DESIGN.md section 1 is a field; the defaults are the paper's
-    except those in PAPER_TRAINING, which measured better as they are here (`recipe("paper")` restores them)."""
+    """Stage 2. Every weight and hyper-parameter of DUCH (docs/design.md, 2) is a field; the defaults are the
+    paper's except those in PAPER_TRAINING (`recipe("paper")` restores them). Options beyond the paper are off
+    unless a field says otherwise; what each measured is in docs/results.md, 2.5."""
 
     run: str  # run directory holding a finished extract stage; writes RUN/train-hash
     bits: tuple[int, ...] = (16, 32, 64, 128)
     split: str = "paper"  # "paper" (seed 42: 50% train, 20%/80% of the rest query/database), "dataset", "all"
     split_seed: int = 42
     seed: int = 0
-    # Paper: batch 256 for 100 epochs. Half the batch for half the epochs (450 steps to 500 on UCM, 20% less time)
-    # gave +.008 I->T and +.004 I->I at 64 bits.
-    epochs: int = 50
+    epochs: int = 50  # paper: 100 epochs of batch 256; half of each takes 450 steps on UCM to its 500
     batch_size: int = 128
     hidden: int = 4096
     tau: float = 1.0  # NT-Xent temperature
     w_inter: float = 1.0  # (image, caption)
     w_image: float = 1.0  # (image, augmented image)
     w_text: float = 1.0  # (caption, second caption)
-    # Beyond the paper (0 = off): more cross-modal positives from the views already in the batch.
+    # More cross-modal positives from the views already in the batch.
     w_inter_second: float = 0.0  # (image, second caption)
     w_inter_views: float = 0.0  # (augmented image, second caption)
-    # Image against all its captions at once, every caption a positive (losses.all_captions_contrastive). On UCM,
-    # weight 2 at 16 bits: T->I .982 against .979 over 6 seeds (std .007, so noise), I->T and I->I .003-.005
-    # lower; weight 1 lowered 32- and 64-bit I->T by .005. Off: UCM's five captions are near-duplicates; datasets
-    # with more varied captions may differ.
+    # Image against all its captions at once, every caption a positive (losses.all_captions_contrastive): for
+    # datasets whose captions vary more than UCM's near-duplicates.
     w_inter_all: float = 0.0
     # NT-Xent of the image's and caption's sign codes (losses.binary_nt_xent): the Hamming similarity search ranks
-    # by, which the continuous codes' cosine only approaches. On UCM, weight 1 at 16 bits over 6 seeds: I->T
-    # .933 / T->I .981 / I->I .909 against .928 / .979 / .906 (gains inside the seed noise); at 32 and 64 bits it
-    # cost .007 of I->T (3 seeds). Off.
+    # by, which the continuous codes' cosine only approaches.
     w_inter_binary: float = 0.0
     # UCCH-style (Hu et al., TPAMI 2022): each code also contrasts with a momentum-updated bank holding the
     # other modality's binary code of every training item: N - 1 negatives instead of 2 x batch - 2.
@@ -56,14 +51,12 @@ class TrainConfig:
     bank_momentum: float = 0.5
     bank_tau: float = 0.2
     # A robustness study, not a training method: this share of the training items trains with another training
-    # item's captions (pipeline.noise.swap_captions, drawn with split_seed so every training seed sees the same
+    # item's captions (model/noise.swap_captions, drawn with split_seed so every training seed sees the same
     # wrong pairs); evaluation keeps the true ones. bench/caption_noise.py sweeps it.
     caption_noise: float = 0.0
     # Training for wrong captions: the (image, caption) term weights each item by the probability that its pair is
-    # right (pipeline.noise.clean_probability over the items' image-caption code cosines, refit every epoch after
-    # robust_warmup epochs; weights 1 until then). UCM, 64 bits, 3 seeds: with half the training captions wrong
-    # (caption_noise=0.5) I->T / T->I / I->I .915 / .977 / .897 against .757 / .927 / .676; on the clean captions
-    # .931 / .976 / .911 against .971 / .993 / .961, since the mixture splits the right pairs too. Off.
+    # right (model/noise.clean_probability over the items' image-caption code cosines, refit every epoch after
+    # robust_warmup epochs; weights 1 until then). It splits right pairs too, so clean captions lose by it.
     robust_inter: bool = False
     robust_warmup: int = 5
     # Matryoshka-style nested codes (Kusupati et al., NeurIPS 2022): DUCH's three contrastive terms also on the
@@ -71,16 +64,15 @@ class TrainConfig:
     nested_bits: int = 0
     w_nested: float = 1.0
     # An image's code is the mean of the image head's outputs over the image and its cached augmented views, then
-    # its sign (test-time augmentation over the views extract made for training; encode-archive and search do
-    # the same). UCM, 3 seeds, I->T / T->I / I->I: 16 bits .959 / .978 / .937 against .932 / .975 / .910 from the
-    # image alone; 64 bits .971 / .993 / .961 against .955 / .992 / .947. Paper: the image alone.
+    # its sign: test-time augmentation over the views extract made for training, at no cost per code;
+    # encode-archive and search do the same. Paper: the image alone.
     view_ensemble: bool = True
     drop_last: bool = False  # skip an epoch's last batch when it is smaller than batch_size
     augment_anchor: bool = False  # the image pair is any two distinct of {original, cached views}, not (original, view)
     alpha: float = 0.01  # adversarial
-    beta: float = 0.01  # quantization, at 64 bits; paper: 0.001 (10x gave +.002 I->T and +.004 I->I at 64 bits)
+    beta: float = 0.01  # quantization, at 64 bits; paper: 0.001
     # The quantization weight is beta x K / 64 at K bits: strong quantization helps long codes and hurts short
-    # ones (T->I at 16 bits: .970 with 0.01, .975 with 0.0025). Paper: beta at every length.
+    # ones. Paper: beta at every length.
     beta_scales_with_bits: bool = True
     gamma: float = 0.01  # bit balance
     gp_weight: float = 10.0
@@ -94,12 +86,12 @@ class TrainConfig:
     reference_quirks: bool = False  # the public code's defects: text view 2 = view 1; adversary on text codes
     eval_every: int = 10  # epochs between validation mAPs (and at the end)
     map_k: int = 20
-    # The heads' matmuls under bf16 autocast (3x faster on CPUs with AVX512-BF16, same mAP) or fp32;
-    # "auto": bf16 on a GPU or a CPU with native bf16, else fp32. Resolved before the run is fingerprinted.
+    # The heads' matmuls under bf16 autocast or fp32; "auto": bf16 on a GPU or a CPU with native bf16, else fp32.
+    # Resolved before the run is fingerprinted.
     precision: str = "auto"
     device: str = "auto"
-    # GPU only, never changing the math: replay the steps as CUDA graphs (7x faster at UCM scale), and
-    # optionally torch.compile the loss terms inside them (+10% steps/s after ~20 s of compilation).
+    # GPU only, never changing the math: replay the steps as CUDA graphs, and optionally torch.compile the loss
+    # terms inside them (worth its ~20 s of compilation per code length on long runs only).
     cuda_graphs: bool = True
     compile_terms: bool = False
     # Epochs between checkpoints (0: none): a killed run resumes from the last one and ends with the weights an
@@ -110,7 +102,8 @@ class TrainConfig:
     # Options added after runs were trained without them. While off they change no byte, so they stay out of the
     # fingerprint then: a run trained before they existed is still up to date, not trained again.
     LATER_OPTIONS = ("w_inter_all", "w_inter_binary", "caption_noise", "robust_inter", "view_ensemble", "nested_bits")
-    LATER_SETTINGS = {"robust_warmup": "robust_inter", "w_nested": "nested_bits"}  # a later option's own settings: out while it is off
+    # A later option's own settings: out of the fingerprint while their option is off.
+    LATER_SETTINGS = {"robust_warmup": "robust_inter", "w_nested": "nested_bits"}
 
     def quantization_weight(self, bits: int) -> float:
         return self.beta * bits / 64 if self.beta_scales_with_bits else self.beta

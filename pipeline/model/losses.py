@@ -1,4 +1,4 @@
-"""DUCH's losses as pure functions of tensors (DESIGN.md section 1), each pinned by a hand-computed test."""
+"""DUCH's losses as pure functions of tensors (docs/design.md, 2.4), each pinned by a hand-computed test."""
 from __future__ import annotations
 
 import torch

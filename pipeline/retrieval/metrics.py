@@ -3,7 +3,7 @@
 Ties are broken by database order (a stable sort), so every figure is deterministic. `query_adaptive_ranking`
 breaks equal Hamming distances by the query's own continuous code instead, still deterministically.
 
-Two mAP@K definitions (DESIGN.md section 2):
+Two mAP@K definitions (docs/design.md, 4.3):
 - "textbook": AP@K over the top K retrieved only: the precision at each relevant rank within K, summed and
   divided by min(K, R), R = relevant items in the database (so a query that could have filled its top K
   with relevant items and did not is penalised).
