@@ -438,3 +438,34 @@ def test_an_extract_rerun_writes_an_altered_shard_again(run):
     assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5") if p != shard} == others  # the rest kept
     assert [o["sha256"] for o in result.manifest["outputs"]] == [o["sha256"] for o in manifest["outputs"]]
     load_features(run)
+
+
+def test_a_filter_applies_before_the_top_k_and_never_shrinks_it(run):
+    """A filter (say, one class) keeps the search exact among the items it lets through: the top k of those,
+    not the top k of all with the others dropped after (which could leave fewer than k)."""
+    from duch.pipeline.model.coding import unpack_codes
+    from duch.pipeline.retrieval.hamming import hamming
+    from duch.pipeline.retrieval.metrics import query_adaptive_ranking, weighted_distances
+
+    encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
+    _, tables = open_codes(run / "encode-archive" / "codes-16.h5")
+    labels = np.asarray(tables["image"].meta["label"]).astype(str)
+    mask = labels == "harbor"
+    allowed = np.flatnonzero(mask)
+    query = "a airplane scene number 3"
+    for backend in ("numpy", "faiss"):
+        index = Index.load(run, bits=16, device="cpu", backend=backend)
+        h = index.embed_text([query])
+        d = hamming(np.packbits(h >= 0, axis=1), tables["image"].codes)[0]
+        by_order = index.search(text=query, k=len(allowed) + 5, ties="order", where=mask)
+        assert [x.row for x in by_order] == allowed[np.argsort(d[allowed], kind="stable")].tolist()  # all, no more
+        assert {x.label for x in by_order} == {"harbor"}
+        weighted = weighted_distances(h, unpack_codes(tables["image"].codes, 16))[:, allowed]
+        expected = allowed[query_adaptive_ranking(d[allowed][None], weighted)[0]]
+        for k in (1, 3, len(allowed)):
+            assert [x.row for x in index.search(text=query, k=k, where=mask)] == expected[:k].tolist()
+        reranked = index.search(text=query, k=3, rerank_top=len(allowed), where=mask)
+        assert {x.row for x in reranked} <= set(allowed.tolist()) and len(reranked) == 3
+        assert index.search(text=query, k=5, where=np.zeros(len(labels), bool)) == []
+    with pytest.raises(DuchError, match="needs one value per item"):
+        index.search(text=query, k=3, where=mask[:-1])

@@ -145,10 +145,14 @@ class Index:
         return modality, row
 
     # ------------------------------------------------------------------------------------------ search
-    def search_codes(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_codes(self, codes: np.ndarray, modality: str, k: int,
+                     within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Packed query codes [Q, K/8] -> ([Q, k] distances, [Q, k] rows) over `modality`'s codes: exact, ties
-        in archive order, whichever backend runs (each is tested equal to the numpy scan)."""
+        in archive order, whichever backend runs (each is tested equal to the numpy scan). `within`: the only rows
+        to consider (ascending), scanned exactly whatever the backend, so that a filter never shrinks k."""
         codes = np.asarray(codes, np.uint8)
+        if within is not None:
+            return self._search_within(codes, modality, k, within)
         backend = self._backend(modality)
         if isinstance(backend, torch.Tensor):  # GPU: Triton kernel over int32 words, or the torch scan over int64
             if backend.dtype == torch.int32:
@@ -163,6 +167,30 @@ class Index:
                 d, rows = d[:, found], rows[:, found]
             return d.astype(np.int32), rows.astype(np.int64)
         return hamming_topk(codes, self.tables[modality].codes, k)
+
+    def _search_within(self, codes: np.ndarray, modality: str, k: int,
+                       within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        backend = self._backend(modality)
+        if isinstance(backend, torch.Tensor):  # the subset's words gathered on the GPU, then the same scan
+            subset = backend[torch.as_tensor(within, device=self.device)]
+            if backend.dtype == torch.int32:
+                d, rows = hamming_topk_triton(codes, subset.contiguous(), k)
+            else:
+                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), subset, k)
+            d, rows = d.cpu().numpy(), rows.cpu().numpy()
+        else:
+            d, rows = hamming_topk(codes, np.asarray(self.tables[modality].codes[within]), k)
+        return d, within[rows]
+
+    def rows_where(self, modality: str, mask: np.ndarray | None) -> np.ndarray | None:
+        """A filter as the ascending rows it lets through (None: no filter); `mask` is [N] bool over the rows."""
+        if mask is None:
+            return None
+        mask = np.asarray(mask, bool)
+        if mask.shape != (len(self._table(modality)),):
+            raise DuchError(f"a filter over {modality} items needs one value per item "
+                            f"({len(self._table(modality))}), got {mask.shape}")
+        return np.flatnonzero(mask)
 
     def _backend(self, modality: str):
         """Built once per modality: the codes on the GPU, or a faiss index in memory, or None (numpy scan over
@@ -189,11 +217,14 @@ class Index:
         return backend
 
     def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
-               modality: str | None = None, rerank_top: int = 0, ties: str = "adaptive") -> list[Hit]:
+               modality: str | None = None, rerank_top: int = 0, ties: str = "adaptive",
+               where: np.ndarray | None = None) -> list[Hit]:
         """Top-k archive items for one query. `modality`: what to return, by default the other modality than
         the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine.
         `ties`: equal distances by the query's confidence ("adaptive"; in archive order for an --id query whose
-        continuous outputs were not stored) or in archive order ("order")."""
+        continuous outputs were not stored) or in archive order ("order"). `where`: [N] bool over the returned
+        modality's rows, a filter applied before the top k (it never shrinks k below the items it lets
+        through)."""
         if ties not in TIES:
             raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
         given = [q for q in (text, image, id) if q is not None]
@@ -211,12 +242,13 @@ class Index:
         target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
         if id is None:
             packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
+        within = self.rows_where(target, where)
         scores = None
         if ties == "adaptive" and h is not None and not rerank_top:
-            scan = lambda n: tuple(a[0] for a in self.search_codes(packed, target, n))  # noqa: E731
+            scan = lambda n: tuple(a[0] for a in self.search_codes(packed, target, n, within))  # noqa: E731
             distances, rows, scores = adaptive_topk(scan, self._table(target).codes, h, k)
         else:
-            distances, rows = (a[0] for a in self.search_codes(packed, target, max(k, rerank_top)))
+            distances, rows = (a[0] for a in self.search_codes(packed, target, max(k, rerank_top), within))
         if rerank_top:
             table = self._table(target)
             if table.continuous is None or h is None:
