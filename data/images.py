@@ -10,6 +10,7 @@ Conversion rules (documented in docs/stages.md):
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -35,16 +36,30 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"cannot read file: {e.strerror}") from None
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
-    if path.suffix.lower() in (".tif", ".tiff"):
+    return _decode(path, path.suffix.lower() in (".tif", ".tiff"))
+
+
+def load_image_bytes(data: bytes) -> Image.Image:
+    """An image held in memory (an upload), by the same rules as a file; TIFF is told by its magic bytes, since
+    an upload's name is the sender's to choose."""
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+
+
+def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
+    if tiff:
         # tifffile reads multi-band and 16-bit rasters faithfully; PIL misreads some (4 x uint16 as RGBA).
-        array = _read_tiff(path)
+        array = _read_tiff(source)
         if array is not None:
             return Image.fromarray(raster_to_rgb8(array))
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
     try:
         with warnings.catch_warnings():
             # A huge image is refused rather than decoded into gigabytes of memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.mode in _PIL_8BIT_MODES:
                     img = ImageOps.exif_transpose(img)
                     img.load()
@@ -70,7 +85,7 @@ def too_large(pixels: int | None) -> ImageLoadError:
                           f"{Image.MAX_IMAGE_PIXELS} pixels)")
 
 
-def _read_tiff(path: Path) -> np.ndarray | None:
+def _read_tiff(path: Path | io.BytesIO) -> np.ndarray | None:
     """The raster, or None where tifffile cannot decode it (PIL gets a try then)."""
     import tifffile
 

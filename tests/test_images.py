@@ -86,3 +86,21 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the same check PIL runs at 89 Mpx by default
     with pytest.raises(ImageLoadError, match="image too large"):
         load_image(tmp_path / "big.png")
+
+
+def test_bytes_in_memory_follow_the_same_rules_as_files(tmp_path):
+    """An upload is decoded as its file would be: JPEG, TIFF (told by its magic bytes, whatever its name), a
+    16-bit 4-band raster, and the same one-line reasons for what is refused."""
+    from duch.data.images import load_image_bytes
+
+    for name in ("102.jpg", "1.tif"):
+        assert np.array_equal(np.asarray(load_image_bytes((ASSETS / name).read_bytes())),
+                              np.asarray(load_image(ASSETS / name)))
+    raster = np.random.default_rng(0).integers(0, 4000, (8, 9, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "nir.tif", raster)
+    assert np.array_equal(np.asarray(load_image_bytes((tmp_path / "nir.tif").read_bytes())),
+                          raster_to_rgb8(raster))
+    with pytest.raises(ImageLoadError, match="not a recognised image"):
+        load_image_bytes(b"%PDF-1.4 not an image")
+    with pytest.raises(ImageLoadError, match="empty file"):
+        load_image_bytes(b"")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from duch.pipeline.retrieval.ranking import TIES, adaptive_topk, rerank
 from duch.pipeline.run.artifacts import stage_file, verify_listed
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass
@@ -47,6 +51,21 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Query:
+    """A coded query: the modality it came from, its packed code [1, K/8] and its continuous code [K] (None for an
+    archive item whose continuous outputs were not stored)."""
+
+    source: str
+    packed: np.ndarray
+    continuous: np.ndarray | None
+
+    @classmethod
+    def of(cls, source: str, h: np.ndarray) -> "Query":
+        """A query from its continuous code: the sign bits packed as the archive's are."""
+        return cls(source, np.packbits(np.asarray(h)[None] >= 0, axis=1, bitorder="big"), np.asarray(h))
 
 
 class Index:
@@ -91,6 +110,17 @@ class Index:
             self._heads = model.load(self.device)
         return self._heads
 
+    def model_key(self) -> tuple:
+        """What codes a query for this index: the model file's SHA-256 and the encoders. Two indexes with the same
+        key code a caption the same way."""
+        return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
+
+    def share_model(self, other: "Index") -> None:
+        """Use `other`'s heads and encoders (loaded once, in memory once, for several archives of one model)."""
+        if self.model_key() != other.model_key():
+            raise DuchError(f"{self.run} and {other.run} were coded by different models; each needs its own")
+        self._heads, self._encoders = other.heads, other._encoders
+
     def _encoder(self, modality: str):
         if modality not in self._encoders:
             from duch.pipeline.encoders import load_encoders, parse_spec
@@ -110,29 +140,36 @@ class Index:
         emb = self._encoder("text").encode(list(texts)).to(self.device)
         return self.heads.text(emb.float()).float().cpu().numpy()
 
-    @torch.no_grad()
     def embed_image(self, paths: list[str | Path]) -> np.ndarray:
-        """Image files -> continuous codes [Q, K], converted and embedded as extract does. Where the archive's
-        image codes average the head over augmented views (encode-archive's `image_code`), the query's are made
-        the same way, its views drawn as extract draws an item's with the file's name stem as the id: an archive
-        image given as a query, under its own file name, gets its archive code."""
-        from duch.data.augment import ImageAugment, augment_image, view_rng
+        """Image files -> continuous codes [Q, K], converted and embedded as extract does (see embed_images)."""
         from duch.data.images import ImageLoadError, load_image
+
+        images = []
+        for path in paths:
+            try:
+                images.append((Path(path).stem, load_image(Path(path))))
+            except ImageLoadError as e:
+                raise DuchError(f"query image {path}: {e}") from None
+        return self.embed_images(images)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[tuple[str, "Image.Image"]]) -> np.ndarray:
+        """(name, RGB image) pairs -> continuous codes [Q, K]. Where the archive's image codes average the head
+        over augmented views (encode-archive's `image_code`), the query's are made the same way, its views drawn
+        as extract draws an item's with `name` (a file's name stem) as the id: an archive image given as a query,
+        under its own file name, gets its archive code."""
+        from duch.data.augment import ImageAugment, augment_image, view_rng
 
         encoder = self._encoder("image")
         code = image_code(self.manifest)
         n_views = int(code["views"])
         augment = ImageAugment.from_record(code["augment"]) if n_views else None
         pixels = []
-        for path in paths:
-            try:
-                img = load_image(Path(path))
-            except ImageLoadError as e:
-                raise DuchError(f"query image {path}: {e}") from None
+        for name, img in images:
             pixels.append(encoder.transform(img))
-            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), Path(path).stem, v), augment))
+            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
                        for v in range(1, n_views + 1)]
-        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(paths), 1 + n_views, -1)
+        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
         return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
 
     def item(self, item_id: str) -> tuple[str, int]:
@@ -231,17 +268,30 @@ class Index:
         if len(given) != 1:
             raise DuchError("give exactly one query: text, image or id")
         if text is not None:
-            source, h = "text", self.embed_text([text])[0]
+            query = Query.of("text", self.embed_text([text])[0])
         elif image is not None:
-            source, h = "image", self.embed_image([image])[0]
+            query = Query.of("image", self.embed_image([image])[0])
         else:
-            source, row = self.item(id)
-            table = self.tables[source]
-            h = None if table.continuous is None else table.continuous[row].astype(np.float32)
-            packed = np.asarray(table.codes[row:row + 1])
-        target = modality or ("image" if source == "text" or "text" not in self.tables else "text")
-        if id is None:
-            packed = np.packbits(h[None] >= 0, axis=1, bitorder="big")
+            query = self.id_query(id)
+        return self.rank(query, k, modality, rerank_top, ties, where)
+
+    def id_query(self, item_id: str) -> "Query":
+        """An archive item as a query: its stored code (and continuous outputs, when stored)."""
+        source, row = self.item(item_id)
+        table = self.tables[source]
+        h = None if table.continuous is None else table.continuous[row].astype(np.float32)
+        return Query(source, np.asarray(table.codes[row:row + 1]), h)
+
+    def target(self, query: "Query", modality: str | None) -> str:
+        """What a query returns: `modality`, or by default the other modality than its own."""
+        return modality or ("image" if query.source == "text" or "text" not in self.tables else "text")
+
+    def rank(self, query: "Query", k: int = 10, modality: str | None = None, rerank_top: int = 0,
+             ties: str = "adaptive", where: np.ndarray | None = None) -> list[Hit]:
+        """The top k for a query already coded (`search`'s second half; a service codes many at once)."""
+        if ties not in TIES:
+            raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+        target, packed, h = self.target(query, modality), query.packed, query.continuous
         within = self.rows_where(target, where)
         scores = None
         if ties == "adaptive" and h is not None and not rerank_top:
