@@ -251,6 +251,44 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_js
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
+@click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
+@click.option("--archive", "archives", multiple=True, type=click.Path(),
+              help="Also serve this run's archive (encoded with RUN's model: encode-archive --archive); repeatable.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. The service has no authentication: bind others only on a trusted network.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-in-flight", default=32, show_default=True, type=int,
+              help="Queries running at once; more get a 503 with Retry-After at once.")
+@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds a query may take (then 503).")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float, help="Largest request body (413).")
+@click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let pages from this origin call the API (e.g. https://maps.example.org); off by default.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
+@user_errors
+def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_upload_mb, cors_origins, device,
+          no_verify):
+    """Search service and web page over the encoded archive (http://127.0.0.1:8000/, API docs at /docs)."""
+    import uvicorn
+
+    from duch.pipeline.config import ServeConfig
+    from duch.pipeline.serve.app import create_app
+
+    cfg = ServeConfig(run=run_dir, bits=bits, archives=archives, host=host, port=port, max_in_flight=max_in_flight,
+                      timeout=timeout, max_upload_mb=max_upload_mb, cors_origins=cors_origins, device=device,
+                      verify=not no_verify)
+    cfg.validate()
+    if not cfg.loopback():
+        click.echo(f"warning: binding {host}: the service is reachable from other machines and has no "
+                   "authentication", err=True)
+    app = create_app(cfg)
+    click.echo(f"serving {', '.join(app.state.service.archives)} ({bits} bits) at http://{host}:{port}/ "
+               f"(API docs at /docs); Ctrl-C stops", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
 @click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
               help="Code lengths to evaluate [default: every encoded one].")
 @click.option("-k", "--k", default=20, show_default=True, type=int, help="mAP@K.")

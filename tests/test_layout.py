@@ -112,6 +112,9 @@ def test_the_wheel_installs_one_top_level_package(wheel):
     assert {n.split("/")[0] for n in names} == {"duch", wheel.name.split("-py3")[0] + ".dist-info"}
     for expected in ("duch/cli.py", "duch/stages/extract.py", "duch/pipeline/run/stage.py", "duch/data/readers.py"):
         assert expected in names
+    # The search page's files are package data: `duch serve` from an installed wheel serves them.
+    static = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline/serve/static").iterdir())
+    assert static and all(f"duch/{name}" in names for name in static), static
     assert not [n for n in names if n.startswith(("duch/tests/", "duch/bench/", "duch/docs/"))]
 
 

@@ -3,7 +3,8 @@ from duch.pipeline.config.encode import EncodeConfig
 from duch.pipeline.config.evaluate import EvaluateConfig
 from duch.pipeline.config.extract import ExtractConfig
 from duch.pipeline.config.fields import manifest_config, output_settings, parse_overrides
+from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.config.train import PAPER_TRAINING, TRAIN_RECIPES, TrainConfig
 
-__all__ = ["EncodeConfig", "EvaluateConfig", "ExtractConfig", "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES",
+__all__ = ["EncodeConfig", "EvaluateConfig", "ExtractConfig", "ServeConfig", "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES",
            "manifest_config", "output_settings", "parse_overrides"]

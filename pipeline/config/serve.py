@@ -1,0 +1,51 @@
+"""The search service's settings (`duch serve`)."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from duch.pipeline import DuchError
+
+MOST_K = 200  # hits a page may ask for at once
+MOST_DEPTH = 10_000  # offset + k: how deep paging reaches
+
+
+@dataclass
+class ServeConfig:
+    """A search service over one run's encoded archive (and other archives coded with its model)."""
+
+    run: str  # run directory with a finished encode-archive stage
+    bits: int = 64
+    archives: tuple[str, ...] = ()  # other runs encoded with this run's model (`encode-archive --archive`)
+    host: str = "127.0.0.1"  # loopback unless asked: the service has no authentication
+    port: int = 8000
+    device: str = "auto"
+    verify: bool = True  # SHA-256 of the code files against their manifests at start
+    max_in_flight: int = 32  # queries admitted at once; past it a 503 with Retry-After, at once
+    timeout: float = 10.0  # seconds a query may take before its answer is a 503
+    max_upload_mb: float = 20.0  # request bodies (an uploaded image) above this get a 413
+    max_batch: int = 64  # captions coded in one pass of the text encoder
+    thumb_size: int = 256  # longest side of a thumbnail, pixels
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
+
+    def validate(self) -> None:
+        if self.port < 0 or self.port > 65535:
+            raise DuchError(f"--port must be 0..65535, got {self.port}")
+        for name in ("max_in_flight", "max_batch", "thumb_size"):
+            if getattr(self, name) < 1:
+                raise DuchError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.timeout <= 0 or self.max_upload_mb <= 0:
+            raise DuchError("--timeout and --max-upload-mb must be positive")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    def loopback(self) -> bool:
+        """Whether the service is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -1,0 +1,61 @@
+"""Admission of queries: at most `limit` in flight; one more is refused at once (a 503 with Retry-After, never a
+wait in a queue that grows), and one that runs past `timeout` seconds is answered with a 503 too.
+
+A query's slot is given back when its task has ended, not when its answer was sent. A timed-out query's task is
+cancelled: a caption still waiting for the query coder is dropped uncoded (batching), a step already running on a
+thread finishes there, on a pool of fixed size, so the work in flight stays bounded whatever the clients do.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class Overloaded(Exception):
+    """Refused: the service is at its limit of queries in flight."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Admission:
+    """Counts the queries in flight on the event loop's thread (so it needs no lock)."""
+
+    def __init__(self, limit: int, timeout: float, on_change: Callable[[int], None] | None = None):
+        self.limit, self.timeout = limit, timeout
+        self.in_flight = 0
+        self.on_change = on_change  # told the new count (a metrics gauge)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one timeout's share per query ahead, at least 1."""
+        return max(1, math.ceil(min(self.timeout, 5.0) * self.in_flight / max(self.limit, 1) / 4))
+
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`await work()` within the bounds, or Overloaded."""
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"the service is at its limit of {self.limit} queries in flight; retry shortly",
+                             self.retry_after())
+        self._change(+1)
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(lambda _: self._change(-1))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except asyncio.TimeoutError:
+            task.cancel()
+            task.add_done_callback(_consume)  # its result or error is no one's now
+            raise Overloaded(f"the query took longer than the {self.timeout:g} s limit; retry when the service "
+                             f"is less busy", self.retry_after()) from None
+
+    def _change(self, delta: int) -> None:
+        self.in_flight += delta
+        if self.on_change is not None:
+            self.on_change(self.in_flight)
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,134 @@
+"""The JSON API's shapes (pydantic models, which /docs shows) and the reading of a search request: a JSON body, or
+a multipart form with an uploaded image. Every mistake is an ApiError: a status and one line naming the field,
+what is wrong and what to send instead."""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.requests import Request
+
+from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
+
+FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "archive")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class SearchRequest(BaseModel):
+    """One query: a caption (`text`) or an archive item (`id`); an image is sent as a multipart upload instead."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1, max_length=2000, description="a caption to search by")
+    id: str | None = Field(None, min_length=1, max_length=500,
+                           description="an archive item: an image id, or IMAGE_ID#N for its N-th caption")
+    k: int = Field(20, ge=1, le=MOST_K, description="hits to return")
+    offset: int = Field(0, ge=0, description="hits to skip (paging); offset + k is at most %d" % MOST_DEPTH)
+    modality: Literal["image", "text"] | None = Field(
+        None, description="what to return; default: the other modality than the query's")
+    rerank: int = Field(0, ge=0, le=2000, description="re-rank this many Hamming neighbours by cosine (0: off)")
+    ties: Literal["adaptive", "order"] = "adaptive"
+    label: str | None = Field(None, description="return only items of this class, filtered before the top k")
+    archive: str | None = Field(None, description="which archive; default: the run's own")
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if self.offset + self.k > MOST_DEPTH:
+            raise ValueError(f"offset + k must be at most {MOST_DEPTH}, got {self.offset + self.k}")
+        return self
+
+
+class Caption(BaseModel):
+    id: str
+    text: str
+
+
+class Hit(BaseModel):
+    rank: int
+    id: str = Field(description="image id, or IMAGE_ID#N for a caption")
+    image_id: str
+    modality: Literal["image", "text"]
+    distance: int = Field(description="Hamming distance to the query's code")
+    score: float | None = Field(description="cosine when re-ranked; else the query's confidence on the "
+                                            "differing bits (adaptive ties), lower first")
+    label: str | None
+    caption: str | None = Field(description="a caption hit's text; an image hit's first caption")
+    captions: list[str] = Field(description="a caption hit's text; an image hit's captions")
+    thumbnail: str = Field(description="URL of the image's thumbnail (a caption's: its image's)")
+
+
+class Timings(BaseModel):
+    encode_ms: float = Field(description="coding the query: waiting for the query coder and its pass")
+    scan_ms: float = Field(description="Hamming scan, ties, rerank and the page's metadata")
+    total_ms: float = Field(description="from the request's arrival to its answer")
+    batch: int = Field(description="queries coded in the same encoder pass (0: none needed)")
+
+
+class SearchResponse(BaseModel):
+    query: dict = Field(description="the query as understood: kind and text / id / image file name")
+    archive: str
+    bits: int
+    modality: Literal["image", "text"]
+    k: int
+    offset: int
+    matched: int = Field(description="items of the returned modality that the filter lets through (all without one)")
+    hits: list[Hit]
+    timings: Timings
+
+
+class Upload(BaseModel):
+    name: str
+    data: bytes
+
+
+def one_line(error: ValidationError) -> str:
+    """Pydantic's errors as one line: `field: message; ...`."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if e["type"] != "extra_forbidden" else
+                     f"{where}: unknown field (send {', '.join(FORM_FIELDS)}; an image as a multipart upload)")
+    return "; ".join(parts)
+
+
+async def read_search(request: Request, most_files: int = 1) -> tuple[SearchRequest, Upload | None]:
+    """A search request from a JSON body or a multipart form (fields as in JSON, the image as file field `image`)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    upload = None
+    if kind == "application/json":
+        raw = await request.body()
+        try:
+            fields = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(422, "the JSON body must be an object such as {\"text\": \"a harbor\", \"k\": 20}")
+    elif kind == "multipart/form-data":
+        form = await request.form(max_files=most_files, max_fields=len(FORM_FIELDS) + 1)
+        fields = {}
+        for key, value in form.multi_items():
+            if key == "image" and not isinstance(value, str):
+                upload = Upload(name=value.filename or "upload", data=await value.read())
+            elif isinstance(value, str):
+                fields[key] = value
+            else:
+                raise ApiError(422, f"file field {key!r}: send the image as the field 'image'")
+    else:
+        raise ApiError(415, "send the query as JSON (application/json) or, with an image, as multipart/form-data")
+    try:
+        query = SearchRequest.model_validate(fields)
+    except ValidationError as e:
+        raise ApiError(422, one_line(e)) from None
+    given = [name for name, present in (("text", query.text is not None), ("id", query.id is not None),
+                                        ("image", upload is not None)) if present]
+    if len(given) != 1:
+        what = "no query" if not given else f"{' and '.join(given)} at once"
+        raise ApiError(422, f"{what}: give exactly one of text (a caption), id (an archive item) or image (an "
+                            f"uploaded file)")
+    return query, upload

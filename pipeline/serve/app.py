@@ -1,0 +1,172 @@
+"""The search service: `create_app(ServeConfig(run="runs/ucm"))` returns a FastAPI app (served by `duch serve`
+with uvicorn) that loads the codes, heads and query encoders once and answers:
+
+    POST /api/search      a caption, an archive item or an uploaded image -> hits with thumbnails, and timings
+    GET  /api/items/{id}  an item's label and captions          GET /api/info   archives, labels, limits
+    GET  /thumbs/{id}     a JPEG thumbnail of an archive image  GET /           the search page
+    GET  /healthz, /metrics (Prometheus), /docs (OpenAPI)
+
+No handler blocks the event loop: captions and images are coded on the query coder's thread (batching), scans
+and file reads on a small thread pool. At most `max_in_flight` queries run at once (admission).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI
+
+from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.retrieval.search import Query
+from duch.pipeline.serve.admission import Admission
+from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
+from duch.pipeline.serve.archives import Archive, UnknownItem, open_archives
+from duch.pipeline.serve.batching import QueryBatcher
+from duch.pipeline.serve.limits import BodyLimit
+from duch.pipeline.serve.metrics import MetricsMiddleware, ServiceMetrics
+from duch.pipeline.serve.routes import add_routes
+from duch.pipeline.serve.thumbs import Thumbnails
+
+STATIC = resources.files("duch.pipeline.serve") / "static"
+
+
+class Service:
+    """What the handlers share: the archives, the query coder, the admission, the thread pool, the metrics."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.archives = open_archives(config)
+        self.default = next(iter(self.archives))
+        self.metrics = ServiceMetrics()
+        self.thumbs = {name: Thumbnails(Path(a.index.run) / "serve" / "thumbs", config.thumb_size)
+                       for name, a in self.archives.items()}
+        self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="duch-serve")
+        self.coder: QueryBatcher | None = None
+        for archive in self.archives.values():
+            archive.warm()
+
+    def start(self) -> None:
+        def on_batch(coder, n, seconds):
+            self.metrics.batches.labels("text" if coder.__name__ == "embed_text" else "image").observe(n)
+
+        self.coder = QueryBatcher(self.config.max_batch, on_batch)
+
+    def stop(self) -> None:
+        if self.coder is not None:
+            self.coder.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def archive(self, name: str | None) -> Archive:
+        archive = self.archives.get(name or self.default)
+        if archive is None:
+            raise ApiError(404, f"no archive {name!r}; this service has {', '.join(self.archives)}")
+        return archive
+
+    async def blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def code(self, coder, item):
+        """(continuous code, seconds waited for it, queries coded in the same pass)."""
+        start = time.perf_counter()
+        code, batch = await asyncio.wrap_future(self.coder.submit(coder, item))
+        return code, time.perf_counter() - start, batch
+
+    async def search(self, archive: Archive, req: SearchRequest, upload: Upload | None, arrived: float) -> dict:
+        index, encode, batch = archive.index, 0.0, 0
+        if req.text is not None:
+            h, encode, batch = await self.code(index.embed_text, req.text)
+            query, what = Query.of("text", h), {"kind": "text", "text": req.text}
+        elif upload is not None:
+            img = await self.blocking(_decode_upload, upload)
+            h, encode, batch = await self.code(index.embed_images, (_stem(upload.name), img))
+            query, what = Query.of("image", h), {"kind": "image", "image": upload.name}
+        else:
+            query, what = None, {"kind": "id", "id": req.id}
+        scanned = time.perf_counter()
+        target, matched, hits = await self.blocking(self.page, archive, req, query)
+        done = time.perf_counter()
+        kind = what["kind"]
+        self.metrics.queries.labels(kind).observe(done - arrived)
+        return {"query": what, "archive": archive.name, "bits": index.bits, "modality": target, "k": req.k,
+                "offset": req.offset, "matched": matched, "hits": hits,
+                "timings": {"encode_ms": 1000 * encode, "scan_ms": 1000 * (done - scanned),
+                            "total_ms": 1000 * (done - arrived), "batch": batch}}
+
+    def page(self, archive: Archive, req: SearchRequest, query: Query | None) -> tuple[str, int, list[dict]]:
+        """The hits offset .. offset + k of a query (rankings are deterministic: the first offset + k, then a
+        slice), with what the page shows of each."""
+        index = archive.index
+        if query is None:
+            try:
+                archive.locate(req.id)
+            except UnknownItem as e:
+                raise ApiError(404, str(e)) from None
+            query = index.id_query(req.id)
+        target = index.target(query, req.modality)
+        if target not in index.tables:
+            raise ApiError(422, f"modality: archive {archive.name!r} holds no {target} codes")
+        where = archive.where(target, req.label)
+        matched = int(where.sum()) if where is not None else archive.count(target)
+        hits = index.rank(query, k=req.offset + req.k, modality=target, rerank_top=req.rerank, ties=req.ties,
+                          where=where)[req.offset:]
+        return target, matched, [self.hit(archive, h) for h in hits]
+
+    def hit(self, archive: Archive, h) -> dict:
+        captions = [h.caption] if h.caption is not None else [t for _, t in archive.captions_of(h.image_id)]
+        return {"rank": h.rank, "id": h.id, "image_id": h.image_id, "modality": h.modality, "distance": h.distance,
+                "score": h.score, "label": h.label, "caption": captions[0] if captions else None,
+                "captions": captions, "thumbnail": self.thumb_url(archive, h.image_id)}
+
+    def thumb_url(self, archive: Archive, image_id: str) -> str:
+        url = f"/thumbs/{quote(image_id, safe='')}"
+        return url if archive.name == self.default else f"{url}?archive={quote(archive.name, safe='')}"
+
+
+def _decode_upload(upload: Upload):
+    from duch.data.images import ImageLoadError, load_image_bytes
+
+    try:
+        return load_image_bytes(upload.data)
+    except ImageLoadError as e:
+        raise ApiError(400, f"uploaded file {upload.name!r}: {e}") from None
+
+
+def _stem(name: str) -> str:
+    """An upload's name stem, which seeds its augmented views as a file's does (search.Index.embed_images); only a
+    string, never a path."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The service over `config.run` (and `config.archives`): loads and warms everything before returning, so a
+    mistake (no encoded archive, another model) is a DuchError here, before any port is bound."""
+    config.validate()
+    service = Service(config)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="duch search", version="1", lifespan=lifespan,
+                  description="Cross-modal search (caption <-> image) over an archive's binary hash codes.")
+    app.state.service = service
+    add_routes(app, service, STATIC)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["content-type"])
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    return app

@@ -1,0 +1,156 @@
+"""The archives a service searches: each one encoded archive's `Index`, with what the API shows of its items
+(labels, captions, the image file behind an id) and the label filters it applies before the top k.
+
+Every file the service reads for an item is named by the archive's own metadata, looked up by id: nothing a
+request sends is ever joined to a path.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from duch.pipeline import DuchError
+from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.retrieval.search import Index
+
+
+class UnknownItem(LookupError):
+    """An id that is not in the archive; the message says what ids look like."""
+
+
+class Archive:
+    """One encoded archive as the service sees it."""
+
+    def __init__(self, name: str, index: Index):
+        self.name, self.index = name, index
+        self._masks: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.index.tables)
+
+    def count(self, modality: str) -> int:
+        return len(self.index.tables[modality]) if modality in self.index.tables else 0
+
+    @functools.cached_property
+    def _image_meta(self) -> dict:
+        return self.index.tables["image"].meta
+
+    @functools.cached_property
+    def labels_of(self) -> dict[str, np.ndarray]:
+        """Each modality's label per row (a caption's is its image's; '' where there is none)."""
+        labels = {"image": np.asarray(self._image_meta["label"], dtype=str)}
+        if "text" in self.index.tables:
+            row_of = self.index.tables["image"].row_of
+            rows = np.array([row_of.get(str(i), -1) for i in self.index.tables["text"].meta["image_id"]], np.int64)
+            labels["text"] = np.where(rows >= 0, labels["image"][np.maximum(rows, 0)], "")
+        return labels
+
+    @functools.cached_property
+    def labels(self) -> list[str]:
+        return sorted(set(self.labels_of["image"].tolist()) - {""})
+
+    @functools.cached_property
+    def _captions(self) -> dict[str, list[tuple[str, str]]]:
+        """Image id -> [(caption id, text)], in caption order."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        if "text" in self.index.tables:
+            meta = self.index.tables["text"].meta
+            for image_id, index, text in zip(meta["image_id"], meta["caption_index"], meta["text"]):
+                out.setdefault(str(image_id), []).append((f"{image_id}#{int(index)}", str(text)))
+        return out
+
+    def captions_of(self, image_id: str) -> list[tuple[str, str]]:
+        return self._captions.get(image_id, [])
+
+    def where(self, modality: str, label: str | None) -> np.ndarray | None:
+        """The label filter as a bool mask over `modality`'s rows (None: no filter), built once per label."""
+        if label is None:
+            return None
+        if label not in self.labels:
+            shown = ", ".join(self.labels[:30]) + (" ..." if len(self.labels) > 30 else "")
+            raise DuchError(f"label {label!r} is not in archive {self.name!r} (its labels: {shown or 'none'})")
+        key = (modality, label)
+        with self._lock:
+            if key not in self._masks:
+                self._masks[key] = self.labels_of[modality] == label
+            return self._masks[key]
+
+    def locate(self, item_id: str) -> tuple[str, int]:
+        """(modality, row) of an archive id, or UnknownItem."""
+        table = "text" if "#" in item_id and "text" in self.index.tables else "image"
+        row = self.index.tables[table].row_of.get(item_id)
+        if row is None:
+            example = self._image_meta["ids"][0] if len(self._image_meta["ids"]) else "1"
+            raise UnknownItem(f"no item {item_id!r} in archive {self.name!r} (image ids look like {str(example)!r}, "
+                              f"captions like {str(example) + '#0'!r})")
+        return table, row
+
+    def image_id_of(self, item_id: str) -> str:
+        modality, row = self.locate(item_id)
+        return item_id if modality == "image" else str(self.index.tables["text"].meta["image_id"][row])
+
+    def image_file(self, item_id: str) -> Path:
+        """The image file behind an id (a caption's: its image's), as the archive's metadata names it."""
+        row = self.index.tables["image"].row_of.get(self.image_id_of(item_id))
+        if row is None:
+            raise UnknownItem(f"the image of caption {item_id!r} is not in archive {self.name!r}")
+        return self.index.images_dir / str(self._image_meta["path"][row])
+
+    def item(self, item_id: str) -> dict:
+        """What the API shows of an item: its kind, label and captions (a caption's: itself first)."""
+        modality, row = self.locate(item_id)
+        image_id = self.image_id_of(item_id)
+        image_row = self.index.tables["image"].row_of.get(image_id)
+        captions = self.captions_of(image_id)
+        if modality == "text":
+            captions = sorted(captions, key=lambda c: c[0] != item_id)
+        return {"id": item_id, "modality": modality, "image_id": image_id,
+                "label": (self.labels_of[modality][row] or None),
+                "file": None if image_row is None else str(self._image_meta["path"][image_row]),
+                "captions": [{"id": i, "text": t} for i, t in captions]}
+
+    def warm(self) -> None:
+        """Load what the first query would (heads, encoders, each modality's scan) before serving any."""
+        index = self.index
+        for modality in self.modalities:
+            index.rank(index.id_query(self._first_id(modality)), k=1, modality=modality, ties="order")
+        if "text" in index.manifest["encoders"]:
+            index.embed_text(["warm up"])
+        index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
+        self.labels_of, self._captions  # noqa: B018  (built here, not on the first request)
+
+    def _first_id(self, modality: str) -> str:
+        table = self.index.tables[modality]
+        if modality == "image":
+            return str(table.meta["ids"][0])
+        return f"{table.meta['image_id'][0]}#{int(table.meta['caption_index'][0])}"
+
+
+def open_archives(config: ServeConfig) -> dict[str, Archive]:
+    """The run's own encoded archive, then each of `config.archives`, by folder name; every one must have been
+    coded by the run's model (the heads and encoders are loaded once and shared)."""
+    main = Index.load(config.run, bits=config.bits, device=config.device, verify=config.verify)
+    archives = {_name(config.run, {}): Archive(_name(config.run, {}), main)}
+    for run in config.archives:
+        index = Index.load(run, bits=config.bits, device=config.device, verify=config.verify)
+        if index.model_key() != main.model_key():
+            raise DuchError(f"archive {run} was coded by another model than {config.run}'s {config.bits}-bit one; "
+                            f"code it with this run's: duch encode-archive --run {config.run} --archive {run}")
+        index.share_model(main)
+        name = _name(run, archives)
+        archives[name] = Archive(name, index)
+    return archives
+
+
+def _name(run: str, taken: dict) -> str:
+    base = Path(run).resolve().name or "archive"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name

@@ -1,0 +1,90 @@
+"""Query coding on one worker thread that owns the encoders: the captions (or images) that arrive while a pass
+runs are coded together in the next one, one forward pass of the encoder and head for all of them.
+
+Nothing waits to fill a batch: a lone query is coded at once, and batches form only when queries queue up,
+which is when one pass for many pays (measured: docs/results.md, section 7). One thread also keeps the encoders'
+own thread pools from being entered by many request threads at once on a small CPU.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+Coder = Callable[[list], Sequence]  # a list of queries -> their codes, one per query, in order
+
+
+@dataclass
+class _Job:
+    coder: Coder
+    item: Any
+    future: Future = field(default_factory=Future)
+
+
+class QueryBatcher:
+    """`submit(coder, item)` -> a Future of (coder([..., item, ...])[its place], the pass's size): jobs with the
+    same coder that are waiting when a pass starts go through it together (at most `max_batch`)."""
+
+    def __init__(self, max_batch: int = 64, on_batch: Callable[[Coder, int, float], None] | None = None):
+        self.max_batch = max_batch
+        self.on_batch = on_batch  # called after each pass with (coder, batch size, seconds)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="duch-query-coder", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, coder: Coder, item) -> Future:
+        if self._closed:
+            raise RuntimeError("the query coder is closed")
+        job = _Job(coder, item)
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        """Codes what was submitted, then ends the thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, stop = [job], False
+            while len(jobs) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.append(more)
+            groups: dict[Coder, list[_Job]] = {}
+            for j in jobs:
+                groups.setdefault(j.coder, []).append(j)
+            for coder, group in groups.items():
+                self._run(coder, group)
+            if stop:
+                return
+
+    def _run(self, coder: Coder, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a timed-out query is not coded
+        if not live:
+            return
+        start = time.perf_counter()
+        try:
+            codes = coder([j.item for j in live])
+        except BaseException as e:  # noqa: BLE001  (handed to every waiting query, the thread goes on)
+            for j in live:
+                j.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(coder, len(live), time.perf_counter() - start)
+        for j, code in zip(live, codes):
+            j.future.set_result((code, len(live)))

@@ -1,0 +1,120 @@
+"""The service's routes and error answers (app.py builds the Service they share). Every error is JSON,
+`{"error": "one line naming the field or item, what is wrong and what to send", "status": N}`."""
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from duch.pipeline import DuchError
+from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
+from duch.pipeline.serve.admission import Overloaded
+from duch.pipeline.serve.api import ApiError, SearchResponse, read_search
+from duch.pipeline.serve.archives import UnknownItem
+from duch.pipeline.serve.limits import BodyTooLarge
+from duch.pipeline.serve.thumbs import NoThumbnail
+
+
+SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, TIFF)"},
+        **{f: {"type": "string"} for f in ("k", "offset", "modality", "rerank", "ties", "label", "archive")}}}}}}}
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+def add_routes(app: FastAPI, service, static) -> None:
+    """The routes over `service` (app.Service); `static`: the page's folder."""
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_request, e: Overloaded):
+        service.metrics.refused.labels("timeout" if "took longer" in str(e) else "overload").inc()
+        return error(503, str(e), {"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request, e: BodyTooLarge):
+        return error(413, str(e), {"Connection": "close"})
+
+    @app.exception_handler(DuchError)
+    async def duch_error(_request, e: DuchError):
+        return error(422, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in x['loc'][1:]) or 'request'}: {x['msg']}" for x in e.errors()]
+        return error(422, "; ".join(parts))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, e: HTTPException):
+        message = {404: "no such page; the API is under /api (see /docs)", 405: "method not allowed here"}
+        return error(e.status_code, str(e.detail) if e.status_code not in message else message[e.status_code])
+
+    @app.post("/api/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
+              summary="Search by a caption, an archive item or an uploaded image",
+              responses={400: {"description": "malformed JSON, or an upload that is not an image or is too large "
+                                              "in pixels"}, 404: {"description": "unknown id or archive"},
+                         413: {"description": "request body over the upload limit"},
+                         422: {"description": "no query, two at once, or a field out of range"},
+                         503: {"description": "too many queries in flight, or the query timed out; see "
+                                              "Retry-After"}})
+    async def search(request: Request):
+        arrived = time.perf_counter()
+        req, upload = await read_search(request)
+        archive = service.archive(req.archive)
+        return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
+
+    @app.get("/api/items/{item_id:path}", summary="An archive item's label and captions")
+    async def item(item_id: str, archive: str | None = None):
+        found = service.archive(archive)
+        try:
+            out = await service.blocking(found.item, item_id)
+        except UnknownItem as e:
+            raise ApiError(404, str(e)) from None
+        return {**out, "archive": found.name, "thumbnail": service.thumb_url(found, out["image_id"])}
+
+    @app.get("/api/info", summary="The archives served, their sizes and labels, and the request limits")
+    async def info():
+        return {"default": service.default, "bits": service.config.bits,
+                "archives": [{"name": a.name, "images": a.count("image"), "captions": a.count("text"),
+                              "modalities": a.modalities, "labels": a.labels} for a in service.archives.values()],
+                "limits": {"most_k": MOST_K, "most_depth": MOST_DEPTH,
+                           "max_upload_mb": service.config.max_upload_mb,
+                           "max_in_flight": service.config.max_in_flight, "timeout_s": service.config.timeout}}
+
+    @app.get("/thumbs/{item_id:path}", summary="A JPEG thumbnail of an archive image (a caption's: its image's)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumb(item_id: str, archive: str | None = None):
+        found = service.archive(archive)
+        try:
+            path = found.image_file(item_id)  # from the archive's own metadata, never from the request
+            data = await service.blocking(service.thumbs[found.name].get, path)
+        except UnknownItem as e:
+            raise ApiError(404, str(e)) from None
+        except NoThumbnail as e:
+            raise ApiError(404, f"no thumbnail for {item_id!r}: {e}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz", summary="Liveness: the archives are loaded")
+    async def healthz():
+        return {"status": "ok", "archives": list(service.archives), "in_flight": service.admission.in_flight}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics():
+        body, kind = service.metrics.render()
+        return Response(body, media_type=kind)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -1,0 +1,71 @@
+"""Thumbnails of archive images: converted by extract's rules (TIFF, 16-bit, 4-band, palette...; data.images),
+scaled to fit a square, JPEG-encoded, and cached under RUN/serve/thumbs/ (written with atomic_write).
+
+A cached file is named by the source file's path, size and modification time and the thumbnail size: an image
+replaced on disk gets a new thumbnail, an unchanged one is converted once. Callers pass a path the archive's
+metadata names, never one from a request.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from duch.data.images import ImageLoadError, load_image
+from duch.pipeline import DuchError
+from duch.pipeline.run.storage import atomic_write
+
+JPEG_QUALITY = 85
+
+
+class NoThumbnail(Exception):
+    """The archive's image file is missing or cannot be decoded; the message says which and why."""
+
+
+def thumbnail_jpeg(img: Image.Image, size: int) -> bytes:
+    """An RGB image scaled (down only, aspect kept) to fit size x size, as JPEG bytes."""
+    img = img.copy()
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+class Thumbnails:
+    """Thumbnails of one archive, cached in `folder` (kept in memory only when the folder cannot be written)."""
+
+    def __init__(self, folder: Path, size: int = 256):
+        self.folder, self.size = Path(folder), size
+        self.writable = True
+
+    def cache_name(self, source: Path) -> Path:
+        st = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{self.size}".encode()).hexdigest()
+        return self.folder / key[:2] / f"{key[2:32]}.jpg"
+
+    def get(self, source: Path) -> bytes:
+        try:
+            cached = self.cache_name(source)
+        except FileNotFoundError:
+            raise NoThumbnail(f"image file {source} is missing") from None
+        except OSError as e:
+            raise NoThumbnail(f"image file {source} cannot be read: {e.strerror}") from None
+        if cached.is_file():
+            return cached.read_bytes()
+        try:
+            data = thumbnail_jpeg(load_image(source), self.size)
+        except ImageLoadError as e:
+            raise NoThumbnail(f"image file {source}: {e}") from None
+        if self.writable:
+            try:
+                with atomic_write(cached) as tmp:
+                    tmp.write_bytes(data)
+            except DuchError:  # a read-only or full run folder: serve the thumbnail, just do not keep it
+                self.writable = False
+        return data
+
+    def count(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(self.folder)) if self.folder.is_dir() else 0
