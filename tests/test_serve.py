@@ -1,7 +1,6 @@
 """`duch serve`: the API over HTTP on a real uvicorn server (127.0.0.1), on a tiny run built from real tiles."""
 import asyncio
 import io
-import json
 import shutil
 import subprocess
 import sys
