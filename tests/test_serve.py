@@ -317,6 +317,9 @@ def test_two_archives_of_one_model_and_a_refusal_of_another_models(run, tmp_path
         assert answer["matched"] == 3 and len(answer["hits"]) == 3
         thumb = httpx.get(url + answer["hits"][0]["thumbnail"])
         assert answer["hits"][0]["thumbnail"].endswith("?archive=other-run") and thumb.status_code == 200
+        (images / "156.jpg").unlink()  # an archive file gone since: the thumbnail says so, the service goes on
+        gone = httpx.get(f"{url}/thumbs/tiles%2F156?archive=other-run")
+        assert gone.status_code == 404 and "156.jpg is missing" in gone.json()["error"], gone.text
     retrained = tmp_path / "retrained"
     shutil.copytree(run, retrained)
     shutil.rmtree(retrained / "serve", ignore_errors=True)

@@ -24,14 +24,17 @@ class ServeConfig:
     max_in_flight: int = 32  # queries admitted at once; past it a 503 with Retry-After, at once
     timeout: float = 10.0  # seconds a query may take before its answer is a 503
     max_upload_mb: float = 20.0  # request bodies (an uploaded image) above this get a 413
-    max_batch: int = 64  # captions coded in one pass of the text encoder
+    max_batch: int = 64  # captions coded in one pass of the text encoder and head
+    # Images coded in one pass of the image encoder: on a CPU, one at a time costs the same CPU per query as
+    # batches do and answers each sooner (measured: docs/results.md, 3.6); on a GPU batches pay.
+    max_image_batch: int = 1
     thumb_size: int = 256  # longest side of a thumbnail, pixels
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
 
     def validate(self) -> None:
         if self.port < 0 or self.port > 65535:
             raise DuchError(f"--port must be 0..65535, got {self.port}")
-        for name in ("max_in_flight", "max_batch", "thumb_size"):
+        for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size"):
             if getattr(self, name) < 1:
                 raise DuchError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.timeout <= 0 or self.max_upload_mb <= 0:

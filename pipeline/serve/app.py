@@ -6,8 +6,8 @@ with uvicorn) that loads the codes, heads and query encoders once and answers:
     GET  /thumbs/{id}     a JPEG thumbnail of an archive image  GET /           the search page
     GET  /healthz, /metrics (Prometheus), /docs (OpenAPI)
 
-No handler blocks the event loop: captions and images are coded on the query coder's thread (batching), scans
-and file reads on a small thread pool. At most `max_in_flight` queries run at once (admission).
+No handler blocks the event loop: captions and images are coded on a query coder's thread each (batching),
+scans and file reads on a small thread pool. At most `max_in_flight` queries run at once (admission).
 """
 from __future__ import annotations
 
@@ -47,19 +47,19 @@ class Service:
                        for name, a in self.archives.items()}
         self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="duch-serve")
-        self.coder: QueryBatcher | None = None
+        self.coders: dict[str, QueryBatcher] = {}
         for archive in self.archives.values():
             archive.warm()
 
     def start(self) -> None:
-        def on_batch(coder, n, seconds):
-            self.metrics.batches.labels("text" if coder.__name__ == "embed_text" else "image").observe(n)
-
-        self.coder = QueryBatcher(self.config.max_batch, on_batch)
+        # One coder thread per modality: a caption never waits behind an image's (slower) encoder pass.
+        for modality, most in (("text", self.config.max_batch), ("image", self.config.max_image_batch)):
+            self.coders[modality] = QueryBatcher(
+                most, lambda coder, n, seconds, m=modality: self.metrics.batches.labels(m).observe(n), modality)
 
     def stop(self) -> None:
-        if self.coder is not None:
-            self.coder.close()
+        for coder in self.coders.values():
+            coder.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def archive(self, name: str | None) -> Archive:
@@ -71,20 +71,20 @@ class Service:
     async def blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def code(self, coder, item):
+    async def code(self, modality: str, coder, item):
         """(continuous code, seconds waited for it, queries coded in the same pass)."""
         start = time.perf_counter()
-        code, batch = await asyncio.wrap_future(self.coder.submit(coder, item))
+        code, batch = await asyncio.wrap_future(self.coders[modality].submit(coder, item))
         return code, time.perf_counter() - start, batch
 
     async def search(self, archive: Archive, req: SearchRequest, upload: Upload | None, arrived: float) -> dict:
         index, encode, batch = archive.index, 0.0, 0
         if req.text is not None:
-            h, encode, batch = await self.code(index.embed_text, req.text)
+            h, encode, batch = await self.code("text", index.embed_text, req.text)
             query, what = Query.of("text", h), {"kind": "text", "text": req.text}
         elif upload is not None:
             img = await self.blocking(_decode_upload, upload)
-            h, encode, batch = await self.code(index.embed_images, (_stem(upload.name), img))
+            h, encode, batch = await self.code("image", index.embed_images, (_stem(upload.name), img))
             query, what = Query.of("image", h), {"kind": "image", "image": upload.name}
         else:
             query, what = None, {"kind": "id", "id": req.id}

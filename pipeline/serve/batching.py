@@ -1,9 +1,9 @@
-"""Query coding on one worker thread that owns the encoders: the captions (or images) that arrive while a pass
-runs are coded together in the next one, one forward pass of the encoder and head for all of them.
+"""Query coding on a worker thread that owns an encoder: the captions (or images) that arrive while a pass runs
+are coded together in the next one, one forward pass of the encoder and head for all of them.
 
 Nothing waits to fill a batch: a lone query is coded at once, and batches form only when queries queue up,
-which is when one pass for many pays (measured: docs/results.md, section 7). One thread also keeps the encoders'
-own thread pools from being entered by many request threads at once on a small CPU.
+which is when one pass for many pays (measured for captions: docs/results.md, 3.6). One thread per encoder also
+keeps its thread pool from being entered by many request threads at once on a small CPU.
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ class QueryBatcher:
     """`submit(coder, item)` -> a Future of (coder([..., item, ...])[its place], the pass's size): jobs with the
     same coder that are waiting when a pass starts go through it together (at most `max_batch`)."""
 
-    def __init__(self, max_batch: int = 64, on_batch: Callable[[Coder, int, float], None] | None = None):
+    def __init__(self, max_batch: int = 64, on_batch: Callable[[Coder, int, float], None] | None = None,
+                 name: str = "query"):
         self.max_batch = max_batch
         self.on_batch = on_batch  # called after each pass with (coder, batch size, seconds)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="duch-query-coder", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=f"duch-{name}-coder", daemon=True)
         self._closed = False
         self._thread.start()
 
