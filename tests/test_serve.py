@@ -259,6 +259,7 @@ def test_a_burst_past_the_limit_gets_503s_with_retry_after_and_no_other_error(ru
             answers = asyncio.run(burst(url))
             if any(a.status_code == 503 for a in answers):
                 break
+        assert 'duch_queries_refused_total{reason="overload"}' in httpx.get(f"{url}/metrics").text
     statuses = {a.status_code for a in answers}
     assert statuses == {200, 503}
     refused = next(a for a in answers if a.status_code == 503)
@@ -268,6 +269,7 @@ def test_a_burst_past_the_limit_gets_503s_with_retry_after_and_no_other_error(ru
         late = httpx.post(f"{url}/api/search", json={"text": "a harbor"}, timeout=30)
         assert late.status_code == 503 and "longer than the 0.0001 s limit" in late.json()["error"]
         assert httpx.post(f"{url}/api/search", json={"text": "a harbor"}, timeout=30).status_code == 503
+        assert 'duch_queries_refused_total{reason="timeout"} 2.0' in httpx.get(f"{url}/metrics").text
 
 
 def test_queued_captions_are_coded_in_one_pass_with_the_codes_one_at_a_time_gives(index):

@@ -15,11 +15,12 @@ T = TypeVar("T")
 
 
 class Overloaded(Exception):
-    """Refused: the service is at its limit of queries in flight."""
+    """Refused: the service is at its limit of queries in flight (`reason` "overload"), or a query ran past the
+    timeout ("timeout")."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int, reason: str = "overload"):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.reason = retry_after, reason
 
 
 class Admission:
@@ -48,7 +49,7 @@ class Admission:
             task.cancel()
             task.add_done_callback(_consume)  # its result or error is no one's now
             raise Overloaded(f"the query took longer than the {self.timeout:g} s limit; retry when the service "
-                             f"is less busy", self.retry_after()) from None
+                             f"is less busy", self.retry_after(), "timeout") from None
 
     def _change(self, delta: int) -> None:
         self.in_flight += delta

@@ -38,7 +38,7 @@ def add_routes(app: FastAPI, service, static) -> None:
 
     @app.exception_handler(Overloaded)
     async def overloaded(_request, e: Overloaded):
-        service.metrics.refused.labels("timeout" if "took longer" in str(e) else "overload").inc()
+        service.metrics.refused.labels(e.reason).inc()
         return error(503, str(e), {"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(BodyTooLarge)
