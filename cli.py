@@ -265,13 +265,15 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_js
               help="Most captions coded in one text-encoder pass (1: no batching).")
 @click.option("--max-image-batch", default=1, show_default=True, type=int,
               help="Most uploaded images coded in one image-encoder pass (batches pay on a GPU, not on a CPU).")
+@click.option("--threads", default=None, type=int,
+              help="Torch threads for coding queries [default: torch's, every core].")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let pages from this origin call the API (e.g. https://maps.example.org); off by default.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
 @user_errors
 def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_upload_mb, max_batch, max_image_batch,
-          cors_origins, device, no_verify):
+          threads, cors_origins, device, no_verify):
     """Search service and web page over the encoded archive (http://127.0.0.1:8000/, API docs at /docs)."""
     import uvicorn
 
@@ -280,7 +282,7 @@ def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_uploa
 
     cfg = ServeConfig(run=run_dir, bits=bits, archives=archives, host=host, port=port, max_in_flight=max_in_flight,
                       timeout=timeout, max_upload_mb=max_upload_mb, max_batch=max_batch,
-                      max_image_batch=max_image_batch, cors_origins=cors_origins,
+                      max_image_batch=max_image_batch, threads=threads, cors_origins=cors_origins,
                       device=device, verify=not no_verify)
     cfg.validate()
     if not cfg.loopback():

@@ -1,7 +1,7 @@
 """Load on `duch serve`: 1, 4, 16 and 64 concurrent clients sending caption, id and image queries for a fixed time,
 on loopback only; queries/s, p50/p95/p99 latency, errors, 503s, the server's CPU per query, and its RSS before
 and after a soak of mixed queries; side by side in the same run, the CLI doing the same queries one process each,
-and the service with the other batching (captions one by one, images in batches).
+and servers with other settings (captions one by one and images in batches; one torch thread).
 
     python bench/serve_load.py --run runs/ucm                     # 64 bits, 10 s a cell, 60 s soak (~5 minutes)
     python bench/serve_load.py --run runs/ucm --seconds 3 --soak 10 --cli 1 --clients 1,16
@@ -232,22 +232,25 @@ def main(argv=None) -> dict:
                   f"RSS {before:.1f} -> {after:.1f} MB ({result['soak']['rss_growth_pct']:+.2f}%)", flush=True)
     finally:
         server.stop()
-    if 16 in clients:  # the same 16-client cells with the other batching: captions one by one, images in batches
-        other = Server(args.run, args.bits, ["--max-batch", "1", "--max-image-batch", "64"],
-                       log.with_suffix(".batching.log"))
-        result["other_batching_16"] = {}
-        try:
-            other_makers = {
-                "caption (max-batch 1)": lambda i: json_request(other.port, {"text": CAPTIONS[i % len(CAPTIONS)],
-                                                                             "k": k}),
-                "image (max-image-batch 64)": lambda i: upload_request(other.port, *tiles[i % len(tiles)], k)}
-            for kind, make in other_makers.items():
-                asyncio.run(drive(other.port, make, 4, 2.0))
-                row = result["other_batching_16"][kind] = measure(other, make, 16, args.seconds)
-                print(f"{kind}, 16 clients: {row['qps']:.1f} q/s, p99 {row['p99_ms']:.1f} ms "
-                      f"(server cpu {row['server_cpu_ms_per_query']:.2f} ms/q)", flush=True)
-        finally:
-            other.stop()
+    if 16 in clients:  # the 1- and 16-client cells on servers with other settings, one after the other
+        variants = {"max-batch 1, max-image-batch 64": ["--max-batch", "1", "--max-image-batch", "64"],
+                    "threads 1": ["--threads", "1"]}
+        result["variants"] = {}
+        for j, (name, extra) in enumerate(variants.items()):
+            other = Server(args.run, args.bits, extra, log.with_suffix(f".variant{j}.log"))
+            result["variants"][name] = {}
+            try:
+                for kind, make in (("caption", lambda i: json_request(other.port, {
+                        "text": CAPTIONS[i % len(CAPTIONS)], "k": k})),
+                        ("image", lambda i: upload_request(other.port, *tiles[i % len(tiles)], k))):
+                    asyncio.run(drive(other.port, make, 4, 2.0))
+                    for n in [c for c in (1, 16) if c in clients]:
+                        row = result["variants"][name][f"{kind}-{n}"] = measure(other, make, n, args.seconds)
+                        print(f"{kind}, {n} clients, {name}: {row['qps']:.1f} q/s, p50 {row['p50_ms']:.1f} ms, p99 "
+                              f"{row['p99_ms']:.1f} ms (server cpu {row['server_cpu_ms_per_query']:.2f} ms/q, load "
+                              f"{row['loadavg_1min']})", flush=True)
+            finally:
+                other.stop()
     if args.cli:  # one process per query: load the codes, the heads and the encoder, answer, exit
         queries = {"caption": [["--text", c] for c in CAPTIONS[:args.cli]],
                    "id": [["--id", i, "--modality", "image"] for i in ids[:args.cli]],

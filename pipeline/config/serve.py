@@ -29,6 +29,9 @@ class ServeConfig:
     # batches do and answers each sooner (measured: docs/results.md, 3.6); on a GPU batches pay.
     max_image_batch: int = 1
     thumb_size: int = 256  # longest side of a thumbnail, pixels
+    # Torch threads while serving (None: torch's default, every core; an image pass then uses them all, twice the
+    # images a second of one thread on 2 cores: docs/results.md, 3.6). A number bounds the service's share.
+    threads: int | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
 
     def validate(self) -> None:
@@ -37,6 +40,8 @@ class ServeConfig:
         for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size"):
             if getattr(self, name) < 1:
                 raise DuchError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise DuchError(f"--threads must be at least 1, got {self.threads}")
         if self.timeout <= 0 or self.max_upload_mb <= 0:
             raise DuchError("--timeout and --max-upload-mb must be positive")
 

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI
 
+from duch.pipeline.compute.cluster import torch_threads
 from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.retrieval.search import Query
 from duch.pipeline.serve.admission import Admission
@@ -152,11 +153,12 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        service.start()
-        try:
-            yield
-        finally:
-            service.stop()
+        with torch_threads(config.threads):  # for as long as it serves; the process's own count after
+            service.start()
+            try:
+                yield
+            finally:
+                service.stop()
 
     app = FastAPI(title="duch search", version="1", lifespan=lifespan,
                   description="Cross-modal search (caption <-> image) over an archive's binary hash codes.")
