@@ -369,3 +369,5 @@ def test_only_loopback_addresses_count_as_private():
     assert not any(ServeConfig(run="r", host=h).loopback() for h in ("0.0.0.0", "::", "192.168.1.4", "example.org"))
     with pytest.raises(DuchError, match="max-in-flight must be at least 1"):
         ServeConfig(run="r", max_in_flight=0).validate()
+    with pytest.raises(DuchError, match="--threads must be at least 1"):
+        ServeConfig(run="r", threads=0).validate()
