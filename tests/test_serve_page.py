@@ -1,7 +1,7 @@
 """The search page in a real browser (Debian's chromium driven by Playwright) against a real server on 127.0.0.1:
 type a caption and see thumbnails that really loaded, "more like this", back and forward, the modality switch,
-paging, the class filter, an uploaded image, a shared link and the error state, with no request leaving the
-service.
+paging, the class filter, an image picked and an image dropped, a shared link and the error state, with no
+request leaving the service.
 
     DUCH_SCREENSHOT=docs/serve.jpg DUCH_SERVE_RUN=runs/ucm python -m pytest tests/test_serve_page.py
 
@@ -60,7 +60,15 @@ def query(page) -> dict:
     return {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
 
 
+def settled(page, state: str = "done") -> None:
+    """Wait until the page has finished with the address it shows (it says so on <body>)."""
+    page.wait_for_function("() => document.body.dataset.query === location.search && "
+                           "document.body.dataset.state !== 'loading'")
+    assert page.evaluate("document.body.dataset.state") == state, page.inner_text("#status")
+
+
 def shown_ids(page) -> list[str]:
+    settled(page)
     page.wait_for_function(ALL_LOADED)  # thumbnails that really loaded: no broken image in the grid
     return page.eval_on_selector_all("#results .hit", "hits => hits.map(h => h.dataset.id)")
 
@@ -71,7 +79,8 @@ def test_the_page_searches_pages_filters_uploads_and_shares(base, browser, tmp_p
     requested = []
     page.on("request", lambda r: requested.append(r.url))
     page.goto(base + "/")
-    assert "Type a caption" in page.inner_text("#status")  # the empty state
+    settled(page, "empty")
+    assert "Type a caption" in page.inner_text("#status")
 
     page.fill("#q", CAPTION)
     page.press("#q", "Enter")
@@ -121,14 +130,25 @@ def test_the_page_searches_pages_filters_uploads_and_shares(base, browser, tmp_p
     page.wait_for_function("() => document.getElementById('query').innerText === 'Images like 102.jpg'")
     assert len(shown_ids(page)) == 24
 
+    page.evaluate("""bytes => {  // an image dropped on the page
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], "1003.jpg", {type: "image/jpeg"}));
+        document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+    }""", list((ASSETS / "1003.jpg").read_bytes()))
+    page.wait_for_function("() => document.getElementById('query').innerText === 'Images like 1003.jpg'")
+    assert len(shown_ids(page)) == 24 and query(page)["image"] == "1003.jpg"
+    page.go_back()  # back to the picked file's query: the page still holds that image
+    page.wait_for_function("() => document.getElementById('query').innerText === 'Images like 102.jpg'")
+    assert len(shown_ids(page)) == 24
+
     shared = browser.new_context().new_page()  # a link opened elsewhere is the same search
     shared.on("request", lambda r: requested.append(r.url))
     shared.goto(f"{base}/?q={CAPTION.replace(' ', '+')}&m=image")
     shared.wait_for_selector("#results .hit img")
     assert shown_ids(shared) == first
     shared.goto(f"{base}/?id=no-such-item")
-    shared.wait_for_selector("#status.error")
-    assert "no item 'no-such-item'" in shared.inner_text("#status")
+    settled(shared, "error")
+    assert "no item 'no-such-item'" in shared.inner_text("#status") and shared.is_visible("#status.error")
 
     assert requested and all(url.startswith(base + "/") for url in requested), \
         [u for u in requested if not u.startswith(base)]  # no CDN, nothing beyond the service

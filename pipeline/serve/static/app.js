@@ -133,8 +133,14 @@ function showHits(answer, s) {
 
 let ticket = 0; // only the latest search paints the page
 
+function settle(state) { // the page's state for the address it shows: loading, done, empty or error
+  document.body.dataset.query = location.search;
+  document.body.dataset.state = state;
+}
+
 async function render() {
   const s = current();
+  settle("loading");
   $("q").value = s.q || "";
   for (const radio of document.querySelectorAll("input[name=modality]")) radio.checked = radio.value === s.m;
   fillLabels(s.archive);
@@ -145,6 +151,7 @@ async function render() {
     $("results").replaceChildren();
     $("pager").hidden = true;
     setStatus("Type a caption, drop an image, or pick one with \"or an image\".");
+    settle("empty");
     return;
   }
   if (s.image && !uploads.has(s.image)) {
@@ -152,6 +159,7 @@ async function render() {
     $("pager").hidden = true;
     setStatus("This link searched by the image " + s.image + ", which stays on the computer it came from: " +
       "drop it here again.", true);
+    settle("error");
     return;
   }
   const mine = ++ticket;
@@ -159,12 +167,16 @@ async function render() {
   $("results").classList.add("loading");
   try {
     const answer = await search(s);
-    if (mine === ticket) showHits(answer, s);
+    if (mine === ticket) {
+      showHits(answer, s);
+      settle("done");
+    }
   } catch (error) {
     if (mine === ticket) {
       $("results").replaceChildren();
       $("pager").hidden = true;
       setStatus("Error: " + error.message, true);
+      settle("error");
     }
   } finally {
     if (mine === ticket) $("results").classList.remove("loading");
