@@ -1,9 +1,10 @@
 """Stage configs as dataclasses, one module per stage, and the machinery they share (fields.py)."""
+from duch.pipeline.config.archive import AddConfig, CompactConfig, RemoveConfig
 from duch.pipeline.config.encode import EncodeConfig
 from duch.pipeline.config.evaluate import EvaluateConfig
 from duch.pipeline.config.extract import ExtractConfig
 from duch.pipeline.config.fields import manifest_config, output_settings, parse_overrides
 from duch.pipeline.config.train import PAPER_TRAINING, TRAIN_RECIPES, TrainConfig
 
-__all__ = ["EncodeConfig", "EvaluateConfig", "ExtractConfig", "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES",
+__all__ = ["AddConfig", "CompactConfig", "RemoveConfig", "EncodeConfig", "EvaluateConfig", "ExtractConfig", "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES",
            "manifest_config", "output_settings", "parse_overrides"]
