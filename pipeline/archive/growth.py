@@ -37,7 +37,7 @@ class Archive:
     extract: dict  # the run's own extract manifest: the settings new items are extracted with
     encode: dict  # the run's own encode-archive manifest: models, code lengths, continuous, index kind
     model_run: ModelRun
-    codes: ArchiveCodes  # of the shortest code length: ids, paths and tombstones of every row
+    codes: ArchiveCodes  # images of the shortest code length: ids, paths and tombstones of every row
 
     @property
     def bits(self) -> list[int]:
@@ -62,7 +62,8 @@ def open_archive(run: str | Path) -> Archive:
                         f"`duch encode-archive` on it first")
     model_run = load_model_run(stage_dir(run, "encode-archive") / encode["model_run"])
     generation = read_generation(run)
-    codes = open_archive_codes(run, min(int(b) for b in encode["models"]), verify=False, generation=generation)
+    codes = open_archive_codes(run, min(int(b) for b in encode["models"]), verify=False, generation=generation,
+                               modalities=("image",))
     return Archive(run, generation, extract, encode, model_run, codes)
 
 
@@ -108,7 +109,7 @@ def archive_indexes(run: Path, before: Generation, segments: tuple[str, ...], nu
     out: dict = {}
     appended = segments[:len(before.segments)] == before.segments
     for bits in bits_list:
-        codes = open_archive_codes(run, bits, verify=False,
+        codes = open_archive_codes(run, bits, verify=False, with_meta=False,
                                    generation=dataclasses.replace(before, segments=segments, number=number))
         old_codes = None
         for modality in MODALITIES:
@@ -119,7 +120,7 @@ def archive_indexes(run: Path, before: Generation, segments: tuple[str, ...], nu
             previous = previous_index_file(run, before, bits, modality) if appended and kind != "hnsw" else None
             if previous is not None:
                 if old_codes is None:
-                    old_codes = open_archive_codes(run, bits, verify=False, generation=before)
+                    old_codes = open_archive_codes(run, bits, verify=False, generation=before, with_meta=False)
                 index = faiss_index.read(previous)
                 faiss_index.add(index, table.codes, start=len(old_codes.tables[modality]))
                 how = "added to"

@@ -67,9 +67,10 @@ class ArchiveCodes:
     images_dirs: list[Path]  # each segment's images folder (from its extract manifest)
 
 
-def open_archive_codes(run: str | Path, bits: int, verify: bool = True,
-                       generation: Generation | None = None) -> ArchiveCodes:
-    """Every segment's `codes-{bits}.h5`, checked against its manifest (`verify=False`: sizes only)."""
+def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generation: Generation | None = None,
+                       with_meta: bool = True, modalities: tuple[str, ...] = MODALITIES) -> ArchiveCodes:
+    """Every segment's `codes-{bits}.h5`, checked against its manifest (`verify=False`: sizes only);
+    `with_meta=False`: the codes alone (no ids, paths, captions, tombstones), for building an index."""
     run = Path(run)
     generation = generation or read_generation(run)
     removed_ids = generation.removed_ids()
@@ -84,7 +85,8 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True,
                 manifests[0]["models"].get(str(bits), {}).get("sha256"):
             raise DuchError(f"{folder}: segment {segment!r} was coded by another {bits}-bit model than the rest of "
                             f"the archive; rerun `duch encode-archive --run {run}` to code every segment with one")
-        _, tables = open_codes(verify_listed(folder, manifest, codes_name(bits), checksum=verify))
+        _, tables = open_codes(verify_listed(folder, manifest, codes_name(bits), checksum=verify), with_meta,
+                               modalities)
         manifests.append(manifest)
         folders.append(folder)
         per_segment.append(tables)
@@ -98,9 +100,9 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True,
         tables[modality] = CodeTable(
             modality, stack([p.codes for p in parts]),
             stack([p.continuous for p in parts]) if all(p.continuous is not None for p in parts) else None,
-            {name: np.concatenate([p.meta[name] for p in parts]) for name in META[modality]})
+            {name: np.concatenate([p.meta[name] for p in parts]) for name in META[modality]} if with_meta else {})
         segment_of[modality] = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
-        removed[modality] = np.concatenate([
+        removed[modality] = np.zeros(len(segment_of[modality]), bool) if not with_meta else np.concatenate([
             np.isin(np.asarray(p.meta[owner_key]).astype(str), sorted(removed_ids.get(segment, ())))
             for p, segment in zip(parts, generation.segments)])
     return ArchiveCodes(generation, manifests, folders, tables, removed, segment_of, images_dirs)
