@@ -200,6 +200,65 @@ def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size
     run_encode(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
+def wait_option(command):
+    return click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
+                        help="When another duch process holds the run, wait up to this long for it.")(command)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run whose archive grows.")
+@click.option("--data", required=True, type=click.Path(), help="The new items: the same forms as extract's --data.")
+@click.option("--images", type=click.Path(), default=None, help="Images folder, when not beside the annotation.")
+@click.option("--replace", is_flag=True,
+              help="Items already in the archive whose file changed are coded again (without it they are refused).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
+@click.option("--workers", default=None, type=int, help="Image loading processes [default: spare cores, max 8].")
+@cluster_options
+@wait_option
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@user_errors
+def add(run_dir, data, images, replace, device, batch_size, workers, scheduler, threads, wait, no_progress):
+    """Add items to an encoded archive: extracted and coded as its own were, published as a new generation."""
+    from duch.pipeline.config import AddConfig
+    from duch.stages.add import add as run_add
+
+    cfg = AddConfig(run=run_dir, data=data, images=images, replace=replace, device=device, batch_size=batch_size,
+                    workers=workers, scheduler=scheduler, threads=threads)
+    run_add(cfg, progress=not no_progress, echo=click.echo, wait=wait)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run.")
+@click.argument("ids", nargs=-1)
+@click.option("--ids", "ids_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="A file of image ids, one a line.")
+@wait_option
+@user_errors
+def remove(run_dir, ids, ids_file, wait):
+    """Remove items (image ids; their captions go with them) from an encoded archive: a new generation."""
+    from duch.pipeline.config import RemoveConfig
+    from duch.stages.remove import remove as run_remove
+
+    listed = [line.strip() for line in ids_file] if ids_file else []
+    run_remove(RemoveConfig(run=run_dir, ids=tuple(ids) + tuple(i for i in listed if i)), echo=click.echo,
+               wait=wait)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run.")
+@click.option("--small", default=100_000, show_default=True, type=int,
+              help="Segments of fewer items are merged (segments with removed items are always rewritten).")
+@wait_option
+@user_errors
+def compact(run_dir, small, wait):
+    """Rewrite an archive's segments without their removed items, merging small ones: a new generation."""
+    from duch.pipeline.config import CompactConfig
+    from duch.stages.compact import compact as run_compact
+
+    run_compact(CompactConfig(run=run_dir, small=small), echo=click.echo, wait=wait)
+
+
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
 @click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
@@ -301,8 +360,7 @@ def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_uploa
 @click.option("-k", "--k", default=20, show_default=True, type=int, help="mAP@K.")
 @click.option("--rerank", default=100, show_default=True, type=int,
               help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
-@click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
-              help="When another duch process holds the run, wait up to this long for it.")
+@wait_option
 @user_errors
 def evaluate(run_dir, bits, k, rerank, wait):
     """mAP@K, precision curves and instance-level Recall@K on the run's held-out split; plots and metrics.json."""

@@ -5,11 +5,13 @@ read a real extract run. Random unit vectors, one class per 100 items.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
+from duch.data.augment import ImageAugment
 from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.manifest import now_iso, write_manifest
@@ -25,17 +27,22 @@ def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0, views: int = 0,
-                     shard_size: int = 4096, seed: int = 0) -> Path:
-    """RUN/extract with n images (and `captions` captions each, `views` views each) of `dim`-d embeddings."""
+                     shard_size: int = 4096, seed: int = 0, spec: str = SPEC, encoder: dict | None = None,
+                     first_id: int = 0) -> Path:
+    """RUN/extract with n images (and `captions` captions each, `views` views each) of `dim`-d embeddings.
+    `spec` and `encoder` (its fingerprint, pipeline.encoders.EncoderSpec.fingerprint): the encoder the run claims,
+    so that a real encoder of that spec and dimension can extract more items for it (`duch add`); item ids start at
+    `first_id`."""
     out = stage_dir(run, "extract")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     outputs = []
-    fingerprint = digest({"synthetic": n, "dim": dim, "captions": captions, "views": views, "seed": seed})
+    fingerprint = digest({"synthetic": n, "dim": dim, "captions": captions, "views": views, "seed": seed,
+                          **({"first_id": first_id} if first_id else {})})
     attrs = lambda modality, k, rows: {"modality": modality, "shard": k, "fingerprint": fingerprint,  # noqa: E731
-                                       "encoder": SPEC, "dim": dim, "rows": rows}
+                                       "encoder": spec, "dim": dim, "rows": rows}
     for k, start in enumerate(range(0, n, shard_size)):
-        ids = np.arange(start, min(n, start + shard_size))
+        ids = np.arange(start, min(n, start + shard_size)) + first_id
         arrays = {"ids": [str(i) for i in ids], "path": [f"{i}.jpg" for i in ids],
                   "label": [f"class{i // 100}" for i in ids], "split": [""] * len(ids),
                   "emb": _unit(rng, (len(ids), dim)), "reject_id": [], "reject_reason": []}
@@ -48,21 +55,23 @@ def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0,
     rows = n * captions
     for k, start in enumerate(range(0, rows, shard_size)):
         r = np.arange(start, min(rows, start + shard_size))
-        arrays = {"image_id": [str(i // captions) for i in r], "caption_index": (r % captions).astype(np.int32),
+        arrays = {"image_id": [str(i // captions + first_id) for i in r], "caption_index": (r % captions).astype(np.int32),
                   "augmented": np.zeros(len(r), bool), "text": [f"caption {i}" for i in r],
                   "emb": _unit(rng, (len(r), dim)), "reject_id": [], "reject_reason": []}
         path = out / shard_name("text", k)
         write_shard(path, arrays, attrs("text", k, len(r)))
         outputs.append({"file": path.name, "modality": "text", "rows": len(r), "bytes": path.stat().st_size,
                         "sha256": sha256_file(path)})
-    encoder = {"spec": SPEC}
+    encoder = encoder or {"spec": spec}
     basis = json.loads(json.dumps({"settings": {"image_encoder": encoder, "text_encoder": encoder if captions else None},
                                    "inputs": {"synthetic": fingerprint}}))
     write_manifest(out, {
         "stage": "extract", "created": now_iso(), "fingerprint": fingerprint, "basis": basis,
-        "config": {"image_encoder": SPEC, "text_encoder": SPEC if captions else None, "image_views": views},
+        "config": {"image_encoder": spec, "text_encoder": spec if captions else None, "image_views": views,
+                   # the augmentation an image query's views are drawn with, as extract records it
+                   **({"seed": seed, "image_augment": dataclasses.asdict(ImageAugment())} if views else {})},
         "dataset": {"kind": "synthetic", "source": "synthetic", "images_dir": "synthetic"},
-        "encoders": {"image": {"encoder": SPEC, "dim": dim}, **({"text": {"encoder": SPEC, "dim": dim}}
+        "encoders": {"image": {"encoder": spec, "dim": dim}, **({"text": {"encoder": spec, "dim": dim}}
                                                                 if captions else {})},
         "counts": {"items": n, "images": n, "image_views": views, "captions": rows, "augmented_captions": 0,
                    "rejects": 0, "truncated_captions": 0},

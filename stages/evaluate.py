@@ -12,12 +12,11 @@ from typing import Callable
 
 from duch.pipeline import DuchError
 from duch.pipeline.config import EvaluateConfig
-from duch.pipeline.formats.codes import codes_name, open_codes
+from duch.pipeline.archive.segments import open_archive_codes
 from duch.pipeline.model.trained import archive_views, image_code, load_model_run
-from duch.pipeline.retrieval.evaluation import class_metrics, gather, instance_metrics, p_at_k_grid
+from duch.pipeline.retrieval.evaluation import class_metrics, gather, instance_metrics, live_split, p_at_k_grid
 from duch.pipeline.retrieval.report import format_tables, plot_curves
 from duch.pipeline.retrieval.search import load_encode_manifest
-from duch.pipeline.run.artifacts import verify_listed
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.manifest import library_versions, write_json_atomic
@@ -58,10 +57,12 @@ def evaluate(cfg: EvaluateConfig, force: bool, progress: bool, echo: Callable[[s
         if model is None or made_by != model.sha256 or encoded["basis"]["archive"] != model_run.extract["fingerprint"]:
             raise DuchError(f"{codes_dir}: the {bits}-bit codes were not made by this run's model from this run's "
                             f"archive; run `duch encode-archive --run {run}` first")
-        attrs, tables = open_codes(verify_listed(codes_dir, encoded, codes_name(bits)))
+        archive = open_archive_codes(run, bits)
+        tables = archive.tables
         if "text" not in tables:
             raise DuchError(f"{run}: the archive has no captions; evaluate needs image-caption pairs")
-        sides = gather(tables, split, run)
+        split = live_split(split, tables, archive.removed)
+        sides = gather(tables, split, run, archive.removed)
         labelled = all(str(label) for label in sides["query"]["I"].labels) and all(
             str(label) for label in sides["database"]["I"].labels)
         n_db = len(split["database"])

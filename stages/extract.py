@@ -2,32 +2,22 @@
 
 The archive is cut into fixed shards in dataset order (pipeline/embed/plan.py). Each shard carries the run's
 fingerprint, so a rerun keeps every finished shard of the same settings and inputs, redoes only the missing ones,
-and refuses to mix in shards of others. The shards are made here or on a dask cluster (pipeline/embed/distribute.py).
+and refuses to mix in shards of others. The shards are made here or on a dask cluster (pipeline/embed/).
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Callable
 
-from duch.data import Dataset, Reject, read_dataset
+from duch.data import read_dataset
 from duch.pipeline import DuchError
-from duch.pipeline.compute import cluster
 from duch.pipeline.compute.device import resolve_device
-from duch.pipeline.config import ExtractConfig, manifest_config
-from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_cluster
-from duch.pipeline.embed.inputs import (images_content_digest, input_fingerprint, relisted_with_same_content,
-                                        without_listing)
-from duch.pipeline.embed.plan import ShardPlan, pending_shards, plan_shards
-from duch.pipeline.embed.sources import decode_problems, jpeg_share
-from duch.pipeline.encoders import EncoderSpec, parse_spec
-from duch.pipeline.encoders.context import count_truncated
-from duch.pipeline.formats.shards import read_attrs, read_shard
-from duch.pipeline.run.fingerprint import changed_keys, digest
+from duch.pipeline.config import ExtractConfig
+from duch.pipeline.embed.extraction import extract_into, extraction_basis
+from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
+from duch.pipeline.embed.sources import decode_problems
+from duch.pipeline.encoders import parse_spec
 from duch.pipeline.run.layout import clear_stage
-from duch.pipeline.run.lock import sweep_temporaries
-from duch.pipeline.run.manifest import library_versions
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
 STAGE = "extract"
@@ -40,20 +30,14 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         problems = decode_problems(cfg, resolve_device(cfg.device))
         if problems:
             raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
-    t_start = time.perf_counter()
-    scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
+    started = time.perf_counter()
     image_spec = parse_spec(cfg.image_encoder, "image")
     text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
     dataset = read_dataset(cfg.data, cfg.images)
     if not dataset.items:
         raise DuchError(f"{dataset.source}: the dataset holds no images")
     folder = StageFolder(cfg.run, STAGE)
-    basis = {"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
-                          "text_encoder": text_spec.fingerprint() if text_spec else None},
-             "inputs": input_fingerprint(dataset)}
-    basis = json.loads(json.dumps(basis, default=str))  # the form it takes in the manifest, tuples as lists
-    fingerprint = digest(basis)
-
+    basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
     previous = None if force else folder.previous()
     if previous and previous.get("fingerprint") != fingerprint:
         confirmed = relisted_with_same_content(folder.path, previous, basis, dataset, echo, progress)
@@ -71,99 +55,6 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
     if force:
         clear_stage(folder.path)
     folder.start()
-
-    plans = plan_shards(dataset, cfg, with_text=text_spec is not None and dataset.has_captions)
-    pending, foreign = pending_shards(plans, folder.path, fingerprint)
-    if foreign:
-        raise stale_error(folder.path, None, basis)
-    if len(plans) > len(pending):
-        echo(f"extract: resuming, {len(plans) - len(pending)} of {len(plans)} shards already finished")
-    specs = (image_spec if any(p.modality == "image" for p in pending) else None,
-             text_spec if any(p.modality == "text" for p in pending) else None)
-    if scheduler.kind == "none" or not pending:
-        device = resolve_device(cfg.device)
-        with cluster.torch_threads(cfg.threads):
-            timings, image_decode = encode_here(pending, specs, dataset, cfg, fingerprint, folder.path, device,
-                                                progress)
-        execution = {"scheduler": "none"}
-    else:
-        jobs = [ShardJob(cfg, plan, str(dataset.images_dir), str(folder.path), fingerprint, specs,
-                         jpeg_share(dataset.items)) for plan in pending]
-        with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
-            timings, image_decode, device, execution = encode_on_cluster(client, jobs, progress)
-        execution["scheduler"] = str(scheduler)
-        # A worker killed mid-shard leaves its temporary behind; its shard was redone elsewhere and every task is
-        # finished, so no writer is left (and the run lock is still held).
-        sweep_temporaries(folder.path)
-
-    shards = shard_summary(folder, plans, dataset)
-    timings["total_s"] = time.perf_counter() - t_start
-    manifest = folder.finish(
-        fingerprint=fingerprint, basis=basis, config=manifest_config(cfg), device=str(device),
-        versions=library_versions(),
-        dataset={"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
-                 "images_dir": str(Path(dataset.images_dir).resolve())},
-        encoders=shards["encoders"],
-        # How this session's images were decoded (None: none were pending): gpu with how many files went the
-        # batched way and how many to PIL, or cpu and why.
-        image_decode=image_decode,
-        counts=counts(plans, dataset, cfg, shards, text_spec),
-        outputs=shards["outputs"],
-        images_content_sha256=images_content_digest(dataset, progress),
-        rejects=[{"id": r.id, "reason": r.reason} for r in shards["rejects"]],
-        timings={k: round(v, 3) for k, v in timings.items()},
-        execution=execution,  # where the work ran; like the timings, it never changes a shard
-    )
-    report(manifest, timings, folder.path, echo)
+    manifest = extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo,
+                            started)
     return StageResult(folder.path, manifest, did_work=True)
-
-
-def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset) -> dict:
-    """What the finished shards hold: rows per modality, encoder and dimension, rejects, and the outputs."""
-    rows, encoders, rejects, outputs = {"image": 0, "text": 0}, {}, list(dataset.rejects), []
-    for plan in plans:
-        path = folder.path / plan.name
-        attrs = read_attrs(path)
-        rows[plan.modality] += int(attrs["rows"])
-        encoders[plan.modality] = {"encoder": attrs["encoder"], "dim": int(attrs["dim"])}
-        shard_rejects = read_shard(path, ("reject_id", "reject_reason"))
-        rejects += [Reject(i, r) for i, r in zip(shard_rejects["reject_id"], shard_rejects["reject_reason"])]
-        outputs.append(folder.output(plan.name, modality=plan.modality, rows=int(attrs["rows"])))
-    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs}
-
-
-def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards: dict,
-           text_spec: EncoderSpec | None) -> dict:
-    n_aug = sum(1 for p in plans if p.modality == "text" for r in p.rows if r.augmented)
-    # Counted from the plans (every caption row of the archive, not only this session's), with the tokenizer
-    # alone: the same number whether the shards were written here, on a cluster, or by an earlier attempt.
-    real_captions = [r.text for p in plans if p.modality == "text" for r in p.rows if not r.augmented]
-    return {"items": len(dataset.items), "images": shards["rows"]["image"], "image_views": cfg.image_views,
-            "captions": shards["rows"]["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(shards["rejects"]),
-            # captions longer than the text encoder reads: it sees only their first tokens
-            "truncated_captions": count_truncated(text_spec, real_captions) if text_spec and real_captions else 0}
-
-
-def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
-    c = manifest["counts"]
-    rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
-                     if k in timings)
-    echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "
-         f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
-    if c["rejects"]:
-        echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
-    if c["truncated_captions"]:
-        echo(f"extract: note: {c['truncated_captions']} of {c['captions']} captions are longer than the text encoder "
-             "reads; each is embedded from its first tokens only")
-
-
-def stale_error(out_dir: Path, previous: dict | None, new: dict) -> DuchError:
-    detail, old = "", (previous or {}).get("basis")
-    if old:
-        changes = changed_keys(old, new)
-        detail = f" (changed: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})" if changes else ""
-        if without_listing(old) == without_listing(new) and not previous.get("images_content_sha256"):
-            detail += (" (made before extract kept a digest of the images' bytes, so an archive copied with new "
-                       "modification times cannot be told from an edited one)")
-    return DuchError(f"{out_dir} holds embeddings made from other settings or inputs{detail}; "
-                     "rerun with --force to redo it, or choose another --run directory")

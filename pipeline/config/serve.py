@@ -33,6 +33,7 @@ class ServeConfig:
     # images a second of one thread on 2 cores: docs/results.md, 3.6). A number bounds the service's share.
     threads: int | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
+    watch_interval: float = 0.5  # seconds between looks at the archives' generation (duch add, remove, compact)
 
     def validate(self) -> None:
         if self.port < 0 or self.port > 65535:

@@ -12,8 +12,9 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from duch.data import Dataset
+from duch.pipeline import DuchError
 from duch.pipeline.run.artifacts import sha256_file
-from duch.pipeline.run.fingerprint import digest
+from duch.pipeline.run.fingerprint import changed_keys, digest
 from duch.pipeline.run.manifest import write_manifest
 
 
@@ -96,3 +97,15 @@ def relisted_with_same_content(out_dir: Path, previous: dict, basis: dict, datas
     confirmed = {**previous, "confirmed_listings": [*previous.get("confirmed_listings", []), listing]}
     write_manifest(out_dir, confirmed)
     return confirmed
+
+
+def stale_error(out_dir: Path, previous: dict | None, new: dict) -> DuchError:
+    detail, old = "", (previous or {}).get("basis")
+    if old:
+        changes = changed_keys(old, new)
+        detail = f" (changed: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})" if changes else ""
+        if without_listing(old) == without_listing(new) and not previous.get("images_content_sha256"):
+            detail += (" (made before extract kept a digest of the images' bytes, so an archive copied with new "
+                       "modification times cannot be told from an edited one)")
+    return DuchError(f"{out_dir} holds embeddings made from other settings or inputs{detail}; "
+                     "rerun with --force to redo it, or choose another --run directory")

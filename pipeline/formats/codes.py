@@ -124,13 +124,14 @@ def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:
     return np.memmap(path, mode="r", dtype=dataset.dtype, offset=offset, shape=dataset.shape)
 
 
-def open_codes(path: Path, with_meta: bool = True) -> tuple[dict, dict[str, CodeTable]]:
-    """(attrs, {modality: CodeTable}) of a finished code file."""
+def open_codes(path: Path, with_meta: bool = True,
+               modalities: tuple[str, ...] = MODALITIES) -> tuple[dict, dict[str, CodeTable]]:
+    """(attrs, {modality: CodeTable}) of a finished code file (of `modalities` only)."""
     path = Path(path)
     tables = {}
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        for modality in MODALITIES:
+        for modality in modalities:
             if modality not in f:
                 continue
             group = f[modality]

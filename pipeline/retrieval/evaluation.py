@@ -55,8 +55,19 @@ def _rows(keys: list[str], index: dict[str, int], what: str, run: Path) -> np.nd
     return np.array([index[k] for k in keys], dtype=np.int64)
 
 
-def gather(tables: dict[str, CodeTable], split: dict, run: Path) -> dict:
-    """Query/database sides per modality for class level, and the instance-level sets, from split.json."""
+def live_split(split: dict, tables: dict[str, CodeTable], removed: dict[str, np.ndarray]) -> dict:
+    """split.json without the items removed from the archive (`duch remove`): they are never evaluated."""
+    row_of = tables["image"].row_of
+    gone = {i for i, r in row_of.items() if removed["image"][r]}
+    if not gone:
+        return split
+    keep = {side: [i for i in split[side] if str(i) not in gone] for side in ("train", "query", "database")}
+    return {**split, **keep, "eval_caption": [e for e in split["eval_caption"] or [] if str(e[0]) not in gone]}
+
+
+def gather(tables: dict[str, CodeTable], split: dict, run: Path, removed: dict[str, np.ndarray] | None = None) -> dict:
+    """Query/database sides per modality for class level, and the instance-level sets, from split.json; rows of
+    removed items (`removed`, per modality) are never taken."""
     images = tables["image"].meta
     image_row, text_row = tables["image"].row_of, tables["text"].row_of
     labels = np.asarray(images["label"]).astype(str)
@@ -71,7 +82,9 @@ def gather(tables: dict[str, CodeTable], split: dict, run: Path) -> dict:
                      "T": _side(tables["text"], cap, labels[img], np.array(ids))}
     # Instance level: the query images and every real caption of theirs.
     query_ids = set(map(str, split["query"]))
-    caption_rows = np.array([r for r, i in enumerate(text["image_id"]) if str(i) in query_ids], dtype=np.int64)
+    dead = removed["text"] if removed is not None else np.zeros(len(text["image_id"]), bool)
+    caption_rows = np.array([r for r, i in enumerate(text["image_id"]) if str(i) in query_ids and not dead[r]],
+                            dtype=np.int64)
     caption_images = np.asarray(text["image_id"])[caption_rows].astype(str)
     img_rows = _rows([str(i) for i in split["query"]], image_row, "images", run)
     caption_labels = labels[[image_row[i] for i in caption_images]] if len(caption_rows) else labels[:0]

@@ -59,9 +59,14 @@ def build(codes: np.ndarray, kind: str, nlist: int | None = None, hnsw_m: int = 
         index.hnsw.efSearch = 128
     else:
         raise DuchError(f"--index must be one of {', '.join(KINDS)}, got {kind!r}")
-    for s in range(0, n, chunk):
-        index.add(np.ascontiguousarray(codes[s:s + chunk]))
+    add(index, codes, chunk=chunk)
     return index
+
+
+def add(index, codes: np.ndarray, start: int = 0, chunk: int = 1 << 22) -> None:
+    """codes[start:] appended to an index, chunk by chunk (memory-mapped codes are never read whole)."""
+    for s in range(start, len(codes), chunk):
+        index.add(np.ascontiguousarray(codes[s:s + chunk]))
 
 
 def write(index, path: Path) -> None:

@@ -21,7 +21,9 @@ import torch
 
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device
-from duch.pipeline.formats.codes import CodeTable, caption_key, codes_name, open_codes
+from duch.pipeline.archive.generation import BASE, read_generation
+from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes, verify_generation_index
+from duch.pipeline.formats.codes import CodeTable, caption_key
 from duch.pipeline.model.coding import image_codes
 from duch.pipeline.model.trained import Model, image_code
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
@@ -71,18 +73,18 @@ class Query:
 class Index:
     """The codes of one code length of an encoded archive, with the model that made them."""
 
-    def __init__(self, run: Path, bits: int, manifest: dict, tables: dict[str, CodeTable], device: torch.device,
-                 backend: str = "auto", verify: bool = True):
-        self.run, self.bits, self.manifest, self.tables, self.device = run, bits, manifest, tables, device
+    def __init__(self, run: Path, bits: int, archive: ArchiveCodes, device: torch.device, backend: str = "auto",
+                 verify: bool = True):
+        self.run, self.bits, self.archive, self.device = run, bits, archive, device
+        self.manifest = archive.manifests[0]  # the run's own encode-archive: models, encoders, the image-code rule
+        self.tables = archive.tables
+        self.generation = archive.generation.number
         self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
         self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
         self._heads = None
         self._encoders: dict = {}
         self._backends: dict[str, object] = {}
-        # The manifest's paths are relative to its stage folder (absolute in runs encoded before 2026-11-24).
-        self.stage = stage_dir(run, "encode-archive")
-        archive = read_manifest(stage_dir(self.stage / manifest["archive_run"], "extract")) or {}
-        self.images_dir = Path(archive.get("dataset", {}).get("images_dir", "."))
+        self.stage = archive.folders[0]  # the folder self.manifest's paths are relative to
 
     @classmethod
     def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
@@ -95,8 +97,15 @@ class Index:
                             f"pick one of those with --bits")
         if backend not in ("auto", "faiss", "numpy"):
             raise DuchError(f"backend must be auto, faiss or numpy, got {backend!r}")
-        _, tables = open_codes(verify_listed(out_dir, manifest, codes_name(bits), checksum=verify))
-        return cls(Path(run), bits, manifest, tables, resolve_device(device), backend, verify)
+        for attempt in range(3):  # a generation published while this one was being opened: open the new one
+            generation = read_generation(run)
+            try:
+                archive = open_archive_codes(run, bits, verify, generation)
+                break
+            except (DuchError, OSError):
+                if attempt == 2 or read_generation(run).number == generation.number:
+                    raise
+        return cls(Path(run), bits, archive, resolve_device(device), backend, verify)
 
     # ------------------------------------------------------------------------------------------ queries
     @property
@@ -176,6 +185,8 @@ class Index:
         """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""
         modality = "text" if "#" in item_id and "text" in self.tables else "image"
         row = self.tables[modality].row_of.get(item_id)
+        if row is not None and self.archive.removed[modality][row]:
+            raise DuchError(f"--id {item_id!r} was removed from the archive (`duch remove`)")
         if row is None:
             raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
                             f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
@@ -188,8 +199,17 @@ class Index:
         in archive order, whichever backend runs (each is tested equal to the numpy scan). `within`: the only rows
         to consider (ascending), scanned exactly whatever the backend, so that a filter never shrinks k."""
         codes = np.asarray(codes, np.uint8)
+        removed = self.archive.removed.get(modality)
         if within is not None:
-            return self._search_within(codes, modality, k, within)
+            return self._search_within(codes, modality, k, within[~removed[within]] if removed is not None else within)
+        gone = int(removed.sum()) if removed is not None else 0
+        if gone:  # the top k + (items removed) holds the top k of the live ones: ask for that many, drop the rest
+            d, rows = self._search_all(codes, modality, k + gone)
+            keep = ~removed[rows]
+            return (np.stack([r[m][:k] for r, m in zip(d, keep)]), np.stack([r[m][:k] for r, m in zip(rows, keep)]))
+        return self._search_all(codes, modality, k)
+
+    def _search_all(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         backend = self._backend(modality)
         if isinstance(backend, torch.Tensor):  # GPU: Triton kernel over int32 words, or the torch scan over int64
             if backend.dtype == torch.int32:
@@ -240,7 +260,7 @@ class Index:
             # One copy at packed size: the kernel's int32 words (viewed as int64 where it needs them), or the
             # int64 words of the torch scan where Triton is missing.
             words = to_int32_words if gpu_kernel_available(self.device) else to_int64_words
-            backend = words(table.codes, self.device)
+            backend = words(table.codes[:], self.device)
         elif self.backend in ("auto", "faiss") and (index_file := self._index_file(modality)):
             from duch.pipeline.retrieval import faiss_index
 
@@ -310,8 +330,13 @@ class Index:
                 for rank, (r, d) in enumerate(zip(rows[:k], distances[:k]))]
 
     def _index_file(self, modality: str) -> Path | None:
-        """The faiss index `encode-archive --index` wrote for this code length and modality, if any: a file of the
-        encode-archive folder only, whatever name its manifest gives."""
+        """The faiss index over the whole archive for this code length and modality, if one was written: by
+        `encode-archive --index` (a file of its folder only, whatever name its manifest gives), or for an archive
+        grown by `duch add`, the generation's own (pipeline/archive/growth.py)."""
+        generation = self.archive.generation
+        if generation.segments != (BASE,):
+            listed = generation.indexes.get(str(self.bits), {}).get(modality)
+            return verify_generation_index(self.run, listed, self.verify) if listed else None
         files = ((self.manifest.get("index") or {}).get("files") or {}).get(str(self.bits), {})
         if modality not in files:
             return None
@@ -324,18 +349,28 @@ class Index:
             raise DuchError(f"the archive holds no {modality} codes (it was extracted without captions)")
         return self.tables[modality]
 
+    @property
+    def images_dir(self) -> Path:
+        """The images folder of the run's own archive (segments added later have theirs: image_path)."""
+        return self.archive.images_dirs[0]
+
+    def image_path(self, row: int) -> Path:
+        """The file of the image at `row`, in its segment's images folder."""
+        images_dir = self.archive.images_dirs[self.archive.segment_of["image"][row]]
+        return images_dir / self.tables["image"].meta["path"][row]
+
     def _hit(self, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
         meta = self.tables[modality].meta
         if modality == "image":
             image_id, item_id, caption = str(meta["ids"][row]), str(meta["ids"][row]), None
-            label, path = str(meta["label"][row]) or None, str(self.images_dir / meta["path"][row])
+            label, path = str(meta["label"][row]) or None, str(self.image_path(row))
         else:
             image_id = str(meta["image_id"][row])
             item_id, caption = caption_key(image_id, meta["caption_index"][row]), str(meta["text"][row])
             image_row = self.tables["image"].row_of.get(image_id)
             images = self.tables["image"].meta
             label = (str(images["label"][image_row]) or None) if image_row is not None else None
-            path = str(self.images_dir / images["path"][image_row]) if image_row is not None else None
+            path = str(self.image_path(image_row)) if image_row is not None else None
         return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
 
 

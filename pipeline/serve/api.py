@@ -72,6 +72,7 @@ class Timings(BaseModel):
 class SearchResponse(BaseModel):
     query: dict = Field(description="the query as understood: kind and text / id / image file name")
     archive: str
+    generation: int = Field(description="the archive's generation the answer comes from (duch add, remove, compact)")
     bits: int
     modality: Literal["image", "text"]
     k: int

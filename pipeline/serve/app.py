@@ -28,6 +28,7 @@ from duch.pipeline.serve.admission import Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
 from duch.pipeline.serve.archives import Archive, UnknownItem, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
+from duch.pipeline.serve.generations import GenerationWatcher, reopened
 from duch.pipeline.serve.limits import BodyLimit
 from duch.pipeline.serve.metrics import MetricsMiddleware, ServiceMetrics
 from duch.pipeline.serve.routes import add_routes
@@ -51,14 +52,24 @@ class Service:
         self.coders: dict[str, QueryBatcher] = {}
         for archive in self.archives.values():
             archive.warm()
+        self.watcher = GenerationWatcher({name: a.index.run for name, a in self.archives.items()}, self.reopen,
+                                         self.swap, config.watch_interval)
+
+    def reopen(self, name: str) -> Archive:
+        return reopened(self.archives[name], self.archives[self.default].index, self.config.verify)
+
+    def swap(self, name: str, archive: Archive) -> None:
+        self.archives[name] = archive  # one assignment: a request holds the archive it started with
 
     def start(self) -> None:
+        self.watcher.start()
         # One coder thread per modality: a caption never waits behind an image's (slower) encoder pass.
         for modality, most in (("text", self.config.max_batch), ("image", self.config.max_image_batch)):
             self.coders[modality] = QueryBatcher(
                 most, lambda coder, n, seconds, m=modality: self.metrics.batches.labels(m).observe(n), modality)
 
     def stop(self) -> None:
+        self.watcher.close()
         for coder in self.coders.values():
             coder.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -94,7 +105,8 @@ class Service:
         done = time.perf_counter()
         kind = what["kind"]
         self.metrics.queries.labels(kind).observe(done - arrived)
-        return {"query": what, "archive": archive.name, "bits": index.bits, "modality": target, "k": req.k,
+        return {"query": what, "archive": archive.name, "generation": index.generation, "bits": index.bits,
+                "modality": target, "k": req.k,
                 "offset": req.offset, "matched": matched, "hits": hits,
                 "timings": {"encode_ms": 1000 * encode, "scan_ms": 1000 * (done - scanned),
                             "total_ms": 1000 * (done - arrived), "batch": batch}}

@@ -35,7 +35,8 @@ class Archive:
         return list(self.index.tables)
 
     def count(self, modality: str) -> int:
-        return len(self.index.tables[modality]) if modality in self.index.tables else 0
+        """Items of `modality` in the archive's generation, removed ones not counted."""
+        return int((~self.index.archive.removed[modality]).sum()) if modality in self.index.tables else 0
 
     @functools.cached_property
     def _image_meta(self) -> dict:
@@ -78,13 +79,15 @@ class Archive:
         key = (modality, label)
         with self._lock:
             if key not in self._masks:
-                self._masks[key] = self.labels_of[modality] == label
+                self._masks[key] = (self.labels_of[modality] == label) & ~self.index.archive.removed[modality]
             return self._masks[key]
 
     def locate(self, item_id: str) -> tuple[str, int]:
         """(modality, row) of an archive id, or UnknownItem."""
         table = "text" if "#" in item_id and "text" in self.index.tables else "image"
         row = self.index.tables[table].row_of.get(item_id)
+        if row is not None and self.index.archive.removed[table][row]:
+            raise UnknownItem(f"item {item_id!r} was removed from archive {self.name!r}")
         if row is None:
             example = self._image_meta["ids"][0] if len(self._image_meta["ids"]) else "1"
             raise UnknownItem(f"no item {item_id!r} in archive {self.name!r} (image ids look like {str(example)!r}, "
@@ -100,7 +103,7 @@ class Archive:
         row = self.index.tables["image"].row_of.get(self.image_id_of(item_id))
         if row is None:
             raise UnknownItem(f"the image of caption {item_id!r} is not in archive {self.name!r}")
-        return self.index.images_dir / str(self._image_meta["path"][row])
+        return self.index.image_path(row)
 
     def item(self, item_id: str) -> dict:
         """What the API shows of an item: its kind, label and captions (a caption's: itself first)."""

@@ -85,7 +85,8 @@ def add_routes(app: FastAPI, service, static) -> None:
     @app.get("/api/info", summary="The archives served, their sizes and labels, and the request limits")
     async def info():
         return {"default": service.default, "bits": service.config.bits,
-                "archives": [{"name": a.name, "images": a.count("image"), "captions": a.count("text"),
+                "archives": [{"name": a.name, "generation": a.index.generation, "images": a.count("image"),
+                              "captions": a.count("text"),
                               "modalities": a.modalities, "labels": a.labels} for a in service.archives.values()],
                 "limits": {"most_k": MOST_K, "most_depth": MOST_DEPTH,
                            "max_upload_mb": service.config.max_upload_mb,

@@ -1,0 +1,54 @@
+"""Settings of the commands that change an encoded archive in place: add, remove, compact."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from duch.pipeline import DuchError
+from duch.pipeline.config.fields import check_scheduler
+
+
+@dataclass
+class AddConfig:
+    """New items for an encoded archive, extracted and coded as its own were (the run's recorded settings)."""
+
+    run: str  # a run with a finished encode-archive stage (its own model's, or `--archive` of another run's)
+    data: str  # the new items: the same forms as extract's --data
+    images: str | None = None  # images folder, when not beside the annotation
+    replace: bool = False  # items already in the archive whose file changed are coded again (else refused)
+    # How the work runs, as for extract; never changes what is written.
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    scheduler: str = "none"
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise DuchError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise DuchError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_scheduler(self.scheduler)
+        if self.threads is not None and self.threads < 1:
+            raise DuchError(f"--threads must be at least 1, got {self.threads}")
+
+
+@dataclass
+class RemoveConfig:
+    run: str
+    ids: tuple[str, ...]  # image ids; an image's captions go with it
+
+    def validate(self) -> None:
+        if not self.ids:
+            raise DuchError("give the ids of the items to remove (ID ... or --ids FILE)")
+
+
+@dataclass
+class CompactConfig:
+    run: str
+    # Segments of fewer items are merged; so is every segment holding removed items, which is rewritten without
+    # them. Search pays a little per segment: a few large ones cost what one does.
+    small: int = 100_000
+
+    def validate(self) -> None:
+        if self.small < 0:
+            raise DuchError(f"--small must be 0 or more items, got {self.small}")

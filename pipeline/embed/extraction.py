@@ -1,0 +1,127 @@
+"""Stage one's work on a dataset once the stage knows it has work to do: plan the shards, make the pending ones
+(here or on a dask cluster), and write the manifest from what the shards hold. The extract stage runs it on a
+run's archive, `duch add` on the items added to an archive (a segment)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from duch.data import Dataset, Reject
+from duch.pipeline.compute import cluster
+from duch.pipeline.compute.device import resolve_device
+from duch.pipeline.config import ExtractConfig, manifest_config
+from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_cluster
+from duch.pipeline.embed.inputs import images_content_digest, input_fingerprint, stale_error
+from duch.pipeline.embed.plan import ShardPlan, pending_shards, plan_shards
+from duch.pipeline.embed.sources import jpeg_share
+from duch.pipeline.encoders import EncoderSpec
+from duch.pipeline.encoders.context import count_truncated
+from duch.pipeline.formats.shards import read_attrs, read_shard
+from duch.pipeline.run.fingerprint import digest
+from duch.pipeline.run.lock import sweep_temporaries
+from duch.pipeline.run.manifest import library_versions
+from duch.pipeline.run.stage import StageFolder
+
+
+def extraction_basis(cfg: ExtractConfig, dataset: Dataset, image_spec: EncoderSpec,
+                     text_spec: EncoderSpec | None) -> tuple[dict, str]:
+    """(basis, fingerprint): what decides the shards' bytes, settings and inputs, in the form the manifest keeps."""
+    basis = {"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
+                          "text_encoder": text_spec.fingerprint() if text_spec else None},
+             "inputs": input_fingerprint(dataset)}
+    basis = json.loads(json.dumps(basis, default=str))  # tuples as lists
+    return basis, digest(basis)
+
+
+def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, image_spec: EncoderSpec,
+                 text_spec: EncoderSpec | None, basis: dict, fingerprint: str, progress: bool,
+                 echo: Callable[[str], None], started: float | None = None) -> dict:
+    """Every shard of `dataset` made in `folder` (finished ones of the same fingerprint kept), then its manifest;
+    `started`: when the stage began (perf_counter), for the manifest's total time."""
+    t_start = time.perf_counter() if started is None else started
+    scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
+    plans = plan_shards(dataset, cfg, with_text=text_spec is not None and dataset.has_captions)
+    pending, foreign = pending_shards(plans, folder.path, fingerprint)
+    if foreign:
+        raise stale_error(folder.path, None, basis)
+    if len(plans) > len(pending):
+        echo(f"extract: resuming, {len(plans) - len(pending)} of {len(plans)} shards already finished")
+    specs = (image_spec if any(p.modality == "image" for p in pending) else None,
+             text_spec if any(p.modality == "text" for p in pending) else None)
+    if scheduler.kind == "none" or not pending:
+        device = resolve_device(cfg.device)
+        with cluster.torch_threads(cfg.threads):
+            timings, image_decode = encode_here(pending, specs, dataset, cfg, fingerprint, folder.path, device,
+                                                progress)
+        execution = {"scheduler": "none"}
+    else:
+        jobs = [ShardJob(cfg, plan, str(dataset.images_dir), str(folder.path), fingerprint, specs,
+                         jpeg_share(dataset.items)) for plan in pending]
+        with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
+            timings, image_decode, device, execution = encode_on_cluster(client, jobs, progress)
+        execution["scheduler"] = str(scheduler)
+        # A worker killed mid-shard leaves its temporary behind; its shard was redone elsewhere and every task is
+        # finished, so no writer is left (and the run lock is still held).
+        sweep_temporaries(folder.path)
+
+    shards = shard_summary(folder, plans, dataset)
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest = folder.finish(
+        fingerprint=fingerprint, basis=basis, config=manifest_config(cfg), device=str(device),
+        versions=library_versions(),
+        dataset={"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
+                 "images_dir": str(Path(dataset.images_dir).resolve())},
+        encoders=shards["encoders"],
+        # How this session's images were decoded (None: none were pending): gpu with how many files went the
+        # batched way and how many to PIL, or cpu and why.
+        image_decode=image_decode,
+        counts=counts(plans, dataset, cfg, shards, text_spec),
+        outputs=shards["outputs"],
+        images_content_sha256=images_content_digest(dataset, progress),
+        rejects=[{"id": r.id, "reason": r.reason} for r in shards["rejects"]],
+        timings={k: round(v, 3) for k, v in timings.items()},
+        execution=execution,  # where the work ran; like the timings, it never changes a shard
+    )
+    report(manifest, timings, folder.path, echo)
+    return manifest
+
+
+def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset) -> dict:
+    """What the finished shards hold: rows per modality, encoder and dimension, rejects, and the outputs."""
+    rows, encoders, rejects, outputs = {"image": 0, "text": 0}, {}, list(dataset.rejects), []
+    for plan in plans:
+        path = folder.path / plan.name
+        attrs = read_attrs(path)
+        rows[plan.modality] += int(attrs["rows"])
+        encoders[plan.modality] = {"encoder": attrs["encoder"], "dim": int(attrs["dim"])}
+        shard_rejects = read_shard(path, ("reject_id", "reject_reason"))
+        rejects += [Reject(i, r) for i, r in zip(shard_rejects["reject_id"], shard_rejects["reject_reason"])]
+        outputs.append(folder.output(plan.name, modality=plan.modality, rows=int(attrs["rows"])))
+    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs}
+
+
+def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards: dict,
+           text_spec: EncoderSpec | None) -> dict:
+    n_aug = sum(1 for p in plans if p.modality == "text" for r in p.rows if r.augmented)
+    # Counted from the plans (every caption row of the archive, not only this session's), with the tokenizer
+    # alone: the same number whether the shards were written here, on a cluster, or by an earlier attempt.
+    real_captions = [r.text for p in plans if p.modality == "text" for r in p.rows if not r.augmented]
+    return {"items": len(dataset.items), "images": shards["rows"]["image"], "image_views": cfg.image_views,
+            "captions": shards["rows"]["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(shards["rejects"]),
+            # captions longer than the text encoder reads: it sees only their first tokens
+            "truncated_captions": count_truncated(text_spec, real_captions) if text_spec and real_captions else 0}
+
+
+def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
+    c = manifest["counts"]
+    rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
+                     if k in timings)
+    echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "
+         f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
+    if c["rejects"]:
+        echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
+    if c["truncated_captions"]:
+        echo(f"extract: note: {c['truncated_captions']} of {c['captions']} captions are longer than the text encoder "
+             "reads; each is embedded from its first tokens only")

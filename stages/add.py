@@ -1,0 +1,85 @@
+"""`duch add`: new items into an encoded archive, without extracting or coding the rest again.
+
+The new items (an id already in the archive is refused, or with --replace coded again when its file changed) are
+extracted with the run's recorded settings into a segment folder of their own, coded there by every trained code
+length, the archive's faiss indexes take them, and one atomic write of the generation publishes them
+(pipeline/archive/). A killed add, rerun, resumes its unpublished segment.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from duch.data import Dataset, read_dataset
+from duch.pipeline import DuchError
+from duch.pipeline.archive.encoding import encode_run
+from duch.pipeline.archive.generation import Generation, write_generation
+from duch.pipeline.archive.growth import (archive_indexes, drop_old_indexes, drop_unpublished, open_archive,
+                                          segment_configs, unchanged)
+from duch.pipeline.config import AddConfig
+from duch.pipeline.embed.extraction import extract_into, extraction_basis
+from duch.pipeline.encoders import parse_spec
+from duch.pipeline.run.layout import clear_stage
+from duch.pipeline.run.stage import StageFolder, StageResult, stage
+
+STAGE = "add"
+
+
+@stage(STAGE)
+def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> StageResult:
+    archive = open_archive(cfg.run)
+    run, before = archive.run, archive.generation
+    dataset = read_dataset(cfg.data, cfg.images)
+    live = archive.live
+    known = [item for item in dataset.items if item.id in live]
+    if known and not cfg.replace:
+        shown = ", ".join(repr(item.id) for item in known[:5]) + (" ..." if len(known) > 5 else "")
+        raise DuchError(f"{len(known)} items of {dataset.source} are already in the archive of {run} ({shown}); "
+                        "give --replace to code again those whose file changed, or `duch remove` them first")
+    changed = [item for item in known if not unchanged(archive, live[item.id], dataset.images_dir / item.image)]
+    if len(changed) < len(known):
+        echo(f"add: {len(known) - len(changed)} items already in the archive are unchanged, kept")
+    new = [item for item in dataset.items if item.id not in live] + changed
+    if not new:
+        echo(f"add: nothing new in {dataset.source}; the archive of {run} stays at generation {before.number}")
+        return StageResult(run, {"generation": before.number, "added": 0, "replaced": 0}, did_work=False)
+    segment = before.next_segment()
+    dropped = drop_unpublished(run, before, keep=segment)
+    if dropped:
+        echo(f"add: removed {', '.join(dropped)}, left unpublished by a killed add or compact")
+    folder = run / segment
+    extract_cfg, encode_cfg = segment_configs(archive, cfg.data, cfg.images, folder, dataclasses.asdict(cfg))
+    items = Dataset(dataset.kind, dataset.source, dataset.images_dir, new, dataset.rejects)
+    extract_segment(extract_cfg, items, progress, echo)
+    encode_run(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
+
+    number = before.number + 1
+    segments = (*before.segments, segment)
+    removed = (*before.removed, *((before.segments[archive.codes.segment_of["image"][live[item.id]]], item.id)
+                                  for item in changed))
+    indexes = archive_indexes(run, before, segments, number, archive.encode["config"].get("index"), archive.bits,
+                              echo)
+    after = Generation(number, segments, removed, indexes)
+    write_generation(run, after)
+    drop_old_indexes(run, number)
+    echo(f"add: {len(new) - len(changed)} new and {len(changed)} replaced items in {segment}; {run} is at "
+         f"generation {number} ({len(segments)} segments)")
+    return StageResult(folder, {"generation": number, "segment": segment, "added": len(new) - len(changed),
+                                "replaced": len(changed)}, did_work=True)
+
+
+def extract_segment(cfg, dataset: Dataset, progress: bool, echo: Callable[[str], None]) -> None:
+    """The segment's extract stage: resumed from its finished shards after a kill; other shards are cleared."""
+    image_spec = parse_spec(cfg.image_encoder, "image")
+    text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
+    folder = StageFolder(Path(cfg.run), "extract")
+    basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
+    done, _ = folder.check(fingerprint, force=False)
+    if done:
+        return
+    previous = folder.previous()
+    if previous and previous.get("fingerprint") != fingerprint:  # a killed add of other items: not resumed
+        clear_stage(folder.path)
+    folder.start()
+    extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo)

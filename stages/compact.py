@@ -1,0 +1,48 @@
+"""`duch compact`: the segments holding removed items rewritten without them, and small segments merged, so that
+search scans few segments and tombstones do not pile up. Kept items keep their exact code bytes."""
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+import numpy as np
+
+from duch.pipeline.archive.compaction import merge_segments
+from duch.pipeline.archive.generation import BASE, Generation, write_generation
+from duch.pipeline.archive.growth import (archive_indexes, drop_old_indexes, drop_unpublished, open_archive)
+from duch.pipeline.config import CompactConfig
+from duch.pipeline.run.stage import StageResult, stage
+
+STAGE = "compact"
+
+
+@stage(STAGE)
+def compact(cfg: CompactConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> StageResult:
+    archive = open_archive(cfg.run)
+    before = archive.generation
+    segment_of, removed = archive.codes.segment_of["image"], archive.codes.removed["image"]
+    sizes = np.bincount(segment_of, minlength=len(before.segments))
+    holes = np.bincount(segment_of[removed], minlength=len(before.segments))
+    merge = [s for s, n, h in zip(before.segments, sizes, holes) if h or n < cfg.small]
+    if not any(holes) and len(merge) < 2:
+        echo(f"compact: {archive.run} has no removed items and no small segments to merge; nothing to do")
+        return StageResult(archive.run, {"generation": before.number}, did_work=False)
+    target = before.next_segment()
+    drop_unpublished(archive.run, before)
+    merge_segments(archive, merge, target)
+    first = before.segments.index(merge[0])
+    segments = (*[s for s in before.segments[:first] if s not in merge], target,
+                 *[s for s in before.segments[first:] if s not in merge])
+    number = before.number + 1
+    kept = tuple(r for r in before.removed if r[0] not in merge)
+    indexes = archive_indexes(archive.run, before, segments, number, archive.encode["config"].get("index"),
+                              archive.bits, echo)
+    write_generation(archive.run, Generation(number, segments, kept, indexes))
+    for segment in merge:  # readers of the previous generation keep their open files; the run's own stays
+        if segment != BASE:
+            shutil.rmtree(archive.run / segment)
+    drop_old_indexes(archive.run, number)
+    echo(f"compact: {', '.join(merge)} merged into {target} without {int(holes.sum())} removed items; "
+         f"{archive.run} is at generation {number} ({len(segments)} segments)")
+    return StageResult(archive.run / target, {"generation": number, "segment": target, "merged": merge},
+                       did_work=True)
