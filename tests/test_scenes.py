@@ -135,8 +135,9 @@ def test_an_epsg_4326_scene_has_footprints_in_degrees(tmp_path):
 def test_a_utm_scene_has_footprints_in_metres_and_in_lon_lat(tmp_path):
     write_scene(tmp_path / "utm" / "a.tif", smooth(3, 256, 512, np.uint8), tags={"TIFFTAG_DATETIME": "2020:01:02 03:04:05"})
     run = tmp_path / "run"
+    # One loader process: a forked worker opens the scene for itself.
     result = extract(ExtractConfig(data=str(tmp_path / "utm"), run=str(run), image_encoder=tiny(tmp_path), tile=256,
-                                   workers=0, device="cpu", image_views=1), progress=False, echo=quiet)
+                                   workers=1, device="cpu", image_views=1), progress=False, echo=quiet)
     shard = read_shard(run / "extract" / "image-00000.h5")
     x0, y0 = MERCED
     corners = [[x0 + 256, y0], [x0 + 512, y0], [x0 + 512, y0 - 256], [x0 + 256, y0 - 256]]
