@@ -7,7 +7,8 @@
 - Only windows are read (rasterio), with GDAL's block cache bounded: memory stays flat in scene size.
 - Three bands as R, G, B (`bands`, 1-based; default 1, 2, 3, or band 1 as grey). Scenes of more than 8 bits get
   the rule of data/images.py (one linear stretch, 2nd to 98th percentile of the three bands), computed once per
-  scene from its valid pixels (read at most STRETCH_SAMPLE pixels a side), so neighbouring tiles agree.
+  scene from its valid pixels (every f-th row and column, at most STRETCH_SAMPLE a side), so neighbouring tiles
+  agree.
 - Valid pixels: those GDAL's masks call valid (nodata, alpha, internal masks) in all three bands, and finite.
   A tile with fewer than `min_valid` of its pixels valid is skipped and counted. Invalid pixels render black.
 - A scene without a CRS stops the listing with the fix, unless `allow_ungeoreferenced` (footprints in pixels);
@@ -33,7 +34,8 @@ from duch.data.scene_dates import read_dates_csv, scene_date
 
 SCENE_SUFFIXES = (".tif", ".tiff")
 GDAL_CACHE_MB = 64  # GDAL's default block cache is 5% of the RAM: it would grow with the scene read
-STRETCH_SAMPLE = 1024  # the once-per-scene stretch reads the scene decimated to at most this many pixels a side
+STRETCH_SAMPLE = 1024  # the once-per-scene stretch samples at most this many pixels a side of the scene
+SAMPLE_WINDOW = 1024  # pixels a side of the windows that sample is read by
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -170,20 +172,40 @@ def _bands(src, path: Path, options: TileOptions) -> tuple[int, int, int]:
     return bands * 3 if len(bands) == 1 else bands
 
 
+def _valid(src, bands: list[int], window) -> np.ndarray:
+    """[h, w] bool: pixels GDAL's masks call valid in every band (nodata, alpha, internal masks); no mask is read
+    for bands that have none (most 8-bit scenes)."""
+    from rasterio.enums import MaskFlags
+
+    if all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands):
+        return np.ones((int(window.height), int(window.width)), bool)
+    return (src.read_masks(bands, window=window) > 0).all(axis=0)
+
+
 def _scene_stretch(src, bands: tuple[int, int, int]) -> tuple[float, float]:
-    """The >8-bit rule's limits over the scene's valid pixels in the chosen bands, read decimated (GDAL takes
-    an overview where the file has one) to at most STRETCH_SAMPLE pixels a side: the whole scene for smaller
-    ones."""
-    factor = max(1, math.ceil(max(src.width, src.height) / STRETCH_SAMPLE))
-    shape = (math.ceil(src.height / factor), math.ceil(src.width / factor))
+    """The >8-bit rule's limits over the scene's valid pixels in the chosen bands, from every f-th row and column
+    (f making the sample at most STRETCH_SAMPLE pixels a side: the whole scene for smaller ones), read window by
+    window: one pass over the scene in flat memory. (GDAL's own decimated read is far slower on a file without
+    overviews.)"""
+    from rasterio.windows import Window
+
+    f = max(1, math.ceil(max(src.width, src.height) / STRETCH_SAMPLE))
     unique = sorted(set(bands))
-    data = src.read(unique, out_shape=(len(unique), *shape)).astype(np.float64)
-    masks = src.read_masks(unique, out_shape=(len(unique), *shape))
-    valid = (masks > 0).all(axis=0) & np.isfinite(data).all(axis=0)
-    if not valid.any():
+    picked = [unique.index(b) for b in bands]
+    samples = []
+    for r in range(0, src.height, SAMPLE_WINDOW):
+        for c in range(0, src.width, SAMPLE_WINDOW):
+            window = Window(c, r, min(SAMPLE_WINDOW, src.width - c), min(SAMPLE_WINDOW, src.height - r))
+            every = (slice(None), slice((-r) % f, None, f), slice((-c) % f, None, f))  # rows and columns 0, f, 2f...
+            data = src.read(unique, window=window)[every]
+            valid = _valid(src, unique, window)[every[1:]]
+            if data.dtype.kind == "f":
+                valid &= np.isfinite(data).all(axis=0)
+            samples.append(data[picked][:, valid])
+    values = np.concatenate(samples, axis=1)
+    if not values.size:
         raise ImageLoadError("the scene holds no valid pixels in the chosen bands (all nodata)")
-    picked = data[[unique.index(b) for b in bands]]
-    return stretch_limits(picked[:, valid].ravel())
+    return stretch_limits(values.astype(np.float64).ravel())
 
 
 # Open scenes of this process (a forked loader worker opens its own), the most recently used last.
@@ -221,11 +243,10 @@ def read_window(path: str | os.PathLike, window: tuple[int, int, int, int], band
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = _dataset(Path(path))
             data = src.read(unique, window=Window(c, r, w, h))
-            masks = src.read_masks(unique, window=Window(c, r, w, h))
+            valid = _valid(src, unique, Window(c, r, w, h))
     except RasterioIOError as e:
         raise ImageLoadError(f"cannot read the scene window {c},{r},{w},{h}: {e}") from None
     picked = [unique.index(b) for b in bands]
-    valid = (masks > 0).all(axis=0)
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
     rgb = data[picked] if stretch is None else apply_stretch(data[picked], *stretch)

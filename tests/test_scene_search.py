@@ -144,7 +144,9 @@ def test_places_need_an_archive_of_scene_tiles(scenes, tiny_extract_run, tmp_pat
     shutil.copytree(scenes["model"], run)
     encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
     plain = Index.load(run, bits=64, device="cpu")
-    assert plain.search(id="0", k=2)[0].place is None and "place" not in plain.search(id="0", k=2)[0].to_dict()
+    hit = plain.search(id="0", k=2, modality="image")[0]
+    assert hit.place is None and "place" not in hit.to_dict()
+    assert thumbnail(hit, size=100).size == (100, 100)  # an image that is no scene tile: loaded as extract does
     with pytest.raises(DuchError, match="not extracted from GeoTIFF scenes with --tile"):
         search_places(plain, PlaceFilter.parse(bbox="0,0,1,1"), id="0", k=3, modality="image")
 

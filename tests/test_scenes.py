@@ -100,6 +100,16 @@ def test_a_16_bit_4_band_scene_is_stretched_once_so_neighbouring_tiles_agree(tmp
     assert np.array_equal(rgb[..., 0], rgb[..., 2]) and np.array_equal(rgb, raster_to_rgb8(bands[1])[:256, :256])
 
 
+def test_a_large_scene_s_stretch_comes_from_every_f_th_row_and_column(tmp_path):
+    """2100 pixels wide: f = 3, so the sample is rows and columns 0, 3, 6..., across the 1024-pixel windows it is
+    read by."""
+    bands = smooth(3, 700, 2100, np.uint16, seed=3, high=60000)
+    write_scene(tmp_path / "wide.tif", bands, block=256)
+    scene = read_scenes(tmp_path / "wide.tif", TileOptions(tile=256)).scenes[0]
+    assert scene.stretch == tuple(np.percentile(bands[:, ::3, ::3].astype(float), [2, 98]))
+    assert scene.stretch != tuple(np.percentile(bands.astype(float), [2, 98]))
+
+
 def test_nodata_borders_skip_tiles_and_render_black(tmp_path):
     bands = smooth(3, 512, 768, np.uint16, high=3000) + 1
     bands[:, :, :300] = 0  # a scene edge: nodata over the first 300 columns
@@ -115,6 +125,14 @@ def test_nodata_borders_skip_tiles_and_render_black(tmp_path):
     low, high = dataset.scenes[0].stretch
     valid = bands[:, :, 300:].astype(float)
     assert (low, high) == tuple(np.percentile(valid, [2, 98]))  # the stretch sees the valid pixels only
+    result = extract(ExtractConfig(data=str(tmp_path / "edge.tif"), run=str(tmp_path / "run"), image_views=0,
+                                   image_encoder=tiny(tmp_path), tile=256, workers=0, device="cpu"), progress=False,
+                     echo=quiet)
+    assert result.manifest["counts"]["tiles_skipped"] == 4 and result.manifest["counts"]["rejects"] == 0
+    assert result.manifest["scenes"][0]["tiles"] == 6 and result.manifest["scenes"][0]["tiles_skipped"] == 4
+    shard = read_shard(tmp_path / "run" / "extract" / "image-00000.h5")
+    assert list(shard["skipped_id"]) == ["edge/0_0", "edge/0_1", "edge/1_0", "edge/1_1"]
+    assert list(shard["ids"]) == ["edge/0_2", "edge/1_2"]
 
 
 def test_an_epsg_4326_scene_has_footprints_in_degrees(tmp_path):
