@@ -94,4 +94,6 @@ def test_bbox_and_dates_are_checked_with_one_line_each():
     with pytest.raises(DuchError, match="give the --bbox too"):
         PlaceFilter.parse(inside=True)
     assert not PlaceFilter.parse().active
+    assert PlaceFilter.parse(bbox="-120.4775,37.29,-120.47,37.31", date_to="2021-06-03").describe() == (
+        "overlapping -120.4775,37.29,-120.47,37.31, dated ... to 2021-06-03")
     assert PlaceFilter.parse(date_from="20210101").date_from == "2021-01-01"

@@ -138,7 +138,7 @@ def test_geojson_is_a_feature_collection_of_footprints(scenes):
 
 def test_places_need_an_archive_of_scene_tiles(scenes, tiny_extract_run, tmp_path):
     index = Index.load(scenes["archive"], bits=64, device="cpu")
-    with pytest.raises(DuchError, match="search images, not captions"):
+    with pytest.raises(DuchError, match="which are images: leave out --modality text"):
         search_places(index, PlaceFilter.parse(date_from="2021-01-01"), id=AIRPLANE, k=3, modality="text")
     run = tmp_path / "plain"
     shutil.copytree(scenes["model"], run)

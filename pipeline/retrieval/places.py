@@ -134,7 +134,7 @@ class PlaceFilter:
     def describe(self) -> str:
         parts = []
         if self.bbox is not None:
-            parts.append(f"{'inside' if self.inside else 'overlapping'} {','.join(f'{v:g}' for v in self.bbox)}")
+            parts.append(f"{'inside' if self.inside else 'overlapping'} {','.join(f'{v:.10g}' for v in self.bbox)}")
         if self.date_from or self.date_to:
             parts.append(f"dated {self.date_from or '...'} to {self.date_to or '...'}")
         return ", ".join(parts)
@@ -146,9 +146,10 @@ def search_places(index, places: PlaceFilter, need_places: bool = False, **query
     `need_places` (for a map), asks for an archive of scene tiles and searches its images."""
     if places.active or need_places:
         if query.get("modality") == "text" or "image" not in index.tables:
-            raise DuchError("places are scene tiles' (images): search images, not captions")
+            raise DuchError("--bbox, --date-from, --date-to and --geojson find scene tiles, which are images: leave "
+                            "out --modality text")
         if not has_places(index.tables["image"]):
-            raise DuchError(f"places are scene tiles', and {NO_PLACES}")
+            raise DuchError(f"--bbox, --date-from, --date-to and --geojson find scene tiles, and {NO_PLACES}")
         query["modality"] = "image"
     mask = places.mask(index.tables["image"]) if places.active else None
     hits = index.search(**query, where=mask)
