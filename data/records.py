@@ -25,6 +25,7 @@ class SceneInfo:
     stretch: tuple[float, float] | None  # the >8-bit rule's limits, computed once for the scene; None for 8-bit
     date: str | None  # acquisition date, YYYY-MM-DD
     date_source: str | None  # where the date came from: "sidecar FILE", "metadata KEY", "--date"
+    lonlat: bool = True  # whether the CRS converts to lon/lat (not a local engineering grid, not "")
 
 
 @dataclass(frozen=True)

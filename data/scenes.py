@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -142,12 +143,13 @@ def open_scene(folder: Path, file: str, options: TileOptions, csv_dates: dict[st
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 crs, transform = _georeference(src, path, options)
+                lonlat = bool(crs) and _converts(crs, transform, src, path, options)
                 bands = _bands(src, path, options)
                 date, source = scene_date(folder, file, src.tags(), csv_dates, options.date)
                 dtypes = {src.dtypes[b - 1] for b in bands}
                 stretch = None if dtypes == {"uint8"} else _scene_stretch(src, bands)
                 return SceneInfo(os.path.splitext(file)[0], file, src.width, src.height, src.count,
-                                 ",".join(sorted(dtypes)), crs, transform, bands, stretch, date, source)
+                                 ",".join(sorted(dtypes)), crs, transform, bands, stretch, date, source, lonlat)
     except RasterioIOError as e:
         raise ImageLoadError(f"not a readable GeoTIFF ({e})") from None
 
@@ -160,6 +162,22 @@ def _georeference(src, path: Path, options: TileOptions) -> tuple[str, tuple[flo
                                "--allow-ungeoreferenced for footprints in pixels")
         return "", IDENTITY
     return src.crs.to_string(), tuple(float(v) for v in tuple(src.transform)[:6])
+
+
+def _converts(crs: str, transform: tuple, src, path: Path, options: TileOptions) -> bool:
+    """Whether the scene's corners convert to lon/lat; a CRS that does not (a local engineering grid) is the
+    same error as no CRS, or with `allow_ungeoreferenced` footprints in its own CRS only."""
+    try:
+        if np.isfinite(to_lonlat(crs, window_corners(transform, [(0, 0, src.width, src.height)]))).all():
+            return True
+    except Exception:  # PROJ finds no conversion (its message is the CRS's whole definition): named below
+        pass
+    if not options.allow_ungeoreferenced:
+        name = re.search(r'^\w+\["([^"]*)"', src.crs.to_wkt())
+        raise DatasetError(f"{path}: the scene's CRS{f' ({name.group(1)})' if name else ''} does not convert to "
+                           "lon/lat (a local grid?); reproject it (e.g. gdalwarp -t_srs EPSG:4326), or pass "
+                           "--allow-ungeoreferenced for footprints in its own CRS only")
+    return False
 
 
 def _bands(src, path: Path, options: TileOptions) -> tuple[int, int, int]:
@@ -279,7 +297,7 @@ def place_columns(tiles: list[Tile]) -> dict[str, np.ndarray | list]:
     for rows in by_scene.values():
         scene = tiles[rows[0]].scene
         footprint[rows] = window_corners(scene.transform, windows[rows])
-        if scene.crs:
+        if scene.crs and scene.lonlat:
             lonlat[rows] = to_lonlat(scene.crs, footprint[rows])
     return {
         "scene": [t.scene.name for t in tiles], "window": windows, "crs": [t.scene.crs for t in tiles],

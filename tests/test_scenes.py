@@ -11,7 +11,7 @@ from duch import cli
 from duch.data import DatasetError
 from duch.data.geo import to_lonlat
 from duch.data.images import raster_to_rgb8
-from duch.data.scenes import TileOptions, TileSkipped, load_tile, read_scenes, read_window
+from duch.data.scenes import TileOptions, TileSkipped, load_tile, place_columns, read_scenes, read_window
 from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.formats.shards import read_shard
@@ -198,6 +198,21 @@ def test_a_scene_without_a_crs_is_refused_with_its_fix_or_gets_pixel_footprints(
     assert "--allow-ungeoreferenced" in out.output and out.output.count("\n") == 1
     dataset = read_scenes(tmp_path / "plain", TileOptions(256, allow_ungeoreferenced=True))
     assert dataset.scenes[0].crs == "" and len(dataset.items) == 1
+    places = place_columns([i.tile for i in dataset.items])
+    assert places["footprint"][0].tolist() == [[0, 0], [256, 0], [256, 256], [0, 256]]  # pixels
+    assert np.isnan(places["lonlat"]).all() and np.isnan(places["bounds"]).all()
+
+
+def test_a_local_grid_that_does_not_convert_to_lon_lat_is_refused_or_kept_in_its_own_crs(tmp_path):
+    local = 'LOCAL_CS["Site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+    write_scene(tmp_path / "site" / "grid.tif", smooth(3, 64, 64, np.uint8), crs=local,
+                transform=north_up(1000, 2000, 0.5, 0.5))
+    with pytest.raises(DatasetError, match=r"grid.tif: the scene's CRS \(Site grid\) does not convert to lon/lat"):
+        read_scenes(tmp_path / "site", TileOptions(64))
+    dataset = read_scenes(tmp_path / "site", TileOptions(64, allow_ungeoreferenced=True))
+    places = place_columns([i.tile for i in dataset.items])
+    assert places["footprint"][0].tolist() == [[1000, 2000], [1032, 2000], [1032, 1968], [1000, 1968]]
+    assert "Site grid" in places["crs"][0] and np.isnan(places["lonlat"]).all()
 
 
 def test_corrupt_and_truncated_scenes_are_rejected_by_name_and_the_run_goes_on(tmp_path):
@@ -224,6 +239,27 @@ def test_a_band_out_of_range_is_one_error_naming_the_scene(tmp_path):
                                         "--tile", "64", "--bands", "4,3,2"])
     assert out.exit_code == 2 and out.output.count("\n") == 1
     assert "three.tif: --bands 4,3,2 names band 4, but the scene has 3 bands (1-3)" in out.output
+
+
+def test_the_cli_extracts_scenes_with_every_scene_option(tmp_path):
+    bands = smooth(4, 300, 384, np.uint16, high=5000)
+    write_scene(tmp_path / "cli" / "s2.tif", bands)
+    out = CliRunner().invoke(cli.main, [
+        "extract", "--data", str(tmp_path / "cli"), "--run", str(tmp_path / "run"), "--tile", "256", "--stride",
+        "128", "--bands", "4,3,2", "--min-valid", "0.5", "--date", "2021-06-03", "--image-encoder", tiny(tmp_path),
+        "--text-encoder", "none", "--image-views", "0", "--workers", "0", "--device", "cpu", "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "4 tiles from 1 scenes; 0 tiles skipped" in out.output
+    manifest = json.loads((tmp_path / "run" / "extract" / "manifest.json").read_text())
+    settings = manifest["basis"]["settings"]
+    assert (settings["tile"], settings["stride"], settings["bands"], settings["min_valid"], settings["date"]) == (
+        256, 128, [4, 3, 2], 0.5, "2021-06-03")
+    scene = manifest["scenes"][0]
+    assert (scene["bands"], scene["date"], scene["date_source"], scene["band_count"]) == ([4, 3, 2], "2021-06-03",
+                                                                                      "--date", 4)
+    shard = read_shard(tmp_path / "run" / "extract" / "image-00000.h5")
+    assert [list(w) for w in shard["window"]] == [[0, 0, 256, 256], [128, 0, 256, 256], [0, 44, 256, 256],
+                                                  [128, 44, 256, 256]]
 
 
 @pytest.mark.parametrize("settings, said", [
