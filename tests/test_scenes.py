@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import rasterio
+import tifffile
 from click.testing import CliRunner
 
 from duch import cli
@@ -222,15 +223,23 @@ def test_corrupt_and_truncated_scenes_are_rejected_by_name_and_the_run_goes_on(t
     (folder / "cut.tif").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     (folder / "junk.tif").write_bytes(b"II*\x00" + b"\x07" * 500)
     (folder / "empty.tif").write_bytes(b"")
+    damaged = write_scene(folder / "damaged.tif", smooth(3, 512, 512, np.uint8, seed=1), block=256)
+    with tifffile.TiffFile(damaged) as tif:  # the last of its four blocks overwritten: one tile cannot be read
+        start, length = tif.pages[0].dataoffsets[3], tif.pages[0].databytecounts[3]
+    data = bytearray(damaged.read_bytes())
+    data[start:start + length] = b"\x55" * length
+    damaged.write_bytes(bytes(data))
     run = tmp_path / "run"
     said = []
     result = extract(ExtractConfig(data=str(folder), run=str(run), image_encoder=tiny(tmp_path), tile=256, workers=0,
                                    device="cpu", image_views=0), progress=False, echo=said.append)
     rejects = {r["id"]: r["reason"] for r in result.manifest["rejects"]}
-    assert set(rejects) == {"cut", "junk", "empty"}
+    assert set(rejects) == {"cut", "junk", "empty", "damaged/1_1"}
     assert rejects["cut"].startswith("truncated file") and "not a readable GeoTIFF" in rejects["junk"]
-    assert result.manifest["counts"]["images"] == 2 and [s["scene"] for s in result.manifest["scenes"]] == ["good"]
-    assert any("3 items skipped" in s for s in said)
+    assert rejects["damaged/1_1"].startswith("cannot read the scene window 256,256,256,256")
+    assert result.manifest["counts"]["images"] == 5
+    assert [s["scene"] for s in result.manifest["scenes"]] == ["damaged", "good"]
+    assert any("4 items skipped" in s for s in said)
 
 
 def test_a_band_out_of_range_is_one_error_naming_the_scene(tmp_path):
