@@ -7,8 +7,9 @@ airplane tile's footprint first?
 --mosaics scenes are made from real UC Merced tiles, each an 8 x 8 mosaic written as one GeoTIFF in UTM zone 11N
 near Merced, California (each 2 km east of the last, one date each): one airplane tile the model never trained
 on (from its split's query and database items; a different one in each mosaic) at a random place among 63 tiles
-of the other 20 classes (runways included), drawn with the mosaic's seed. Tiles not 256 x 256 are resized. The scenes are extracted as tiles (`extract --tile 256`, the model's image encoder and
-views) and encoded with the model (`encode-archive --archive`). For every code length, the query is searched
+of the other 20 classes (runways included), drawn with the mosaic's seed; tiles not 256 x 256 are resized. The
+scenes are extracted as tiles (`extract --tile 256`, the model's image encoder and views) and encoded with the
+model (`encode-archive --archive`). For every code length, the query is searched
 (1) within each mosaic by its lon/lat box (`--bbox ... --inside`, before the top k): the airplane tile's rank;
 (2) over all the mosaics' tiles at once: how many of the top N are the N airplane tiles.
 """

@@ -219,7 +219,8 @@ def memory(args, scratch: Path) -> dict:
         print(rows[-1], flush=True)
         shutil.rmtree(folder)
         shutil.rmtree(scratch / f"run-{side}", ignore_errors=True)
-    return {"rows": rows, "peak_ratio_largest_over_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    return {"rows": rows, "peak_ratio_largest_over_smallest": round(ratio, 3)}
 
 
 def main(argv=None) -> dict:
@@ -253,7 +254,8 @@ def main(argv=None) -> dict:
             print(f"{part + (' (' + s['encoder'] + ')' if part == 'extract' else ''):<42}"
                   f"{s['median'][part + '_jpeg']:>15}{s['median'][part + '_scene']:>13}{s['scene_over_jpeg'][part]:>7}")
     if "memory" in out:
-        print(f"\n{'side':>7}{'tiles':>8}{'kept':>7}{'file MB':>9}{'tiles/s':>9}{'peak RSS MB':>13}{'after imports':>15}")
+        print(f"\n{'side':>7}{'tiles':>8}{'kept':>7}{'file MB':>9}{'tiles/s':>9}{'peak RSS MB':>13}"
+              f"{'after imports':>15}")
         for r in out["memory"]["rows"]:
             print(f"{r['side']:>7}{r['tiles']:>8}{r['kept']:>7}{r['file_mb']:>9}{r['tiles_per_s']:>9}"
                   f"{r['peak_rss_mb']:>13}{r['rss_after_imports_mb']:>15}")

@@ -71,7 +71,8 @@ def _sidecar_date(path: Path) -> str | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not a JSON object of UTF-8 text ({e}); write {{\"date\": \"YYYY-MM-DD\"}}") from None
+        raise DatasetError(f"{path}: not a JSON object of UTF-8 text ({e}); write "
+                           '{"date": "YYYY-MM-DD"}') from None
     value = next((doc[k] for k in SIDECAR_KEYS if isinstance(doc, dict) and k in doc), None)
     date = parse_date(value)
     if date is None:

@@ -152,7 +152,8 @@ def test_an_epsg_4326_scene_has_footprints_in_degrees(tmp_path):
 
 
 def test_a_utm_scene_has_footprints_in_metres_and_in_lon_lat(tmp_path):
-    write_scene(tmp_path / "utm" / "a.tif", smooth(3, 256, 512, np.uint8), tags={"TIFFTAG_DATETIME": "2020:01:02 03:04:05"})
+    write_scene(tmp_path / "utm" / "a.tif", smooth(3, 256, 512, np.uint8),
+                tags={"TIFFTAG_DATETIME": "2020:01:02 03:04:05"})
     run = tmp_path / "run"
     # One loader process: a forked worker opens the scene for itself.
     result = extract(ExtractConfig(data=str(tmp_path / "utm"), run=str(run), image_encoder=tiny(tmp_path), tile=256,
