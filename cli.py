@@ -102,11 +102,25 @@ def cluster_options(command):
               help="gpu: JPEGs decoded (nvJPEG) and resized in batches on the GPU; cpu: PIL in worker processes; "
                    "auto: gpu on a CUDA device for a JPEG archive with --image-views 0. Same embeddings "
                    "within float16 rounding.")
+@click.option("--tile", default=0, show_default=True, type=int, metavar="PIXELS",
+              help="Read --data as GeoTIFF scenes (a folder, a .tif, or a .txt list of them) cut into tiles of "
+                   "this many pixels a side, each an item SCENE/ROW_COL with its footprint and date (0: images).")
+@click.option("--stride", default=0, type=int, metavar="PIXELS", help="Pixels between tiles [default: the tile size].")
+@click.option("--bands", default="", callback=lambda c, p, v: _ints(c, p, v, "4,3,2"),
+              help="Scene bands read as R,G,B, counted from 1 (e.g. 4,3,2 for Sentinel-2), or one for grey "
+                   "[default: 1,2,3].")
+@click.option("--min-valid", default=0.9, show_default=True, type=float,
+              help="Share of a tile's pixels that must be valid (not nodata); tiles below are skipped and counted.")
+@click.option("--date", default=None, metavar="YYYY-MM-DD",
+              help="Acquisition date of scenes with none in a sidecar or their metadata.")
+@click.option("--allow-ungeoreferenced", is_flag=True,
+              help="Accept scenes without a CRS: their tiles get footprints in pixels and match no --bbox.")
 @cluster_options
 @stage_options
 @user_errors
 def extract(data, images, run_dir, image_encoder, text_encoder, image_views, seed, shard_size, dtype, device,
-            batch_size, text_batch_size, workers, decode, scheduler, threads, force, wait, no_progress):
+            batch_size, text_batch_size, workers, decode, tile, stride, bands, min_valid, date, allow_ungeoreferenced,
+            scheduler, threads, force, wait, no_progress):
     """Stage 1: cache image and text embeddings (with augmented views) in HDF5 shards."""
     from duch.pipeline.config import ExtractConfig
     from duch.stages.extract import extract as run_extract
@@ -115,15 +129,20 @@ def extract(data, images, run_dir, image_encoder, text_encoder, image_views, see
                         text_encoder=None if text_encoder.lower() == "none" else text_encoder,
                         image_views=image_views, seed=seed, shard_size=shard_size, dtype=dtype, device=device,
                         batch_size=batch_size, text_batch_size=text_batch_size, workers=workers, decode=decode,
-                        scheduler=scheduler, threads=threads)
+                        tile=tile, stride=stride, bands=bands, min_valid=min_valid, date=date,
+                        allow_ungeoreferenced=allow_ungeoreferenced, scheduler=scheduler, threads=threads)
     run_extract(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
-def _bits(ctx, param, value: str) -> tuple[int, ...]:
+def _ints(ctx, param, value: str, example: str) -> tuple[int, ...]:
     try:
         return tuple(int(b) for b in value.split(",") if b.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 16,32,64,128, got {value!r}") from None
+        raise click.BadParameter(f"expected comma-separated integers such as {example}, got {value!r}") from None
+
+
+def _bits(ctx, param, value: str) -> tuple[int, ...]:
+    return _ints(ctx, param, value, "16,32,64,128")
 
 
 @main.command("train-hash")
@@ -274,7 +293,14 @@ def compact(run_dir, small, wait):
 @click.option("--ties", default="adaptive", show_default=True, type=click.Choice(["adaptive", "order"]),
               help="Equal distances: by the query's confidence in the bits that differ (adaptive: the archive "
                    "needs nothing more), or in archive order.")
+@click.option("--bbox", default=None, metavar="MINLON,MINLAT,MAXLON,MAXLAT",
+              help="Scene tiles only: those whose footprint overlaps this lon/lat box (applied before the top k).")
+@click.option("--inside", is_flag=True, help="With --bbox: only tiles whose footprint lies wholly inside the box.")
+@click.option("--date-from", default=None, metavar="YYYY-MM-DD", help="Scene tiles acquired on or after this date.")
+@click.option("--date-to", default=None, metavar="YYYY-MM-DD", help="Scene tiles acquired on or before this date.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--geojson", "as_geojson", is_flag=True,
+              help="Print the hits as a GeoJSON FeatureCollection of their footprints (scene tiles).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
               help="CPU scan: faiss IndexBinaryFlat (auto, when installed) or numpy over the memory-mapped codes.")
@@ -282,22 +308,34 @@ def compact(run_dir, small, wait):
               help="Check the code and index files' sizes only, not their SHA-256 against the manifest (hashing "
                    "billions of codes takes minutes).")
 @user_errors
-def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_json, device, backend, no_verify):
+def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox, inside, date_from, date_to, as_json,
+           as_geojson, device, backend, no_verify):
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
+    from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places
     from duch.pipeline.retrieval.search import Index
 
     if sum(q is not None for q in (text, image, item_id)) != 1:
         raise click.UsageError("give exactly one of --text, --image, --id")
     if k < 1 or rerank < 0:
         raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
+    if as_json and as_geojson:
+        raise click.UsageError("give one of --json and --geojson")
+    places = PlaceFilter.parse(bbox, date_from, date_to, inside)  # checked before the archive is opened
     index = Index.load(run_dir, bits=bits, device=device, backend=backend, verify=not no_verify)
-    hits = index.search(text=text, image=image, id=item_id, k=k, modality=modality, rerank_top=rerank, ties=ties)
+    query = text if text is not None else image if image is not None else f"item {item_id}"
+    hits, matched = search_places(index, places, need_places=as_geojson, text=text, image=image, id=item_id, k=k,
+                                  modality=modality, rerank_top=rerank, ties=ties)
+    if places.active:  # on stderr beside a JSON document, so that stdout stays the document
+        total = len(index.tables["image"])
+        click.echo(f"filter: {matched} of {total} tiles match {places.describe()}", err=as_json or as_geojson)
+    if as_geojson:
+        click.echo(_json.dumps(geojson(hits, matched, query), indent=1))
+        return
     if as_json:
         click.echo(_json.dumps([h.to_dict() for h in hits], indent=1))
         return
-    query = text if text is not None else image if image is not None else f"item {item_id}"
     adaptive = not rerank and any(h.score is not None for h in hits)
     order = (", re-ranked by cosine" if rerank else
              ", equal distances by the query's confidence w on the differing bits" if adaptive else "")
@@ -305,6 +343,10 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, as_js
     for h in hits:
         score = f"  {'cos' if rerank else 'w'} {h.score:.3f}" if h.score is not None else ""
         what = h.caption if h.caption is not None else h.path
+        if h.place is not None:  # a scene tile: where it is instead of the scene's path
+            where = (",".join(f"{v:.5f}" for v in h.place.bounds) if h.place.bounds
+                     else f"pixels {','.join(map(str, h.place.window))}")
+            what = f"{h.place.date or 'no date':<10}  {where}"
         click.echo(f"{h.rank:>3}. d={h.distance:<3}{score}  {h.id:<12} {h.label or '':<18} {what}")
 
 

@@ -129,11 +129,20 @@ def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
     if a.dtype == bool:
         return np.ascontiguousarray(a.astype(np.uint8) * 255)
     values = a.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
+    return apply_stretch(values, *stretch_limits(values[np.isfinite(values)]))
+
+
+def stretch_limits(values: np.ndarray) -> tuple[float, float]:
+    """The >8-bit rule's limits: the 2nd and 98th percentiles of the finite `values` given (a raster's, or a
+    scene's valid pixels), one pair for all three bands so colours keep their balance."""
+    if values.size == 0:
         raise ImageLoadError("raster holds no finite values")
-    low, high = np.percentile(finite, [2, 98])
-    if high <= low:
-        high = low + 1.0
+    low, high = np.percentile(values, [2, 98])
+    return float(low), float(high if high > low else low + 1.0)
+
+
+def apply_stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`values` mapped linearly from [low, high] onto 0..255 (clipped; NaN as `low`), as uint8."""
+    values = np.asarray(values, np.float64)
     stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
     return np.ascontiguousarray(np.round(stretched * 255).astype(np.uint8))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from duch.data import Dataset, read_dataset
+from duch.data.scenes import read_scenes
 from duch.pipeline import DuchError
 from duch.pipeline.archive.encoding import encode_run
 from duch.pipeline.archive.generation import Generation, write_generation
@@ -30,7 +31,12 @@ STAGE = "add"
 def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]) -> StageResult:
     archive = open_archive(cfg.run)
     run, before = archive.run, archive.generation
-    dataset = read_dataset(cfg.data, cfg.images)
+    segment = before.next_segment()
+    folder = run / segment
+    extract_cfg, encode_cfg = segment_configs(archive, cfg.data, cfg.images, folder, dataclasses.asdict(cfg))
+    # scenes are cut into tiles as the archive's were
+    dataset = read_scenes(cfg.data, extract_cfg.tile_options()) if extract_cfg.tile else read_dataset(cfg.data,
+                                                                                                       cfg.images)
     live = archive.live
     known = [item for item in dataset.items if item.id in live]
     if known and not cfg.replace:
@@ -44,13 +50,10 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
     if not new:
         echo(f"add: nothing new in {dataset.source}; the archive of {run} stays at generation {before.number}")
         return StageResult(run, {"generation": before.number, "added": 0, "replaced": 0}, did_work=False)
-    segment = before.next_segment()
     dropped = drop_unpublished(run, before, keep=segment)
     if dropped:
         echo(f"add: removed {', '.join(dropped)}, left unpublished by a killed add or compact")
-    folder = run / segment
-    extract_cfg, encode_cfg = segment_configs(archive, cfg.data, cfg.images, folder, dataclasses.asdict(cfg))
-    items = Dataset(dataset.kind, dataset.source, dataset.images_dir, new, dataset.rejects)
+    items = dataclasses.replace(dataset, items=new)
     extract_segment(extract_cfg, items, progress, echo)
     encode_run(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
 

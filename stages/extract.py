@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 from duch.data import read_dataset
+from duch.data.scenes import read_scenes
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
@@ -33,9 +34,10 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
     started = time.perf_counter()
     image_spec = parse_spec(cfg.image_encoder, "image")
     text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
-    dataset = read_dataset(cfg.data, cfg.images)
+    dataset = read_scenes(cfg.data, cfg.tile_options()) if cfg.tile else read_dataset(cfg.data, cfg.images)
     if not dataset.items:
-        raise DuchError(f"{dataset.source}: the dataset holds no images")
+        why = f" ({dataset.rejects[0].id}: {dataset.rejects[0].reason})" if dataset.rejects else ""
+        raise DuchError(f"{dataset.source}: the dataset holds no images{why}")
     folder = StageFolder(cfg.run, STAGE)
     basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
     previous = None if force else folder.previous()

@@ -9,9 +9,14 @@ from tqdm.auto import tqdm
 
 from duch.pipeline.archive.parts import shard_rows
 from duch.pipeline.config import EncodeConfig
-from duch.pipeline.formats.codes import META, CodeWriter, open_codes, codes_name
+from duch.pipeline.formats.codes import META, PLACES, CodeWriter, open_codes, codes_name
 from duch.pipeline.formats.shards import read_shard
 from duch.pipeline.model.trained import Model
+
+
+def has_places(archive: dict) -> bool:
+    """Whether an extract manifest's images are scene tiles, whose places the code files keep."""
+    return bool(archive["config"].get("tile"))
 
 
 def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict[int, CodeWriter],
@@ -20,7 +25,8 @@ def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict
     for output in archive["outputs"]:
         part = read_shard(parts_dir / output["file"])
         modality = output["modality"]
-        meta = shard_rows(archive_dir, output, META[modality])
+        places = tuple(PLACES) if modality == "image" and has_places(archive) else ()
+        meta = shard_rows(archive_dir, output, (*META[modality], *places))
         for bits, writer in writers.items():
             arrays = {**meta, "codes": part[f"codes-{bits}"]}
             if continuous:
@@ -64,7 +70,8 @@ def write_code_files(out_dir: Path, parts_dir: Path, archive_dir: Path, archive:
                      rows: dict[str, int], continuous: bool, attrs: dict, progress: bool) -> None:
     """One code file per model, filled from the finished parts in one pass; each published when complete, none
     left half written if any fails."""
-    writers = {b: CodeWriter(out_dir / codes_name(b), b, rows, continuous, {**attrs, "model_sha256": m.sha256})
+    writers = {b: CodeWriter(out_dir / codes_name(b), b, rows, continuous, {**attrs, "model_sha256": m.sha256},
+                             places=has_places(archive))
                for b, m in models.items()}
     try:
         with tqdm(total=sum(rows.values()), unit="item", desc=f"write {','.join(map(str, models))} bits",

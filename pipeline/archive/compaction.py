@@ -14,7 +14,8 @@ import numpy as np
 
 from duch.pipeline.archive.encoding import relative
 from duch.pipeline.archive.growth import Archive
-from duch.pipeline.formats.codes import META, CodeWriter, codes_name, open_codes
+from duch.pipeline.archive.codefiles import has_places
+from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name, write_shard
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.layout import stage_dir
@@ -52,7 +53,7 @@ def merged_extract(run: Path, merge: list[str], removed: dict[str, set[str]], ta
             if output["modality"] == "image":
                 keep = ~np.isin(shard["ids"].astype(str), sorted(gone))
                 shard["path"] = np.array([str(images_dir / p) for p in shard["path"]], dtype=object)
-                names = [n for n in ("ids", "path", "label", "split", "emb", "views") if n in shard]
+                names = [n for n in shard if n not in ("reject_id", "reject_reason", "skipped_id")]
             else:
                 keep = ~np.isin(shard["image_id"].astype(str), sorted(gone))
                 names = list(TEXT_COLUMNS)
@@ -66,6 +67,8 @@ def merged_extract(run: Path, merge: list[str], removed: dict[str, set[str]], ta
         for k, start in enumerate(range(0, max(n, 1), size)):
             arrays = {name: value[start:start + size] for name, value in merged.items()}
             arrays.update({"reject_id": [], "reject_reason": []})
+            if modality == "image" and "scene" in merged:
+                arrays["skipped_id"] = []
             name = shard_name(modality, k)
             attrs = {**first_attrs[modality], "shard": k, "fingerprint": fingerprint, "rows": min(size, n - start)}
             write_shard(folder.path / name, arrays, attrs)
@@ -100,9 +103,10 @@ def merged_codes(archive: Archive, merge: list[str], removed: dict[str, set[str]
     outputs = []
     for bits_text, model in first["models"].items():
         bits = int(bits_text)
+        places = all(has_places(read_manifest(stage_dir(run / s, "extract"))) for s in merge)
         writer = CodeWriter(folder.path / codes_name(bits), bits, rows, continuous,
                             {"extract_fingerprint": extract["fingerprint"], "image_views": views,
-                             "model_sha256": model["sha256"]})
+                             "model_sha256": model["sha256"]}, places=places)
         try:
             for segment in merge:
                 _, tables = open_codes(stage_dir(run / segment, "encode-archive") / codes_name(bits))
@@ -110,7 +114,8 @@ def merged_codes(archive: Archive, merge: list[str], removed: dict[str, set[str]
                     owner = "ids" if modality == "image" else "image_id"
                     keep = np.flatnonzero(~np.isin(np.asarray(table.meta[owner]).astype(str),
                                                    sorted(removed.get(segment, ()))))
-                    arrays = {name: np.asarray(table.meta[name])[keep] for name in META[modality]}
+                    names = (*META[modality], *(PLACES if places and modality == "image" else ()))
+                    arrays = {name: np.asarray(table.meta[name])[keep] for name in names}
                     arrays["codes"] = np.asarray(table.codes[keep])
                     if continuous:
                         arrays["continuous"] = np.asarray(table.continuous[keep])

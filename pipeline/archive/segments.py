@@ -9,7 +9,7 @@ import numpy as np
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import Generation, read_generation
-from duch.pipeline.formats.codes import META, MODALITIES, CodeTable, codes_name, open_codes
+from duch.pipeline.formats.codes import META, MODALITIES, PLACES, CodeTable, codes_name, open_codes
 from duch.pipeline.run.artifacts import verify_listed, verify_output
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.manifest import read_manifest
@@ -100,7 +100,8 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generati
         tables[modality] = CodeTable(
             modality, stack([p.codes for p in parts]),
             stack([p.continuous for p in parts]) if all(p.continuous is not None for p in parts) else None,
-            {name: np.concatenate([p.meta[name] for p in parts]) for name in META[modality]} if with_meta else {})
+            {name: np.concatenate([p.meta[name] for p in parts]) for name in meta_names(parts, modality)}
+            if with_meta else {})
         segment_of[modality] = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         removed[modality] = np.zeros(len(segment_of[modality]), bool) if not with_meta else np.concatenate([
             np.isin(np.asarray(p.meta[owner_key]).astype(str), sorted(removed_ids.get(segment, ())))
@@ -122,3 +123,9 @@ def empty_table(modality: str, bits: int, continuous: bool) -> CodeTable:
     meta = {name: np.zeros(0, np.int32 if name == "caption_index" else object) for name in META[modality]}
     return CodeTable(modality, np.zeros((0, bits // 8), np.uint8),
                      np.zeros((0, bits), np.float16) if continuous else None, meta)
+
+
+def meta_names(parts: list[CodeTable], modality: str) -> list[str]:
+    """The metadata every part has: the modality's own, and a scene tile's place where every segment keeps it."""
+    extra = [name for name in PLACES if modality == "image" and all(name in p.meta for p in parts)]
+    return [*META[modality], *extra]

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 
 from duch.data.augment import ImageAugment, TextAugment
+from duch.data.scene_dates import parse_date
+from duch.data.scenes import TileOptions
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import check_scheduler, output_settings
 from duch.pipeline.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
@@ -23,6 +25,16 @@ class ExtractConfig:
     dtype: str = "float16"
     image_augment: ImageAugment = field(default_factory=ImageAugment)
     text_augment: TextAugment = field(default_factory=TextAugment)
+    # Georeferenced scenes (data/scenes.py): with `tile` > 0, `data` names GeoTIFF scenes, each cut into tiles
+    # of `tile` pixels every `stride` (0: the tile size), `bands` (1-based) as R, G, B, tiles with fewer than
+    # `min_valid` valid pixels skipped, `date` for scenes without their own, `allow_ungeoreferenced` to accept
+    # scenes without a CRS (footprints in pixels). Out of the fingerprint while at their defaults (SCENE_OPTIONS).
+    tile: int = 0
+    stride: int = 0
+    bands: tuple[int, ...] = ()
+    min_valid: float = 0.9
+    date: str | None = None
+    allow_ungeoreferenced: bool = False
     # How the work runs; these never change what is written.
     device: str = "auto"
     batch_size: int = 64
@@ -41,6 +53,10 @@ class ExtractConfig:
     threads: int | None = None
 
     RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run", "scheduler", "threads")
+    # Options added after runs existed: left out of the fingerprint while at these defaults, so runs made before
+    # them stay up to date.
+    SCENE_OPTIONS = {"tile": 0, "stride": 0, "bands": (), "min_valid": 0.9, "date": None,
+                     "allow_ungeoreferenced": False}
 
     def __post_init__(self):
         # The augmentations as a manifest records them (dicts, lists for tuples): ExtractConfig(**manifest["config"])
@@ -49,6 +65,7 @@ class ExtractConfig:
             self.image_augment = ImageAugment.from_record(self.image_augment)
         if isinstance(self.text_augment, dict):
             self.text_augment = TextAugment(**self.text_augment)
+        self.bands = tuple(self.bands or ())
 
     def validate(self) -> None:
         if self.image_views < 0:
@@ -66,6 +83,30 @@ class ExtractConfig:
         check_scheduler(self.scheduler)
         if self.threads is not None and self.threads < 1:
             raise DuchError(f"--threads must be at least 1, got {self.threads}")
+        self.validate_scenes()
+
+    def validate_scenes(self) -> None:
+        if self.tile < 0 or self.stride < 0:
+            raise DuchError(f"--tile and --stride must be 0 or more, got {self.tile} and {self.stride}")
+        if not self.tile:
+            given = [f"--{k.replace('_', '-')}" for k, v in self.SCENE_OPTIONS.items() if getattr(self, k) != v]
+            if given:
+                raise DuchError(f"{', '.join(given)} tile{'s' if len(given) == 1 else ''} scenes; add --tile "
+                                "PIXELS (e.g. --tile 256) to read --data as GeoTIFF scenes")
+            return
+        if self.images:
+            raise DuchError("--images names the images of an annotation file; with --tile, --data names the scenes")
+        if len(self.bands) not in (0, 1, 3) or any(not isinstance(b, int) or b < 1 for b in self.bands):
+            raise DuchError(f"--bands {','.join(map(str, self.bands))}: give three band numbers (R,G,B; e.g. "
+                            "4,3,2 for Sentinel-2) or one (grey), counted from 1")
+        if not 0 <= self.min_valid <= 1:
+            raise DuchError(f"--min-valid must be between 0 and 1 (a share of the tile), got {self.min_valid}")
+        if self.date is not None and parse_date(self.date) != self.date:
+            raise DuchError(f"--date {self.date!r}: give the acquisition date as YYYY-MM-DD")
+
+    def tile_options(self) -> TileOptions:
+        return TileOptions(self.tile, self.stride, self.bands, self.min_valid, self.date,
+                           self.allow_ungeoreferenced)
 
     def resolved_workers(self) -> int:
         if self.workers is not None:
@@ -74,4 +115,8 @@ class ExtractConfig:
 
     def output_settings(self) -> dict:
         # Where the data lives is an input, fingerprinted by content, not by path.
-        return output_settings(self, ("data", "images"))
+        out = output_settings(self, ("data", "images"))
+        for name, default in self.SCENE_OPTIONS.items():
+            if out[name] == default or (name == "bands" and tuple(out[name]) == default):
+                del out[name]
+        return out

@@ -78,6 +78,7 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
         # batched way and how many to PIL, or cpu and why.
         image_decode=image_decode,
         counts=counts(plans, dataset, cfg, shards, text_spec),
+        **({"scenes": scene_summary(dataset, shards["skipped"])} if cfg.tile else {}),
         outputs=shards["outputs"],
         images_content_sha256=images_content_digest(dataset, progress),
         rejects=[{"id": r.id, "reason": r.reason} for r in shards["rejects"]],
@@ -90,7 +91,7 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
 
 def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset) -> dict:
     """What the finished shards hold: rows per modality, encoder and dimension, rejects, and the outputs."""
-    rows, encoders, rejects, outputs = {"image": 0, "text": 0}, {}, list(dataset.rejects), []
+    rows, encoders, rejects, outputs, skipped = {"image": 0, "text": 0}, {}, list(dataset.rejects), [], []
     for plan in plans:
         path = folder.path / plan.name
         attrs = read_attrs(path)
@@ -98,8 +99,25 @@ def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset)
         encoders[plan.modality] = {"encoder": attrs["encoder"], "dim": int(attrs["dim"])}
         shard_rejects = read_shard(path, ("reject_id", "reject_reason"))
         rejects += [Reject(i, r) for i, r in zip(shard_rejects["reject_id"], shard_rejects["reject_reason"])]
+        if plan.modality == "image" and plan.rows and plan.rows[0].tile is not None:
+            skipped += list(read_shard(path, ("skipped_id",))["skipped_id"])
         outputs.append(folder.output(plan.name, modality=plan.modality, rows=int(attrs["rows"])))
-    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs}
+    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs, "skipped": skipped}
+
+
+def scene_summary(dataset: Dataset, skipped: list[str]) -> list[dict]:
+    """Per scene: its size, CRS, bands, stretch and date (with where the date came from), and its tiles: how
+    many were cut and how many skipped for too few valid pixels."""
+    tiles, dropped = {}, {}
+    for item in dataset.items:
+        tiles[item.tile.scene.name] = tiles.get(item.tile.scene.name, 0) + 1
+    for tile_id in skipped:
+        scene = tile_id.rsplit("/", 1)[0]
+        dropped[scene] = dropped.get(scene, 0) + 1
+    return [{"scene": s.name, "file": s.file, "width": s.width, "height": s.height, "band_count": s.count,
+             "dtype": s.dtype, "crs": s.crs, "bands": list(s.bands), "stretch": list(s.stretch) if s.stretch else None,
+             "date": s.date, "date_source": s.date_source, "tiles": tiles.get(s.name, 0),
+             "tiles_skipped": dropped.get(s.name, 0)} for s in dataset.scenes]
 
 
 def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards: dict,
@@ -111,7 +129,8 @@ def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards:
     return {"items": len(dataset.items), "images": shards["rows"]["image"], "image_views": cfg.image_views,
             "captions": shards["rows"]["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(shards["rejects"]),
             # captions longer than the text encoder reads: it sees only their first tokens
-            "truncated_captions": count_truncated(text_spec, real_captions) if text_spec and real_captions else 0}
+            "truncated_captions": count_truncated(text_spec, real_captions) if text_spec and real_captions else 0,
+            **({"scenes": len(dataset.scenes), "tiles_skipped": len(shards["skipped"])} if cfg.tile else {})}
 
 
 def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
@@ -120,6 +139,9 @@ def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], N
                      if k in timings)
     echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "
          f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
+    if "scenes" in c:
+        echo(f"extract: {c['images']} tiles from {c['scenes']} scenes; {c['tiles_skipped']} tiles skipped for too "
+             f"few valid pixels (--min-valid); per scene: 'scenes' in {out_dir / 'manifest.json'}")
     if c["rejects"]:
         echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
     if c["truncated_captions"]:

@@ -38,7 +38,7 @@ def _image_rows(dataset: Dataset, describe: Callable[[str], tuple], missing: tup
                 bar: tqdm | None = None) -> list[tuple]:
     """_file_rows of every image, in dataset order, `chunk` files to a task on 8 threads: on a shared filesystem
     (NFS, Lustre) every stat or read is a round trip, and a cluster's archive is there."""
-    names = [item.image for item in dataset.items]
+    names = image_files(dataset)
     chunks = [names[s:s + chunk] for s in range(0, len(names), chunk)]
     describe_chunk = functools.partial(_file_rows, os.fspath(dataset.images_dir), describe=describe, missing=missing)
     rows = []
@@ -50,24 +50,32 @@ def _image_rows(dataset: Dataset, describe: Callable[[str], tuple], missing: tup
     return rows
 
 
+def image_files(dataset: Dataset) -> list[str]:
+    """The archive's image files, each once, in dataset order (a scene's tiles share its file)."""
+    return list(dict.fromkeys(item.image for item in dataset.items))
+
+
 def input_fingerprint(dataset: Dataset) -> dict:
     """Annotation by content; images by (path, size, mtime): cheap for millions of files, and it sees edits."""
     listing = _image_rows(dataset, _size_and_mtime, (None, None), chunk=4096)
     source = dataset.source if dataset.source.is_file() else None
-    return {
+    out = {
         "kind": dataset.kind,
         "annotation_sha256": sha256_file(source) if source else None,
         "items": len(dataset.items),
         "captions": dataset.n_captions,
         "images_listing_sha256": digest(listing),
     }
+    if dataset.scenes:  # a date from a sidecar file is no part of the scene's own bytes
+        out["scenes_sha256"] = digest([(s.name, s.date, s.date_source) for s in dataset.scenes])
+    return out
 
 
 def images_content_digest(dataset: Dataset, progress: bool = False) -> str:
     """One digest of every image's path and bytes, in dataset order. Not in the fingerprint (that would mean
     reading the whole archive at every rerun): kept beside it, to tell a copied or restored archive (new
     modification times, the same bytes) from a changed one when the quick listing differs."""
-    with tqdm(total=len(dataset.items), unit="img", desc="hashing images", disable=not progress,
+    with tqdm(total=len(image_files(dataset)), unit="img", desc="hashing images", disable=not progress,
               dynamic_ncols=True) as bar:  # on threads: hashlib frees the GIL on large blocks
         return digest(_image_rows(dataset, lambda path: (sha256_file(path),), (None,), chunk=256, bar=bar))
 
@@ -90,7 +98,7 @@ def relisted_with_same_content(out_dir: Path, previous: dict, basis: dict, datas
     if not previous.get("images_content_sha256"):
         return None
     echo(f"extract: the images' sizes or modification times changed since extraction; comparing the contents of "
-         f"{len(dataset.items)} images with what was extracted")
+         f"{len(image_files(dataset))} images with what was extracted")
     if images_content_digest(dataset, progress) != previous["images_content_sha256"]:
         return None
     echo("extract: the images' contents are unchanged; the extracted embeddings still hold")

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from duch.data import Reject
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.plan import ShardPlan
-from duch.pipeline.embed.sources import ImageViews, TokenBatches, collate_views, image_batches
+from duch.data.scenes import place_columns
+from duch.pipeline.embed.sources import ImageViews, Skipped, TokenBatches, collate_views, image_batches
 from duch.pipeline.formats.shards import write_shard
 
 
@@ -57,13 +58,14 @@ def embed_images(plans: list[ShardPlan], images_dir: Path, encoder, cfg: Extract
     buffer: dict | None = None
     for (indices, pixels, bad), plan in zip(source, owners):
         if buffer is None or buffer["plan"] is not plan:
-            buffer = {"plan": plan, "seen": 0, "ok": [], "emb": [], "rejects": []}
+            buffer = {"plan": plan, "seen": 0, "ok": [], "emb": [], "rejects": [], "skipped": []}
         if pixels is not None:
             n, v = pixels.shape[:2]
             emb = encoder.encode(pixels.flatten(0, 1)).reshape(n, v, -1)
             buffer["emb"].append(emb.numpy().astype(dtype))
             buffer["ok"].extend(indices)
-        buffer["rejects"].extend(Reject(items[i].id, reason) for i, reason in bad)
+        buffer["rejects"].extend(Reject(items[i].id, reason) for i, reason in bad if not isinstance(reason, Skipped))
+        buffer["skipped"].extend(items[i].id for i, reason in bad if isinstance(reason, Skipped))
         buffer["seen"] += len(indices) + len(bad)
         bar.update(len(indices) + len(bad))
         if buffer["seen"] == len(plan.rows):
@@ -86,6 +88,9 @@ def _write_image_shard(plan, items, buffer, encoder, cfg: ExtractConfig, fingerp
     }
     if cfg.image_views:
         arrays["views"] = emb[:, 1:]
+    if cfg.tile:  # scene tiles: where each is, and which were skipped for too few valid pixels
+        arrays.update(place_columns([it.tile for it in ok_items]))
+        arrays["skipped_id"] = buffer["skipped"]
     arrays.update(_reject_arrays(buffer["rejects"]))
     write_shard(out_dir / plan.name, arrays, _shard_attrs(plan, encoder, fingerprint, len(ok_items)))
 

@@ -10,13 +10,19 @@ import torch
 from duch.data import Item
 from duch.data.augment import augment_image, view_rng
 from duch.data.images import ImageLoadError, load_image
+from duch.data.scenes import TileSkipped, load_tile
 from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.plan import ShardPlan
 
 
+class Skipped(str):
+    """The reason a scene tile was skipped (too few valid pixels): counted apart from the rejects."""
+
+
 class ImageViews(torch.utils.data.Dataset):
-    """Item i -> (i, [1+V, 3, H, W] pixels, None), or (i, None, reason) for an image that cannot be used."""
+    """Item i -> (i, [1+V, 3, H, W] pixels, None), or (i, None, reason) for an image that cannot be used (a
+    Skipped reason for a scene tile with too few valid pixels). A scene tile's pixels are read from its window."""
 
     def __init__(self, items: list[Item], images_dir: Path, transform, cfg: ExtractConfig):
         self.items = items
@@ -25,6 +31,7 @@ class ImageViews(torch.utils.data.Dataset):
         self.views = cfg.image_views
         self.seed = cfg.seed
         self.augment = cfg.image_augment
+        self.min_valid = cfg.min_valid
 
     def __len__(self) -> int:
         return len(self.items)
@@ -32,11 +39,16 @@ class ImageViews(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            img = load_image(self.images_dir / item.image)
+            if item.tile is not None:
+                img = load_tile(self.images_dir, item, self.min_valid)
+            else:
+                img = load_image(self.images_dir / item.image)
             views = [self.transform(img)]
             views += [self.transform(augment_image(img, view_rng(self.seed, item.id, v), self.augment))
                       for v in range(1, self.views + 1)]
             return i, torch.stack(views), None
+        except TileSkipped as e:
+            return i, None, Skipped(str(e))
         except ImageLoadError as e:
             return i, None, str(e)
         except Exception as e:  # a decoder or transform failing on one odd file must not stop the run
@@ -99,6 +111,8 @@ def choose_decode(cfg: ExtractConfig, jpegs: float, encoder, device: torch.devic
 def decode_problems(cfg: ExtractConfig, device: torch.device) -> list[str]:
     """What rules the batched path out before any encoder is loaded."""
     problems = []
+    if cfg.tile:
+        problems.append("scene tiles are read by window with rasterio")
     if device.type != "cuda" and not BATCHED_ON_CPU:
         problems.append("the device is not a CUDA GPU")
     if cfg.image_views:

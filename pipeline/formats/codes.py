@@ -6,6 +6,7 @@
     image/continuous [N, K] float16, the heads' tanh outputs (only with --continuous: for --rerank)
     text/image_id    [M] str    text/caption_index [M] int32    text/text [M] str
     text/codes, text/continuous as for images, one row per real caption (rule-based rewrites are not archived)
+    image/scene, image/window, ...  an archive of scene tiles only: where each tile is (PLACES)
 
 Every dataset has its final size from the start and is contiguous and uncompressed, so the file is filled
 shard by shard with flat memory, and the codes can be memory-mapped straight from the file by `open_codes`.
@@ -24,6 +25,18 @@ from duch.pipeline.run.storage import publish, temp_path, write_errors
 
 MODALITIES = ("image", "text")
 META = {"image": ("ids", "path", "label"), "text": ("image_id", "caption_index", "text")}
+# A scene tile's place (data/scenes.py, place_columns): name -> (dtype, shape of one row). `path` is the scene file.
+PLACES = {
+    "scene": (STRING, ()),  # the tile id's prefix
+    "window": (np.int64, (4,)),  # col_off, row_off, width, height in the scene's pixels
+    "crs": (STRING, ()),  # "EPSG:32611" or WKT; "" where the scene had none (footprint in pixels)
+    "footprint": (np.float64, (4, 2)),  # corners ul, ur, lr, ll in the CRS
+    "lonlat": (np.float64, (4, 2)),  # the same corners in WGS84 lon/lat (NaN without a CRS)
+    "bounds": (np.float64, (4,)),  # min lon, min lat, max lon, max lat of those corners
+    "date": (STRING, ()),  # acquisition date YYYY-MM-DD, '' when unknown
+    "bands": (np.int32, (3,)),  # the scene's bands read as R, G, B
+    "stretch": (np.float64, (2,)),  # the scene's >8-bit stretch limits (NaN for 8-bit scenes)
+}
 
 
 def codes_name(bits: int) -> str:
@@ -39,19 +52,20 @@ class CodeWriter:
     """Fills a code file row range by row range; `close()` publishes it under its name, `abort()` removes it. A write
     that fails for want of space or permission raises a DuchError naming the file (pipeline.storage)."""
 
-    def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict):
+    def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict,
+                 places: bool = False):
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.tmp.unlink(missing_ok=True)
         self.file = None
         with write_errors(self.path):
             try:
-                self._create(bits, rows, continuous, attrs)
+                self._create(bits, rows, continuous, attrs, places)
             except BaseException:
                 self.abort()
                 raise
 
-    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict) -> None:
+    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict, places: bool) -> None:
         self.file = h5py.File(self.tmp, "w")
         self.filled = dict.fromkeys(rows, 0)
         for modality, n in rows.items():
@@ -59,6 +73,8 @@ class CodeWriter:
             for name in META[modality]:
                 dtype = np.int32 if name == "caption_index" else STRING
                 group.create_dataset(name, shape=(n,), dtype=dtype)
+            for name, (dtype, shape) in (PLACES.items() if places and modality == "image" else ()):
+                group.create_dataset(name, shape=(n, *shape), dtype=dtype)
             group.create_dataset("codes", shape=(n, bits // 8), dtype=np.uint8)
             if continuous:
                 group.create_dataset("continuous", shape=(n, bits), dtype=np.float16)
@@ -137,7 +153,7 @@ def open_codes(path: Path, with_meta: bool = True,
             group = f[modality]
             meta = {}
             if with_meta:
-                for name in META[modality]:
+                for name in (*META[modality], *(p for p in PLACES if modality == "image" and p in group)):
                     ds = group[name]
                     meta[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
             tables[modality] = CodeTable(modality, _mapped(path, group["codes"]),

@@ -28,6 +28,7 @@ from duch.pipeline.model.coding import image_codes
 from duch.pipeline.model.trained import Model, image_code
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
+from duch.pipeline.retrieval.places import Place, place_of
 from duch.pipeline.retrieval.ranking import TIES, adaptive_topk, rerank
 from duch.pipeline.run.artifacts import stage_file, verify_listed
 from duch.pipeline.run.layout import stage_dir
@@ -48,11 +49,15 @@ class Hit:
     score: float | None  # cosine of the continuous outputs when re-ranked; else, with adaptive ties, the query's
     # confidence (0 to 1 a bit) summed over the differing bits: equal distances are ordered by it, lowest first
     label: str | None
-    path: str | None  # the image file (the item's, or the caption's image)
+    path: str | None  # the image file (the item's, or the caption's image; a scene tile's scene)
     caption: str | None
+    place: Place | None = None  # a scene tile's footprint, date and window (retrieval/places.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.place is None:  # the form hits had before scenes
+            del out["place"]
+        return out
 
 
 @dataclass
@@ -361,9 +366,11 @@ class Index:
 
     def _hit(self, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
         meta = self.tables[modality].meta
+        place = None
         if modality == "image":
             image_id, item_id, caption = str(meta["ids"][row]), str(meta["ids"][row]), None
             label, path = str(meta["label"][row]) or None, str(self.image_path(row))
+            place = place_of(self.tables[modality], row)
         else:
             image_id = str(meta["image_id"][row])
             item_id, caption = caption_key(image_id, meta["caption_index"][row]), str(meta["text"][row])
@@ -371,7 +378,7 @@ class Index:
             images = self.tables["image"].meta
             label = (str(images["label"][image_row]) or None) if image_row is not None else None
             path = str(self.image_path(image_row)) if image_row is not None else None
-        return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
+        return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption, place)
 
 
 def load_encode_manifest(run: str | Path) -> tuple[Path, dict]:
