@@ -35,6 +35,8 @@ class Dataset:
     images_dir: Path
     items: list[Item]
     rejects: list[Reject] = field(default_factory=list)
+    # What the caption rules (data/text.py) changed: {"cleaned_captions": n, "capped_captions": m}
+    caption_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_captions(self) -> int:

@@ -63,7 +63,8 @@ def test_extract_writes_shards_views_and_manifest(caption_dataset, tmp_path, tin
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["schema"] == 1 and manifest["stage"] == "extract"
     assert manifest["counts"] == {"items": 5, "images": 5, "image_views": 2, "captions": 13,
-                                  "augmented_captions": 1, "rejects": 0, "truncated_captions": 0}
+                                  "augmented_captions": 1, "rejects": 0, "truncated_captions": 0,
+                                  "cleaned_captions": 0, "capped_captions": 0, "dropped_captions": 0}
     assert manifest["encoders"]["image"]["dim"] == 16
     assert manifest["versions"]["torch"] and manifest["basis"]["inputs"]["annotation_sha256"]
     assert {o["file"] for o in manifest["outputs"]} == set(names)
@@ -216,9 +217,13 @@ def test_bad_items_are_rejected_and_the_run_goes_on(caption_dataset, tmp_path, t
     assert rejects == {"gone#1": "empty caption", "cut": "truncated image file", "gone": "missing file",
                        "fake": "not a recognised image (expected JPEG, PNG or TIFF)"}
     assert result.manifest["counts"]["images"] == 5 and result.manifest["counts"]["rejects"] == 4
-    assert "warning: 4 items skipped" in said[-1]
+    assert "warning: 4 items skipped (and the 3 captions of the rejected images)" in said[-1]
     ids = np.concatenate([read_shard(p)["ids"] for p in sorted((tmp_path / "run" / "extract").glob("image-*.h5"))])
     assert list(ids) == ["102", "1003", "2001", "156", "497"]
+    # A caption goes with its image: none of the rejected images' captions is embedded, counted or coded.
+    text = np.concatenate([read_shard(p)["image_id"] for p in sorted((tmp_path / "run" / "extract").glob("text-*"))])
+    assert set(text) == set(ids) and result.manifest["counts"]["captions"] == 13
+    assert result.manifest["counts"]["dropped_captions"] == 3
 
 
 def test_image_folder_and_jsonl_forms(tmp_path, tiny_clip_spec):

@@ -1,0 +1,118 @@
+"""Every defect the fuzzers (tests/test_fuzz_*.py) found, or issue 24 reported, as a plain test with the failing
+example pinned: the input, and the rule that now holds for it (docs/stages.md, "Bad input")."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from duch import cli
+from duch.data import DatasetError, read_dataset
+from duch.data.text import MAX_CAPTION_CHARS
+from duch.pipeline.formats.features import load_features
+from tests.conftest import ASSETS
+
+
+def run_extract(data: Path, run: Path, spec: str):
+    result = CliRunner().invoke(cli.main, ["extract", "--data", str(data), "--run", str(run), "--image-encoder", spec,
+                                           "--text-encoder", spec, "--workers", "0", "--device", "cpu",
+                                           "--no-progress"], prog_name="duch")
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def archive(root: Path, annotation: str, content: str | bytes, images=("1.jpg",)) -> Path:
+    (root / "images").mkdir(parents=True)
+    for name in images:
+        shutil.copy(ASSETS / "102.jpg", root / "images" / name)
+    path = root / annotation
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def refusal(path: Path, images: Path | None = None) -> str:
+    with pytest.raises(DatasetError) as e:
+        read_dataset(path, images)
+    message = str(e.value)
+    assert "\n" not in message and str(path.parent) in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- issue 24, reported
+def test_a_caption_holding_nul_is_cleaned_not_a_traceback_from_hdf5(tmp_path, tiny_clip_spec):
+    """Was: `ValueError: VLEN strings do not support embedded NULLs` from h5py after the image shard was written,
+    on every rerun. Rule: control characters are removed from captions (the encoders ignore them anyway)."""
+    data = archive(tmp_path / "a", "pairs.csv", "image,caption\n1.jpg,hello\x00world\n")
+    result = run_extract(data, tmp_path / "run", tiny_clip_spec)
+    assert result.exit_code == 0, result.output
+    assert list(load_features(tmp_path / "run").text[:1]) == ["helloworld"]
+    manifest = json.loads((tmp_path / "run" / "extract" / "manifest.json").read_text())
+    assert manifest["counts"]["cleaned_captions"] == 1
+    assert "1 captions had control characters removed" in result.output
+
+
+def test_a_caption_of_millions_of_characters_is_cut_before_the_tokenizer(tmp_path, tiny_clip_spec):
+    """Was: 50 million characters took 77 s and 5.9 GB for one image (the tokenizer reads the whole string before
+    it truncates). Rule: cut to MAX_CAPTION_CHARS first, counted (memory measured: bench/fuzz_bounds.py)."""
+    huge = "many planes parked near the terminal " * 60_000  # 2.2 million characters
+    entries = [{"filename": "1.jpg", "sentences": [{"raw": huge}, {"raw": "a short one"}]}]
+    data = archive(tmp_path / "a", "dataset.json", json.dumps({"images": entries}))
+    result = run_extract(data, tmp_path / "run", tiny_clip_spec)
+    assert result.exit_code == 0, result.output
+    text = load_features(tmp_path / "run").text
+    assert len(text[0]) <= MAX_CAPTION_CHARS and huge.startswith(text[0])
+    counts = json.loads((tmp_path / "run" / "extract" / "manifest.json").read_text())["counts"]
+    assert (counts["capped_captions"], counts["truncated_captions"]) == (1, 1)
+
+
+def test_captions_of_an_image_rejected_as_a_folder_or_a_symlink_loop_go_with_it(tmp_path, tiny_clip_spec):
+    """Was: a directory named x.jpg, or a symlink loop, was rejected, and its captions still counted and embedded.
+    Rule: a caption goes with its image, counted as dropped."""
+    entries = [{"filename": name, "sentences": [{"raw": f"caption of {name}"}, {"raw": "another"}]}
+               for name in ("1.jpg", "x.jpg", "loop.jpg")]
+    data = archive(tmp_path / "a", "dataset.json", json.dumps({"images": entries}))
+    (tmp_path / "a" / "images" / "x.jpg").mkdir()
+    os.symlink("loop.jpg", tmp_path / "a" / "images" / "loop.jpg")
+    result = run_extract(data, tmp_path / "run", tiny_clip_spec)
+    assert result.exit_code == 0, result.output
+    features = load_features(tmp_path / "run")
+    assert list(features.ids) == ["1"] and set(features.text_image_id) == {"1"}
+    manifest = json.loads((tmp_path / "run" / "extract" / "manifest.json").read_text())
+    assert (manifest["counts"]["captions"], manifest["counts"]["dropped_captions"]) == (2, 4)
+    assert {r["id"] for r in manifest["rejects"]} == {"x", "loop"}
+
+
+# ---------------------------------------------------------------------------------------------- found by fuzzing
+def test_json_nested_1988_levels_deep_is_refused_in_one_line(tmp_path):
+    """test_caption_json_bytes_fuzzed: b"[" * 1988 ended in RecursionError from the json module."""
+    path = archive(tmp_path, "dataset.json", "[" * 1988)
+    assert refusal(path).endswith("JSON nested deeper than the parser goes (about 1000 levels); the caption format "
+                                  "nests 5 levels: save the file in that form")
+
+
+@pytest.mark.parametrize("annotation, content", [
+    ("pairs.jsonl", '{"image": "\\u0000WiOxtdFWvtv", "caption": ""}\n'),  # test_jsonl_fuzzed
+    ("rows.csv", "image,caption\n\x00\n"),  # test_csv_fuzzed
+])
+def test_an_image_path_holding_nul_is_refused_not_a_traceback_from_hdf5(tmp_path, annotation, content):
+    """Rows naming an image path with a NUL got as far as writing the shard, where h5py refused the string."""
+    path = archive(tmp_path, annotation, content)
+    assert "holds a NUL character, which no file name can; correct the path" in refusal(path)
+    assert f"{path}:" in refusal(path)  # the file named in full, and its line
+
+
+def test_a_backslash_in_a_listed_file_name_is_part_of_the_name(tmp_path):
+    """test_folder_listing_fuzzed: a file named `0\\.jpg` in a folder archive was read as `0/.jpg` (a Windows path
+    converted), a file that does not exist, so the image was rejected as missing. Rule: a listing's names are exact;
+    only annotations' paths take backslashes as separators. (So is `C:x.jpg`, which refused the whole folder.)"""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("0\\.jpg", "C:x.jpg"):
+        shutil.copy(ASSETS / "102.jpg", folder / name)
+    items = read_dataset(folder).items
+    assert sorted(i.image for i in items) == ["0\\.jpg", "C:x.jpg"]
+    assert all((folder / i.image).is_file() for i in items)
