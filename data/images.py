@@ -26,6 +26,8 @@ class ImageLoadError(Exception):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as 8-bit RGB, by the module's rules; an ImageLoadError (one line, the reason a user sees)
+    for any file that cannot be used, whatever the decoder raised."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -35,6 +37,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"cannot read file: {e.strerror}") from None
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
+    try:
+        return _decode(path)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # decoders raise many types on malformed files (ValueError, SyntaxError, struct.error...)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ImageLoadError(f"cannot decode image: {reason}") from None
+
+
+def _decode(path: Path) -> Image.Image:
     if path.suffix.lower() in (".tif", ".tiff"):
         # tifffile reads multi-band and 16-bit rasters faithfully; PIL misreads some (4 x uint16 as RGBA).
         array = _read_tiff(path)
@@ -42,6 +54,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return Image.fromarray(raster_to_rgb8(array))
     try:
         with warnings.catch_warnings():
+            # PIL's warnings on a damaged file's metadata ("Corrupt EXIF data") are noise: the image is used or rejected.
+            warnings.simplefilter("ignore", UserWarning)
             # A huge image is refused rather than decoded into gigabytes of memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -58,7 +72,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except OSError as e:
         if "truncated" in str(e):
             raise ImageLoadError("truncated image file") from None
-        raise ImageLoadError(f"cannot decode image: {e}") from None
+        raise ImageLoadError(f"cannot decode image: {' '.join(str(e).split())}") from None
     return Image.fromarray(raster_to_rgb8(array))
 
 

@@ -77,3 +77,20 @@ def tiny_extract_run(tmp_path_factory, tiny_clip_spec) -> Path:
     extract(ExtractConfig(data=str(root), run=str(run), image_encoder=tiny_clip_spec, text_encoder=tiny_clip_spec,
                           shard_size=10, workers=0, device="cpu"), progress=False, echo=lambda _: None)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_encoded_run(tmp_path_factory, tiny_extract_run) -> Path:
+    """tiny_extract_run trained at 16 bits (2 epochs) and encoded with continuous outputs: copy it before changing
+    it."""
+    from duch.pipeline.config import EncodeConfig, TrainConfig
+    from duch.stages.encode_archive import encode_archive
+    from duch.stages.train_hash import train_hash
+
+    run = tmp_path_factory.mktemp("encoded") / "run"
+    shutil.copytree(tiny_extract_run, run)
+    quiet = dict(progress=False, echo=lambda _: None)
+    train_hash(TrainConfig(run=str(run), bits=(16,), epochs=2, hidden=32, batch_size=8, eval_every=2, device="cpu"),
+               **quiet)
+    encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), **quiet)
+    return run

@@ -116,3 +116,96 @@ def test_a_backslash_in_a_listed_file_name_is_part_of_the_name(tmp_path):
     items = read_dataset(folder).items
     assert sorted(i.image for i in items) == ["0\\.jpg", "C:x.jpg"]
     assert all((folder / i.image).is_file() for i in items)
+
+
+def test_an_image_a_decoder_fails_on_with_a_value_error_is_rejected_not_a_traceback(tmp_path):
+    """test_image_headers_declaring_any_size_fuzzed: a palette PNG whose IHDR says 0 x 0, 1-bit greyscale made PIL
+    raise ValueError("Truncated tRNS chunk"), which load_image let through (a traceback in `search --image`; extract
+    caught it under another name). Rule: whatever a decoder raises is an ImageLoadError, one line."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from duch.data.images import ImageLoadError, load_image
+
+    buffer = io.BytesIO()
+    Image.open(ASSETS / "102.jpg").convert("P").resize((24, 16)).save(buffer, format="PNG", transparency=0)
+    body = struct.pack(">IIBBBBB", 0, 0, 1, 0, 0, 0, 0)
+    ihdr = struct.pack(">I", 13) + b"IHDR" + body + struct.pack(">I", zlib.crc32(b"IHDR" + body))
+    path = tmp_path / "x.png"
+    path.write_bytes(buffer.getvalue()[:8] + ihdr + buffer.getvalue()[33:])
+    with pytest.raises(ImageLoadError, match="^cannot decode image: Truncated tRNS chunk$"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("alpha\n", "--set 'alpha\\n': TrainConfig has no such setting"),  # test_set_values_fuzzed
+    ("batch_size=\n", "--set 'batch_size=\\n': use --batch-size instead"),
+    ("disc_betas=0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (0,)"),
+    ("disc_betas=1,0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (1, 0)"),
+    ("lr=-1", "lr must be positive, got -1.0"),
+    ("lr_step=0", "lr_step must be at least 1, got 0"),
+    ("w_inter=1e309", "w_inter must be a finite number, got inf"),
+    ("beta=-0.5", "beta is a loss weight: 0 or more, got -0.5"),
+    ("split_seed=-1", "split_seed must be 0 or more, got -1"),
+])
+def test_set_values_outside_their_range_are_one_line_naming_the_setting(item, message):
+    """test_set_values_fuzzed and test_accepted_set_values_train_to_the_end: an item holding a line break made a
+    two-line error; disc_betas=0 ended in IndexError, disc_betas=1,0 in Adam's ValueError, lr=-1 in Adam's, and
+    an infinite weight trained to a NaN loss before it was refused. Rule: every --set value is checked against its
+    range first."""
+    from duch.pipeline import DuchError
+    from duch.pipeline.config import TrainConfig, parse_overrides
+
+    with pytest.raises(DuchError) as e:
+        TrainConfig(run="r", **parse_overrides([item], TrainConfig, reserved=("batch_size",))).validate()
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_negative_seeds_and_no_evaluation_interval_are_refused_before_any_work(tmp_path, tiny_extract_run):
+    """`extract --seed -1` rejected every image ('cannot process image: ValueError: expected non-negative integer',
+    numpy's generators of the augmented views take no negative seed); `train-hash --eval-every 0` divided by zero
+    at the first epoch. Rule: both refused at once, naming the option."""
+    from tests.test_bad_input import cli_error
+
+    data = archive(tmp_path / "a", "pairs.csv", "image,caption\n1.jpg,a field\n")
+    assert cli_error(["extract", "--data", str(data), "--run", str(tmp_path / "r"), "--seed", "-1"]) == (
+        "error: --seed must be 0 or more, got -1")
+    assert not (tmp_path / "r").exists()
+    assert cli_error(["train-hash", "--run", str(tiny_extract_run), "--eval-every", "0"]) == (
+        "error: eval_every must be at least 1, got 0")
+
+
+def test_a_caption_query_follows_the_caption_rules(tiny_encoded_run):
+    """The same rules as extract's captions on the search path (Index.embed_text, which the search service calls):
+    a query of millions of characters is cut before the tokenizer (answered, in bounded memory: bench/fuzz_bounds.py),
+    control characters are removed, and one left empty or not valid Unicode is one line."""
+    from duch.pipeline import DuchError
+    from duch.pipeline.retrieval.search import Index
+
+    index = Index.load(tiny_encoded_run, bits=16, device="cpu")
+    base = "many planes parked near the terminal"
+    long = index.search(text=base * 100_000, k=5)  # 3.6 million characters
+    assert [h.id for h in long] == [h.id for h in index.search(text=(base * 100_000)[:MAX_CAPTION_CHARS], k=5)]
+    assert [h.id for h in index.search(text="a har\x00bor\x1b", k=5)] == [h.id for h in index.search(text="a harbor",
+                                                                                                   k=5)]
+    for text, reason in [("\x00\x01 \t", "empty caption"), ("a \ud800 b", "caption not valid Unicode text")]:
+        with pytest.raises(DuchError) as e:
+            index.search(text=text)
+        assert str(e.value).startswith(f"query text {text!r}: {reason}") and "\n" not in str(e.value)
+
+
+def test_index_search_refuses_k_below_one(tiny_encoded_run):
+    """test_caption_queries_fuzzed, test_image_queries_fuzzed, test_id_queries_fuzzed: Index.search(k=0) answered
+    with no hits and k=-1 with every hit but one, or, with ties="order", ended in an AssertionError from faiss (the
+    CLI checks -k; the Python API, which the search service calls, did not). Rule: k >= 1 and rerank_top >= 0."""
+    from duch.pipeline import DuchError
+    from duch.pipeline.retrieval.search import Index
+
+    index = Index.load(tiny_encoded_run, bits=16, device="cpu")
+    for k, rerank in ((0, 0), (-1, 0), (5, -1)):
+        with pytest.raises(DuchError, match=f"^k must be at least 1 and rerank_top 0 or more, got k={k}, "
+                                            f"rerank_top={rerank}$"):
+            index.search(id="0", k=k, rerank_top=rerank)

@@ -106,8 +106,20 @@ class Index:
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
-        """Captions -> continuous codes [Q, K] through the text encoder and head."""
-        emb = self._encoder("text").encode(list(texts)).to(self.device)
+        """Captions -> continuous codes [Q, K] through the text encoder and head. A query follows the caption rules
+        extract's captions do (data/text.py): control characters removed, cut to MAX_CAPTION_CHARS before the
+        tokenizer sees it; one left empty, or not valid Unicode, is refused."""
+        from duch.data.text import clean_caption
+
+        cleaned = []
+        for text in texts:
+            caption = clean_caption(text) if isinstance(text, str) else None
+            if caption is None or caption.text is None:
+                reason = caption.reason if caption else f"a {type(text).__name__}, not text"
+                raise DuchError(f"query text {shown(text)}: {reason}; give a caption such as 'many planes at the "
+                                "airport'")
+            cleaned.append(caption.text)
+        emb = self._encoder("text").encode(cleaned).to(self.device)
         return self.heads.text(emb.float()).float().cpu().numpy()
 
     @torch.no_grad()
@@ -140,7 +152,7 @@ class Index:
         modality = "text" if "#" in item_id and "text" in self.tables else "image"
         row = self.tables[modality].row_of.get(item_id)
         if row is None:
-            raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
+            raise DuchError(f"--id {shown(item_id)} is not in the archive (image ids look like "
                             f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
         return modality, row
 
@@ -227,6 +239,8 @@ class Index:
         through)."""
         if ties not in TIES:
             raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+        if k < 1 or rerank_top < 0:
+            raise DuchError(f"k must be at least 1 and rerank_top 0 or more, got k={k}, rerank_top={rerank_top}")
         given = [q for q in (text, image, id) if q is not None]
         if len(given) != 1:
             raise DuchError("give exactly one query: text, image or id")
@@ -287,6 +301,12 @@ class Index:
             label = (str(images["label"][image_row]) or None) if image_row is not None else None
             path = str(self.images_dir / images["path"][image_row]) if image_row is not None else None
         return Hit(rank + 1, modality, row, item_id, image_id, distance, score, label, path, caption)
+
+
+def shown(query, most: int = 60) -> str:
+    """A query as a message shows it: quoted, on one line, its first `most` characters."""
+    text = repr(query[:most]) if isinstance(query, str) else repr(query)[:most]
+    return text + (f" (... {len(query):,} characters)" if isinstance(query, str) and len(query) > most else "")
 
 
 def load_encode_manifest(run: str | Path) -> tuple[Path, dict]:
