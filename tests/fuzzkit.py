@@ -13,6 +13,7 @@ reader, listed in EXAMPLES. A longer local hunt multiplies them and draws a fres
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import string
@@ -88,3 +89,29 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                          st.floats(allow_nan=False, allow_infinity=False), caption_text)
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+
+
+def _places(tree) -> list[tuple]:
+    """(container, key) of every value in a JSON tree, the root excepted."""
+    out = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        out.append((tree, key))
+        out += _places(value)
+    return out
+
+
+@st.composite
+def mutated_json(draw, doc):
+    """`doc` (a JSON tree, copied) with one to three values deleted or replaced by any JSON value."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(draw(st.integers(1, 3))):
+        places = _places(doc)
+        if not places:
+            break
+        container, key = draw(st.sampled_from(places))
+        if draw(st.booleans()):
+            del container[key]
+        else:
+            container[key] = draw(json_values)
+    return doc

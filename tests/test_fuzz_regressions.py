@@ -209,3 +209,57 @@ def test_index_search_refuses_k_below_one(tiny_encoded_run):
         with pytest.raises(DuchError, match=f"^k must be at least 1 and rerank_top 0 or more, got k={k}, "
                                             f"rerank_top={rerank}$"):
             index.search(id="0", k=k, rerank_top=rerank)
+
+
+@pytest.fixture
+def legacy_copy(tmp_path) -> Path:
+    """The committed run of tests/fixtures/legacy_run (its files are stable bytes), copied."""
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "legacy_run" / "run", run)
+    return run
+
+
+@pytest.mark.parametrize("stage, edit, problem", [
+    ("extract", lambda m: b"[" * 1985, "JSON nested deeper than the parser goes"),  # was RecursionError
+    ("encode-archive", lambda m: json.dumps({k: v for k, v in m.items() if k != "archive_run"}).encode(),
+     "no archive_run"),  # was KeyError: 'archive_run'
+    ("encode-archive", lambda m: json.dumps({**m, "archive_run": None}).encode(),
+     "archive_run holds NoneType 'None'"),  # was TypeError: unsupported operand type(s) for /
+    ("train-hash", lambda m: json.dumps({**m, "outputs": 7}).encode(), "outputs holds int '7'"),
+])
+def test_a_manifest_nested_too_deep_or_lacking_what_a_stage_reads_is_one_line(legacy_copy, stage, edit, problem):
+    """test_manifests_fuzzed: manifests edited by hand or cut short by another tool ended in a traceback deep in a
+    later stage. Rule: read_manifest checks the fields the stages read (pipeline/run/manifest.REQUIRED)."""
+    from duch.pipeline import DuchError
+    from duch.pipeline.run.manifest import read_manifest
+
+    path = legacy_copy / stage / "manifest.json"
+    path.write_bytes(edit(json.loads(path.read_text())))
+    with pytest.raises(DuchError) as e:
+        read_manifest(path.parent)
+    assert str(e.value) == f"{path}: unreadable manifest ({problem}); rerun the stage with --force to redo it"
+
+
+def test_a_code_file_damaged_in_place_is_one_line_when_read_without_its_checksum(legacy_copy):
+    """test_code_files_read_without_their_checksum_fuzzed: `search --no-verify` checks sizes only, and a code file
+    damaged in place (here its strings' heap) ended in h5py's OSError; other damage in KeyError 'image' or a
+    TypeError from faiss on codes no longer uint8. Rule: open_codes refuses what it cannot read as codes."""
+    import h5py
+
+    from duch.pipeline import DuchError
+    from duch.pipeline.formats.codes import open_codes
+    from duch.pipeline.retrieval.search import Index
+
+    path = legacy_copy / "encode-archive" / "codes-16.h5"
+    data = bytearray(path.read_bytes())
+    heap = data.find(b"GCOL")
+    data[heap + 16:heap + 40] = b"\xff" * 24
+    path.write_bytes(data)
+    with pytest.raises(DuchError, match=r"codes-16.h5: unreadable code file \(OSError: Can't synchronously read data"
+                                        r".*\); rerun `duch encode-archive --force` on its run to make it again$"):
+        Index.load(legacy_copy, bits=16, device="cpu", verify=False)
+    other = legacy_copy / "encode-archive" / "codes-32.h5"
+    with h5py.File(other, "a") as f:
+        f.move("image", "imagf")
+    with pytest.raises(DuchError, match=r"unreadable code file \(KeyError: 'no image codes'\)"):
+        open_codes(other)
