@@ -263,3 +263,43 @@ def test_a_code_file_damaged_in_place_is_one_line_when_read_without_its_checksum
         f.move("image", "imagf")
     with pytest.raises(DuchError, match=r"unreadable code file \(KeyError: 'no image codes'\)"):
         open_codes(other)
+
+
+def _lr_node(tree: dict) -> dict:
+    """The node of the heads' optimizer's learning rate in a checkpoint's state tree."""
+    opt = dict(tree["dict"])["opt"]
+    group = dict(opt["dict"])["param_groups"]["list"][0]
+    return dict(group["dict"])["lr"]
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda tree: {"dict": []}, "ValueError: it holds []"),  # was KeyError: 'heads'
+    (lambda tree: _lr_node(tree).update(value=None) or tree, "ValueError: opt.lr holds NoneType None, not float"),
+])  # was TypeError: unsupported operand type(s) for /: 'NoneType' and 'float', in the first step after resuming
+def test_a_checkpoint_whose_state_was_edited_trains_from_the_start(tiny_extract_run, tmp_path, edit, why):
+    """test_resuming_from_a_checkpoint_whose_state_was_edited_fuzzed: checkpoint.json's state tree has no checksum
+    (only the tensor file has); edited, it passed every check and broke the restore or a later step. Rule: a state
+    not of this training's form is not resumed from; training starts over and ends with the uninterrupted weights."""
+    from duch.pipeline.config import TrainConfig
+    from duch.stages.train_hash import train_hash
+    from tests.test_fuzz_run_files import RESUME, crash_after_training
+
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    for target in (clean, run):
+        shutil.copytree(tiny_extract_run, target)
+    train_hash(TrainConfig(run=str(clean), **RESUME), progress=False, echo=lambda _: None)
+    with pytest.MonkeyPatch.context() as m:
+        crash_after_training(m)
+        with pytest.raises(KeyboardInterrupt):
+            train_hash(TrainConfig(run=str(run), **RESUME), progress=False, echo=lambda _: None)
+    index = run / "train-hash" / "bits-8" / "checkpoint.json"
+    meta = json.loads(index.read_text())
+    meta["state"] = edit(meta["state"])
+    index.write_text(json.dumps(meta))
+    said = []
+    train_hash(TrainConfig(run=str(run), **RESUME), progress=False, echo=said.append)
+    assert f"train-hash: 8 bits: not resuming (the checkpoint's state does not fit this training: {why}); training " \
+           "from the start" in said
+    for name in ("model.safetensors", "history.json"):
+        assert (run / "train-hash" / "bits-8" / name).read_bytes() == (clean / "train-hash" / "bits-8" / name
+                                                                        ).read_bytes()

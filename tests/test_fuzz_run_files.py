@@ -20,6 +20,7 @@ from duch.pipeline.model.heads import DuchHeads
 from duch.pipeline.model.trained import load_model_run
 from duch.pipeline.retrieval.search import Index
 from tests.fuzzkit import examples, json_values, mutated_json, one_line, time_bound
+from tests.test_checkpoint import crash_after_training
 
 pytestmark = pytest.mark.fuzz
 
@@ -127,3 +128,70 @@ def test_checkpoints_fuzzed(tmp_path_factory, part, data):
     event("resumable" if epoch is not None else "not resumed")
     assert (epoch is None and isinstance(state, str) and "\n" not in state) or (epoch is not None and isinstance(
         state, dict))
+
+
+@pytest.fixture(scope="module")
+def crashed(tiny_extract_run, tmp_path_factory) -> Path:
+    """A run whose training at 8 bits stopped after its last epoch, a checkpoint of epoch 2 on disk (the crash
+    test_checkpoint.py makes)."""
+    import duch.stages.train_hash as th
+
+    run = tmp_path_factory.mktemp("crashed") / "run"
+    shutil.copytree(tiny_extract_run, run)
+    with pytest.MonkeyPatch.context() as m:
+        crash_after_training(m)
+        with pytest.raises(KeyboardInterrupt):
+            th.train_hash(th.TrainConfig(run=str(run), **RESUME), progress=False, echo=lambda _: None)
+    assert (run / "train-hash" / "bits-8" / "checkpoint.json").exists()
+    return run
+
+
+RESUME = dict(bits=(8,), epochs=4, hidden=32, batch_size=8, eval_every=2, device="cpu", checkpoint_every=2)
+
+
+def _leaves(tree, kind: str) -> list[dict]:
+    """The nodes {kind: ...} of a checkpoint's state tree (checkpoint.split_tensors writes it)."""
+    if isinstance(tree, dict):
+        return ([tree] if kind in tree else []) + [n for v in tree.values() for n in _leaves(v, kind)]
+    if isinstance(tree, list):
+        return [n for v in tree for n in _leaves(v, kind)]
+    return []
+
+
+@st.composite
+def swapped_leaves(draw, tree):
+    """The state tree with references to tensors pointed at other tensors of the file and plain values replaced:
+    a tree that load_checkpoint's checks all pass (the tensor file is untouched) and that does not fit the run."""
+    tree = json.loads(json.dumps(tree))
+    tensors, values = _leaves(tree, "tensor"), _leaves(tree, "value")
+    keys = [node["tensor"] for node in tensors]
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            draw(st.sampled_from(tensors))["tensor"] = draw(st.sampled_from(keys))
+        else:
+            draw(st.sampled_from(values))["value"] = draw(json_values)
+    return tree
+
+
+@examples("checkpoint-resume")
+@given(data=st.data())
+def test_resuming_from_a_checkpoint_whose_state_was_edited_fuzzed(crashed, tmp_path_factory, data):
+    """The checkpoint's JSON edited where no checksum guards it (the state tree, the epoch): training resumes, or
+    starts over saying why, or stops in one line; never a traceback from restoring the state."""
+    from duch.pipeline.config import TrainConfig
+    from duch.stages.train_hash import train_hash
+
+    run = tmp_path_factory.mktemp("resume", numbered=True) / "run"
+    shutil.copytree(crashed, run)
+    index = run / "train-hash" / "bits-8" / "checkpoint.json"
+    meta = json.loads(index.read_text())
+    meta["state"] = data.draw(st.one_of(mutated_json(meta["state"]), swapped_leaves(meta["state"])))
+    meta["epoch"] = data.draw(st.one_of(st.just(meta["epoch"]), st.integers(-3, 9), json_values))
+    index.write_text(json.dumps(meta))
+    said = []
+    try:
+        with time_bound(60):
+            train_hash(TrainConfig(run=str(run), **RESUME), progress=False, echo=said.append)
+        event("resumed" if any(": resuming from" in s for s in said) else "trained from the start")
+    except DuchError as e:
+        event(f"refused: {one_line(e)[:30]}")
