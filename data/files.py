@@ -3,7 +3,7 @@
 - Encoding: UTF-8, with or without a byte-order mark. A file in another encoding is refused by name where its
   first bytes tell it (a UTF-16 or UTF-32 byte-order mark, or NUL bytes between its first characters), else at its
   first byte that is not UTF-8, with line and column.
-- A caption JSON is parsed whole, which holds several times its size in memory (measured: docs/results.md, 7), so a
+- A caption JSON is parsed whole, which holds several times its size in memory (measured: docs/results.md, 10), so a
   file over MAX_JSON_BYTES is refused before it is read; an archive that large is written as JSONL or CSV rows,
   read one row at a time. JSON nested deeper than the parser goes (about 1000 levels) is refused when the parser
   reaches that depth, before anything of it is used.
@@ -22,7 +22,7 @@ from typing import Iterator
 from duch.data.records import DatasetError
 from duch.data.text import MAX_CAPTION_CHARS
 
-MAX_JSON_BYTES = 256 * 2**20
+MAX_JSON_BYTES = 128 * 2**20  # ~240,000 UCM-like images; parsing one holds at most ~2.5 GB
 MAX_ROW_BYTES = 2**20
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
          (codecs.BOM_UTF16_BE, "UTF-16"))  # UTF-32 first: its little-endian mark begins with UTF-16's

@@ -127,12 +127,44 @@ def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a)
     if a.dtype == bool:
         return np.ascontiguousarray(a.astype(np.uint8) * 255)
-    values = a.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise ImageLoadError("raster holds no finite values")
-    low, high = np.percentile(finite, [2, 98])
+    low, high = _stretch_range(a)
     if high <= low:
         high = low + 1.0
-    stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
-    return np.ascontiguousarray(np.round(stretched * 255).astype(np.uint8))
+    # Row block by row block, in float64 as one pass over the whole raster would compute it (the same bytes), so
+    # that the largest raster accepted costs a block of float64, not several copies of itself (measured:
+    # bench/fuzz_bounds.py, docs/results.md, 10).
+    out = np.empty(a.shape, np.uint8)
+    step = _block_rows(a)
+    for r in range(0, a.shape[0], step):
+        values = a[r:r + step].astype(np.float64)
+        stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
+        out[r:r + step] = np.round(stretched * 255).astype(np.uint8)
+    return out
+
+
+def _block_rows(a: np.ndarray) -> int:
+    return max(1, (4 << 20) // max(1, a.shape[1] * a.shape[2]))  # ~4M values (32 MB of float64) a block
+
+
+def _stretch_range(a: np.ndarray) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of the raster's finite values, equal to numpy's over them as float64, from one
+    copy no wider than needed: integers keep a dtype in which differences are exact (what the interpolation
+    takes), floats are gathered block by block."""
+    if a.dtype.kind == "f":
+        step = _block_rows(a)
+        blocks = [a[r:r + step] for r in range(0, a.shape[0], step)]
+        finite = np.empty(sum(int(np.count_nonzero(np.isfinite(b))) for b in blocks), np.float64)
+        at = 0
+        for block in blocks:
+            kept = block[np.isfinite(block)]
+            finite[at:at + kept.size] = kept
+            at += kept.size
+    elif a.dtype.kind in "ui" and a.dtype.itemsize < 8:
+        wider = a.dtype if a.dtype.kind == "u" else np.dtype(f"int{16 * a.dtype.itemsize}")
+        finite = a.astype(wider).ravel()  # a copy: the percentile below sorts it in place
+    else:
+        finite = a.astype(np.float64).ravel()
+    if finite.size == 0:
+        raise ImageLoadError("raster holds no finite values")
+    low, high = np.percentile(finite, [2, 98], overwrite_input=True)
+    return float(low), float(high)

@@ -2,10 +2,11 @@
 JSON, JSONL, CSV), the labels and splits beside them, and caption queries (`Index.embed_text`, behind
 `duch search --text`). docs/stages.md ("Bad input") states them.
 
-- Control characters (C0, U+0000 to U+001F but tab, line feed and carriage return, and DEL, U+007F) are removed.
-  Both shipped text encoders drop them before tokenizing already (MiniLM's BERT tokenizer, open_clip's ftfy
-  cleaning), so a caption embeds the same with or without them; what they broke was storage (HDF5 strings end at
-  NUL) and terminals.
+- Control characters are removed: U+0000 to U+0008, U+000B, U+000E to U+001F and U+007F, and terminal escape
+  sequences (ESC [ ... letter) whole. Both shipped text encoders drop exactly these before tokenizing already
+  (MiniLM's BERT tokenizer and open_clip's ftfy cleaning; BERT keeps an escape sequence's "[31m" as text), so a
+  caption embeds as it did; what they broke was storage (HDF5 strings end at NUL) and terminals. Tab, line feed,
+  carriage return and form feed are whitespace to the encoders and stay.
 - Text that is not valid Unicode (a lone surrogate, from a JSON "\\ud800" escape) is refused: no UTF-8 writer can
   store it.
 - A caption is stripped of surrounding whitespace; one left empty is refused.
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_CAPTION_CHARS = 10_000
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL = re.compile("\x1b\\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b\x0e-\x1f\x7f]")  # ftfy's escape pattern first
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass(frozen=True)
-class Caption:
+class Caption(NamedTuple):  # a tuple: archives hold millions of captions, and a dataclass costs more to make
     """A caption after the rules: `text` (None when refused, `reason` then says why), and what was done to it."""
 
     text: str | None
@@ -35,7 +36,7 @@ class Caption:
 
 
 def control_characters(text: str) -> list[str]:
-    """The control characters the rules remove, in order of appearance."""
+    """The control characters (and escape sequences) the rules remove, in order of appearance."""
     return _CONTROL.findall(text)
 
 
@@ -49,6 +50,10 @@ def unicode_problem(text: str) -> str | None:
 
 def clean_caption(raw: str) -> Caption:
     """One caption (or caption query) by the module's rules."""
+    if raw.isascii() and raw.isprintable():  # most captions: no control character, no surrogate
+        text = raw.strip()
+        if text and len(text) <= MAX_CAPTION_CHARS:
+            return Caption(text)
     problem = unicode_problem(raw)
     if problem:
         return Caption(None, f"caption {problem}")

@@ -160,3 +160,40 @@ def test_image_files_fuzzed(tmp_path_factory, data, suffix):
 @given(data=headers, suffix=st.sampled_from([".jpg", ".png", ".tif"]))
 def test_image_headers_declaring_any_size_fuzzed(tmp_path_factory, data, suffix):
     check_image(tmp_path_factory.mktemp("hdr", numbered=True), data, suffix)
+
+
+def stretch_reference(array: np.ndarray) -> np.ndarray:
+    """The conversion rule of more-than-8-bit rasters as one pass over the whole raster in float64 (what
+    raster_to_rgb8 computed before it went block by block): 2nd-98th percentile of the finite values onto 0..255."""
+    a = np.asarray(array)
+    a = a[:, :, None] if a.ndim == 2 else np.moveaxis(a, 0, -1) if a.shape[0] <= 16 and a.shape[0] < a.shape[2] else a
+    a = a[:, :, :3] if a.shape[2] >= 3 else np.repeat(a[:, :, :1], 3, axis=2)
+    values = a.astype(np.float64)
+    low, high = np.percentile(values[np.isfinite(values)], [2, 98])
+    high = low + 1.0 if high <= low else high
+    return np.round(np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+@examples("stretch")
+@given(data=st.data(), dtype=st.sampled_from(["uint16", "int16", "uint32", "int32", "int64", "uint64", "float32",
+                                              "float64", "int8"]),
+       shape=st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 6)))
+def test_the_stretch_in_row_blocks_gives_the_bytes_of_one_pass_over_the_raster(data, dtype, shape):
+    """raster_to_rgb8 stretches row block by row block, its percentiles from one copy no wider than needed (the
+    largest raster accepted took 11.6 GB, bench/fuzz_bounds.py): every byte as one float64 pass gives it."""
+    from hypothesis.extra.numpy import arrays
+
+    from duch.data.images import raster_to_rgb8
+
+    raster = data.draw(arrays(dtype, shape))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow of a range wider than float64 holds, both ways
+        try:
+            expected = stretch_reference(raster)
+        except IndexError:  # no finite value at all
+            with pytest.raises(ImageLoadError, match="raster holds no finite values"):
+                raster_to_rgb8(raster)
+            return
+        assert np.array_equal(raster_to_rgb8(raster), expected)
