@@ -10,6 +10,7 @@ Conversion rules (documented in docs/stages.md):
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -38,12 +39,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     try:
-        return _decode(path)
+        img = _decode(path)
     except ImageLoadError:
         raise
     except Exception as e:  # decoders raise many types on malformed files (ValueError, SyntaxError, struct.error...)
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ImageLoadError(f"cannot decode image: {reason}") from None
+    if not img.width or not img.height:  # a damaged header can decode to no pixels, which no encoder takes
+        raise ImageLoadError(f"image has no pixels ({img.width} x {img.height})")
+    return img
 
 
 def _decode(path: Path) -> Image.Image:
@@ -88,6 +92,9 @@ def _read_tiff(path: Path) -> np.ndarray | None:
     """The raster, or None where tifffile cannot decode it (PIL gets a try then)."""
     import tifffile
 
+    quiet = logging.getLogger("tifffile")  # its diagnostics on a damaged file are noise: it is used or rejected
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -100,6 +107,8 @@ def _read_tiff(path: Path) -> np.ndarray | None:
         raise
     except Exception:  # tifffile raises many types for corrupt or exotic files
         return None
+    finally:
+        quiet.setLevel(level)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -303,3 +303,39 @@ def test_a_checkpoint_whose_state_was_edited_trains_from_the_start(tiny_extract_
     for name in ("model.safetensors", "history.json"):
         assert (run / "train-hash" / "bits-8" / name).read_bytes() == (clean / "train-hash" / "bits-8" / name
                                                                         ).read_bytes()
+
+
+def test_a_tiff_decoding_to_no_pixels_is_rejected(tmp_path, tiny_encoded_run):
+    """test_image_files_fuzzed (DUCH_FUZZ_SCALE=15, a random seed): a TIFF seed with bytes overwritten in its
+    tags (tests/assets/fuzzed/zero-pixels.tif, the example as found) decoded to a 0 x 0 image, which load_image
+    returned: extract rejected it later under another name, `search --image` ended in a ZeroDivisionError from the
+    encoder's resize (and tifffile logged 30 lines on the way). Rule: an image of no pixels is an ImageLoadError,
+    quietly."""
+    from duch.data.images import ImageLoadError, load_image
+    from duch.pipeline import DuchError
+    from duch.pipeline.retrieval.search import Index
+
+    path = ASSETS / "fuzzed" / "zero-pixels.tif"
+    with pytest.raises(ImageLoadError, match=r"^image has no pixels \(0 x 0\)$"):
+        load_image(path)
+    with pytest.raises(DuchError, match=r"zero-pixels.tif: image has no pixels \(0 x 0\)$"):
+        Index.load(tiny_encoded_run, bits=16, device="cpu").search(image=path)
+
+
+def test_safetensors_holding_other_tensors_than_the_heads_are_one_line(tmp_path, tiny_encoded_run):
+    """test_model_weights_fuzzed (DUCH_FUZZ_SCALE=15): model.safetensors with a byte of a key's name changed still
+    parsed as safetensors, and loading it into the heads raised torch's RuntimeError (missing key). Rule: weights
+    that are not these heads' are refused in one line (Model.load finds them first by their checksum)."""
+    from safetensors.torch import load_file, save_file
+
+    from duch.pipeline import DuchError
+    from duch.pipeline.formats.weights import load_heads
+
+    tensors = load_file(str(tiny_encoded_run / "train-hash" / "bits-16" / "model.safetensors"))
+    tensors["image_head.net.1.weighs"] = tensors.pop("image_head.net.1.weight")
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(DuchError, match=r"model.safetensors: not the weights of 16-bit heads on 16/16-d features "
+                                        r"\(Error\(s\) in loading state_dict for HashHead: Missing key\(s\) in "
+                                        r"state_dict: \"net.1.weight\". .*\); rerun `duch train-hash --force`"):
+        load_heads(path, 16, 16, 16, 32)
