@@ -121,8 +121,8 @@ def png(path: Path, width: int, height: int, depth: int = 8, colour: int = 2) ->
     row = row[:1 + width * channels * depth // 8]
     packer = zlib.compressobj(6)
     body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0,
-                                                                        0)) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
 def tiff(path: Path, side: int, bands: int, dtype) -> None:
@@ -237,7 +237,9 @@ def main() -> None:
             outcome = {k: outcome[k] for k in ("captions", "capped_captions", "truncated_captions") if k in outcome}
         print(f"{row['case']:<72} {row['checkout']:<8} {row.get('seconds', float('nan')):>8.2f} "
               f"{row.get('peak_rss_mb', float('nan')):>8.0f}  {str(outcome)[:70]}")
-    print(f"saved {save('fuzz_bounds', {'chars': args.chars, 'checkouts': {k: str(v) for k, v in checkouts.items()}, 'rows': rows})}")
+    saved = save("fuzz_bounds", {"chars": args.chars, "checkouts": {k: str(v) for k, v in checkouts.items()},
+                                 "rows": rows})
+    print(f"saved {saved}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 - Encoding: UTF-8, with or without a byte-order mark. A file in another encoding is refused by name where its
   first bytes tell it (a UTF-16 or UTF-32 byte-order mark, or NUL bytes between its first characters), else at its
   first byte that is not UTF-8, with line and column.
-- A caption JSON is parsed whole, which holds several times its size in memory (measured: docs/results.md, 10), so a
+- A caption JSON is parsed whole, which holds 7 to 18 times its size in memory (measured: docs/results.md, 11), so a
   file over MAX_JSON_BYTES is refused before it is read; an archive that large is written as JSONL or CSV rows,
   read one row at a time. JSON nested deeper than the parser goes (about 1000 levels) is refused when the parser
   reaches that depth, before anything of it is used.

@@ -58,7 +58,7 @@ def _decode(path: Path) -> Image.Image:
             return Image.fromarray(raster_to_rgb8(array))
     try:
         with warnings.catch_warnings():
-            # PIL's warnings on a damaged file's metadata ("Corrupt EXIF data") are noise: the image is used or rejected.
+            # PIL's warnings on a damaged file's metadata ("Corrupt EXIF data") are noise: it is used or rejected.
             warnings.simplefilter("ignore", UserWarning)
             # A huge image is refused rather than decoded into gigabytes of memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -141,7 +141,7 @@ def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
         high = low + 1.0
     # Row block by row block, in float64 as one pass over the whole raster would compute it (the same bytes), so
     # that the largest raster accepted costs a block of float64, not several copies of itself (measured:
-    # bench/fuzz_bounds.py, docs/results.md, 10).
+    # bench/fuzz_bounds.py, docs/results.md, 11).
     out = np.empty(a.shape, np.uint8)
     step = _block_rows(a)
     for r in range(0, a.shape[0], step):

@@ -129,7 +129,8 @@ def mutated(draw):
     if draw(st.booleans()):
         data = data[:draw(st.integers(0, len(data)))]
     if draw(st.integers(0, 9)) == 0:
-        data[:4] = draw(st.sampled_from([b"\x89PNG", b"\xff\xd8\xff\xe0", b"II*\x00", b"MM\x00*", b"GIF8", b"BM\x00\x00",
+        data[:4] = draw(st.sampled_from([b"\x89PNG", b"\xff\xd8\xff\xe0", b"II*\x00", b"MM\x00*", b"GIF8",
+                                         b"BM\x00\x00",
                                          b"\x00\x00\x00\x00"]))
     return bytes(data)
 

@@ -107,7 +107,8 @@ document = st.one_of(
     json_values)
 # Text encodings a user's file may come in: UTF-8 with or without a byte-order mark is read; anything else is
 # refused by name (a BOM tells UTF-16 and UTF-32) or at its first byte that is not UTF-8.
-encodings = st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1",
+encodings = st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-16-le",
+                             "utf-16-be", "utf-32", "latin-1",
                              "cp1252"])
 
 
@@ -144,7 +145,8 @@ def test_caption_json_bytes_fuzzed(root, data):
 
 # ---------------------------------------------------------------------------------------------- JSONL
 row = st.one_of(st.fixed_dictionaries({"image": names, "caption": st.one_of(caption_text, json_values)},
-                                      optional={"split": text_label, "label": st.one_of(text_label, json_values)}), json_values)
+                                      optional={"split": text_label, "label": st.one_of(text_label, json_values)}),
+                json_values)
 line_end = st.sampled_from(["\n", "\r\n", "\r", "\n\n"])
 
 

@@ -27,7 +27,8 @@ values = st.one_of(
     numbers.map(str),
     st.lists(numbers, max_size=3).map(lambda v: ",".join(map(str, v))),
     st.lists(numbers, max_size=3).map(lambda v: str(tuple(v))),
-    st.sampled_from(["true", "False", "yes", "off", "None", "''", "[]", "()", "{}", "[[[[[1]]]]]", "(" * 200 + ")" * 200,
+    st.sampled_from(["true", "False", "yes", "off", "None", "''", "[]", "()", "{}", "[[[[[1]]]]]",
+                     "(" * 200 + ")" * 200,
                      "1" + "+1" * 500, "'a'", "b''", "\x00", "lambda: 0", "__import__('os')"]),
     st.text(alphabet=any_char, max_size=12),
 )

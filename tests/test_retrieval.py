@@ -348,7 +348,8 @@ def test_a_model_file_gone_is_named_with_its_fix_and_the_fix_works(run, how):
     assert encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet).did_work
 
 
-@pytest.mark.parametrize("edit, problem", [("no basis", "no basis.extract"), ("bits not a list", "config.bits holds int"),
+@pytest.mark.parametrize("edit, problem", [("no basis", "no basis.extract"),
+                                           ("bits not a list", "config.bits holds int"),
                                            ("config not an object", "config holds str")])
 def test_a_malformed_train_hash_manifest_is_one_error_with_its_fix(run, edit, problem):
     stage = run / "train-hash"
