@@ -31,7 +31,7 @@ settings.load_profile("fuzz" if SCALE > 1 else "ci")
 EXAMPLES = {
     "caption-json": 150, "caption-json-bytes": 80, "jsonl": 100, "csv": 120, "folder": 40, "image": 200,
     "image-header": 120, "manifest": 80, "codes": 40, "checkpoint": 60, "weights": 40, "set": 200, "set-train": 25,
-    "checkpoint-resume": 8,
+    "checkpoint-resume": 8, "extract": 8,
     "stretch": 150, "query-text": 60, "query-image": 40, "query-id": 60,
 }
 
