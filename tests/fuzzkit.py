@@ -87,9 +87,10 @@ caption_text = st.one_of(
 )
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                         st.floats(allow_nan=False, allow_infinity=False), caption_text)
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+                         st.floats(allow_nan=False, allow_infinity=False), caption_text, st.just([]), st.just({}))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(  # empty containers are among the scalars
+    st.lists(inner, min_size=1, max_size=4), st.dictionaries(st.text(max_size=8), inner, min_size=1, max_size=4)),
+    max_leaves=12)
 
 
 def _places(tree) -> list[tuple]:
