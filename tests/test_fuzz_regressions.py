@@ -272,6 +272,7 @@ def _lr_node(tree: dict) -> dict:
     return dict(group["dict"])["lr"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, why", [
     (lambda tree: {"dict": []}, "ValueError: it holds []"),  # was KeyError: 'heads'
     (lambda tree: _lr_node(tree).update(value=None) or tree, "ValueError: opt.lr holds NoneType None, not float"),

@@ -112,6 +112,7 @@ def training_state() -> dict:
     return {"heads": heads.state_dict(), "opt": opt.state_dict(), "betas": (0.5, 0.9), "log": [{"epoch": 1}]}
 
 
+@pytest.mark.slow
 @examples("checkpoint")
 @given(part=st.sampled_from(["json", "json", "tensors"]), data=st.data())
 def test_checkpoints_fuzzed(tmp_path_factory, part, data):
@@ -173,6 +174,7 @@ def swapped_leaves(draw, tree):
     return tree
 
 
+@pytest.mark.slow
 @examples("checkpoint-resume")
 @given(data=st.data())
 def test_resuming_from_a_checkpoint_whose_state_was_edited_fuzzed(crashed, tmp_path_factory, data):

@@ -64,6 +64,7 @@ def tiny_run(tiny_extract_run, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @examples("set-train")
 @given(overrides=st.lists(st.builds(lambda key, value: f"{key}={value}", st.sampled_from(
     [k for k in KEYS if k not in OWN_OPTIONS and k not in TrainConfig.RUNTIME_FIELDS]), values), min_size=1,
