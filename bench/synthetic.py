@@ -69,7 +69,7 @@ def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0,
         "stage": "extract", "created": now_iso(), "fingerprint": fingerprint, "basis": basis,
         "config": {"image_encoder": spec, "text_encoder": spec if captions else None, "image_views": views,
                    # the augmentation an image query's views are drawn with, as extract records it
-                   **({"seed": seed, "image_augment": dataclasses.asdict(ImageAugment())} if views else {})},
+                   "seed": seed, "image_augment": dataclasses.asdict(ImageAugment())},
         "dataset": {"kind": "synthetic", "source": "synthetic", "images_dir": "synthetic"},
         "encoders": {"image": {"encoder": spec, "dim": dim}, **({"text": {"encoder": spec, "dim": dim}}
                                                                 if captions else {})},

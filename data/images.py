@@ -11,6 +11,7 @@ Conversion rules (documented in docs/stages.md):
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -27,6 +28,8 @@ class ImageLoadError(Exception):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as 8-bit RGB, by the module's rules; an ImageLoadError (one line, the reason a user sees)
+    for any file that cannot be used, whatever the decoder raised."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -36,7 +39,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"cannot read file: {e.strerror}") from None
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
-    return _decode(path, path.suffix.lower() in (".tif", ".tiff"))
+    return _checked(path, path.suffix.lower() in (".tif", ".tiff"))
 
 
 def load_image_bytes(data: bytes) -> Image.Image:
@@ -44,7 +47,20 @@ def load_image_bytes(data: bytes) -> Image.Image:
     an upload's name is the sender's to choose."""
     if not data:
         raise ImageLoadError("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+    return _checked(io.BytesIO(data), data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+
+
+def _checked(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
+    try:
+        img = _decode(source, tiff)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # decoders raise many types on malformed files (ValueError, SyntaxError, struct.error...)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ImageLoadError(f"cannot decode image: {reason}") from None
+    if not img.width or not img.height:  # a damaged header can decode to no pixels, which no encoder takes
+        raise ImageLoadError(f"image has no pixels ({img.width} x {img.height})")
+    return img
 
 
 def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
@@ -57,6 +73,8 @@ def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
             source.seek(0)
     try:
         with warnings.catch_warnings():
+            # PIL's warnings on a damaged file's metadata ("Corrupt EXIF data") are noise: it is used or rejected.
+            warnings.simplefilter("ignore", UserWarning)
             # A huge image is refused rather than decoded into gigabytes of memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
@@ -73,7 +91,7 @@ def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
     except OSError as e:
         if "truncated" in str(e):
             raise ImageLoadError("truncated image file") from None
-        raise ImageLoadError(f"cannot decode image: {e}") from None
+        raise ImageLoadError(f"cannot decode image: {' '.join(str(e).split())}") from None
     return Image.fromarray(raster_to_rgb8(array))
 
 
@@ -89,6 +107,9 @@ def _read_tiff(path: Path | io.BytesIO) -> np.ndarray | None:
     """The raster, or None where tifffile cannot decode it (PIL gets a try then)."""
     import tifffile
 
+    quiet = logging.getLogger("tifffile")  # its diagnostics on a damaged file are noise: it is used or rejected
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -101,6 +122,8 @@ def _read_tiff(path: Path | io.BytesIO) -> np.ndarray | None:
         raise
     except Exception:  # tifffile raises many types for corrupt or exotic files
         return None
+    finally:
+        quiet.setLevel(level)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -128,8 +151,47 @@ def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a)
     if a.dtype == bool:
         return np.ascontiguousarray(a.astype(np.uint8) * 255)
-    values = a.astype(np.float64)
-    return apply_stretch(values, *stretch_limits(values[np.isfinite(values)]))
+    low, high = _stretch_range(a)
+    if high <= low:
+        high = low + 1.0
+    # Row block by row block, in float64 as one pass over the whole raster would compute it (the same bytes), so
+    # that the largest raster accepted costs a block of float64, not several copies of itself (measured:
+    # bench/fuzz_bounds.py, docs/results.md, 11).
+    out = np.empty(a.shape, np.uint8)
+    step = _block_rows(a)
+    for r in range(0, a.shape[0], step):
+        values = a[r:r + step].astype(np.float64)
+        stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
+        out[r:r + step] = np.round(stretched * 255).astype(np.uint8)
+    return out
+
+
+def _block_rows(a: np.ndarray) -> int:
+    return max(1, (4 << 20) // max(1, a.shape[1] * a.shape[2]))  # ~4M values (32 MB of float64) a block
+
+
+def _stretch_range(a: np.ndarray) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of the raster's finite values, equal to numpy's over them as float64, from one
+    copy no wider than needed: integers keep a dtype in which differences are exact (what the interpolation
+    takes), floats are gathered block by block."""
+    if a.dtype.kind == "f":
+        step = _block_rows(a)
+        blocks = [a[r:r + step] for r in range(0, a.shape[0], step)]
+        finite = np.empty(sum(int(np.count_nonzero(np.isfinite(b))) for b in blocks), np.float64)
+        at = 0
+        for block in blocks:
+            kept = block[np.isfinite(block)]
+            finite[at:at + kept.size] = kept
+            at += kept.size
+    elif a.dtype.kind in "ui" and a.dtype.itemsize < 8:
+        wider = a.dtype if a.dtype.kind == "u" else np.dtype(f"int{16 * a.dtype.itemsize}")
+        finite = a.astype(wider).ravel()  # a copy: the percentile below sorts it in place
+    else:
+        finite = a.astype(np.float64).ravel()
+    if finite.size == 0:
+        raise ImageLoadError("raster holds no finite values")
+    low, high = np.percentile(finite, [2, 98], overwrite_input=True)
+    return float(low), float(high)
 
 
 def stretch_limits(values: np.ndarray) -> tuple[float, float]:

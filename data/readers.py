@@ -7,18 +7,21 @@
 - a bare folder of images (no captions; the class is the first sub-folder, as in UC Merced's own layout).
 
 A file that cannot be parsed fails at once, naming the line or key. Bad *items* (an empty caption, a
-malformed JSONL row) are collected as rejects and the rest goes on.
+malformed JSONL row) are collected as rejects and the rest goes on. Captions, labels and splits follow the rules
+of data/text.py; how a file is opened (encodings, size and row bounds) is data/files.py's.
 """
 from __future__ import annotations
 
+import codecs
 import csv
-import json
 import os
 import re
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
+from duch.data.files import CsvLines, json_row, jsonl_rows, not_utf8, read_json_file
 from duch.data.records import Dataset, DatasetError, Item, Reject
+from duch.data.text import CaptionCounts, clean_caption, clean_field, unicode_problem
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ANNOTATION_SUFFIXES = (".json", ".jsonl", ".csv")
@@ -77,9 +80,12 @@ class ImagesFolder:
     def relative(self, name: str, where: str) -> str:
         if not isinstance(name, str) or not name.strip():
             raise DatasetError(f"{where}: image path must be a non-empty string, got {name!r}")
-        problem = _unicode_problem(name)
+        problem = unicode_problem(name)
         if problem:
             raise DatasetError(f"{where}: image path {name!r} is {problem}")
+        if "\0" in name:
+            raise DatasetError(f"{where}: image path {name!r} holds a NUL character, which no file name can; "
+                               "correct the path")
         posix = name.replace("\\", "/")
         parts = posix.split("/")
         if not all(parts) or "." in parts:  # not already in normal form ("a//b", "./a", "a/"): let pathlib say
@@ -94,6 +100,14 @@ class ImagesFolder:
         relative = "/".join(parts)
         if not self.inside(relative):
             raise DatasetError(f"{where}: image path {name!r} resolves outside the images folder {self.images_dir}")
+        return relative
+
+    def listed(self, relative: str) -> str:
+        """A path from the folder's own listing, exact already: a backslash or a leading "C:" is part of a POSIX file
+        name there, not a Windows path to convert. Only where a symlink leads is checked."""
+        if not self.inside(relative):
+            raise DatasetError(f"{self.images_dir / relative}: image path {relative!r} resolves outside the images "
+                               f"folder {self.images_dir}; remove the link or point --data at the folder it leads to")
         return relative
 
     def inside(self, relative: str) -> bool:
@@ -128,40 +142,15 @@ def _check_unique(items: list[Item], source: Path) -> None:
         seen[item.id] = item.image
 
 
-def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError) -> DatasetError:
-    """Where the first byte that is not UTF-8 sits, as a text editor counts it."""
-    line = data.count(b"\n", 0, e.start) + 1
-    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-    return DatasetError(f"{path}: not UTF-8 text at line {line}, column {column} (byte 0x{data[e.start]:02x}); "
-                        "save the file as UTF-8")
-
-
-def _unicode_problem(text: str) -> str | None:
-    """A reason to reject text that holds no valid Unicode (JSON's "\\ud800" escapes decode to lone surrogates,
-    which no UTF-8 writer, HDF5's included, can store)."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as e:
-        return f"not valid Unicode text (unpaired surrogate {text[e.start]!r} at character {e.start})"
-
-
 def read_caption_json(path: Path, images_dir: Path) -> Dataset:
-    data = b""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        doc = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, data, e) from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    doc = read_json_file(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError(f"{path}: expected an object with an 'images' list (the UCM/RSICD caption format)")
     classes = doc.get("classes") if isinstance(doc.get("classes"), dict) else {}
     folder = ImagesFolder(images_dir)
     items: list[Item] = []
     rejects: list[Reject] = []
+    counts = CaptionCounts()
     for i, entry in enumerate(doc["images"]):
         where = f"{path}: images[{i}]"
         if not isinstance(entry, dict):
@@ -183,116 +172,146 @@ def read_caption_json(path: Path, images_dir: Path) -> Dataset:
                 raw = " ".join(map(str, sentence["tokens"]))
             if not isinstance(raw, str):
                 raise DatasetError(f"{where}.sentences[{k}].raw: expected a string, got {type(raw).__name__}")
-            if not raw.strip():
-                rejects.append(Reject(f"{item_id}#{k}", "empty caption"))
-                continue
-            problem = _unicode_problem(raw)
-            if problem:
-                rejects.append(Reject(f"{item_id}#{k}", f"caption {problem}"))
-                continue
-            captions.append(raw.strip())
-        split = entry.get("split")
-        if split is not None and not isinstance(split, str):
-            raise DatasetError(f"{where}.split: expected a string, got {type(split).__name__}")
+            caption = clean_caption(raw)
+            counts.add(caption)
+            if caption.text is None:
+                rejects.append(Reject(f"{item_id}#{k}", caption.reason))
+            else:
+                captions.append(caption.text)
+        split = _text_field(entry.get("split"), f"{where}.split")
         items.append(Item(item_id, relative, tuple(captions), split, _label_of(entry, classes, relative, where)))
     _check_unique(items, path)
-    return Dataset("caption-json", path, images_dir, items, rejects)
+    return Dataset("caption-json", path, images_dir, items, rejects, caption_counts=counts.as_counts())
+
+
+def _text_field(value, where: str) -> str | None:
+    """A split or label an annotation gives: a string (or None), valid Unicode, control characters removed."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: expected a string, got {type(value).__name__}")
+    problem = unicode_problem(value)
+    if problem:
+        raise DatasetError(f"{where}: {value!r} is {problem}; correct it in the file")
+    return clean_field(value)
 
 
 def _label_of(entry: dict, classes: dict, relative: str, where: str) -> str | None:
     if "classname" in entry:
-        if not isinstance(entry["classname"], str):
-            raise DatasetError(f"{where}.classname: expected a string, got {type(entry['classname']).__name__}")
-        return entry["classname"]
+        return _text_field(entry["classname"], f"{where}.classname")
     if "classcode" in entry:
         code = entry["classcode"]
         if not isinstance(code, (int, str)) or isinstance(code, bool):
             raise DatasetError(f"{where}.classcode: expected an integer or string, got {type(code).__name__}")
-        return str(classes.get(str(code), code))
+        return _text_field(str(classes.get(str(code), code)), f"{where}.classcode")
     return class_from_name(relative)
 
 
 class _Grouper:
     """Collects (image, caption) rows into items, in the order images first appear."""
 
-    def __init__(self, images_dir: Path):
+    def __init__(self, images_dir: Path, source: Path):
         self.images_dir = images_dir
+        self.source = source
         self.folder = ImagesFolder(images_dir)
         self.rows: OrderedDict[str, dict] = OrderedDict()
         self.rejects: list[Reject] = []
+        self.counts = CaptionCounts()
 
     def add(self, where: str, image, caption, split=None, label=None) -> None:
         if not isinstance(image, str) or not image.strip():
             self.rejects.append(Reject(where, "missing or non-string 'image'"))
             return
-        relative = self.folder.relative(image.strip(), where)
-        row = self.rows.setdefault(relative, {"captions": [], "split": split or None, "label": label or None})
+        fields = {}
+        for key, value in (("split", split), ("label", label)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a class number, as a caption JSON's classcode
+            if value is not None and not isinstance(value, str):
+                self.rejects.append(Reject(where, f"'{key}' is a {type(value).__name__}, not a string"))
+                return
+            if value and unicode_problem(value):
+                self.rejects.append(Reject(where, f"'{key}' is {unicode_problem(value)}"))
+                return
+            fields[key] = clean_field(value) if value else None
+        # A path that cannot be an image refuses the file, naming it whole (rejects name rows by file name)
+        relative = self.folder.relative(image.strip(), str(self.source.parent / where))
+        row = self.rows.setdefault(relative, {"captions": [], **fields})
         if not isinstance(caption, str):
             self.rejects.append(Reject(where, "missing or non-string 'caption'"))
-        elif not caption.strip():
-            self.rejects.append(Reject(where, "empty caption"))
-        elif _unicode_problem(caption):
-            self.rejects.append(Reject(where, f"caption {_unicode_problem(caption)}"))
+            return
+        cleaned = clean_caption(caption)
+        self.counts.add(cleaned)
+        if cleaned.text is None:
+            self.rejects.append(Reject(where, cleaned.reason))
         else:
-            row["captions"].append(caption.strip())
+            row["captions"].append(cleaned.text)
 
-    def dataset(self, kind: str, source: Path) -> Dataset:
+    def dataset(self, kind: str) -> Dataset:
+        source = self.source
         items = [
             Item(_item_id(rel), rel, tuple(r["captions"]), r["split"], r["label"] or class_from_name(rel))
             for rel, r in self.rows.items()
         ]
         _check_unique(items, source)
-        return Dataset(kind, source, self.images_dir, items, self.rejects)
+        return Dataset(kind, source, self.images_dir, items, self.rejects, caption_counts=self.counts.as_counts())
 
 
 def read_pairs_jsonl(path: Path, images_dir: Path) -> Dataset:
-    grouper = _Grouper(images_dir)
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path.name}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                grouper.rejects.append(Reject(where, "not UTF-8"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                grouper.rejects.append(Reject(where, f"not valid JSON (column {e.colno}: {e.msg})"))
-                continue
-            if not isinstance(row, dict):
-                grouper.rejects.append(Reject(where, "not a JSON object"))
-                continue
+    grouper = _Grouper(images_dir, path)
+    for n, raw in jsonl_rows(path):
+        where = f"{path.name}:{n}"
+        if raw is None:
+            grouper.rejects.append(Reject(where, "row longer than 1 MiB"))
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            grouper.rejects.append(Reject(where, "not UTF-8"))
+            continue
+        if not line.strip():
+            continue
+        row, problem = json_row(line)
+        if problem:
+            grouper.rejects.append(Reject(where, problem))
+        elif not isinstance(row, dict):
+            grouper.rejects.append(Reject(where, "not a JSON object"))
+        else:
             grouper.add(where, row.get("image"), row.get("caption"), row.get("split"), row.get("label"))
-    return grouper.dataset("pairs-jsonl", path)
+    return grouper.dataset("pairs-jsonl")
 
 
 def read_pairs_csv(path: Path, images_dir: Path) -> Dataset:
-    grouper = _Grouper(images_dir)
+    grouper = _Grouper(images_dir, path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        with CsvLines(path) as lines:
+            reader = csv.DictReader(lines)
             missing = {"image", "caption"} - set(reader.fieldnames or [])
             if missing:
-                raise DatasetError(
-                    f"{path}: header must name the columns 'image' and 'caption' (missing {', '.join(sorted(missing))})"
-                )
+                raise DatasetError(f"{path}: header must name the columns 'image' and 'caption' (missing "
+                                   f"{', '.join(sorted(missing))}){_delimiter_hint(reader.fieldnames)}")
             for row in reader:
                 where = f"{path.name}:{reader.line_num}"
                 grouper.add(where, row.get("image"), row.get("caption"), row.get("split"), row.get("label"))
     except UnicodeDecodeError:
         # The decoder's position counts from the chunk it was reading: decode the whole file to find the byte.
-        data = path.read_bytes()
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, data, e) from None
+            raise not_utf8(path, data, e) from None
         raise
     except csv.Error as e:
-        raise DatasetError(f"{path}: malformed CSV: {e}") from None
-    return grouper.dataset("pairs-csv", path)
+        raise DatasetError(f"{path}: malformed CSV at line {lines.line}: {e}; quote fields holding commas, quotes "
+                           "or line breaks with double quotes (RFC 4180)") from None
+    return grouper.dataset("pairs-csv")
+
+
+def _delimiter_hint(header: list[str] | None) -> str:
+    """Rows are split at commas; a header that holds another usual delimiter names it."""
+    for name, delimiter in (("semicolons", ";"), ("tabs", "\t"), ("bars", "|")):
+        if header and len(header) == 1 and delimiter in header[0]:
+            return f"; the file seems to separate its columns with {name}: save it with commas"
+    return ""
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -321,12 +340,12 @@ def read_image_folder(folder: Path) -> Dataset:
     images = ImagesFolder(folder)
     items, rejects = [], []
     for rel in relatives:
-        problem = _unicode_problem(rel)
+        problem = unicode_problem(rel)
         if problem:  # a file name in another encoding: Python hands it over with surrogates standing for bytes
             rejects.append(Reject(rel.encode("utf-8", "backslashreplace").decode(), f"file name is {problem}"))
             continue
         top, _, rest = rel.partition("/")
         label = top if rest else class_from_name(rel)
-        items.append(Item(_item_id(rel), images.relative(rel, rel), (), None, label))
+        items.append(Item(_item_id(rel), images.listed(rel), (), None, label))
     _check_unique(items, folder)
     return Dataset("image-folder", folder, folder, items, rejects)

@@ -66,6 +66,8 @@ class Dataset:
     items: list[Item]
     rejects: list[Reject] = field(default_factory=list)
     scenes: list[SceneInfo] = field(default_factory=list)  # of a "scenes" dataset, whose items are their tiles
+    # What the caption rules (data/text.py) changed: {"cleaned_captions": n, "capped_captions": m}
+    caption_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_captions(self) -> int:

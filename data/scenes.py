@@ -103,7 +103,7 @@ def read_scenes(path: str | os.PathLike, options: TileOptions) -> Dataset:
         items += [Item(f"{name}/{i}_{j}", file, tile=Tile(scene, window, options.tile))
                   for i, j, window in tile_windows(scene.width, scene.height, options.tile,
                                                    options.stride or options.tile)]
-    return Dataset("scenes", folder, folder, items, rejects, scenes)
+    return Dataset("scenes", folder, folder, items, rejects, scenes=scenes)
 
 
 def truncation(path: Path) -> str | None:

@@ -21,6 +21,7 @@ from duch.pipeline.archive.growth import (archive_indexes, drop_old_indexes, dro
 from duch.pipeline.config import AddConfig
 from duch.pipeline.embed.extraction import extract_into, extraction_basis
 from duch.pipeline.encoders import parse_spec
+from duch.pipeline.formats.shards import read_attrs
 from duch.pipeline.run.layout import clear_stage
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
@@ -81,8 +82,7 @@ def extract_segment(cfg, dataset: Dataset, progress: bool, echo: Callable[[str],
     done, _ = folder.check(fingerprint, force=False)
     if done:
         return
-    previous = folder.previous()
-    if previous and previous.get("fingerprint") != fingerprint:  # a killed add of other items: not resumed
-        clear_stage(folder.path)
+    if any(read_attrs(shard).get("fingerprint") != fingerprint for shard in folder.path.glob("*.h5")):
+        clear_stage(folder.path)  # left by a killed add of other items: not resumed
     folder.start()
     extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo)

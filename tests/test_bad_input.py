@@ -104,15 +104,17 @@ def test_one_extract_over_every_bad_input_rejects_or_converts_each_and_goes_on(t
     kept = [name for name, reason in expected.items() if reason is None]
     counts = manifest["counts"]
     assert (counts["items"], counts["images"], counts["rejects"]) == (14, len(kept), 2 + len(rejected))
-    assert f"warning: {2 + len(rejected)} items skipped" in result.output
-    assert counts["captions"] == 2 * 14 + 1  # the 10,000-character caption is kept (and truncated)
+    assert (f"warning: {2 + len(rejected)} items skipped (and the {2 * len(rejected)} captions of the rejected "
+            "images)") in result.output
+    # The 10,000-character caption is kept (and truncated); the rejected images' captions go with them.
+    assert counts["captions"] == 2 * len(kept) + 1 and counts["dropped_captions"] == 2 * len(rejected)
     features = load_features(run)
     assert sorted(features.ids) == sorted(kept) and np.isfinite(features.image.astype(np.float32)).all()
     assert LONG_CAPTION in set(features.text)
     # The tokenizer cuts it at its context; the count for the manifest (tiny CLIP reads 16 tokens):
     assert count_truncated(parse_spec(tiny_clip_spec, "text"), features.text) == 1
     assert counts["truncated_captions"] == 1
-    assert f"extract: note: 1 of {2 * 14 + 1} captions are longer than the text encoder reads" in result.output
+    assert f"extract: note: 1 of {2 * len(kept) + 1} captions are longer than the text encoder reads" in result.output
 
     # Conversion rules, as docs/stages.md states them, on what the run kept.
     assert load_image(images / "one-pixel.png").size == (1, 1)  # any size: the encoder's transform resizes it

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -63,7 +64,8 @@ def test_extract_writes_shards_views_and_manifest(caption_dataset, tmp_path, tin
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["schema"] == 1 and manifest["stage"] == "extract"
     assert manifest["counts"] == {"items": 5, "images": 5, "image_views": 2, "captions": 13,
-                                  "augmented_captions": 1, "rejects": 0, "truncated_captions": 0}
+                                  "augmented_captions": 1, "rejects": 0, "truncated_captions": 0,
+                                  "cleaned_captions": 0, "capped_captions": 0, "dropped_captions": 0}
     assert manifest["encoders"]["image"]["dim"] == 16
     assert manifest["versions"]["torch"] and manifest["basis"]["inputs"]["annotation_sha256"]
     assert {o["file"] for o in manifest["outputs"]} == set(names)
@@ -216,9 +218,53 @@ def test_bad_items_are_rejected_and_the_run_goes_on(caption_dataset, tmp_path, t
     assert rejects == {"gone#1": "empty caption", "cut": "truncated image file", "gone": "missing file",
                        "fake": "not a recognised image (expected JPEG, PNG or TIFF)"}
     assert result.manifest["counts"]["images"] == 5 and result.manifest["counts"]["rejects"] == 4
-    assert "warning: 4 items skipped" in said[-1]
+    assert "warning: 4 items skipped (and the 3 captions of the rejected images)" in said[-1]
     ids = np.concatenate([read_shard(p)["ids"] for p in sorted((tmp_path / "run" / "extract").glob("image-*.h5"))])
     assert list(ids) == ["102", "1003", "2001", "156", "497"]
+    # A caption goes with its image: none of the rejected images' captions is embedded, counted or coded.
+    text = np.concatenate([read_shard(p)["image_id"] for p in sorted((tmp_path / "run" / "extract").glob("text-*"))])
+    assert set(text) == set(ids) and result.manifest["counts"]["captions"] == 13
+    assert result.manifest["counts"]["dropped_captions"] == 3
+
+
+def test_a_caption_shard_of_the_plan_before_captions_followed_their_image_is_made_again(caption_dataset, tmp_path,
+                                                                                        tiny_clip_spec):
+    """A run killed before this rule existed left caption shards holding a rejected image's captions, all rows after
+    them shifted; resumed, its shards are found stale by their rows (same fingerprint), made again, and the run
+    ends with the shards a run from scratch makes."""
+    from tqdm.auto import tqdm
+
+    from duch.data import read_dataset
+    from duch.pipeline.embed.plan import plan_shards
+    from duch.pipeline.embed.shards import ShardWriter, embed_texts
+    from duch.pipeline.encoders import load_encoders, parse_spec
+
+    (caption_dataset / "images" / "fake.jpg").write_text("not an image")
+    doc = json.loads((caption_dataset / "dataset.json").read_text())
+    doc["images"].insert(0, {"filename": "fake.jpg", "sentences": [{"raw": "text in disguise"}, {"raw": "a fake"}]})
+    (caption_dataset / "dataset.json").write_text(json.dumps(doc))
+    cfg = config(caption_dataset, tmp_path / "clean", tiny_clip_spec, shard_size=4)
+    clean = extract(cfg, progress=False, echo=quiet)
+    expected = shard_arrays(clean.stage_dir)
+
+    run = tmp_path / "killed"
+    shutil.copytree(tmp_path / "clean", run)
+    stage = run / "extract"
+    (stage / "manifest.json").unlink()
+    for old in stage.glob("text-*.h5"):
+        old.unlink()
+    old_plan = [p for p in plan_shards(read_dataset(caption_dataset), cfg, with_text=True) if p.modality == "text"]
+    _, text_encoder = load_encoders(None, parse_spec(tiny_clip_spec, "text"), "cpu")
+    with ShardWriter() as writer, tqdm(disable=True) as bar:  # the caption shards the earlier plan made
+        embed_texts(old_plan[:3], text_encoder, cfg, clean.manifest["fingerprint"], stage, writer, bar)
+        writer.wait()
+    assert read_shard(stage / "text-00000.h5")["image_id"][0] == "fake"
+
+    said = []
+    result = extract(dataclasses.replace(cfg, run=str(run)), progress=False, echo=said.append)
+    assert result.did_work and said[0].startswith("extract: resuming,")
+    assert_same_shards(shard_arrays(stage), expected)
+    assert result.manifest["counts"] == clean.manifest["counts"]
 
 
 def test_image_folder_and_jsonl_forms(tmp_path, tiny_clip_spec):

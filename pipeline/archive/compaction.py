@@ -38,8 +38,8 @@ def merged_extract(run: Path, merge: list[str], removed: dict[str, set[str]], ta
     folder = StageFolder(target, "extract")
     folder.start()
     basis = {"settings": sources[0][1]["basis"]["settings"],  # the encoders and settings every segment shares
-             "compacted": [[segment, m["fingerprint"]] for segment, m in sources],
-             "removed": sorted([s, i] for s in merge for i in removed.get(s, ()))}
+             "inputs": {"compacted": [[segment, m["fingerprint"]] for segment, m in sources],
+                        "removed": sorted([s, i] for s in merge for i in removed.get(s, ()))}}
     fingerprint = digest(basis)
     rows: dict[str, list[dict]] = {"image": [], "text": []}
     first_attrs: dict[str, dict] = {}

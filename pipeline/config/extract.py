@@ -68,6 +68,8 @@ class ExtractConfig:
         self.bands = tuple(self.bands or ())
 
     def validate(self) -> None:
+        if self.seed < 0:  # it seeds numpy's generators of the augmented views, which take no negative seed
+            raise DuchError(f"--seed must be 0 or more, got {self.seed}")
         if self.image_views < 0:
             raise DuchError(f"--image-views must be 0 or more, got {self.image_views}")
         if self.shard_size < 1:

@@ -26,8 +26,9 @@ def parse_overrides(items, cls, reserved: tuple[str, ...] = ()) -> dict:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     runtime = getattr(cls, "RUNTIME_FIELDS", ())
     out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
+    for given in items:
+        key, sep, text = given.partition("=")
+        item = given if given.isprintable() else repr(given)  # as messages show it: one line, whatever it holds
         key = key.strip().replace("-", "_")
         if key in reserved:
             raise DuchError(f"--set {item}: use --{key.replace('_', '-')} instead")

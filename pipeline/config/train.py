@@ -4,6 +4,8 @@ Every figure behind a default or an option is in docs/results.md ("Training opti
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from duch.pipeline import DuchError
@@ -139,6 +141,40 @@ class TrainConfig:
                             f"every --bits ({min(self.bits)}), or 0 for none; got {self.nested_bits}")
         if self.checkpoint_every < 0:
             raise DuchError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {self.checkpoint_every}")
+        self.validate_ranges()
+
+    # The ranges of the settings `--set` reaches: a value outside is refused in one line naming it, never an
+    # optimizer's traceback, a run training on NaN, or a model too large for memory.
+    WEIGHTS = ("w_inter", "w_image", "w_text", "w_inter_second", "w_inter_views", "w_inter_all", "w_inter_binary",
+               "w_bank", "w_nested", "alpha", "beta", "gamma", "gp_weight", "weight_decay", "disc_weight_decay")
+    POSITIVE = ("tau", "bank_tau", "lr", "disc_lr", "lr_decay")
+    AT_LEAST_ONE = ("lr_step", "map_k", "eval_every")
+    MOST_BITS, MOST_HIDDEN = 4096, 65_536  # a 65536-wide head on 1280-d features is ~1.3 GB to train
+
+    def validate_ranges(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DuchError(f"{f.name} must be a finite number, got {value}")
+        for name in self.WEIGHTS:
+            if getattr(self, name) < 0:
+                raise DuchError(f"{name} is a loss weight: 0 or more, got {getattr(self, name)}")
+        for name in self.POSITIVE:
+            if getattr(self, name) <= 0:
+                raise DuchError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in self.AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise DuchError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.bank_momentum <= 1:
+            raise DuchError(f"bank_momentum must be from 0 to 1, got {self.bank_momentum}")
+        betas = self.disc_betas
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise DuchError(f"disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got {betas}")
+        if self.split_seed < 0:
+            raise DuchError(f"split_seed must be 0 or more, got {self.split_seed}")
+        if not 1 <= self.hidden <= self.MOST_HIDDEN or max(self.bits) > self.MOST_BITS:
+            raise DuchError(f"--hidden must be from 1 to {self.MOST_HIDDEN} and --bits at most {self.MOST_BITS}; got "
+                            f"{self.hidden} and {max(self.bits)}")
 
     def output_settings(self) -> dict:
         out = output_settings(self)

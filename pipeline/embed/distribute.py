@@ -1,11 +1,13 @@
 """Where stage one's shards are made: all in this process (one image loader across the pending shards, then the
-captions), or one task per shard on a dask cluster (compute/cluster.py). Either way each shard is the same file."""
+captions), or one task per shard on a dask cluster (compute/cluster.py). Either way each shard is the same file,
+and the image shards come first: the caption shards are planned from what they rejected (plan.text_plans)."""
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -20,12 +22,12 @@ from duch.pipeline.embed.sources import choose_decode, jpeg_share
 from duch.pipeline.encoders import load_encoders
 
 
-def encode_here(pending: list[ShardPlan], specs: tuple, dataset: Dataset, cfg: ExtractConfig, fingerprint: str,
-                out_dir: Path, device: torch.device, progress: bool) -> tuple[dict, dict | None]:
-    """(timings, how the images were decoded) of the pending shards made in this process: one DataLoader over
-    every pending image shard (so loading never pauses between shards), then the captions."""
-    images = [p for p in pending if p.modality == "image"]
-    texts = [p for p in pending if p.modality == "text"]
+def encode_here(images: list[ShardPlan], texts: Callable[[], list[ShardPlan]], specs: tuple, dataset: Dataset,
+                cfg: ExtractConfig, fingerprint: str, out_dir: Path, device: torch.device,
+                progress: bool) -> tuple[dict, dict | None]:
+    """(timings, how the images were decoded) of the shards made in this process: one DataLoader over every
+    pending image shard (so loading never pauses between shards), then the caption shards `texts()` plans from
+    what the image shards rejected."""
     timings = {}
     t0 = time.perf_counter()
     image_encoder, text_encoder = load_encoders(*specs, str(device))
@@ -41,10 +43,11 @@ def encode_here(pending: list[ShardPlan], specs: tuple, dataset: Dataset, cfg: E
                 writer.wait()
             timings["images_s"] = time.perf_counter() - t0
             timings["images_per_s"] = n / timings["images_s"]
-        if texts:
-            n, t0 = sum(len(p.rows) for p in texts), time.perf_counter()
+        pending_texts = texts()
+        if pending_texts:
+            n, t0 = sum(len(p.rows) for p in pending_texts), time.perf_counter()
             with tqdm(total=n, unit="cap", desc="captions", disable=not progress, dynamic_ncols=True) as bar:
-                embed_texts(texts, text_encoder, cfg, fingerprint, out_dir, writer, bar)
+                embed_texts(pending_texts, text_encoder, cfg, fingerprint, out_dir, writer, bar)
                 writer.wait()
             timings["captions_s"] = time.perf_counter() - t0
             timings["captions_per_s"] = n / timings["captions_s"]
@@ -87,27 +90,36 @@ def extract_shard(job: ShardJob) -> dict:
             "worker": getattr(cluster.in_worker(), "address", None)}
 
 
-def encode_on_cluster(client, jobs: list[ShardJob], progress: bool) -> tuple[dict, dict | None, str, dict]:
-    """(timings, how the images were decoded, devices, execution) of the jobs run on the cluster."""
-    total = sum(len(job.plan.rows) for job in jobs)
-    t0 = time.perf_counter()
+def encode_on_cluster(client, image_jobs: list[ShardJob], text_jobs: Callable[[], list[ShardJob]],
+                      progress: bool) -> tuple[dict, dict | None, str, dict]:
+    """(timings, how the images were decoded, devices, execution) of the jobs run on the cluster: the image shards,
+    then the caption shards `text_jobs()` plans from what they rejected."""
     finished: dict[str, float] = {}
     results: list[dict] = []
+    counts = {"image": 0, "text": 0}
 
-    def done(job: ShardJob, result: dict) -> None:
-        results.append(result)
-        finished[job.plan.modality] = time.perf_counter() - t0
-        bar.update(len(job.plan.rows))
+    def run(jobs: list[ShardJob]) -> None:
+        t0 = time.perf_counter()
 
-    with tqdm(total=total, unit="item", desc=f"{len(jobs)} shards", disable=not progress, dynamic_ncols=True) as bar:
-        cluster.run_jobs(client, extract_shard, jobs, [job.plan.name for job in jobs], done,
-                         cluster.gpu_resources(client))
+        def done(job: ShardJob, result: dict) -> None:
+            results.append(result)
+            finished[job.plan.modality] = time.perf_counter() - t0
+            bar.update(len(job.plan.rows))
+
+        for job in jobs:
+            counts[job.plan.modality] += len(job.plan.rows)
+        with tqdm(total=sum(len(job.plan.rows) for job in jobs), unit="item", desc=f"{len(jobs)} shards",
+                  disable=not progress or not jobs, dynamic_ncols=True) as bar:
+            cluster.run_jobs(client, extract_shard, jobs, [job.plan.name for job in jobs], done,
+                             cluster.gpu_resources(client))
+
+    run(image_jobs)
+    run(text_jobs())
     timings = {}
     for modality, unit in (("image", "images"), ("text", "captions")):
-        n = sum(len(job.plan.rows) for job in jobs if job.plan.modality == modality)
-        if n:  # the modalities overlap on the cluster: each is timed from the start to its last shard
+        if counts[modality]:  # each timed from the start of its phase to its last shard
             timings[f"{unit}_s"] = finished[modality]
-            timings[f"{unit}_per_s"] = n / finished[modality]
+            timings[f"{unit}_per_s"] = counts[modality] / finished[modality]
     devices = sorted({r["device"] for r in results})
     execution = {"workers": len({r["worker"] for r in results}), "tasks": len(results)}
     return timings, merge_decode([r["decode"] for r in results if r["decode"]]), ",".join(devices), execution

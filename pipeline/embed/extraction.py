@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from duch.data import Dataset, Reject
+from duch.data.text import MAX_CAPTION_CHARS
 from duch.pipeline.compute import cluster
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig, manifest_config
 from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_cluster
 from duch.pipeline.embed.inputs import images_content_digest, input_fingerprint, stale_error
-from duch.pipeline.embed.plan import ShardPlan, pending_shards, plan_shards
+from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan
 from duch.pipeline.embed.sources import jpeg_share
 from duch.pipeline.encoders import EncoderSpec
 from duch.pipeline.encoders.context import count_truncated
@@ -42,30 +43,37 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
     `started`: when the stage began (perf_counter), for the manifest's total time."""
     t_start = time.perf_counter() if started is None else started
     scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
-    plans = plan_shards(dataset, cfg, with_text=text_spec is not None and dataset.has_captions)
-    pending, foreign = pending_shards(plans, folder.path, fingerprint)
-    if foreign:
-        raise stale_error(folder.path, None, basis)
-    if len(plans) > len(pending):
-        echo(f"extract: resuming, {len(plans) - len(pending)} of {len(plans)} shards already finished")
-    specs = (image_spec if any(p.modality == "image" for p in pending) else None,
-             text_spec if any(p.modality == "text" for p in pending) else None)
-    if scheduler.kind == "none" or not pending:
-        device = resolve_device(cfg.device)
-        with cluster.torch_threads(cfg.threads):
-            timings, image_decode = encode_here(pending, specs, dataset, cfg, fingerprint, folder.path, device,
-                                                progress)
-        execution = {"scheduler": "none"}
-    else:
-        jobs = [ShardJob(cfg, plan, str(dataset.images_dir), str(folder.path), fingerprint, specs,
-                         jpeg_share(dataset.items)) for plan in pending]
-        with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
-            timings, image_decode, device, execution = encode_on_cluster(client, jobs, progress)
-        execution["scheduler"] = str(scheduler)
-        # A worker killed mid-shard leaves its temporary behind; its shard was redone elsewhere and every task is
-        # finished, so no writer is left (and the run lock is still held).
-        sweep_temporaries(folder.path)
+    # Image shards first; the caption shards are planned from what they rejected (a caption goes with its image).
+    plan = ExtractPlan(dataset, cfg, folder.path, fingerprint, text_spec is not None and dataset.has_captions)
+    try:
+        pending = plan.pending_images()
+        note = plan.resume_note(pending)
+        if note:
+            echo(f"extract: {note}")
+        specs = (image_spec if pending else None,
+                 text_spec if plan.with_text and (pending or plan.pending_texts()) else None)
+        if scheduler.kind == "none" or not any(specs):
+            device = resolve_device(cfg.device)
+            with cluster.torch_threads(cfg.threads):
+                timings, image_decode = encode_here(pending, plan.pending_texts, specs, dataset, cfg, fingerprint,
+                                                    folder.path, device, progress)
+            execution = {"scheduler": "none"}
+        else:
+            def jobs(plans: list[ShardPlan]) -> list[ShardJob]:
+                return [ShardJob(cfg, p, str(dataset.images_dir), str(folder.path), fingerprint, specs,
+                                 jpeg_share(dataset.items)) for p in plans]
 
+            with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
+                timings, image_decode, device, execution = encode_on_cluster(
+                    client, jobs(pending), lambda: jobs(plan.pending_texts()), progress)
+            execution["scheduler"] = str(scheduler)
+            # A worker killed mid-shard leaves its temporary behind; its shard was redone elsewhere and every task
+            # is finished, so no writer is left (and the run lock is still held).
+            sweep_temporaries(folder.path)
+    except ForeignShards:
+        raise stale_error(folder.path, None, basis) from None
+
+    plans = plan.shards
     shards = shard_summary(folder, plans, dataset)
     timings["total_s"] = time.perf_counter() - t_start
     manifest = folder.finish(
@@ -92,6 +100,7 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
 def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset) -> dict:
     """What the finished shards hold: rows per modality, encoder and dimension, rejects, and the outputs."""
     rows, encoders, rejects, outputs, skipped = {"image": 0, "text": 0}, {}, list(dataset.rejects), [], []
+    rejected_images = set()
     for plan in plans:
         path = folder.path / plan.name
         attrs = read_attrs(path)
@@ -99,10 +108,13 @@ def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset)
         encoders[plan.modality] = {"encoder": attrs["encoder"], "dim": int(attrs["dim"])}
         shard_rejects = read_shard(path, ("reject_id", "reject_reason"))
         rejects += [Reject(i, r) for i, r in zip(shard_rejects["reject_id"], shard_rejects["reject_reason"])]
+        if plan.modality == "image":
+            rejected_images.update(shard_rejects["reject_id"])
         if plan.modality == "image" and plan.rows and plan.rows[0].tile is not None:
             skipped += list(read_shard(path, ("skipped_id",))["skipped_id"])
         outputs.append(folder.output(plan.name, modality=plan.modality, rows=int(attrs["rows"])))
-    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs, "skipped": skipped}
+    return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs, "skipped": skipped,
+            "rejected_images": rejected_images}
 
 
 def scene_summary(dataset: Dataset, skipped: list[str]) -> list[dict]:
@@ -126,10 +138,17 @@ def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards:
     # Counted from the plans (every caption row of the archive, not only this session's), with the tokenizer
     # alone: the same number whether the shards were written here, on a cluster, or by an earlier attempt.
     real_captions = [r.text for p in plans if p.modality == "text" for r in p.rows if not r.augmented]
+    with_text = any(p.modality == "text" for p in plans)
     return {"items": len(dataset.items), "images": shards["rows"]["image"], "image_views": cfg.image_views,
             "captions": shards["rows"]["text"] - n_aug, "augmented_captions": n_aug, "rejects": len(shards["rejects"]),
             # captions longer than the text encoder reads: it sees only their first tokens
             "truncated_captions": count_truncated(text_spec, real_captions) if text_spec and real_captions else 0,
+            # the caption rules (data/text.py): control characters removed; cut before tokenizing
+            "cleaned_captions": dataset.caption_counts.get("cleaned_captions", 0),
+            "capped_captions": dataset.caption_counts.get("capped_captions", 0),
+            # captions left out with their rejected image
+            "dropped_captions": sum(len(item.captions) for item in dataset.items
+                                    if with_text and item.id in shards["rejected_images"]),
             **({"scenes": len(dataset.scenes), "tiles_skipped": len(shards["skipped"])} if cfg.tile else {})}
 
 
@@ -143,7 +162,11 @@ def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], N
         echo(f"extract: {c['images']} tiles from {c['scenes']} scenes; {c['tiles_skipped']} tiles skipped for too "
              f"few valid pixels (--min-valid); per scene: 'scenes' in {out_dir / 'manifest.json'}")
     if c["rejects"]:
-        echo(f"extract: warning: {c['rejects']} items skipped; see 'rejects' in {out_dir / 'manifest.json'}")
+        dropped = f" (and the {c['dropped_captions']} captions of the rejected images)" if c["dropped_captions"] else ""
+        echo(f"extract: warning: {c['rejects']} items skipped{dropped}; see 'rejects' in {out_dir / 'manifest.json'}")
+    if c["cleaned_captions"] or c["capped_captions"]:
+        echo(f"extract: note: {c['cleaned_captions']} captions had control characters removed, {c['capped_captions']} "
+             f"were cut to {MAX_CAPTION_CHARS:,} characters (docs/stages.md, Bad input)")
     if c["truncated_captions"]:
         echo(f"extract: note: {c['truncated_captions']} of {c['captions']} captions are longer than the text encoder "
              "reads; each is embedded from its first tokens only")

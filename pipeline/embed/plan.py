@@ -1,14 +1,17 @@
 """Stage one's plan: the archive cut into fixed shards in dataset order (image shard k holds images [k*S, (k+1)*S),
-text shard k caption rows [k*S, (k+1)*S)), and which of them a resumed run still has to make."""
+text shard k caption rows [k*S, (k+1)*S) of the images the image shards kept), and which of them a resumed run
+still has to make."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+
 from duch.data import Dataset
 from duch.data.augment import augment_caption, view_rng
 from duch.pipeline.config import ExtractConfig
-from duch.pipeline.formats.shards import read_attrs, shard_name
+from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,12 @@ class ShardPlan:
         return shard_name(self.modality, self.index)
 
 
-def text_rows(dataset: Dataset, cfg: ExtractConfig) -> list[TextRow]:
+def text_rows(dataset: Dataset, cfg: ExtractConfig, rejected: frozenset[str] = frozenset()) -> list[TextRow]:
+    """Every caption row of the archive but those of `rejected` images: a caption goes with its image."""
     rows = []
     for item in dataset.items:
+        if item.id in rejected:
+            continue
         for k, caption in enumerate(item.captions):
             rows.append(TextRow(item.id, k, caption, False))
         if len(item.captions) == 1:
@@ -41,18 +47,87 @@ def text_rows(dataset: Dataset, cfg: ExtractConfig) -> list[TextRow]:
     return rows
 
 
-def plan_shards(dataset: Dataset, cfg: ExtractConfig, with_text: bool) -> list[ShardPlan]:
+def image_plans(dataset: Dataset, cfg: ExtractConfig) -> list[ShardPlan]:
     size = cfg.shard_size
-    plans = [ShardPlan("image", k, dataset.items[s:s + size]) for k, s in enumerate(range(0, len(dataset.items), size))]
-    if with_text:
-        rows = text_rows(dataset, cfg)
-        plans += [ShardPlan("text", k, rows[s:s + size]) for k, s in enumerate(range(0, len(rows), size))]
-    return plans
+    return [ShardPlan("image", k, dataset.items[s:s + size]) for k, s in enumerate(range(0, len(dataset.items), size))]
+
+
+def text_plans(dataset: Dataset, cfg: ExtractConfig, rejected: frozenset[str] = frozenset()) -> list[ShardPlan]:
+    """The caption shards, planned once the image shards are made: the captions of the images they rejected are
+    left out, so that every caption row has its image."""
+    size, rows = cfg.shard_size, text_rows(dataset, cfg, rejected)
+    return [ShardPlan("text", k, rows[s:s + size]) for k, s in enumerate(range(0, len(rows), size))]
+
+
+def plan_shards(dataset: Dataset, cfg: ExtractConfig, with_text: bool,
+                rejected: frozenset[str] = frozenset()) -> list[ShardPlan]:
+    return image_plans(dataset, cfg) + (text_plans(dataset, cfg, rejected) if with_text else [])
+
+
+class ForeignShards(Exception):
+    """A finished shard made from other settings or inputs is in the stage folder."""
+
+
+class ExtractPlan:
+    """The shards of one extract and which are still to make: the image shards at once, the caption shards once
+    the image shards are made (`pending_texts`), without the captions of the images those rejected."""
+
+    def __init__(self, dataset: Dataset, cfg: ExtractConfig, out_dir: Path, fingerprint: str, with_text: bool):
+        self.dataset, self.cfg, self.out_dir, self.fingerprint = dataset, cfg, out_dir, fingerprint
+        self.with_text = with_text
+        self.images = image_plans(dataset, cfg)
+        self.texts: list[ShardPlan] | None = None
+        self._pending_texts: list[ShardPlan] = []
+
+    def pending_images(self) -> list[ShardPlan]:
+        pending, foreign = pending_shards(self.images, self.out_dir, self.fingerprint)
+        if foreign or foreign_shards(self.out_dir, "text", self.fingerprint):
+            raise ForeignShards()
+        return pending
+
+    def pending_texts(self) -> list[ShardPlan]:
+        """The caption shards still to make; planned on the first call, which must come after the image shards."""
+        if self.texts is None:
+            rejected = rejected_images(self.images, self.out_dir)
+            self.texts = text_plans(self.dataset, self.cfg, rejected) if self.with_text else []
+            self._pending_texts, foreign = pending_shards(self.texts, self.out_dir, self.fingerprint)
+            if foreign:
+                raise ForeignShards()
+        return self._pending_texts
+
+    def resume_note(self, pending_images: list[ShardPlan]) -> str | None:
+        """What a resumed run says it keeps. While image shards are pending the captions' count assumes the images
+        still to make are kept (their rejects, if any, leave out a few caption shards)."""
+        total = len(self.images)
+        finished = total - len(pending_images)
+        if not pending_images:
+            total += len(self.pending_texts())
+            finished = total - len(pending_images) - len(self._pending_texts)
+        elif self.with_text:
+            total += len(text_plans(self.dataset, self.cfg, rejected_images(self.images, self.out_dir)))
+            finished += len(list(self.out_dir.glob("text-*.h5")))
+        if finished == 0:
+            return None
+        return f"resuming, {finished} of {total} shards already finished"
+
+    @property
+    def shards(self) -> list[ShardPlan]:
+        return self.images + (self.texts or [])
+
+
+def rejected_images(plans: list[ShardPlan], out_dir: Path) -> frozenset[str]:
+    """The ids of the images that the finished image shards among `plans` rejected."""
+    rejected: set[str] = set()
+    for plan in plans:
+        if (out_dir / plan.name).exists():
+            rejected.update(read_shard(out_dir / plan.name, ("reject_id",))["reject_id"])
+    return frozenset(rejected)
 
 
 def pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str) -> tuple[list[ShardPlan], bool]:
     """(the shards still to make, whether a finished shard of other settings or inputs is in the way): a shard
-    on disk is kept when it carries this fingerprint; an unreadable one is removed and made again."""
+    on disk is kept when it carries this fingerprint (and, for captions, holds the planned rows); an unreadable one
+    is removed and made again."""
     pending = []
     for plan in plans:
         path = out_dir / plan.name
@@ -67,4 +142,29 @@ def pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str) -> t
             continue
         if attrs.get("fingerprint") != fingerprint:
             return pending, True
+        if plan.modality == "text" and not _holds_rows(path, plan, attrs):
+            # a caption shard written before captions followed their image: its rows are shifted
+            path.unlink()
+            pending.append(plan)
     return pending, False
+
+
+def foreign_shards(out_dir: Path, modality: str, fingerprint: str) -> bool:
+    """Whether a shard of `modality` in the folder was made from other settings or inputs."""
+    for path in sorted(out_dir.glob(f"{modality}-*.h5")):
+        try:
+            if read_attrs(path).get("fingerprint") != fingerprint:
+                return True
+        except OSError:  # unreadable: pending_shards removes it when its turn comes
+            continue
+    return False
+
+
+def _holds_rows(path: Path, plan: ShardPlan, attrs: dict) -> bool:
+    """Whether a caption shard holds the plan's rows: rows are a contiguous run of one ordered list that later
+    plans only leave rows out of, so the same count and the same first and last rows mean the same rows."""
+    if int(attrs.get("rows", -1)) != len(plan.rows):
+        return False
+    with h5py.File(path, "r") as f:
+        ends = [(f["image_id"].asstr()[i], int(f["caption_index"][i])) for i in (0, -1)]
+    return ends == [(plan.rows[i].image_id, plan.rows[i].caption_index) for i in (0, -1)]

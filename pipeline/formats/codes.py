@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from duch.pipeline import DuchError
 from duch.pipeline.formats.shards import STRING
 from duch.pipeline.run.storage import publish, temp_path, write_errors
 
@@ -142,8 +143,17 @@ def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:
 
 def open_codes(path: Path, with_meta: bool = True,
                modalities: tuple[str, ...] = MODALITIES) -> tuple[dict, dict[str, CodeTable]]:
-    """(attrs, {modality: CodeTable}) of a finished code file (of `modalities` only)."""
+    """(attrs, {modality: CodeTable}) of a finished code file (of `modalities` only); a file HDF5 cannot read
+    (damaged, and read without its checksum: `search --no-verify`) is one line asking for it to be made again."""
     path = Path(path)
+    try:
+        return _open_codes(path, with_meta, modalities)
+    except Exception as e:  # h5py raises OSError, RuntimeError, KeyError, ValueError... on a damaged file
+        raise DuchError(f"{path}: unreadable code file ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        "rerun `duch encode-archive --force` on its run to make it again") from None
+
+
+def _open_codes(path: Path, with_meta: bool, modalities: tuple[str, ...]) -> tuple[dict, dict[str, CodeTable]]:
     tables = {}
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -158,4 +168,15 @@ def open_codes(path: Path, with_meta: bool = True,
                     meta[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
             tables[modality] = CodeTable(modality, _mapped(path, group["codes"]),
                                          _mapped(path, group["continuous"]) if "continuous" in group else None, meta)
+    # Every code file holds image codes, packed as bytes, and each table one row per item in all its arrays.
+    if "image" in modalities and "image" not in tables:
+        raise KeyError("no image codes")
+    for table in tables.values():
+        if table.codes.dtype != np.uint8 or table.codes.ndim != 2 or (table.continuous is not None and (
+                table.continuous.dtype.kind != "f" or table.continuous.shape[1:] != (8 * table.codes.shape[1],))):
+            raise TypeError(f"the {table.modality} codes are {table.codes.dtype} {table.codes.shape}")
+        lengths = {len(table.codes), *(len(v) for v in table.meta.values()),
+                   *(() if table.continuous is None else (len(table.continuous),))}
+        if len(lengths) > 1:
+            raise ValueError(f"the {table.modality} arrays hold {sorted(lengths)} rows")
     return attrs, tables

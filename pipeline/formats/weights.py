@@ -36,6 +36,11 @@ def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int
         raise DuchError(f"{path}: not a safetensors file of duch's ({type(e).__name__}: {e}); rerun "
                         "`duch train-hash --force` to remake it") from None
     heads = DuchHeads(image_dim, text_dim, bits, hidden)
-    heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items() if k.startswith("image_head.")})
-    heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})
+    try:
+        heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items()
+                                     if k.startswith("image_head.")})
+        heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})
+    except RuntimeError as e:  # safetensors, but not these heads' tensors (missing, renamed, other shapes)
+        raise DuchError(f"{path}: not the weights of {bits}-bit heads on {image_dim}/{text_dim}-d features "
+                        f"({' '.join(str(e).split())[:200]}); rerun `duch train-hash --force` to remake it") from None
     return heads.eval()

@@ -11,7 +11,6 @@ are re-ordered by the cosine similarity of the heads' continuous outputs (stored
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +23,10 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.archive.generation import BASE, read_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes, verify_generation_index
 from duch.pipeline.formats.codes import CodeTable, caption_key
-from duch.pipeline.model.coding import image_codes
-from duch.pipeline.model.trained import Model, image_code
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from duch.pipeline.retrieval.places import Place, place_of
+from duch.pipeline.retrieval.queries import QueryCoder, shown
 from duch.pipeline.retrieval.ranking import TIES, adaptive_topk, rerank
 from duch.pipeline.run.artifacts import stage_file, verify_listed
 from duch.pipeline.run.layout import stage_dir
@@ -86,8 +84,7 @@ class Index:
         self.generation = archive.generation.number
         self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
         self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
-        self._heads = None
-        self._encoders: dict = {}
+        self.coder = QueryCoder(self.manifest, archive.folders[0], bits, device)
         self._backends: dict[str, object] = {}
         self.stage = archive.folders[0]  # the folder self.manifest's paths are relative to
 
@@ -115,76 +112,25 @@ class Index:
     # ------------------------------------------------------------------------------------------ queries
     @property
     def heads(self):
-        if self._heads is None:
-            m = self.manifest["models"][str(self.bits)]
-            dims = self.manifest["encoders"]
-            path = Path(os.path.normpath(self.stage / m["file"]))
-            model = Model(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
-                          dims.get("text", {}).get("dim", 0))
-            self._heads = model.load(self.device)
-        return self._heads
+        return self.coder.heads
 
     def model_key(self) -> tuple:
-        """What codes a query for this index: the model file's SHA-256 and the encoders. Two indexes with the same
-        key code a caption the same way."""
-        return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
+        return self.coder.model_key()
 
     def share_model(self, other: "Index") -> None:
         """Use `other`'s heads and encoders (loaded once, in memory once, for several archives of one model)."""
         if self.model_key() != other.model_key():
             raise DuchError(f"{self.run} and {other.run} were coded by different models; each needs its own")
-        self._heads, self._encoders = other.heads, other._encoders
+        self.coder.share(other.coder)
 
-    def _encoder(self, modality: str):
-        if modality not in self._encoders:
-            from duch.pipeline.encoders import load_encoders, parse_spec
-
-            spec = self.manifest["encoders"].get(modality, {}).get("spec")
-            if not spec:
-                raise DuchError(f"the model in {self.manifest['model_run']} has no {modality} encoder")
-            parsed = parse_spec(spec, modality)
-            image, text = load_encoders(parsed if modality == "image" else None,
-                                        parsed if modality == "text" else None, str(self.device))
-            self._encoders[modality] = image if modality == "image" else text
-        return self._encoders[modality]
-
-    @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
-        """Captions -> continuous codes [Q, K] through the text encoder and head."""
-        emb = self._encoder("text").encode(list(texts)).to(self.device)
-        return self.heads.text(emb.float()).float().cpu().numpy()
+        return self.coder.embed_text(texts)
 
     def embed_image(self, paths: list[str | Path]) -> np.ndarray:
-        """Image files -> continuous codes [Q, K], converted and embedded as extract does (see embed_images)."""
-        from duch.data.images import ImageLoadError, load_image
+        return self.coder.embed_image(paths)
 
-        images = []
-        for path in paths:
-            try:
-                images.append((Path(path).stem, load_image(Path(path))))
-            except ImageLoadError as e:
-                raise DuchError(f"query image {path}: {e}") from None
-        return self.embed_images(images)
-
-    @torch.no_grad()
     def embed_images(self, images: list[tuple[str, "Image.Image"]]) -> np.ndarray:
-        """(name, RGB image) pairs -> continuous codes [Q, K]. Where the archive's image codes average the head
-        over augmented views (encode-archive's `image_code`), the query's are made the same way, its views drawn
-        as extract draws an item's with `name` (a file's name stem) as the id: an archive image given as a query,
-        under its own file name, gets its archive code."""
-        from duch.data.augment import ImageAugment, augment_image, view_rng
-
-        encoder = self._encoder("image")
-        code = image_code(self.manifest)
-        n_views = int(code["views"])
-        augment = ImageAugment.from_record(code["augment"]) if n_views else None
-        pixels = []
-        for name, img in images:
-            pixels.append(encoder.transform(img))
-            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
-                       for v in range(1, n_views + 1)]
-        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
-        return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
+        return self.coder.embed_images(images)
 
     def item(self, item_id: str) -> tuple[str, int]:
         """(modality, row) of an archive id: an image id, or IMAGE_ID#CAPTION_INDEX for a caption."""
@@ -193,7 +139,7 @@ class Index:
         if row is not None and self.archive.removed[modality][row]:
             raise DuchError(f"--id {item_id!r} was removed from the archive (`duch remove`)")
         if row is None:
-            raise DuchError(f"--id {item_id!r} is not in the archive (image ids look like "
+            raise DuchError(f"--id {shown(item_id)} is not in the archive (image ids look like "
                             f"{self.tables['image'].meta['ids'][0]!r}, captions like IMAGE_ID#0)")
         return modality, row
 
@@ -289,6 +235,8 @@ class Index:
         through)."""
         if ties not in TIES:
             raise DuchError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+        if k < 1 or rerank_top < 0:
+            raise DuchError(f"k must be at least 1 and rerank_top 0 or more, got k={k}, rerank_top={rerank_top}")
         given = [q for q in (text, image, id) if q is not None]
         if len(given) != 1:
             raise DuchError("give exactly one query: text, image or id")

@@ -52,6 +52,9 @@ def read_manifest(stage_dir: Path) -> dict | None:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DuchError(f"{path}: unreadable manifest ({e}); rerun the stage with --force to redo it") from None
+    except RecursionError:
+        raise DuchError(f"{path}: unreadable manifest (JSON nested deeper than the parser goes); rerun the stage "
+                        "with --force to redo it") from None
     if not isinstance(manifest, dict):
         raise DuchError(f"{path}: unreadable manifest (a JSON {type(manifest).__name__}, not an object); "
                         "rerun the stage with --force to redo it")
@@ -62,7 +65,52 @@ def read_manifest(stage_dir: Path) -> dict | None:
         # Guessing at a newer layout could misread it; an older duch cannot know what changed.
         raise DuchError(f"{path} was written by a newer duch (manifest schema {schema}; this duch "
                         f"{own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
+    problem = _field_problem(manifest, REQUIRED.get(Path(stage_dir).name, {}))
+    if problem:
+        raise DuchError(f"{path}: unreadable manifest ({problem}); rerun the stage with --force to redo it")
     return manifest
+
+
+# What the stages read of each stage's manifest, by dotted path ("*": every entry, "?": only where present): a
+# manifest that lacks or mistypes any of it (edited by hand, cut short by another tool) is refused as it is read,
+# in one line, never a KeyError deep in a later stage. Every manifest duch ever wrote has these (runs made before
+# a field existed lack only what is marked "?").
+_RUN_FILES = {"outputs": list, "outputs.*": dict, "outputs.*.file": str, "outputs.*.bytes": int,
+              "outputs.*.sha256": str}
+REQUIRED = {
+    "extract": {"fingerprint": str, "basis.settings": dict, "basis.inputs": dict, "config.image_encoder": str,
+                "config.text_encoder": (str, type(None)), "config.seed": int, "config.image_augment": dict,
+                "counts.images": int, "counts.captions": int, "counts.rejects": int, "counts.image_views?": int,
+                "encoders": dict, "encoders.*.encoder": str, "encoders.*.dim": int, "dataset.images_dir?": str,
+                **_RUN_FILES, "outputs.*.modality": str, "outputs.*.rows": int},
+    "train-hash": {"fingerprint": str, "basis.extract": str, "config": dict, "config.bits": list,
+                   "config.view_ensemble?": bool, "results": dict, **_RUN_FILES},
+    "encode-archive": {"fingerprint": str, "basis.archive": str, "archive_run": str, "model_run": str,
+                       "models": dict, "models.*.file": str, "models.*.sha256": str, "models.*.hidden": int,
+                       "encoders": dict, "encoders.*.spec": str, "encoders.*.dim": int, "rows": dict,
+                       "image_code?": dict, "image_code.views?": int, "index?": (dict, type(None)), **_RUN_FILES},
+}
+
+
+def _field_problem(manifest: dict, fields: dict) -> str | None:
+    """What of `fields` a manifest lacks or mistypes, worded for a message, or None."""
+    for dotted, kind in fields.items():
+        optional = dotted.endswith("?")
+        nodes = [manifest]
+        for part in dotted.rstrip("?").split("."):
+            found = []
+            for node in nodes:
+                if part == "*":
+                    found += list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+                elif isinstance(node, dict) and part in node:
+                    found.append(node[part])
+                elif not optional:
+                    return f"no {dotted}"
+            nodes = found
+        for value in nodes:
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                return f"{dotted.rstrip('?')} holds {type(value).__name__} {str(value)[:40]!r}"
+    return None
 
 
 def own_version() -> str:

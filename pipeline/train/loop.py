@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from duch.data.splits import Split
 from duch.pipeline import DuchError
 from duch.pipeline.config import TrainConfig
-from duch.pipeline.formats.checkpoint import load_checkpoint, save_checkpoint
+from duch.pipeline.formats.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
 from duch.pipeline.model.noise import clean_probability
+from duch.pipeline.retrieval.metrics import DIRECTIONS
 from duch.pipeline.train.data import TrainData, sample_views
 from duch.pipeline.train.graphs import epoch_runner, use_compile, use_graphs
 from duch.pipeline.train.step import LOSS_TERMS, StepState, binary_targets
@@ -92,6 +93,65 @@ def restore_training_state(saved: dict, state: StepState, schedules: list, gen: 
     return saved["log"]
 
 
+def check_state(saved: dict, state: StepState, schedules: list, gen: torch.Generator) -> None:
+    """A checkpoint's state has the form this training's own has (keys, types, tensor shapes and dtypes; the
+    optimizers' moments shaped as their parameters), so that restoring it cannot break a later step: raises
+    ValueError naming the first place it differs. The log is check_log's."""
+    fresh = training_state(state, schedules, gen, {})
+    if set(saved) != set(fresh):
+        raise ValueError(f"it holds {sorted(saved)}")
+    for key, value in fresh.items():
+        if key in ("opt", "disc_opt"):
+            live = state.opt if key == "opt" else state.disc_opt
+            groups = saved[key]["param_groups"]
+            if len(groups) != len(value["param_groups"]):
+                raise ValueError(f"{key} has {len(groups)} parameter groups")
+            for mine, theirs in zip(value["param_groups"], groups):  # keys may differ across torch versions
+                for name in set(mine) & set(theirs):
+                    _same_form(mine[name], theirs[name], f"{key}.{name}")
+            params = [p for group in live.param_groups for p in group["params"]]
+            for index, moments in saved[key]["state"].items():
+                _same_form({"step": torch.zeros(()), "exp_avg": params[index], "exp_avg_sq": params[index]},
+                           moments, f"{key}.state.{index}")
+        elif key != "log":
+            _same_form(value, saved[key], key)
+
+
+def _same_form(fresh, saved, where: str) -> None:
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.shape != fresh.shape or saved.dtype != fresh.dtype:
+            raise ValueError(f"{where} is not a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
+    elif isinstance(fresh, dict):
+        if not isinstance(saved, dict) or set(saved) != set(fresh):
+            raise ValueError(f"{where} does not hold the keys {sorted(map(str, fresh))[:8]}")
+        for key in fresh:
+            _same_form(fresh[key], saved[key], f"{where}.{key}")
+    elif isinstance(fresh, (list, tuple)):
+        if type(saved) is not type(fresh) or len(saved) != len(fresh):
+            raise ValueError(f"{where} is not a {type(fresh).__name__} of {len(fresh)}")
+        for i, (a, b) in enumerate(zip(fresh, saved)):
+            _same_form(a, b, f"{where}[{i}]")
+    elif type(saved) is not type(fresh) or (isinstance(fresh, float) and not math.isfinite(saved)):
+        raise ValueError(f"{where} holds {type(saved).__name__} {str(saved)[:20]}, not {type(fresh).__name__}")
+
+
+def check_log(log: dict, done: int) -> None:
+    """A checkpoint's log as the reports read it: `done` rows of finite loss terms, validation rows with every
+    direction's mAP, timings as numbers (raises ValueError naming what does not fit)."""
+    rows, evals = log["history"], log["evals"]
+    if not isinstance(rows, list) or len(rows) != done or any(
+            not isinstance(r, dict) or set(r) != {"epoch", *LOSS_TERMS}
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values()) for r in rows):
+        raise ValueError(f"its history is not {done} rows of loss terms")
+    if not isinstance(evals, list) or any(not isinstance(e, dict) or not isinstance(e.get("epoch"), int) or any(
+            not isinstance(((e.get("map") or {}).get(d) or {}).get("reference"), (int, float)) for d in DIRECTIONS)
+            for e in evals):
+        raise ValueError("its validation rows lack mAPs")
+    if not isinstance(log["seconds"], (int, float)) or not isinstance(log["epoch_seconds"], list) or any(
+            not isinstance(t, (int, float)) for t in log["epoch_seconds"]):
+        raise ValueError("its timings are not numbers")
+
+
 def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
     """load_state_dict, keeping learning rates that are device tensors (CUDA-graph Adam) the same tensors: a
     graph reads the lr at the address it was captured with, and StepLR updates it in place."""
@@ -144,9 +204,21 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
                 checkpoints.echo(f"train-hash: {bits} bits: not resuming ({saved}); training from the start")
             done = 0
         else:
-            log = restore_training_state(saved, state, schedules, gen)
-            history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
-            t0 -= log["seconds"]
+            try:
+                if not 0 < done < cfg.epochs:
+                    raise ValueError(f"epoch {done} is not one before this run's last, {cfg.epochs}")
+                check_state(saved, state, schedules, gen)
+                log = restore_training_state(saved, state, schedules, gen)
+                history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
+                check_log(log, done)
+                t0 -= log["seconds"]
+            except Exception as e:  # edited where no checksum guards it (the JSON tree): it does not fit this run
+                checkpoints.echo(f"train-hash: {bits} bits: not resuming (the checkpoint's state does not fit this "
+                                 f"training: {type(e).__name__}: {' '.join(str(e).split())[:200]}); training from "
+                                 "the start")
+                remove_checkpoint(checkpoints.folder)  # the state was partly restored: rebuild it from the seeds
+                return train_bits(bits, cfg, data, split, eval_text, labels, progress, graphs, compile_terms,
+                                  checkpoints)
             checkpoints.echo(f"train-hash: {bits} bits: resuming from the checkpoint after epoch {done} of "
                              f"{cfg.epochs}")
     run_epoch = epoch_runner(state, cfg, graphs, compile_terms)

@@ -1,0 +1,116 @@
+"""Coding a query as an archive's items were coded: a caption through the text encoder and head, an image through
+the image encoder (with the archive's augmented views, where its image codes average them) and head. The model
+and encoders load on first use and can be shared between archives coded by one model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from duch.pipeline import DuchError
+from duch.pipeline.model.coding import image_codes
+from duch.pipeline.model.trained import Model, image_code
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class QueryCoder:
+    """The heads and encoders behind an encode-archive manifest (`manifest`, whose paths are relative to `stage`)."""
+
+    def __init__(self, manifest: dict, stage: Path, bits: int, device: torch.device):
+        self.manifest, self.stage, self.bits, self.device = manifest, Path(stage), bits, device
+        self._heads = None
+        self._encoders: dict = {}
+
+    @property
+    def heads(self):
+        if self._heads is None:
+            m = self.manifest["models"][str(self.bits)]
+            dims = self.manifest["encoders"]
+            path = Path(os.path.normpath(self.stage / m["file"]))
+            model = Model(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
+                          dims.get("text", {}).get("dim", 0))
+            self._heads = model.load(self.device)
+        return self._heads
+
+    def model_key(self) -> tuple:
+        """What codes a query for this index: the model file's SHA-256 and the encoders. Two indexes with the same
+        key code a caption the same way."""
+        return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
+
+    def share(self, other: "QueryCoder") -> None:
+        """Use `other`'s heads and encoders: one model in memory for several archives coded by it."""
+        self._heads, self._encoders = other.heads, other._encoders
+
+    def _encoder(self, modality: str):
+        if modality not in self._encoders:
+            from duch.pipeline.encoders import load_encoders, parse_spec
+
+            spec = self.manifest["encoders"].get(modality, {}).get("spec")
+            if not spec:
+                raise DuchError(f"the model in {self.manifest['model_run']} has no {modality} encoder")
+            parsed = parse_spec(spec, modality)
+            image, text = load_encoders(parsed if modality == "image" else None,
+                                        parsed if modality == "text" else None, str(self.device))
+            self._encoders[modality] = image if modality == "image" else text
+        return self._encoders[modality]
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Captions -> continuous codes [Q, K] through the text encoder and head. A query follows the caption rules
+        extract's captions do (data/text.py): control characters removed, cut to MAX_CAPTION_CHARS before the
+        tokenizer sees it; one left empty, or not valid Unicode, is refused."""
+        from duch.data.text import clean_caption
+
+        cleaned = []
+        for text in texts:
+            caption = clean_caption(text) if isinstance(text, str) else None
+            if caption is None or caption.text is None:
+                reason = caption.reason if caption else f"a {type(text).__name__}, not text"
+                raise DuchError(f"query text {shown(text)}: {reason}; give a caption such as 'many planes at the "
+                                "airport'")
+            cleaned.append(caption.text)
+        emb = self._encoder("text").encode(cleaned).to(self.device)
+        return self.heads.text(emb.float()).float().cpu().numpy()
+
+    def embed_image(self, paths: list[str | Path]) -> np.ndarray:
+        """Image files -> continuous codes [Q, K], converted and embedded as extract does (see embed_images)."""
+        from duch.data.images import ImageLoadError, load_image
+
+        images = []
+        for path in paths:
+            try:
+                images.append((Path(path).stem, load_image(Path(path))))
+            except ImageLoadError as e:
+                raise DuchError(f"query image {path}: {e}") from None
+        return self.embed_images(images)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[tuple[str, "Image.Image"]]) -> np.ndarray:
+        """(name, RGB image) pairs -> continuous codes [Q, K]. Where the archive's image codes average the head
+        over augmented views (encode-archive's `image_code`), the query's are made the same way, its views drawn
+        as extract draws an item's with `name` (a file's name stem) as the id: an archive image given as a query,
+        under its own file name, gets its archive code."""
+        from duch.data.augment import ImageAugment, augment_image, view_rng
+
+        encoder = self._encoder("image")
+        code = image_code(self.manifest)
+        n_views = int(code["views"])
+        augment = ImageAugment.from_record(code["augment"]) if n_views else None
+        pixels = []
+        for name, img in images:
+            pixels.append(encoder.transform(img))
+            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
+                       for v in range(1, n_views + 1)]
+        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
+        return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
+
+
+def shown(query, most: int = 60) -> str:
+    """A query as a message shows it: quoted, on one line, its first `most` characters."""
+    text = repr(query[:most]) if isinstance(query, str) else repr(query)[:most]
+    return text + (f" (... {len(query):,} characters)" if isinstance(query, str) and len(query) > most else "")
