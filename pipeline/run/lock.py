@@ -18,7 +18,7 @@ from pathlib import Path
 from duch.pipeline import DuchError
 from duch.pipeline.compute import children
 from duch.pipeline.run.manifest import now_iso
-from duch.pipeline.run.storage import write_errors
+from duch.pipeline.run.storage import make_folders, write_errors
 
 LOCK_FILE = ".duch.lock"
 
@@ -32,7 +32,7 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
         yield None
         return
     with write_errors(run):
-        run.mkdir(parents=True, exist_ok=True)
+        make_folders(run)
     path = run / LOCK_FILE
     with write_errors(path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
