@@ -106,3 +106,16 @@ def test_every_writer_publishes_durably(tmp_path, fsyncs, kind):
     synced_files = [p for p, folder in fsyncs if not folder]
     assert any(Path(p).name.startswith(f".{target.name}.") for p in synced_files)  # its bytes, under the temp name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_removed_checkpoint_stays_removed(tmp_path, fsyncs):
+    """train-hash writes nothing in bits-K/ after dropping its checkpoint: the removal itself is fsynced, or a
+    power cut would bring the checkpoint back beside the finished model."""
+    from duch.pipeline.formats.checkpoint import remove_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, 1, "fp", {"w": torch.zeros(2)})
+    fsyncs.clear()
+    remove_checkpoint(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and fsyncs == [(str(tmp_path), True)]
+    remove_checkpoint(tmp_path)  # nothing left to remove: nothing to sync
+    assert fsyncs == [(str(tmp_path), True)]
