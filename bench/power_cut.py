@@ -22,6 +22,7 @@ Writes bench/results/power_cut-<machine>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import random
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 UCM = Path("/work/shared/datasets/ucm")
 STAGES = ("extract", "train-hash", "encode-archive")
 RUN = "run"  # the run's folder inside the modelled folder
+# Temporary names, duch's (`.NAME.*.tmp`, any version) and safetensors' own: never counted as finished files.
+TEMPORARIES = (".*.tmp", ".tmp??????")
 
 
 def log(msg: str) -> None:
@@ -69,8 +72,8 @@ def stage_args(stage: str, data: Path, run: Path, shard_size: int) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- the checks
 def is_temporary(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and name.endswith(".tmp")
+    """A writer's temporary (duch's or safetensors'), never a finished file."""
+    return any(fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern) for pattern in TEMPORARIES)
 
 
 def under(tree: dict, folder: str) -> dict:
