@@ -8,9 +8,9 @@ which only what was made durable survives a cut at any point of the trace.
         ...                                  # after calls[:cut]: what a power cut leaves, and what the process saw
 
 The model is the strict one POSIX promises and no more (the ext4, XFS or btrfs of a given machine may keep more):
-- a file's bytes survive as of its last fsync / fdatasync (a file never synced comes back empty); with
-  `torn=rng`, a file written since its last sync comes back as any of: that synced state, a prefix of what was
-  written, or what was written with its tail zeroed (writeback that reached the disk in part);
+- a file's bytes survive as of its last fsync / fdatasync (a file never synced comes back empty); at a torn cut
+  (a random.Random given for it), a file written since its last sync comes back as any of: that synced state, a
+  prefix of what was written, or what was written with its tail zeroed (writeback that reached the disk in part);
 - a name created, renamed or removed in a folder survives only once that folder was fsynced (its whole listing
   at that moment); a folder made by mkdir is in its parent's listing only once the parent was fsynced;
 - sync() and syncfs() make everything durable.
@@ -277,6 +277,8 @@ class Replay:
             table.pop(fd_arg(a[0])[0], None)
             return None
         if name == "close_range":
+            if "CLOSE_RANGE_CLOEXEC" in a[2]:  # marks them close-on-exec, closes nothing
+                return None
             first, last = int(a[0]), int(a[1]) if a[1] != "~0U" else 1 << 31
             for fd in [fd for fd in table if first <= fd <= last]:
                 del table[fd]

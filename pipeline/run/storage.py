@@ -6,9 +6,10 @@ cut a file is either complete under its name or absent (the rename itself is on 
 Folders are made with `make_folders`, which fsyncs each new folder into its parent, for the same reason.
 
 Every writer of a run's files (HDF5 shards, code files, checkpoints, weights, manifests, plots) wraps its writes
-in `write_errors(path)` (atomic_write does). The libraries underneath report the same failure in different forms: Python's OSError
-with an errno, h5py's OSError or RuntimeError with "errno = 28" inside the HDF5 error text, safetensors' error
-with "os error 28" inside the Rust one. All of them come out as the one message below, naming the file.
+in `write_errors(path)` (atomic_write does). The libraries underneath report the same failure in different
+forms: Python's OSError with an errno, h5py's OSError or RuntimeError with "errno = 28" inside the HDF5 error
+text, safetensors' error with "os error 28" inside the Rust one. All of them come out as the one message below,
+naming the file.
 """
 from __future__ import annotations
 
