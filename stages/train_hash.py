@@ -23,7 +23,7 @@ from duch.pipeline.retrieval.metrics import DIRECTIONS
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.manifest import library_versions, write_json_atomic
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
-from duch.pipeline.run.storage import write_errors
+from duch.pipeline.run.storage import make_folders, write_errors
 from duch.pipeline.train.data import check_features, choose_split, prepare, with_caption_noise
 from duch.pipeline.train.loop import Checkpoints, train_bits
 from duch.pipeline.train.report import format_table, write_history
@@ -83,7 +83,7 @@ def train_hash(cfg: TrainConfig, force: bool, progress: bool, echo: Callable[[st
             remove_checkpoint(bits_folder)  # left by a kill between result.json and its removal
         else:
             with write_errors(bits_folder):
-                bits_folder.mkdir(parents=True, exist_ok=True)
+                make_folders(bits_folder)
                 finished.unlink(missing_ok=True)
             if force:
                 remove_checkpoint(bits_folder)

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from duch.pipeline import DuchError
+from duch.pipeline.compute.children import holding
 from duch.pipeline.compute.cluster import SchedulerSpec, local_layout
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.run.manifest import read_manifest
 from duch.stages.extract import extract
+from tests.test_kill import exited, wait_for_workers_and
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +122,8 @@ def test_a_worker_killed_mid_run_has_its_shards_redone_elsewhere(archive, tiny_c
 
 
 def test_a_killed_cluster_driver_resumes_from_its_finished_shards(archive, tiny_clip_spec, tmp_path):
+    """SIGKILL of the driver while the LocalCluster it started is working: its workers never held the run lock,
+    so a rerun started at once gets the run, resumes, and ends with the shards of an uninterrupted run."""
     expected = extract(archive_config(archive, tmp_path / "here", tiny_clip_spec, shard_size=2), progress=False,
                        echo=quiet).manifest
     run = tmp_path / "there"
@@ -128,18 +132,21 @@ def test_a_killed_cluster_driver_resumes_from_its_finished_shards(archive, tiny_
            "cpu", "--workers", "0", "--threads", "1", "--scheduler", "local:2", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list((run / "extract").glob("*.h5"))) < 3:
-        time.sleep(0.01)
+    workers = wait_for_workers_and(proc, lambda: len(list((run / "extract").glob("*.h5"))) >= 3)
+    holders = holding(run / ".duch.lock")
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers are left to notice on their own
     proc.wait()
+    assert workers, "the run ended before it could be killed with its cluster alive"
+    assert holders == [proc.pid]  # the driver alone held the run lock, none of its workers
     done = {p.name for p in (run / "extract").glob("*.h5")}
     assert 0 < len(done) < len(expected["outputs"]) and not (run / "extract" / "manifest.json").exists()
     said = []
+    # At once, no --wait: the lock went with the driver, while its workers may still be winding down.
     result = extract(archive_config(archive, run, tiny_clip_spec, shard_size=2, scheduler="local:2"),
                      progress=False, echo=said.append)
     assert said[0].startswith("extract: resuming,")
     assert comparable(result.manifest) == comparable(expected)
+    assert exited(workers, within_s=60), "the killed driver's workers outlived it"
     shutil.rmtree(run)
 
 

@@ -23,6 +23,7 @@ import pytest
 
 from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.formats.shards import read_attrs, read_shard
+from duch.pipeline.run.lock import TEMPORARIES
 from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
 from tests.faultkit import Zygote, namespaces_work
 
@@ -199,8 +200,9 @@ def test_random_sigkills_then_a_rerun_give_the_uninterrupted_outputs(world, stag
     stats["resumed_runs"] += resumed(final.log)
     outputs_equal(stage, run, w["clean"])
     # Temporary files of killed attempts are garbage, never read; the rerun sweeps them once it holds the run lock.
-    stats["temporary_files_left"] = len(list((run / stage).rglob(".*.tmp")))
-    assert stats["temporary_files_left"] == 0, sorted((run / stage).rglob(".*.tmp"))
+    left = [p for pattern in TEMPORARIES for p in (run / stage).rglob(pattern)]
+    stats["temporary_files_left"] = len(left)
+    assert stats["temporary_files_left"] == 0, sorted(left)
     FAULTS[stage] = stats
     assert stats["landed_mid_work"] >= 1, stats  # the loop did kill the stage at work
 

@@ -150,3 +150,14 @@ def test_the_cli_waits_for_a_busy_run_when_asked(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_taking_the_lock_sweeps_what_killed_writers_left(tmp_path):
+    """duch's temporaries and safetensors' own (`.tmpXXXXXX`, renamed onto duch's when its save completes) are
+    garbage once the lock is held; finished files stay."""
+    bits = tmp_path / "train-hash" / "bits-16"
+    bits.mkdir(parents=True)
+    for name in (".model.safetensors.123-ab12cd34.tmp", ".tmpAb3xYz", "model.safetensors", ".tmp-old-notes"):
+        (bits / name).write_bytes(b"x")
+    with run_lock(tmp_path, "train-hash"):
+        assert sorted(p.name for p in bits.iterdir()) == [".tmp-old-notes", "model.safetensors"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from duch.pipeline.run.storage import atomic_write
+from duch.pipeline.run.storage import atomic_write, make_folders
 
 
 @pytest.fixture
@@ -34,6 +34,21 @@ def test_a_file_is_fsynced_renamed_and_its_folder_fsynced(tmp_path, fsyncs):
     assert target.read_bytes() == b"payload"
     assert fsyncs == [(str(tmp), False), (str(tmp_path), True)]  # the bytes first, then the rename
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_folders_are_made_durably(tmp_path, fsyncs):
+    """A new folder's own name is fsynced into its parent before anything is published in it: else a power cut
+    could take the folder, and every file already 'durably' renamed into it, away."""
+    target = tmp_path / "run" / "stage" / "out.bin"
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"payload")
+    assert fsyncs == [(str(tmp_path), True), (str(tmp_path / "run"), True), (str(tmp), False),
+                      (str(tmp_path / "run" / "stage"), True)]
+    fsyncs.clear()
+    make_folders(tmp_path / "run" / "stage")  # already there: nothing to sync
+    assert fsyncs == []
+    with pytest.raises(FileExistsError):  # a file where a folder is needed, as mkdir says it
+        make_folders(target / "below")
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, fsyncs):
@@ -91,3 +106,16 @@ def test_every_writer_publishes_durably(tmp_path, fsyncs, kind):
     synced_files = [p for p, folder in fsyncs if not folder]
     assert any(Path(p).name.startswith(f".{target.name}.") for p in synced_files)  # its bytes, under the temp name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_removed_checkpoint_stays_removed(tmp_path, fsyncs):
+    """train-hash writes nothing in bits-K/ after dropping its checkpoint: the removal itself is fsynced, or a
+    power cut would bring the checkpoint back beside the finished model."""
+    from duch.pipeline.formats.checkpoint import remove_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, 1, "fp", {"w": torch.zeros(2)})
+    fsyncs.clear()
+    remove_checkpoint(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and fsyncs == [(str(tmp_path), True)]
+    remove_checkpoint(tmp_path)  # nothing left to remove: nothing to sync
+    assert fsyncs == [(str(tmp_path), True)]

@@ -21,7 +21,7 @@ from duch.pipeline.model.coding import continuous_codes, pack_codes
 from duch.pipeline.model.trained import Model
 from duch.pipeline.run.artifacts import verify_output
 from duch.pipeline.run.fingerprint import digest
-from duch.pipeline.run.storage import write_errors
+from duch.pipeline.run.storage import make_folders, write_errors
 
 PARTS = "parts"  # per-shard codes of a run in progress, merged into the code files, then removed
 
@@ -118,7 +118,7 @@ def encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: di
     if len(jobs) < n_parts:
         echo(f"encode-archive: resuming, {n_parts - len(jobs)} of {n_parts} shards already encoded")
     with write_errors(parts_dir):
-        parts_dir.mkdir(parents=True, exist_ok=True)
+        make_folders(parts_dir)
     results: list[dict] = []
     t0 = time.perf_counter()
     # Counted in shard rows (a text shard's include its rule-based rewrites, which get no code).

@@ -21,7 +21,7 @@ import torch
 
 from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.run.manifest import write_json_atomic
-from duch.pipeline.run.storage import atomic_write
+from duch.pipeline.run.storage import atomic_write, fsync_folder
 
 FORMAT = 1
 INDEX = "checkpoint.json"
@@ -104,15 +104,21 @@ def load_checkpoint(folder: Path, fingerprint: str) -> tuple[int, dict] | tuple[
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Drop a code length's checkpoint once its final outputs are written (or when it is retrained afresh)."""
+    """Drop a code length's checkpoint once its final outputs are written (or when it is retrained afresh),
+    durably: nothing else is written in the folder after it, so a power cut would otherwise bring the checkpoint
+    back beside a finished model."""
     folder = Path(folder)
-    (folder / INDEX).unlink(missing_ok=True)
-    _remove_tensor_files(folder, keep=None)
+    index = folder / INDEX
+    removed = index.exists()
+    index.unlink(missing_ok=True)
+    if _remove_tensor_files(folder, keep=None) or removed:
+        fsync_folder(folder)
 
 
-def _remove_tensor_files(folder: Path, keep: str | None) -> None:
-    for path in folder.glob("checkpoint-e*.safetensors"):
-        if path.name != keep:
-            path.unlink(missing_ok=True)
-    for leftover in folder.glob(".checkpoint-e*.safetensors.*tmp"):  # of a run killed while saving
-        leftover.unlink(missing_ok=True)
+def _remove_tensor_files(folder: Path, keep: str | None) -> bool:
+    """Whether there was anything to remove."""
+    found = [p for p in folder.glob("checkpoint-e*.safetensors") if p.name != keep]
+    found += list(folder.glob(".checkpoint-e*.safetensors.*tmp"))  # of a run killed while saving
+    for path in found:
+        path.unlink(missing_ok=True)
+    return bool(found)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from duch.pipeline.run.storage import make_folders
+
 STAGES = ("extract", "train-hash", "encode-archive", "evaluate")
 
 
@@ -20,4 +22,4 @@ def clear_stage(path: Path) -> None:
         manifest.unlink()
     if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    make_folders(path)

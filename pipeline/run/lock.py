@@ -18,7 +18,7 @@ from pathlib import Path
 from duch.pipeline import DuchError
 from duch.pipeline.compute import children
 from duch.pipeline.run.manifest import now_iso
-from duch.pipeline.run.storage import write_errors
+from duch.pipeline.run.storage import make_folders, write_errors
 
 LOCK_FILE = ".duch.lock"
 
@@ -32,7 +32,7 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
         yield None
         return
     with write_errors(run):
-        run.mkdir(parents=True, exist_ok=True)
+        make_folders(run)
     path = run / LOCK_FILE
     with write_errors(path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -55,15 +55,20 @@ def run_lock(run: str | Path, stage: str, wait_s: float = 0.0):
         os.close(fd)  # closing releases the lock
 
 
+# duch's own (storage.temp_path), and safetensors' (it saves through a `.tmpXXXXXX` of its own, renamed).
+TEMPORARIES = (".*.tmp", ".tmp??????")
+
+
 def sweep_temporaries(folder: Path) -> None:
-    """Remove the temporary files (`.NAME.*.tmp`) that killed attempts of a stage left in its folder.
+    """Remove the temporary files (TEMPORARIES) that killed attempts of a stage left in its folder.
 
     Only safe under the run lock, before the holder starts writing or after all its writers are done (every
     writer of this folder belongs to the lock's holder): whatever temporary is there is then garbage nobody will
     rename into place."""
     if folder.is_dir():
-        for leftover in folder.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        for pattern in TEMPORARIES:
+            for leftover in folder.rglob(pattern):
+                leftover.unlink(missing_ok=True)
 
 
 def _in_use(run: Path, path: Path, waited: float) -> str:

@@ -19,7 +19,7 @@ from duch.pipeline.run.artifacts import damaged_outputs, output_record
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.lock import run_lock
 from duch.pipeline.run.manifest import now_iso, read_manifest, write_manifest
-from duch.pipeline.run.storage import write_errors
+from duch.pipeline.run.storage import make_folders, write_errors
 
 
 @dataclass
@@ -65,7 +65,7 @@ class StageFolder:
     def start(self) -> None:
         """Work starts: the stage is not finished any more (its manifest goes first)."""
         with write_errors(self.path):
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_folders(self.path)
             (self.path / "manifest.json").unlink(missing_ok=True)
 
     def output(self, name: str, **extra) -> dict:

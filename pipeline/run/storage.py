@@ -3,11 +3,13 @@
 `atomic_write(path)` is the one way a finished file reaches its name: it is written under a temporary name
 unique to its writer, fsynced, renamed into place, and the folder is fsynced, so that after a crash or a power
 cut a file is either complete under its name or absent (the rename itself is on disk before the next file is).
+Folders are made with `make_folders`, which fsyncs each new folder into its parent, for the same reason.
 
 Every writer of a run's files (HDF5 shards, code files, checkpoints, weights, manifests, plots) wraps its writes
-in `write_errors(path)` (atomic_write does). The libraries underneath report the same failure in different forms: Python's OSError
-with an errno, h5py's OSError or RuntimeError with "errno = 28" inside the HDF5 error text, safetensors' error
-with "os error 28" inside the Rust one. All of them come out as the one message below, naming the file.
+in `write_errors(path)` (atomic_write does). The libraries underneath report the same failure in different
+forms: Python's OSError with an errno, h5py's OSError or RuntimeError with "errno = 28" inside the HDF5 error
+text, safetensors' error with "os error 28" inside the Rust one. All of them come out as the one message below,
+naming the file.
 """
 from __future__ import annotations
 
@@ -111,6 +113,19 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def make_folders(path: str | os.PathLike) -> None:
+    """`mkdir -p path`, durably: each folder made is fsynced into its parent, so that after a power cut the files
+    later published in it are not lost with a folder whose own name never reached the disk. A file standing where
+    a folder is needed raises FileExistsError, as mkdir does."""
+    path, missing = Path(path), []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another writer may make it at the same moment: its entry is synced alike
+        fsync_folder(folder.parent)
+
+
 def publish(tmp: Path, path: Path) -> None:
     """A complete temporary file under its final name, durably: the file's bytes, then the rename."""
     with open(tmp, "rb+") as raw:
@@ -126,7 +141,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     want of space or permission come out as a DuchError naming `path`."""
     path = Path(path)
     with write_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         tmp = temp_path(path)
         try:
             yield tmp
