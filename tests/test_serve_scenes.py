@@ -1,6 +1,7 @@
 """`duch serve` over a scene archive (the 8 x 8 Merced mosaic of real UCM tiles, conftest's `scenes`), with a plain
 archive of the same model beside it: place filters in the API before the top k, hits' places, GeoJSON, scene
 outlines, the archive's extent, and tile thumbnails rendered from the scene window."""
+import asyncio
 import dataclasses
 import io
 import shutil
@@ -145,6 +146,19 @@ def test_a_tile_s_thumbnail_is_rendered_from_its_scene_window(base, scenes, serv
     assert small == thumbnail_jpeg(Image.fromarray(tile), 64) and Image.open(io.BytesIO(small)).size == (64, 64)
     neighbour = httpx.get(f"{base}/thumbs/merced%2F5_3").content  # same file, another window: its own thumbnail
     assert neighbour == thumbnail_jpeg(Image.fromarray(scenes["tiles"][(5, 3)]), 256)
+
+
+def test_tiles_of_one_scene_asked_for_at_once_are_each_rendered_from_their_window(base, scenes):
+    """The thumbnail threads read one scene file together (each thread opens its own GDAL dataset)."""
+    wanted = [(i, j) for i in range(8) for j in range(8) if i in (6, 7) or j == 7]  # none asked for before
+
+    async def fetch_all():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.get(f"{base}/thumbs/merced%2F{i}_{j}") for i, j in wanted])
+
+    for (i, j), got in zip(wanted, asyncio.run(fetch_all())):
+        assert got.status_code == 200, got.text
+        assert got.content == thumbnail_jpeg(Image.fromarray(scenes["tiles"][(i, j)]), 256), (i, j)
 
 
 def test_info_gives_each_archive_s_places_extent_and_dates_and_scenes_their_outlines(base, index):
