@@ -64,16 +64,38 @@ def shown(page) -> list[str]:
     return ids
 
 
+def on_page(page, lonlat) -> np.ndarray:
+    """[N, 2] page coordinates of lon/lat points on the map."""
+    return np.array([page.evaluate("([lon, lat]) => window.duchMap.toClient(lon, lat)", [float(x), float(y)])
+                     for x, y in np.asarray(lonlat).reshape(-1, 2)])
+
+
 def drag_box(page, lonlat, margin: float = 6) -> None:
     """Drag a box on the map around these lon/lat points, `margin` pixels wider."""
-    points = np.array([page.evaluate("([lon, lat]) => window.duchMap.toClient(lon, lat)", [float(x), float(y)])
-                       for x, y in np.asarray(lonlat).reshape(-1, 2)])
+    points = on_page(page, lonlat)
     (x0, y0), (x1, y1) = points.min(axis=0) - margin, points.max(axis=0) + margin
     page.mouse.move(x0, y1)
     page.mouse.down()
     page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=4)
     page.mouse.move(x1, y0, steps=4)
     page.mouse.up()
+
+
+def pan(page, start, end) -> None:
+    page.keyboard.down("Shift")
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+
+
+def wheel(page, delta: float) -> float:
+    """Turn the wheel over the map where the pointer is; the scale it had."""
+    scale = page.evaluate("window.duchMap.view.scale")
+    page.mouse.wheel(0, delta)
+    page.wait_for_function(f"() => window.duchMap.view.scale !== {scale}")
+    return scale
 
 
 def hover(page, selector: str) -> None:
@@ -101,15 +123,32 @@ def test_the_map_draws_the_hits_and_searches_the_box_drawn_on_it(site, browser, 
     hover(page, f"#map polygon.footprint[data-id='{ids[3]}']")  # ... and a footprint its card
     assert lit(page) == ([ids[3]], [ids[3]])
 
-    scene = ids[0].rsplit("/", 1)[0]  # the first hit's scene: a box around it
-    outline = next(f for f in httpx.get(f"{site}/api/scenes").json()["features"] if f["id"] == scene)
-    drag_box(page, outline["geometry"]["coordinates"][0])
+    scene = ids[0].rsplit("/", 1)[0]  # the first hit's scene: zoomed in to with the wheel, a box drawn around it
+    feature = next(f for f in httpx.get(f"{site}/api/scenes").json()["features"] if f["id"] == scene)
+    outline = np.array(feature["geometry"]["coordinates"][0])
+    centre = outline[:4].mean(axis=0)
+    frame = page.locator("#map").bounding_box()
+    middle = np.array([frame["x"] + frame["width"] / 2, frame["y"] + frame["height"] / 2])
+    for to in (on_page(page, [centre])[0] + [-70, 50], middle):  # shift-drag pans: the scene's centre to the middle
+        pan(page, on_page(page, [centre])[0], to)
+        assert np.abs(on_page(page, [centre])[0] - to).max() < 1
+    at = middle
+    for delta in (-300, 300, -300):  # the wheel zooms about the pointer: in, out, in
+        scale = wheel(page, delta)
+        ratio = page.evaluate("window.duchMap.view.scale") / scale
+        assert ratio == pytest.approx(np.exp(-delta * 0.002)) and np.abs(on_page(page, [centre])[0] - at).max() < 1
+    while np.ptp(on_page(page, outline)[:, 0]) < 250:  # a scene of a large archive: in until it is large enough
+        wheel(page, -300)
+    while np.ptp(on_page(page, outline)[:, 0]) > 450:  # and out while it is too large to draw around
+        wheel(page, 300)
+    drag_box(page, outline)
     page.wait_for_function("() => location.search.includes('bbox=')")
     in_scene = shown(page)
     assert len(in_scene) == 24 and all(i.startswith(scene + "/") for i in in_scene)
-    assert f" of {outline['properties']['tiles']} tiles" in page.inner_text("#status")
+    assert f" of {feature['properties']['tiles']} tiles" in page.inner_text("#status")
     page.click("#fit")  # the view fitted to the box
-    page.mouse.move(5, 5)
+    hover(page, f"#results .hit[data-id='{in_scene[0]}']")
+    assert lit(page) == ([in_scene[0]], [in_scene[0]])
     shot = os.environ.get("DUCH_MAP_SCREENSHOT") or str(tmp_path / "scenes-map.jpg")
     page.screenshot(path=shot, **({"quality": 85} if shot.endswith(".jpg") else {}))
 
@@ -133,6 +172,8 @@ def test_the_map_draws_the_hits_and_searches_the_box_drawn_on_it(site, browser, 
     api = httpx.post(f"{site}/api/search", json={"text": CAPTION, "k": 24, "bbox": box}, timeout=30).json()
     assert overlapping == [h["id"] for h in api["hits"]] and set(corner) <= set(overlapping)
     assert overlaps_box(np.array([h["place"]["lonlat"] for h in api["hits"]]), box).all()
+    doc = httpx.get(site + page.get_attribute("#geojson", "href")).json()  # the page's GeoJSON link: these hits
+    assert [f["id"] for f in doc["features"]] == overlapping and doc["matched"] == api["matched"]
 
     link = page.url  # the link, opened elsewhere, is the same search with the same box
     other = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()

@@ -155,6 +155,7 @@ class DuchMap {
     const [px, py] = this.local(e);
     const [sx, sy] = drag.start;
     const moved = Math.abs(px - sx) >= 5 && Math.abs(py - sy) >= 5;
+    if (moved) this.on.onHover(null); // what the drag started over is no longer pointed at
     if (drag.mode === "box" && moved) {
       const [lon0, lat0] = this.unproject(Math.min(px, sx), Math.max(py, sy));
       const [lon1, lat1] = this.unproject(Math.max(px, sx), Math.min(py, sy));
@@ -255,7 +256,7 @@ class DuchMap {
         const label = `${v.toFixed(digits)}°`;
         if (axis === "lon") {
           const [x] = this.project(v, latB);
-          lines.push(node("line", { x1: x, y1: 0, x2: x, y2: h }), node("text", { x: x + 3, y: h - 4 }, label));
+          lines.push(node("line", { x1: x, y1: 0, x2: x, y2: h }), node("text", { x: x + 3, y: 12 }, label));
         } else {
           const [, y] = this.project(lonL, v);
           lines.push(node("line", { x1: 0, y1: y, x2: w, y2: y }), node("text", { x: 4, y: y - 3 }, label));
