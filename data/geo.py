@@ -101,7 +101,13 @@ def convex_hull(points) -> np.ndarray:
     collinear points left out (Andrew's monotone chain); NaN points are ignored. A scene's outline from the corners
     of its tiles (which cover it without gaps)."""
     p = np.asarray(points, np.float64).reshape(-1, 2)
-    p = np.unique(p[np.isfinite(p).all(axis=1)], axis=0)  # sorted by x, then y
+    p = p[np.isfinite(p).all(axis=1)]
+    if len(p) > 64:  # points strictly inside the quadrilateral of the extreme points cannot be on the hull
+        quad = p[[p[:, 0].argmin(), p[:, 1].argmin(), p[:, 0].argmax(), p[:, 1].argmax()]]  # counterclockwise
+        edges = np.roll(quad, -1, axis=0) - quad
+        inside = ((edges[:, 0] * (p[:, None, 1] - quad[:, 1]) - edges[:, 1] * (p[:, None, 0] - quad[:, 0])) > 0)
+        p = p[~inside.all(axis=1)]
+    p = np.unique(p, axis=0)  # sorted by x, then y
     if len(p) < 3:
         return p
 

@@ -10,8 +10,10 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from duch.cli import main
 from duch.data.geo import to_lonlat
 from duch.pipeline import DuchError
 from duch.pipeline.config import EncodeConfig, ServeConfig
@@ -214,6 +216,8 @@ def test_a_basemap_is_a_tile_url_template_given_to_the_page(served):
                        ("https://tiles.example/{z}/{x}.png", "{y} missing")]:
         with pytest.raises(DuchError, match=words):
             create_app(ServeConfig(run=str(served["archive"]), bits=64, device="cpu", basemap=url))
+    bad = CliRunner().invoke(main, ["serve", "--run", str(served["archive"]), "--basemap", "tiles/{z}/{x}/{y}"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --basemap 'tiles/{z}/{x}/{y}': give an XYZ tile URL")
     template = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
     app = create_app(ServeConfig(run=str(served["archive"]), bits=64, device="cpu", basemap=template,
                                  basemap_attribution="© OpenStreetMap contributors"))
