@@ -211,6 +211,21 @@ def test_geojson_of_a_search_is_the_library_s_feature_collection(base, index):
         assert bad.status_code == status and words in bad.json()["error"], bad.json()
 
 
+def test_removed_tiles_are_neither_matched_nor_outlined(served, tmp_path):
+    from duch.pipeline.config.archive import RemoveConfig
+    from duch.stages.remove import remove
+
+    shutil.copytree(served["archive"].parent / "model", tmp_path / "model")
+    shutil.copytree(served["archive"], tmp_path / "scenes")
+    remove(RemoveConfig(run=str(tmp_path / "scenes"), ids=("merced/0_0",)), force=False, progress=False,
+           echo=lambda _: None)
+    with running(create_app(ServeConfig(run=str(tmp_path / "scenes"), bits=64, device="cpu", verify=False))) as url:
+        answer = post(url, text="many planes", k=10, bbox=box_text(corner_box()), inside=True).json()
+        assert answer["matched"] == 3 and {h["id"] for h in answer["hits"]} == CORNER - {"merced/0_0"}
+        scene = httpx.get(f"{url}/api/scenes").json()["features"][0]
+        assert scene["properties"]["tiles"] == 63
+
+
 def test_a_basemap_is_a_tile_url_template_given_to_the_page(served):
     for url, words in [("tiles/{z}/{x}/{y}.png", "give an XYZ tile URL template"),
                        ("https://tiles.example/{z}/{x}.png", "{y} missing")]:

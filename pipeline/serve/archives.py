@@ -135,17 +135,23 @@ class Archive:
         """Load what the first query would (heads, encoders, each modality's scan) before serving any."""
         index = self.index
         for modality in self.modalities:
-            index.rank(index.id_query(self._first_id(modality)), k=1, modality=modality, ties="order")
+            if (first := self._first_id(modality)) is not None:  # None: every item of it was removed
+                index.rank(index.id_query(first), k=1, modality=modality, ties="order")
         if "text" in index.manifest["encoders"]:
             index.embed_text(["warm up"])
         index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
         self.labels_of, self._captions, self.map.info()  # noqa: B018  (built here, not on the first request)
 
-    def _first_id(self, modality: str) -> str:
+    def _first_id(self, modality: str) -> str | None:
+        """The first item not removed (`duch remove`) of a modality: what warm() queries by."""
         table = self.index.tables[modality]
+        kept = np.flatnonzero(~self.index.archive.removed[modality])
+        if not len(kept):
+            return None
+        row = int(kept[0])
         if modality == "image":
-            return str(table.meta["ids"][0])
-        return f"{table.meta['image_id'][0]}#{int(table.meta['caption_index'][0])}"
+            return str(table.meta["ids"][row])
+        return f"{table.meta['image_id'][row]}#{int(table.meta['caption_index'][row])}"
 
 
 def open_archives(config: ServeConfig) -> dict[str, Archive]:
