@@ -372,9 +372,13 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
               help="Let pages from this origin call the API (e.g. https://maps.example.org); off by default.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
+@click.option("--basemap", default=None, metavar="URL",
+              help="Scene archives' map: an XYZ tile URL template ({z}/{x}/{y}) drawn beneath the footprints, fetched "
+                   "by the browser [default: none, the map is drawn offline].")
+@click.option("--basemap-attribution", default="", metavar="TEXT", help="Credit shown on the map under the basemap.")
 @user_errors
 def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_upload_mb, max_batch, max_image_batch,
-          threads, cors_origins, device, no_verify):
+          threads, cors_origins, device, no_verify, basemap, basemap_attribution):
     """Search service and web page over the encoded archive (http://127.0.0.1:8000/, API docs at /docs)."""
     import uvicorn
 
@@ -384,7 +388,7 @@ def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_uploa
     cfg = ServeConfig(run=run_dir, bits=bits, archives=archives, host=host, port=port, max_in_flight=max_in_flight,
                       timeout=timeout, max_upload_mb=max_upload_mb, max_batch=max_batch,
                       max_image_batch=max_image_batch, threads=threads, cors_origins=cors_origins,
-                      device=device, verify=not no_verify)
+                      device=device, verify=not no_verify, basemap=basemap, basemap_attribution=basemap_attribution)
     cfg.validate()
     if not cfg.loopback():
         click.echo(f"warning: binding {host}: the service is reachable from other machines and has no "

@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--query", default="many airplanes parked at the airport")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch", default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scenes and their coded archive (printed at the end) for `duch serve`")
     args = parser.parse_args(argv)
     from duch.pipeline.config import EncodeConfig, ExtractConfig
     from duch.pipeline.retrieval.places import PlaceFilter, search_places
@@ -140,7 +142,8 @@ def main(argv=None) -> dict:
                          "airplanes_in_top_n_of_all": len(planes & set(top)), "n": len(mosaics)})
             print(rows[-1], flush=True)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nquery {args.query!r}: {len(mosaics)} mosaics of 64 real UCM tiles, one unseen airplane tile each")
     print(f"{'bits':>5}{'first in its mosaic':>21}{'median rank':>13}{'airplanes in top N of all':>27}")
     for r in rows:
@@ -150,6 +153,8 @@ def main(argv=None) -> dict:
            "encode_s": round(encode_s, 1), "model_extract": {k: trained[k] for k in ("image_encoder", "image_views")}}
     path = save("scene_search", out)
     print(f"saved {path}")
+    if args.keep:
+        print(f"kept the scenes in {scratch / 'scenes'} and their archive: duch serve --run {scratch / 'archive'}")
     return out
 
 

@@ -94,3 +94,31 @@ def ccw_ring(corners) -> list[list[float]]:
     if area2 < 0:
         c = c[::-1]
     return [[float(u), float(v)] for u, v in c] + [[float(c[0, 0]), float(c[0, 1])]]
+
+
+def convex_hull(points) -> np.ndarray:
+    """[K, 2] corners of the convex hull of [N, 2] points, counterclockwise from the lowest-x (then lowest-y) one,
+    collinear points left out (Andrew's monotone chain); NaN points are ignored. A scene's outline from the corners
+    of its tiles (which cover it without gaps)."""
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    p = p[np.isfinite(p).all(axis=1)]
+    if len(p) > 64:  # points strictly inside the quadrilateral of the extreme points cannot be on the hull
+        quad = p[[p[:, 0].argmin(), p[:, 1].argmin(), p[:, 0].argmax(), p[:, 1].argmax()]]  # counterclockwise
+        edges = np.roll(quad, -1, axis=0) - quad
+        inside = ((edges[:, 0] * (p[:, None, 1] - quad[:, 1]) - edges[:, 1] * (p[:, None, 0] - quad[:, 0])) > 0)
+        p = p[~inside.all(axis=1)]
+    p = np.unique(p, axis=0)  # sorted by x, then y
+    if len(p) < 3:
+        return p
+
+    def half(seq):
+        chain: list = []
+        for q in seq:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (q[1] - chain[-2][1]) -
+                                       (chain[-1][1] - chain[-2][1]) * (q[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(q)
+        return chain
+
+    lower, upper = half(p), half(p[::-1])
+    return np.array(lower[:-1] + upper[:-1], np.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -226,22 +227,26 @@ def _scene_stretch(src, bands: tuple[int, int, int]) -> tuple[float, float]:
     return stretch_limits(values.astype(np.float64).ravel())
 
 
-# Open scenes of this process (a forked loader worker opens its own), the most recently used last.
-_OPEN: OrderedDict = OrderedDict()
-_MOST_OPEN = 8
+# Open scenes, per process (a forked loader worker opens its own) and per thread (a GDAL dataset must not be read
+# from two threads at once: the service renders thumbnails on several), the most recently used last.
+_OPEN: dict[tuple[int, int], OrderedDict] = {}
+_OPEN_LOCK = threading.Lock()
+_MOST_OPEN = 8  # per thread
 
 
 def _dataset(path: Path):
     import rasterio
 
-    key = (os.getpid(), str(path))
-    if key in _OPEN:
-        _OPEN.move_to_end(key)
-        return _OPEN[key]
-    while len(_OPEN) >= _MOST_OPEN:
-        _, old = _OPEN.popitem(last=False)
+    with _OPEN_LOCK:
+        mine = _OPEN.setdefault((os.getpid(), threading.get_ident()), OrderedDict())
+    key = str(path)
+    if key in mine:
+        mine.move_to_end(key)
+        return mine[key]
+    while len(mine) >= _MOST_OPEN:
+        _, old = mine.popitem(last=False)
         old.close()
-    src = _OPEN[key] = rasterio.open(path)
+    src = mine[key] = rasterio.open(path)
     return src
 
 

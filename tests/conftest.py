@@ -94,3 +94,31 @@ def encoded_run(tmp_path_factory, tiny_extract_run) -> Path:
                            device="cpu"), progress=False, echo=quiet)
     encode_archive(EncodeConfig(run=str(run), continuous=True, device="cpu"), progress=False, echo=quiet)
     return run
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory, tiny_extract_run, tiny_clip_spec) -> dict:
+    """A scene archive: an 8 x 8 mosaic of real UCM tiles as one GeoTIFF in UTM 11N near Merced (tests/scenekit.py)
+    extracted as 64 tiles, coded by 64-bit heads trained on the 24-tile captioned archive (the model); read it
+    only (copy it before serving it: the service caches thumbnails in it)."""
+    from duch.pipeline.config import EncodeConfig, ExtractConfig, TrainConfig
+    from duch.stages.encode_archive import encode_archive
+    from duch.stages.extract import extract
+    from duch.stages.train_hash import train_hash
+    from tests.scenekit import write_mosaic
+
+    quiet = lambda _: None  # noqa: E731
+    root = tmp_path_factory.mktemp("scenes")
+    model = root / "model"
+    shutil.copytree(tiny_extract_run, model)
+    train_hash(TrainConfig(run=str(model), bits=(64,), epochs=3, hidden=32, batch_size=8, eval_every=3,
+                           device="cpu"), progress=False, echo=quiet)
+    path, tiles = write_mosaic(root / "data" / "merced.tif")
+    archive = root / "archive"
+    # Without augmented views (their PIL work is most of extract's time here; test_scenes.py covers them).
+    extract(ExtractConfig(data=str(root / "data"), run=str(archive), image_encoder=tiny_clip_spec,
+                          text_encoder=tiny_clip_spec, tile=256, image_views=0, workers=0, device="cpu"),
+            progress=False, echo=quiet)
+    encode_archive(EncodeConfig(run=str(model), archive=str(archive), continuous=True, device="cpu"), progress=False,
+                   echo=quiet)
+    return {"model": model, "archive": archive, "scene": path, "tiles": tiles}

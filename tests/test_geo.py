@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from duch.data.geo import (bounds_of, ccw_ring, inside_box, overlaps_box, tile_offsets, tile_windows, to_lonlat,
-                           window_corners)
+from duch.data.geo import (bounds_of, ccw_ring, convex_hull, inside_box, overlaps_box, tile_offsets, tile_windows,
+                           to_lonlat, window_corners)
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
-from duch.pipeline.retrieval.places import PlaceFilter, parse_bbox
+from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter, parse_bbox
 
 
 @pytest.mark.parametrize("size, tile, stride, offsets", [
@@ -97,3 +97,22 @@ def test_bbox_and_dates_are_checked_with_one_line_each():
     assert PlaceFilter.parse(bbox="-120.4775,37.29,-120.47,37.31", date_to="2021-06-03").describe() == (
         "overlapping -120.4775,37.29,-120.47,37.31, dated ... to 2021-06-03")
     assert PlaceFilter.parse(date_from="20210101").date_from == "2021-01-01"
+
+
+def test_the_api_names_its_fields_and_takes_a_box_as_four_numbers():
+    assert PlaceFilter.parse(bbox=[-120.6, 37.2, -120.4, 37.4]).bbox == (-120.6, 37.2, -120.4, 37.4)
+    with pytest.raises(DuchError, match=r"^bbox '1,2,3': give four numbers MINLON"):
+        PlaceFilter.parse(bbox=[1, 2, 3], names=API_NAMES)
+    with pytest.raises(DuchError, match=r"^date_from 2022-01-01 is after date_to 2021-01-01"):
+        PlaceFilter.parse(date_from="2022-01-01", date_to="2021-01-01", names=API_NAMES)
+    with pytest.raises(DuchError, match=r"^inside says how tiles meet a bbox; give the bbox too$"):
+        PlaceFilter.parse(inside=True, names=API_NAMES)
+
+
+def test_convex_hull_of_tile_corners_is_the_scene_outline():
+    # Two tiles side by side (their shared edge's corners inside the outline) and a third below the first.
+    corners = [[0, 0], [1, 0], [1, 1], [0, 1], [1, 0], [2, 0], [2, 1], [1, 1], [0, 1], [1, 1], [1, 2], [0, 2]]
+    assert convex_hull(corners).tolist() == [[0, 0], [2, 0], [2, 1], [1, 2], [0, 2]]
+    turned = convex_hull([[0, 0], [3, 1], [2, 4], [-1, 3], [1, 2], [np.nan, 9]])  # a square turned, and its middle
+    assert turned.tolist() == [[-1, 3], [0, 0], [3, 1], [2, 4]]
+    assert convex_hull([[1, 1], [1, 1]]).tolist() == [[1, 1]]

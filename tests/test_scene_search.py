@@ -14,14 +14,12 @@ from click.testing import CliRunner
 from duch.cli import main
 from duch.data.geo import to_lonlat
 from duch.pipeline import DuchError
-from duch.pipeline.config import EncodeConfig, ExtractConfig, TrainConfig
+from duch.pipeline.config import EncodeConfig
 from duch.pipeline.formats.codes import PLACES, open_codes
 from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places, thumbnail
 from duch.pipeline.retrieval.search import Index
 from duch.stages.encode_archive import encode_archive
-from duch.stages.extract import extract
-from duch.stages.train_hash import train_hash
-from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11, write_mosaic
+from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRPLANE = f"merced/{AIRPLANE_AT[0]}_{AIRPLANE_AT[1]}"
@@ -29,25 +27,6 @@ AIRPLANE = f"merced/{AIRPLANE_AT[0]}_{AIRPLANE_AT[1]}"
 
 def quiet(_):
     pass
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory, tiny_extract_run, tiny_clip_spec) -> dict:
-    """The model: 64-bit heads trained on the 24-tile captioned archive; the archive: the mosaic's 64 tiles."""
-    root = tmp_path_factory.mktemp("scenes")
-    model = root / "model"
-    shutil.copytree(tiny_extract_run, model)
-    train_hash(TrainConfig(run=str(model), bits=(64,), epochs=3, hidden=32, batch_size=8, eval_every=3,
-                           device="cpu"), progress=False, echo=quiet)
-    path, tiles = write_mosaic(root / "data" / "merced.tif")
-    archive = root / "archive"
-    # Without augmented views (their PIL work is most of extract's time here; test_scenes.py covers them).
-    extract(ExtractConfig(data=str(root / "data"), run=str(archive), image_encoder=tiny_clip_spec,
-                          text_encoder=tiny_clip_spec, tile=256, image_views=0, workers=0, device="cpu"),
-            progress=False, echo=quiet)
-    encode_archive(EncodeConfig(run=str(model), archive=str(archive), continuous=True, device="cpu"), progress=False,
-                   echo=quiet)
-    return {"model": model, "archive": archive, "scene": path, "tiles": tiles}
 
 
 def expected_corners(i: int, j: int) -> np.ndarray:

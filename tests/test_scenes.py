@@ -326,3 +326,15 @@ def test_windows_read_with_gdal_s_cache_bounded(tmp_path):
     with scenes._env():
         assert rasterio.env.getenv()["GDAL_CACHEMAX"] == scenes.GDAL_CACHE_MB
     assert read_window(path, (0, 0, 64, 64), (1, 2, 3), None)[1] == 1.0
+
+
+def test_windows_read_from_several_threads_at_once_are_the_windows(tmp_path):
+    """The service renders tile thumbnails on a pool of threads: each thread reads through its own GDAL dataset
+    (one shared by two threads at once fails reads, and can crash the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, tiles = write_mosaic(tmp_path / "mosaic.tif")
+    windows = [((j * 256, i * 256, 256, 256), tiles[(i, j)]) for i in range(8) for j in range(8)] * 4
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(lambda w: read_window(path, w[0], (1, 2, 3), None)[0], windows))
+    assert all(np.array_equal(got, want) for got, (_, want) in zip(read, windows))

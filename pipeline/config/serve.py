@@ -34,6 +34,10 @@ class ServeConfig:
     threads: int | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
     watch_interval: float = 0.5  # seconds between looks at the archives' generation (duch add, remove, compact)
+    # The map panel of scene archives draws lon/lat on its own, offline; a basemap (an XYZ tile URL template such
+    # as https://tile.openstreetmap.org/{z}/{x}/{y}.png) is fetched by the browser only when given here.
+    basemap: str | None = None
+    basemap_attribution: str = ""  # shown on the map beneath a basemap (its provider's terms usually ask for it)
 
     def validate(self) -> None:
         if self.port < 0 or self.port > 65535:
@@ -45,6 +49,12 @@ class ServeConfig:
             raise DuchError(f"--threads must be at least 1, got {self.threads}")
         if self.timeout <= 0 or self.max_upload_mb <= 0:
             raise DuchError("--timeout and --max-upload-mb must be positive")
+        if self.basemap is not None:
+            missing = [p for p in ("{z}", "{x}", "{y}") if p not in self.basemap]
+            if not self.basemap.startswith(("http://", "https://")) or missing:
+                raise DuchError(f"--basemap {self.basemap!r}: give an XYZ tile URL template, http(s)://... with "
+                                f"{{z}}, {{x}} and {{y}} (e.g. https://tile.openstreetmap.org/{{z}}/{{x}}/{{y}}.png)"
+                                + (f"; {', '.join(missing)} missing" if missing else ""))
 
     @property
     def max_upload_bytes(self) -> int:

@@ -21,6 +21,9 @@ from duch.pipeline import DuchError
 from duch.pipeline.formats.codes import PLACES, CodeTable
 
 BBOX_FORM = "MINLON,MINLAT,MAXLON,MAXLAT"
+# What the errors call each filter: the CLI's options, or the JSON API's fields (duch serve).
+CLI_NAMES = {"bbox": "--bbox", "inside": "--inside", "date_from": "--date-from", "date_to": "--date-to"}
+API_NAMES = {name: name for name in CLI_NAMES}
 NO_PLACES = "this archive's images have no place (it was not extracted from GeoTIFF scenes with --tile)"
 
 
@@ -58,23 +61,26 @@ def place_of(table: CodeTable, row: int) -> Place | None:
                  [int(v) for v in m["bands"][row]], stretch.tolist() if np.isfinite(stretch).all() else None)
 
 
-def parse_bbox(text: str) -> tuple[float, float, float, float]:
-    """"MINLON,MINLAT,MAXLON,MAXLAT" -> a lon/lat box, or the one-line error saying what is wrong with it."""
+def parse_bbox(text, name: str = "--bbox") -> tuple[float, float, float, float]:
+    """"MINLON,MINLAT,MAXLON,MAXLAT" (or four numbers) -> a lon/lat box, or the one-line error, naming the option
+    `name`, saying what is wrong with it."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(v) for v in text)
     try:
         values = tuple(float(v) for v in str(text).split(","))
     except ValueError:
         values = ()
     if len(values) != 4 or not all(np.isfinite(values)):
-        raise DuchError(f"--bbox {text!r}: give four numbers {BBOX_FORM} in degrees, e.g. -120.6,37.2,-120.4,37.4")
+        raise DuchError(f"{name} {text!r}: give four numbers {BBOX_FORM} in degrees, e.g. -120.6,37.2,-120.4,37.4")
     x0, y0, x1, y1 = values
     if not (-180 <= x0 <= 180 and -180 <= x1 <= 180 and -90 <= y0 <= 90 and -90 <= y1 <= 90):
-        raise DuchError(f"--bbox {text!r}: longitudes lie within -180..180 and latitudes within -90..90 "
+        raise DuchError(f"{name} {text!r}: longitudes lie within -180..180 and latitudes within -90..90 "
                         f"({BBOX_FORM}, lon first)")
     if x0 >= x1:
-        raise DuchError(f"--bbox {text!r}: MINLON {x0:g} is not below MAXLON {x1:g}; give {BBOX_FORM} (for a box "
+        raise DuchError(f"{name} {text!r}: MINLON {x0:g} is not below MAXLON {x1:g}; give {BBOX_FORM} (for a box "
                         "across the antimeridian, search each side of it apart)")
     if y0 >= y1:
-        raise DuchError(f"--bbox {text!r}: MINLAT {y0:g} is not below MAXLAT {y1:g}; give {BBOX_FORM}")
+        raise DuchError(f"{name} {text!r}: MINLAT {y0:g} is not below MAXLAT {y1:g}; give {BBOX_FORM}")
     return values
 
 
@@ -98,15 +104,17 @@ class PlaceFilter:
     inside: bool = False
 
     @classmethod
-    def parse(cls, bbox: str | None = None, date_from: str | None = None, date_to: str | None = None,
-              inside: bool = False) -> "PlaceFilter":
-        """From the CLI's (or a web form's) text; each mistake is one DuchError naming the option."""
+    def parse(cls, bbox=None, date_from: str | None = None, date_to: str | None = None, inside: bool = False,
+              names: dict[str, str] = CLI_NAMES) -> "PlaceFilter":
+        """From the CLI's (or a web form's) text, `bbox` also as four numbers; each mistake is one DuchError naming
+        the option as `names` calls it."""
         if inside and bbox is None:
-            raise DuchError("--inside says how tiles meet a --bbox; give the --bbox too")
-        start, end = _date("--date-from", date_from), _date("--date-to", date_to)
+            raise DuchError(f"{names['inside']} says how tiles meet a {names['bbox']}; give the {names['bbox']} too")
+        start, end = _date(names["date_from"], date_from), _date(names["date_to"], date_to)
         if start and end and start > end:
-            raise DuchError(f"--date-from {start} is after --date-to {end}; give the earlier date first")
-        return cls(parse_bbox(bbox) if bbox is not None else None, start, end, inside)
+            raise DuchError(f"{names['date_from']} {start} is after {names['date_to']} {end}; give the earlier date "
+                            "first")
+        return cls(parse_bbox(bbox, names["bbox"]) if bbox is not None else None, start, end, inside)
 
     @property
     def active(self) -> bool:

@@ -9,9 +9,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 
+from duch.pipeline import DuchError
 from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
+from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter
 
-FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "archive")
+FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
+               "date_to", "archive")
 
 
 class ApiError(Exception):
@@ -34,6 +37,12 @@ class SearchRequest(BaseModel):
     rerank: int = Field(0, ge=0, le=2000, description="re-rank this many Hamming neighbours by cosine (0: off)")
     ties: Literal["adaptive", "order"] = "adaptive"
     label: str | None = Field(None, description="return only items of this class, filtered before the top k")
+    bbox: str | list[float] | None = Field(
+        None, description="scene tiles only: a lon/lat box MINLON,MINLAT,MAXLON,MAXLAT (or 4 numbers); tiles whose "
+                          "footprint overlaps it (lies inside it, with `inside`), filtered before the top k")
+    inside: bool = Field(False, description="with bbox: only tiles whose footprint lies wholly inside the box")
+    date_from: str | None = Field(None, description="scene tiles only: acquired on or after YYYY-MM-DD")
+    date_to: str | None = Field(None, description="scene tiles only: acquired on or before YYYY-MM-DD")
     archive: str | None = Field(None, description="which archive; default: the run's own")
 
     @model_validator(mode="after")
@@ -42,10 +51,30 @@ class SearchRequest(BaseModel):
             raise ValueError(f"offset + k must be at most {MOST_DEPTH}, got {self.offset + self.k}")
         return self
 
+    def places(self) -> PlaceFilter:
+        """The place filter (bbox, inside, dates), or an ApiError naming the field and the fix."""
+        try:
+            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside, names=API_NAMES)
+        except DuchError as e:
+            raise ApiError(422, str(e)) from None
+
 
 class Caption(BaseModel):
     id: str
     text: str
+
+
+class Place(BaseModel):
+    scene: str
+    window: list[int] = Field(description="the tile's pixels in its scene: col_off, row_off, width, height")
+    crs: str = Field(description="the scene's CRS ('' when it has none: the footprint is then in pixels)")
+    footprint: list[list[float]] = Field(description="corners upper-left, upper-right, lower-right, lower-left in "
+                                                     "the CRS")
+    lonlat: list[list[float]] | None = Field(description="the same corners in WGS84 lon/lat")
+    bounds: list[float] | None = Field(description="min lon, min lat, max lon, max lat")
+    date: str | None = Field(description="acquisition date, YYYY-MM-DD")
+    bands: list[int]
+    stretch: list[float] | None = Field(description="the scene's >8-bit stretch (low, high), as extract read it")
 
 
 class Hit(BaseModel):
@@ -60,6 +89,7 @@ class Hit(BaseModel):
     caption: str | None = Field(description="a caption hit's text; an image hit's first caption")
     captions: list[str] = Field(description="a caption hit's text; an image hit's captions")
     thumbnail: str = Field(description="URL of the image's thumbnail (a caption's: its image's)")
+    place: Place | None = Field(None, description="a scene tile's place (null for other archives' images)")
 
 
 class Timings(BaseModel):
@@ -77,7 +107,8 @@ class SearchResponse(BaseModel):
     modality: Literal["image", "text"]
     k: int
     offset: int
-    matched: int = Field(description="items of the returned modality that the filter lets through (all without one)")
+    matched: int = Field(description="items of the returned modality that the filters let through (all without one)")
+    filter: dict = Field(description="the filters as applied: label, bbox (four numbers), inside, date_from, date_to")
     hits: list[Hit]
     timings: Timings
 
@@ -132,4 +163,19 @@ async def read_search(request: Request, most_files: int = 1) -> tuple[SearchRequ
         what = "no query" if not given else f"{' and '.join(given)} at once"
         raise ApiError(422, f"{what}: give exactly one of text (a caption), id (an archive item) or image (an "
                             f"uploaded file)")
+    query.places()  # a bad box or date is answered before the query is admitted
     return query, upload
+
+
+def read_query(params) -> SearchRequest:
+    """A search request from a URL's query string (GET /api/search.geojson): a caption or an item, no upload."""
+    fields = dict(params)
+    try:
+        query = SearchRequest.model_validate(fields)
+    except ValidationError as e:
+        raise ApiError(422, one_line(e)) from None
+    if (query.text is None) == (query.id is None):
+        raise ApiError(422, f"{'no query' if query.text is None else 'text and id at once'}: give exactly one of text "
+                            "(a caption) or id (an archive item)")
+    query.places()
+    return query

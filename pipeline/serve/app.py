@@ -2,8 +2,10 @@
 with uvicorn) that loads the codes, heads and query encoders once and answers:
 
     POST /api/search      a caption, an archive item or an uploaded image -> hits with thumbnails, and timings
-    GET  /api/items/{id}  an item's label and captions          GET /api/info   archives, labels, limits
-    GET  /thumbs/{id}     a JPEG thumbnail of an archive image  GET /           the search page
+    GET  /api/search.geojson  the same (caption or item) as a GeoJSON FeatureCollection of scene tiles' footprints
+    GET  /api/items/{id}  an item's label, captions and place   GET /api/info   archives, labels, extents, limits
+    GET  /api/scenes      an archive's scene outlines (GeoJSON)  GET /           the search page (and its map)
+    GET  /thumbs/{id}     a JPEG thumbnail of an archive image or scene tile
     GET  /healthz, /metrics (Prometheus), /docs (OpenAPI)
 
 No handler blocks the event loop: captions and images are coded on a query coder's thread each (batching),
@@ -23,6 +25,7 @@ from fastapi import FastAPI
 
 from duch.pipeline.compute.cluster import torch_threads
 from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.retrieval.places import NO_PLACES, geojson
 from duch.pipeline.retrieval.search import Query
 from duch.pipeline.serve.admission import Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
@@ -30,6 +33,7 @@ from duch.pipeline.serve.archives import Archive, UnknownItem, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
 from duch.pipeline.serve.generations import GenerationWatcher, reopened
 from duch.pipeline.serve.limits import BodyLimit
+from duch.pipeline.serve.maps import place_json
 from duch.pipeline.serve.metrics import MetricsMiddleware, ServiceMetrics
 from duch.pipeline.serve.routes import add_routes
 from duch.pipeline.serve.thumbs import Thumbnails
@@ -89,31 +93,53 @@ class Service:
         code, batch = await asyncio.wrap_future(self.coders[modality].submit(coder, item))
         return code, time.perf_counter() - start, batch
 
-    async def search(self, archive: Archive, req: SearchRequest, upload: Upload | None, arrived: float) -> dict:
-        index, encode, batch = archive.index, 0.0, 0
+    async def coded(self, archive: Archive, req: SearchRequest, upload: Upload | None):
+        """(the query coded, or None for an id; what it is, as the answer shows it; seconds coding; batch)."""
+        index = archive.index
         if req.text is not None:
             h, encode, batch = await self.code("text", index.embed_text, req.text)
-            query, what = Query.of("text", h), {"kind": "text", "text": req.text}
-        elif upload is not None:
+            return Query.of("text", h), {"kind": "text", "text": req.text}, encode, batch
+        if upload is not None:
             img = await self.blocking(_decode_upload, upload)
             h, encode, batch = await self.code("image", index.embed_images, (_stem(upload.name), img))
-            query, what = Query.of("image", h), {"kind": "image", "image": upload.name}
-        else:
-            query, what = None, {"kind": "id", "id": req.id}
+            return Query.of("image", h), {"kind": "image", "image": upload.name}, encode, batch
+        return None, {"kind": "id", "id": req.id}, 0.0, 0
+
+    async def search(self, archive: Archive, req: SearchRequest, upload: Upload | None, arrived: float) -> dict:
+        query, what, encode, batch = await self.coded(archive, req, upload)
         scanned = time.perf_counter()
-        target, matched, hits = await self.blocking(self.page, archive, req, query)
+        target, matched, hits = await self.blocking(self.page, archive, req, query, self.hit)
         done = time.perf_counter()
-        kind = what["kind"]
-        self.metrics.queries.labels(kind).observe(done - arrived)
-        return {"query": what, "archive": archive.name, "generation": index.generation, "bits": index.bits,
-                "modality": target, "k": req.k,
-                "offset": req.offset, "matched": matched, "hits": hits,
+        self.metrics.queries.labels(what["kind"]).observe(done - arrived)
+        places = req.places()
+        return {"query": what, "archive": archive.name, "generation": archive.index.generation,
+                "bits": archive.index.bits, "modality": target, "k": req.k, "offset": req.offset, "matched": matched,
+                "filter": {"label": req.label, "bbox": list(places.bbox) if places.bbox else None,
+                           "inside": places.inside, "date_from": places.date_from, "date_to": places.date_to},
+                "hits": hits,
                 "timings": {"encode_ms": 1000 * encode, "scan_ms": 1000 * (done - scanned),
                             "total_ms": 1000 * (done - arrived), "batch": batch}}
 
-    def page(self, archive: Archive, req: SearchRequest, query: Query | None) -> tuple[str, int, list[dict]]:
+    async def features(self, archive: Archive, req: SearchRequest, arrived: float) -> dict:
+        """The hits as a GeoJSON FeatureCollection of their footprints (retrieval.places.geojson), each with its
+        thumbnail's URL and its file named as the archive names it (never the service's own path)."""
+        if not archive.map.has_places:
+            raise ApiError(422, f"GeoJSON draws scene tiles' footprints, and {NO_PLACES}")
+        if req.modality == "text":
+            raise ApiError(422, "modality: GeoJSON draws scene tiles, which are images; leave modality out")
+        req = req.model_copy(update={"modality": "image"})
+        query, what, _, _ = await self.coded(archive, req, None)
+        _, matched, hits = await self.blocking(self.page, archive, req, query, lambda _archive, h: h)
+        doc = geojson(hits, matched, req.text if req.text is not None else f"item {req.id}")
+        paths = archive.index.tables["image"].meta["path"]
+        for feature, h in zip(doc["features"], hits):
+            feature["properties"].update(path=str(paths[h.row]), thumbnail=self.thumb_url(archive, h.image_id))
+        self.metrics.queries.labels(what["kind"]).observe(time.perf_counter() - arrived)
+        return doc
+
+    def page(self, archive: Archive, req: SearchRequest, query: Query | None, shape) -> tuple[str, int, list]:
         """The hits offset .. offset + k of a query (rankings are deterministic: the first offset + k, then a
-        slice), with what the page shows of each."""
+        slice), each as `shape(archive, hit)` makes it; the label and place filters apply before the top k."""
         index = archive.index
         if query is None:
             try:
@@ -124,17 +150,17 @@ class Service:
         target = index.target(query, req.modality)
         if target not in index.tables:
             raise ApiError(422, f"modality: archive {archive.name!r} holds no {target} codes")
-        where = archive.where(target, req.label)
+        where = archive.where(target, req.label, req.places())
         matched = int(where.sum()) if where is not None else archive.count(target)
         hits = index.rank(query, k=req.offset + req.k, modality=target, rerank_top=req.rerank, ties=req.ties,
                           where=where)[req.offset:]
-        return target, matched, [self.hit(archive, h) for h in hits]
+        return target, matched, [shape(archive, h) for h in hits]
 
     def hit(self, archive: Archive, h) -> dict:
         captions = [h.caption] if h.caption is not None else [t for _, t in archive.captions_of(h.image_id)]
         return {"rank": h.rank, "id": h.id, "image_id": h.image_id, "modality": h.modality, "distance": h.distance,
                 "score": h.score, "label": h.label, "caption": captions[0] if captions else None,
-                "captions": captions, "thumbnail": self.thumb_url(archive, h.image_id)}
+                "captions": captions, "thumbnail": self.thumb_url(archive, h.image_id), "place": place_json(h.place)}
 
     def thumb_url(self, archive: Archive, image_id: str) -> str:
         url = f"/thumbs/{quote(image_id, safe='')}"

@@ -1,5 +1,6 @@
 """The archives a service searches: each one encoded archive's `Index`, with what the API shows of its items
-(labels, captions, the image file behind an id) and the label filters it applies before the top k.
+(labels, captions, the image file behind an id, a scene tile's place) and the label and place filters it applies
+before the top k.
 
 Every file the service reads for an item is named by the archive's own metadata, looked up by id: nothing a
 request sends is ever joined to a path.
@@ -15,7 +16,9 @@ from PIL import Image
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.retrieval.places import Place, PlaceFilter, place_of
 from duch.pipeline.retrieval.search import Index
+from duch.pipeline.serve.maps import ArchiveMap, place_json
 
 
 class UnknownItem(LookupError):
@@ -27,6 +30,7 @@ class Archive:
 
     def __init__(self, name: str, index: Index):
         self.name, self.index = name, index
+        self.map = ArchiveMap(index)
         self._masks: dict[tuple[str, str], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -69,10 +73,12 @@ class Archive:
     def captions_of(self, image_id: str) -> list[tuple[str, str]]:
         return self._captions.get(image_id, [])
 
-    def where(self, modality: str, label: str | None) -> np.ndarray | None:
-        """The label filter as a bool mask over `modality`'s rows (None: no filter), built once per label."""
+    def where(self, modality: str, label: str | None, places: PlaceFilter | None = None) -> np.ndarray | None:
+        """The label and place filters as one bool mask over `modality`'s rows (None: no filter); a label's mask is
+        built once, a place filter's for each query."""
+        mask = self.map.mask(places, modality) if places is not None else None
         if label is None:
-            return None
+            return mask
         if label not in self.labels:
             shown = ", ".join(self.labels[:30]) + (" ..." if len(self.labels) > 30 else "")
             raise DuchError(f"label {label!r} is not in archive {self.name!r} (its labels: {shown or 'none'})")
@@ -80,7 +86,8 @@ class Archive:
         with self._lock:
             if key not in self._masks:
                 self._masks[key] = (self.labels_of[modality] == label) & ~self.index.archive.removed[modality]
-            return self._masks[key]
+            labelled = self._masks[key]
+        return labelled if mask is None else labelled & mask
 
     def locate(self, item_id: str) -> tuple[str, int]:
         """(modality, row) of an archive id, or UnknownItem."""
@@ -105,6 +112,11 @@ class Archive:
             raise UnknownItem(f"the image of caption {item_id!r} is not in archive {self.name!r}")
         return self.index.image_path(row)
 
+    def place(self, item_id: str) -> Place | None:
+        """A scene tile's place (a caption's: its image's); None for an image that is no scene tile."""
+        row = self.index.tables["image"].row_of.get(self.image_id_of(item_id))
+        return None if row is None else place_of(self.index.tables["image"], row)
+
     def item(self, item_id: str) -> dict:
         """What the API shows of an item: its kind, label and captions (a caption's: itself first)."""
         modality, row = self.locate(item_id)
@@ -116,23 +128,30 @@ class Archive:
         return {"id": item_id, "modality": modality, "image_id": image_id,
                 "label": (self.labels_of[modality][row] or None),
                 "file": None if image_row is None else str(self._image_meta["path"][image_row]),
-                "captions": [{"id": i, "text": t} for i, t in captions]}
+                "captions": [{"id": i, "text": t} for i, t in captions],
+                "place": place_json(None if image_row is None else place_of(self.index.tables["image"], image_row))}
 
     def warm(self) -> None:
         """Load what the first query would (heads, encoders, each modality's scan) before serving any."""
         index = self.index
         for modality in self.modalities:
-            index.rank(index.id_query(self._first_id(modality)), k=1, modality=modality, ties="order")
+            if (first := self._first_id(modality)) is not None:  # None: every item of it was removed
+                index.rank(index.id_query(first), k=1, modality=modality, ties="order")
         if "text" in index.manifest["encoders"]:
             index.embed_text(["warm up"])
         index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
-        self.labels_of, self._captions  # noqa: B018  (built here, not on the first request)
+        self.labels_of, self._captions, self.map.info()  # noqa: B018  (built here, not on the first request)
 
-    def _first_id(self, modality: str) -> str:
+    def _first_id(self, modality: str) -> str | None:
+        """The first item not removed (`duch remove`) of a modality: what warm() queries by."""
         table = self.index.tables[modality]
+        kept = np.flatnonzero(~self.index.archive.removed[modality])
+        if not len(kept):
+            return None
+        row = int(kept[0])
         if modality == "image":
-            return str(table.meta["ids"][0])
-        return f"{table.meta['image_id'][0]}#{int(table.meta['caption_index'][0])}"
+            return str(table.meta["ids"][row])
+        return f"{table.meta['image_id'][row]}#{int(table.meta['caption_index'][row])}"
 
 
 def open_archives(config: ServeConfig) -> dict[str, Archive]:

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
 from duch.pipeline.serve.admission import Overloaded
-from duch.pipeline.serve.api import ApiError, SearchResponse, read_search
+from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
 from duch.pipeline.serve.archives import UnknownItem
 from duch.pipeline.serve.limits import BodyTooLarge
 from duch.pipeline.serve.thumbs import NoThumbnail
@@ -23,7 +23,8 @@ SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, TIFF)"},
-        **{f: {"type": "string"} for f in ("k", "offset", "modality", "rerank", "ties", "label", "archive")}}}}}}}
+        **{f: {"type": "string"} for f in ("k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside",
+                                           "date_from", "date_to", "archive")}}}}}}}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -73,7 +74,26 @@ def add_routes(app: FastAPI, service, static) -> None:
         archive = service.archive(req.archive)
         return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
 
-    @app.get("/api/items/{item_id:path}", summary="An archive item's label and captions")
+    @app.get("/api/search.geojson", summary="A caption or item search's hits as a GeoJSON FeatureCollection of "
+                                            "scene tiles' footprints",
+             responses={200: {"content": {"application/geo+json": {}}}, 422: {"description": "an archive "
+                                                                                            "without places"}})
+    async def search_geojson(request: Request):
+        """The fields of POST /api/search as query parameters (text or id, k, offset, bbox, inside, date_from,
+        date_to, label, rerank, ties, archive): a FeatureCollection (RFC 7946) of the hits' lon/lat footprints
+        with rank, distance, score, id, scene, window, date, crs, footprint, path and thumbnail."""
+        arrived = time.perf_counter()
+        req = read_query(request.query_params)
+        archive = service.archive(req.archive)
+        doc = await service.admission.run(lambda: service.features(archive, req, arrived))
+        return JSONResponse(doc, media_type="application/geo+json")
+
+    @app.get("/api/scenes", summary="The scenes of an archive of scene tiles: their outlines as GeoJSON")
+    async def scenes(archive: str | None = None):
+        found = service.archive(archive)
+        return JSONResponse(await service.blocking(lambda: found.map.scenes), media_type="application/geo+json")
+
+    @app.get("/api/items/{item_id:path}", summary="An archive item's label, captions and place (a scene tile's)")
     async def item(item_id: str, archive: str | None = None):
         found = service.archive(archive)
         try:
@@ -82,23 +102,27 @@ def add_routes(app: FastAPI, service, static) -> None:
             raise ApiError(404, str(e)) from None
         return {**out, "archive": found.name, "thumbnail": service.thumb_url(found, out["image_id"])}
 
-    @app.get("/api/info", summary="The archives served, their sizes and labels, and the request limits")
+    @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits")
     async def info():
-        return {"default": service.default, "bits": service.config.bits,
+        config = service.config
+        return {"default": service.default, "bits": config.bits,
                 "archives": [{"name": a.name, "generation": a.index.generation, "images": a.count("image"),
-                              "captions": a.count("text"),
-                              "modalities": a.modalities, "labels": a.labels} for a in service.archives.values()],
+                              "captions": a.count("text"), "modalities": a.modalities, "labels": a.labels,
+                              **a.map.info()} for a in service.archives.values()],
+                "basemap": {"url": config.basemap, "attribution": config.basemap_attribution} if config.basemap
+                else None,
                 "limits": {"most_k": MOST_K, "most_depth": MOST_DEPTH,
                            "max_upload_mb": service.config.max_upload_mb,
                            "max_in_flight": service.config.max_in_flight, "timeout_s": service.config.timeout}}
 
-    @app.get("/thumbs/{item_id:path}", summary="A JPEG thumbnail of an archive image (a caption's: its image's)",
+    @app.get("/thumbs/{item_id:path}", summary="A JPEG thumbnail of an archive image (a caption's: its image's; a "
+                                                "scene tile's: rendered from its scene window)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     async def thumb(item_id: str, archive: str | None = None):
         found = service.archive(archive)
         try:
             path = found.image_file(item_id)  # from the archive's own metadata, never from the request
-            data = await service.blocking(service.thumbs[found.name].get, path)
+            data = await service.blocking(service.thumbs[found.name].get, path, found.place(item_id))
         except UnknownItem as e:
             raise ApiError(404, str(e)) from None
         except NoThumbnail as e:

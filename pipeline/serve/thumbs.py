@@ -1,9 +1,10 @@
 """Thumbnails of archive images: converted by extract's rules (TIFF, 16-bit, 4-band, palette...; data.images),
+or for a scene tile rendered from its scene window as extract read it (bands, the scene's stretch; data.scenes),
 scaled to fit a square, JPEG-encoded, and cached under RUN/serve/thumbs/ (written with atomic_write).
 
-A cached file is named by the source file's path, size and modification time and the thumbnail size: an image
-replaced on disk gets a new thumbnail, an unchanged one is converted once. Callers pass a path the archive's
-metadata names, never one from a request.
+A cached file is named by the source file's path, size and modification time, the tile's window, bands and
+stretch, and the thumbnail size: an image replaced on disk gets a new thumbnail, an unchanged one is converted
+once. Callers pass a path the archive's metadata names, never one from a request.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from duch.data.images import ImageLoadError, load_image
+from duch.data.scenes import read_window
 from duch.pipeline import DuchError
 from duch.pipeline.run.storage import atomic_write
 
@@ -41,14 +43,17 @@ class Thumbnails:
         self.folder, self.size = Path(folder), size
         self.writable = True
 
-    def cache_name(self, source: Path) -> Path:
+    def cache_name(self, source: Path, place=None) -> Path:
         st = source.stat()
-        key = hashlib.sha256(f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{self.size}".encode()).hexdigest()
+        tile = "" if place is None else f"\0{place.window}\0{place.bands}\0{place.stretch}"
+        key = f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{self.size}{tile}"
+        key = hashlib.sha256(key.encode()).hexdigest()
         return self.folder / key[:2] / f"{key[2:32]}.jpg"
 
-    def get(self, source: Path) -> bytes:
+    def get(self, source: Path, place=None) -> bytes:
+        """The thumbnail of an image file, or with `place` (retrieval.places.Place) of that scene tile."""
         try:
-            cached = self.cache_name(source)
+            cached = self.cache_name(source, place)
         except FileNotFoundError:
             raise NoThumbnail(f"image file {source} is missing") from None
         except OSError as e:
@@ -56,7 +61,7 @@ class Thumbnails:
         if cached.is_file():
             return cached.read_bytes()
         try:
-            data = thumbnail_jpeg(load_image(source), self.size)
+            data = thumbnail_jpeg(render(source, place), self.size)
         except ImageLoadError as e:
             raise NoThumbnail(f"image file {source}: {e}") from None
         if self.writable:
@@ -69,3 +74,12 @@ class Thumbnails:
 
     def count(self) -> int:
         return sum(len(files) for _, _, files in os.walk(self.folder)) if self.folder.is_dir() else 0
+
+
+def render(source: Path, place=None) -> Image.Image:
+    """The picture behind a thumbnail: a scene tile's window (never the whole scene) or the image file."""
+    if place is None:
+        return load_image(source)
+    rgb, _ = read_window(source, tuple(place.window), tuple(place.bands),
+                         tuple(place.stretch) if place.stretch else None)
+    return Image.fromarray(rgb)

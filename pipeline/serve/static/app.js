@@ -1,13 +1,17 @@
 // duch's search page: the query lives in the address (?q= caption, ?id= archive item, m= modality, label=,
-// archive=, page=), so a link is the search and back/forward replay it. An uploaded image stays in this page
-// (the address says ?image=NAME): a link to it asks for the file again. No framework, nothing from outside.
+// archive=, page=; for scene tiles bbox=, inside=1, from=, to=), so a link is the search and back/forward replay
+// it. An uploaded image stays in this page (the address says ?image=NAME): a link to it asks for the file again.
+// Archives of scene tiles get a map panel (map.js). No framework, nothing from outside.
 "use strict";
 
 const PAGE = 24;
+const KEYS = ["q", "id", "image", "m", "label", "archive", "bbox", "inside", "from", "to", "page"];
 const $ = (id) => document.getElementById(id);
 let info = null;
 const uploads = new Map(); // image file name -> the File, for back/forward to image queries of this visit
 let labelsOf = "";
+let map = null;
+let mapOf = null; // the archive the map shows
 
 function params() {
   return new URLSearchParams(location.search);
@@ -16,9 +20,9 @@ function params() {
 function navigate(next, replace = false) {
   const keep = new URLSearchParams();
   for (const [key, value] of Object.entries(next)) {
-    if (value !== null && value !== undefined && value !== "") keep.set(key, value);
+    if (value !== null && value !== undefined && value !== "" && value !== false) keep.set(key, value);
   }
-  const url = "?" + keep.toString();
+  const url = "?" + keep.toString().replace(/%2C/g, ","); // a box reads as four numbers in the address
   if (replace) history.replaceState(null, "", url);
   else history.pushState(null, "", url);
   render();
@@ -29,14 +33,35 @@ function current() {
   return {
     q: p.get("q"), id: p.get("id"), image: p.get("image"),
     m: p.get("m") || "image", label: p.get("label") || "", archive: p.get("archive") || "",
-    page: Math.max(1, parseInt(p.get("page") || "1", 10) || 1),
+    bbox: p.get("bbox") || "", inside: p.get("inside") === "1" ? "1" : "", from: p.get("from") || "",
+    to: p.get("to") || "", page: Math.max(1, parseInt(p.get("page") || "1", 10) || 1),
   };
 }
 
 function withChanges(changes) {
   const s = current();
-  const next = { q: s.q, id: s.id, image: s.image, m: s.m, label: s.label, archive: s.archive, page: s.page };
-  return Object.assign(next, changes);
+  return Object.assign(Object.fromEntries(KEYS.map((key) => [key, s[key]])), changes);
+}
+
+function archiveInfo(name) {
+  if (!info) return null;
+  return info.archives.find((a) => a.name === (name || info.default)) || info.archives[0];
+}
+
+function boxOf(s) { // the address's box as four numbers, or null
+  const v = s.bbox.split(",").map(Number);
+  return v.length === 4 && v.every(Number.isFinite) ? v : null;
+}
+
+function filters(s) { // what the API takes of the address's filters
+  const out = {};
+  if (s.label) out.label = s.label;
+  if (s.bbox) out.bbox = s.bbox;
+  if (s.bbox && s.inside) out.inside = true;
+  if (s.from) out.date_from = s.from;
+  if (s.to) out.date_to = s.to;
+  if (s.archive) out.archive = s.archive;
+  return out;
 }
 
 function setStatus(text, isError = false) {
@@ -75,9 +100,7 @@ function thumbUrl(id, archive) {
 }
 
 async function search(s) {
-  const fields = { k: PAGE, offset: (s.page - 1) * PAGE, modality: s.m };
-  if (s.label) fields.label = s.label;
-  if (s.archive) fields.archive = s.archive;
+  const fields = Object.assign({ k: PAGE, offset: (s.page - 1) * PAGE, modality: s.m }, filters(s));
   let body;
   let headers = {};
   if (s.image) {
@@ -99,27 +122,34 @@ function showHits(answer, s) {
   const list = $("results");
   list.replaceChildren();
   if (!answer.hits.length) {
-    list.append(el("li", { class: "empty" }, s.label ? "Nothing of class " + s.label + " here." : "No results."));
+    const filtered = s.label || s.bbox || s.from || s.to;
+    list.append(el("li", { class: "empty" }, filtered ? "Nothing here matches the filters." : "No results."));
   }
   for (const hit of answer.hits) {
     const item = el("li", { class: "hit " + hit.modality, "data-id": hit.id });
-    const link = el("a", { href: "?" + new URLSearchParams(Object.entries(
-      { id: hit.id, m: s.m, label: s.label, archive: s.archive }).filter(([, v]) => v)).toString(),
-    title: "more like this" });
+    const more = withChanges({ id: hit.id, q: null, image: null, page: 1 });
+    const link = el("a", { href: "?" + new URLSearchParams(Object.entries(more).filter(([, v]) => v)).toString(),
+      title: "more like this" });
     link.addEventListener("click", (event) => {
       event.preventDefault();
-      navigate(withChanges({ id: hit.id, q: null, image: null, page: 1 }));
+      navigate(more);
       window.scrollTo(0, 0);
     });
     const meta = el("div", { class: "meta" });
-    meta.append(el("span", { class: "label" }, hit.label || ""), el("span", { class: "d" }, "d " + hit.distance));
+    const name = hit.place ? hit.id : hit.label || ""; // a scene tile: where it is, instead of a class
+    meta.append(el("span", { class: "label" }, name), el("span", { class: "d" }, "d " + hit.distance));
     link.append(thumb(hit.thumbnail, hit.label || hit.id), meta);
+    if (hit.place) link.append(el("p", { class: "caption" }, hit.place.date || "no date"));
     if (hit.caption) link.append(el("p", { class: "caption" }, hit.caption));
+    item.addEventListener("pointerenter", () => lightUp(hit.id));
+    item.addEventListener("pointerleave", () => lightUp(null));
     item.append(link);
     list.append(item);
   }
+  if (map) map.set("hits", answer.hits);
   const t = answer.timings;
-  const what = answer.modality === "image" ? "images" : "captions";
+  const tiles = archiveInfo(s.archive) && archiveInfo(s.archive).places;
+  const what = answer.modality === "text" ? "captions" : tiles ? "tiles" : "images";
   const first = answer.offset + (answer.hits.length ? 1 : 0);
   setStatus(`${first}-${answer.offset + answer.hits.length} of ${answer.matched} ${what}` +
     ` · encode ${t.encode_ms.toFixed(1)} ms · scan ${t.scan_ms.toFixed(1)} ms · total ${t.total_ms.toFixed(1)} ms`);
@@ -132,6 +162,11 @@ function showHits(answer, s) {
 }
 
 let ticket = 0; // only the latest search paints the page
+
+function lightUp(id) { // a hit's card and footprint, together
+  for (const card of document.querySelectorAll("#results .hit")) card.classList.toggle("on", card.dataset.id === id);
+  if (map) map.highlight(id);
+}
 
 function settle(state) { // the page's state for the address it shows: loading, done, empty or error
   document.body.dataset.query = location.search;
@@ -147,6 +182,8 @@ async function render() {
   $("label").value = s.label;
   if (s.archive) $("archive").value = s.archive;
   showQuery(s);
+  showMap(s);
+  if (map) map.set("hits", []);
   if (!s.q && !s.id && !s.image) {
     $("results").replaceChildren();
     $("pager").hidden = true;
@@ -190,12 +227,62 @@ function searchImage(file) {
 }
 
 function fillLabels(name) {
-  if (!info) return;
-  const archive = info.archives.find((a) => a.name === (name || info.default)) || info.archives[0];
-  if (labelsOf === archive.name) return;
+  const archive = archiveInfo(name);
+  if (!archive || labelsOf === archive.name) return;
   labelsOf = archive.name;
   $("label").replaceChildren(el("option", { value: "" }, "all classes"));
   for (const label of archive.labels) $("label").append(el("option", { value: label }, label));
+  $("label").hidden = !archive.labels.length; // scene tiles have no classes
+  $("modality").hidden = !archive.modalities.includes("text");
+}
+
+function showMap(s) { // the map panel of an archive of scene tiles: its extent and scenes, the box, the dates
+  const archive = archiveInfo(s.archive);
+  const places = Boolean(archive && archive.places);
+  $("mappanel").hidden = !places;
+  document.body.classList.toggle("withmap", places);
+  if (!places) return;
+  if (!map) {
+    map = new window.DuchMap($("map"), {
+      onBox: (box) => navigate(withChanges({ bbox: box.join(","), page: 1 })),
+      onPick: (id) => {
+        const card = document.querySelector(`#results .hit[data-id="${CSS.escape(id)}"]`);
+        if (card) card.scrollIntoView({ block: "nearest" });
+        lightUp(id);
+      },
+      onHover: lightUp,
+    });
+    window.duchMap = map;
+    if (info.basemap) {
+      map.basemap = info.basemap.url;
+      $("attribution").textContent = info.basemap.attribution;
+      $("attribution").hidden = !info.basemap.attribution;
+    }
+  }
+  const box = boxOf(s);
+  map.set("box", box);
+  if (mapOf !== archive.name) { // another archive: its extent and scenes, and the view fitted to them
+    mapOf = archive.name;
+    map.set("scenes", []);
+    map.set("extent", archive.extent);
+    map.fit(box || archive.extent);
+    fetch("/api/scenes?archive=" + encodeURIComponent(archive.name)).then((r) => r.json())
+      .then((doc) => { if (mapOf === archive.name) map.set("scenes", doc.features); })
+      .catch(() => {}); // outlines are a backdrop: the map works without them
+  }
+  $("inside").checked = Boolean(s.inside);
+  $("inside").disabled = !box;
+  $("from").value = s.from;
+  $("to").value = s.to;
+  $("clearbox").disabled = !box;
+  $("boxinfo").textContent = box ? "box " + box.map((v) => v.toFixed(5)).join(", ") :
+    "Drag on the map to search a box (shift-drag pans).";
+  const query = s.q ? { text: s.q } : s.id ? { id: s.id } : null;
+  $("geojson").hidden = !query;
+  if (query) {
+    const fields = Object.assign(query, { k: PAGE, offset: (s.page - 1) * PAGE }, filters(s));
+    $("geojson").href = "/api/search.geojson?" + new URLSearchParams(fields).toString();
+  }
 }
 
 async function start() {
@@ -220,10 +307,22 @@ async function start() {
   }
   $("label").addEventListener("change", () => navigate(withChanges({ label: $("label").value, page: 1 })));
   $("archive").addEventListener("change", () => navigate(withChanges({ archive: $("archive").value, label: "",
-    id: null, page: 1 })));
+    id: null, bbox: "", inside: "", from: "", to: "", page: 1 })));
   $("prev").addEventListener("click", () => navigate(withChanges({ page: current().page - 1 })));
   $("next").addEventListener("click", () => navigate(withChanges({ page: current().page + 1 })));
   $("file").addEventListener("change", () => searchImage($("file").files[0]));
+  $("inside").addEventListener("change", () => navigate(withChanges({ inside: $("inside").checked ? "1" : "",
+    page: 1 })));
+  $("from").addEventListener("change", () => navigate(withChanges({ from: $("from").value, page: 1 })));
+  $("to").addEventListener("change", () => navigate(withChanges({ to: $("to").value, page: 1 })));
+  $("clearbox").addEventListener("click", () => navigate(withChanges({ bbox: "", inside: "", page: 1 })));
+  const centre = () => { const r = $("map").getBoundingClientRect(); return [r.width / 2, r.height / 2]; };
+  $("zoomin").addEventListener("click", () => map.zoom(2, ...centre()));
+  $("zoomout").addEventListener("click", () => map.zoom(0.5, ...centre()));
+  $("fit").addEventListener("click", () => {
+    const s = current();
+    map.fit(boxOf(s) || map.hitBounds() || archiveInfo(s.archive).extent);
+  });
   let depth = 0;
   document.addEventListener("dragenter", (event) => { event.preventDefault(); depth++; $("drop").hidden = false; });
   document.addEventListener("dragleave", () => { if (--depth <= 0) { depth = 0; $("drop").hidden = true; } });
