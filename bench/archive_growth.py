@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import UCM, save  # noqa: E402
 from bench.synthetic import make_extract_run  # noqa: E402
 from duch.pipeline.archive.encoding import encode_run  # noqa: E402
 from duch.pipeline.archive.generation import Generation, write_generation  # noqa: E402
@@ -39,7 +39,6 @@ from duch.stages.add import add  # noqa: E402
 from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.stages.train_hash import train_hash  # noqa: E402
 
-UCM = Path("/work/shared/datasets/ucm")
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                              "head_width": 16},
              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

@@ -30,14 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import UCM, save  # noqa: E402
 from bench.synthetic import make_extract_run  # noqa: E402
 from duch.pipeline.config import EncodeConfig, ExtractConfig, TrainConfig  # noqa: E402
 from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.stages.extract import extract  # noqa: E402
 from duch.stages.train_hash import train_hash  # noqa: E402
 
-UCM = Path("/work/shared/datasets/ucm")
 MODES = ("none", "local", "warm")
 
 

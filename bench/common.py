@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# The UCM-captions data beside the checkout (../shared/datasets/ucm), as the README lays the folders out.
+UCM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ucm"
 
 
 def machine_name() -> str:

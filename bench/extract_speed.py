@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.common import save  # noqa: E402
+from bench.common import UCM, save  # noqa: E402
 from duch.data import read_dataset  # noqa: E402
 from duch.pipeline.config import ExtractConfig  # noqa: E402
 from duch.pipeline.embed.plan import plan_shards  # noqa: E402
@@ -48,7 +48,6 @@ from duch.pipeline.encoders import load_encoders, parse_spec  # noqa: E402
 from duch.pipeline.formats.shards import read_shard  # noqa: E402
 from duch.stages.extract import extract  # noqa: E402
 
-UCM = Path("/work/shared/datasets/ucm")
 GPU_ENCODERS = "open_clip:ViT-B-32:none,open_clip:RN50:none,efficientnet-lite0"
 RESULT: dict = {}
 

@@ -3,13 +3,13 @@
 and what reading captions by the rules costs. This checkout side by side with another (`--compare`, e.g. the
 checkout before the rules) in one run.
 
-    python bench/fuzz_bounds.py --compare /work/main           # every case, both checkouts
+    python bench/fuzz_bounds.py --run runs/ucm --compare ../before   # every case, both checkouts
     python bench/fuzz_bounds.py --cases images --chars 5000000  # quicker
 
 Each case runs in a fresh process that maps `duch` onto the checkout measured (as `python cli.py` does), imports
 what the case needs, resets its peak resident memory (VmHWM) and then runs the case: the peak is the case's, not
 the imports'. The caption case extracts one UC Merced tile whose caption JSON holds the long caption, with the
-default encoders; the query case searches a finished run (`--run`, default /work/ref/new_ucm; read only) by the
+default encoders; the query case searches a finished run (`--run`, default runs/ucm; read only) by the
 long text; the json cases read caption JSON files of `--json-bytes` (UCM-like, and one object per 4 bytes, the
 densest a parser meets); the read case times read_dataset over a 60 MB UCM-like caption JSON (median of 5 reads a
 process, the checkouts in 3 alternating rounds); the image cases load each file as extract does and make its two
@@ -196,7 +196,7 @@ def main() -> None:
                         help="Any of caption, query, read, json, images.")
     parser.add_argument("--json-bytes", type=int, default=127 * 2**20, help="Size of the caption JSON files.")
     parser.add_argument("--chars", type=int, default=50_000_000, help="Length of the long caption and query.")
-    parser.add_argument("--run", type=Path, default=Path("/work/ref/new_ucm"), help="A finished run to search.")
+    parser.add_argument("--run", type=Path, default=Path("runs/ucm"), help="A finished run to search.")
     args = parser.parse_args()
     checkouts = {"this": ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
     cases = set(args.cases.split(","))

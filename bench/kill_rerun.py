@@ -1,7 +1,7 @@
 """Kill a stage while its child processes are alive, rerun it at once: how long until the rerun has the run?
 
     python bench/kill_rerun.py                                      # this checkout, 5 kills per case
-    python bench/kill_rerun.py --before /work/old_main/cli.py       # and an older duch, side by side
+    python bench/kill_rerun.py --before ../before/cli.py     # and an older duch, side by side
 
 Per stage that starts processes of its own, on a UCM subset (real JPEGs, the default encoders, --shard-size 8):
 - extract-workers: `extract --workers 2`, DataLoader workers forked by the stage;
@@ -35,11 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import UCM, save  # noqa: E402
 from duch.pipeline.compute.children import alive, holding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-UCM = Path("/work/shared/datasets/ucm")
 CASES = ("extract-workers", "extract-local", "encode-local")
 POLL_S = 0.01
 

@@ -2,7 +2,7 @@
 and does a finished stage survive one?
 
     python bench/power_cut.py                                   # this checkout, 20 cuts per stage
-    python bench/power_cut.py --before /work/old_main/cli.py    # and an older duch, the same cuts' kinds
+    python bench/power_cut.py --before ../before/cli.py         # and an older duch, the same cuts' kinds
 
 Per stage (extract, train-hash, encode-archive; each from the finished stages before it, made by the same CLI,
 on a UCM subset with the default encoders), on a fresh copy of the run's folder each time:
@@ -35,11 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save  # noqa: E402
+from bench.common import UCM, save  # noqa: E402
 from bench.crashfs import Replay, materialize, read_trace, traced, tree_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-UCM = Path("/work/shared/datasets/ucm")
 STAGES = ("extract", "train-hash", "encode-archive")
 RUN = "run"  # the run's folder inside the modelled folder
 # Temporary names, duch's (`.NAME.*.tmp`, any version) and safetensors' own: never counted as finished files.
