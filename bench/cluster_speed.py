@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import UCM, save  # noqa: E402
+from bench.common import UCM, log, save, ucm_subset  # noqa: E402
 from bench.synthetic import make_extract_run  # noqa: E402
 from duch.pipeline.config import EncodeConfig, ExtractConfig, TrainConfig  # noqa: E402
 from duch.stages.encode_archive import encode_archive  # noqa: E402
@@ -40,20 +40,6 @@ from duch.stages.train_hash import train_hash  # noqa: E402
 MODES = ("none", "local", "warm")
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def ucm_subset(ucm: Path, n: int, folder: Path) -> Path:
-    """n UCM tiles spread over the 21 classes (every k-th entry), copied with their captions."""
-    entries = json.loads((ucm / "dataset_ucm.json").read_text())["images"]
-    step = max(1, len(entries) // n)
-    chosen = entries[::step][:n]
-    (folder / "images").mkdir(parents=True)
-    for entry in chosen:
-        shutil.copy(ucm / "images" / entry["filename"], folder / "images" / entry["filename"])
-    (folder / "dataset_ucm.json").write_text(json.dumps({"dataset": "ucm", "images": chosen}))
-    return folder
 
 
 def scheduler_of(mode: str, workers: int, address: str) -> str:

@@ -1,15 +1,37 @@
-"""Helpers shared by the benchmark scripts: machine naming and result files."""
+"""Helpers shared by the benchmark scripts: machine naming, result files, the UCM data and its subsets."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # The UCM-captions data beside the checkout (../shared/datasets/ucm), as the README lays the folders out.
 UCM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ucm"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def ucm_subset(ucm: Path, n: int, folder: Path) -> Path:
+    """n UCM tiles spread over the 21 classes (every k-th entry), copied with their captions into folder."""
+    entries = json.loads((ucm / "dataset_ucm.json").read_text())["images"]
+    chosen = entries[::max(1, len(entries) // n)][:n]
+    (folder / "images").mkdir(parents=True)
+    for entry in chosen:
+        shutil.copy(ucm / "images" / entry["filename"], folder / "images" / entry["filename"])
+    (folder / "dataset_ucm.json").write_text(json.dumps({"dataset": "ucm", "images": chosen}))
+    return folder
+
+
+def cli_pair(cli: str, before: str | None) -> dict[str, str]:
+    """The duch CLIs measured side by side: {"before": older cli.py, "after": this one}, before first."""
+    clis = {"after": str(Path(cli).resolve())}
+    return {"before": str(Path(before).resolve()), **clis} if before else clis
 
 
 def machine_name() -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import UCM, save  # noqa: E402
+from bench.common import UCM, cli_pair, log, save, ucm_subset  # noqa: E402
 from duch.pipeline.compute.children import alive, holding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,19 +43,6 @@ CASES = ("extract-workers", "extract-local", "encode-local")
 POLL_S = 0.01
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def ucm_subset(ucm: Path, n: int, folder: Path) -> Path:
-    """n UCM tiles spread over the 21 classes (every k-th entry), copied with their captions."""
-    entries = json.loads((ucm / "dataset_ucm.json").read_text())["images"]
-    chosen = entries[::max(1, len(entries) // n)][:n]
-    (folder / "images").mkdir(parents=True)
-    for entry in chosen:
-        shutil.copy(ucm / "images" / entry["filename"], folder / "images" / entry["filename"])
-    (folder / "dataset_ucm.json").write_text(json.dumps({"dataset": "ucm", "images": chosen}))
-    return folder
 
 
 def descendants(pid: int) -> list[int]:
@@ -246,9 +233,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=UCM)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    clis = {"after": str(Path(args.cli).resolve())}
-    if args.before:
-        clis = {"before": str(Path(args.before).resolve()), **clis}
+    clis = cli_pair(args.cli, args.before)
     cases = [c for c in args.cases.split(",") if c]
     if not set(cases) <= set(CASES):
         raise SystemExit(f"--cases: choose among {', '.join(CASES)}")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import UCM, save  # noqa: E402
+from bench.common import UCM, cli_pair, log, save, ucm_subset  # noqa: E402
 from bench.crashfs import Replay, materialize, read_trace, traced, tree_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,18 +45,6 @@ RUN = "run"  # the run's folder inside the modelled folder
 TEMPORARIES = (".*.tmp", ".tmp??????")
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def ucm_subset(ucm: Path, n: int, folder: Path) -> Path:
-    entries = json.loads((ucm / "dataset_ucm.json").read_text())["images"]
-    chosen = entries[::max(1, len(entries) // n)][:n]
-    (folder / "images").mkdir(parents=True)
-    for entry in chosen:
-        shutil.copy(ucm / "images" / entry["filename"], folder / "images" / entry["filename"])
-    (folder / "dataset_ucm.json").write_text(json.dumps({"dataset": "ucm", "images": chosen}))
-    return folder
 
 
 def stage_args(stage: str, data: Path, run: Path, shard_size: int) -> list[str]:
@@ -212,9 +200,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=UCM)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    clis = {"after": str(Path(args.cli).resolve())}
-    if args.before:
-        clis = {"before": str(Path(args.before).resolve()), **clis}
+    clis = cli_pair(args.cli, args.before)
     stages = [s for s in args.stages.split(",") if s]
     if not set(stages) <= set(STAGES):
         raise SystemExit(f"--stages: choose among {', '.join(STAGES)}")
