@@ -33,6 +33,13 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 def add_routes(app: FastAPI, service, static) -> None:
     """The routes over `service` (app.Service); `static`: the page's folder."""
+    add_error_handlers(app, service)
+    add_api_routes(app, service)
+    add_page_routes(app, service, static)
+
+
+def add_error_handlers(app: FastAPI, service) -> None:
+    """Every error as one JSON line ({"error": ...}) with its status; overload counted in the metrics."""
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
         return error(e.status, e.message, e.headers)
@@ -60,6 +67,9 @@ def add_routes(app: FastAPI, service, static) -> None:
         message = {404: "no such page; the API is under /api (see /docs)", 405: "method not allowed here"}
         return error(e.status_code, str(e.detail) if e.status_code not in message else message[e.status_code])
 
+
+def add_api_routes(app: FastAPI, service) -> None:
+    """The JSON API under /api: search (also as GeoJSON), scenes, items, info."""
     @app.post("/api/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
               summary="Search by a caption, an archive item or an uploaded image",
               responses={400: {"description": "malformed JSON, or an upload that is not an image or is too large "
@@ -115,6 +125,9 @@ def add_routes(app: FastAPI, service, static) -> None:
                            "max_upload_mb": service.config.max_upload_mb,
                            "max_in_flight": service.config.max_in_flight, "timeout_s": service.config.timeout}}
 
+
+def add_page_routes(app: FastAPI, service, static) -> None:
+    """Thumbnails, health, metrics, and the page with its static assets."""
     @app.get("/thumbs/{item_id:path}", summary="A JPEG thumbnail of an archive image (a caption's: its image's; a "
                                                 "scene tile's: rendered from its scene window)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

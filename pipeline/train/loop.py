@@ -163,6 +163,34 @@ def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
             group[key] = tensor
 
 
+class StateDoesNotFit(Exception):
+    """A checkpoint whose state was partly restored before it turned out not to fit this training."""
+
+
+def resume(checkpoints: Checkpoints, bits: int, cfg: TrainConfig, state: StepState, schedules: list, gen) -> tuple:
+    """(epochs done, the saved log) from the checkpoint in checkpoints.folder, its state restored into state,
+    schedules and gen; (0, None) when there is none or it belongs to other settings. A checkpoint that passed its
+    checks but does not fit (edited where no checksum guards it) is removed and StateDoesNotFit raised."""
+    done, saved = load_checkpoint(checkpoints.folder, checkpoints.fingerprint)
+    if done is None:
+        if saved != "no checkpoint":
+            checkpoints.echo(f"train-hash: {bits} bits: not resuming ({saved}); training from the start")
+        return 0, None
+    try:
+        if not 0 < done < cfg.epochs:
+            raise ValueError(f"epoch {done} is not one before this run's last, {cfg.epochs}")
+        check_state(saved, state, schedules, gen)
+        log = restore_training_state(saved, state, schedules, gen)
+        check_log(log, done)
+    except Exception as e:  # edited where no checksum guards it (the JSON tree): it does not fit this run
+        checkpoints.echo(f"train-hash: {bits} bits: not resuming (the checkpoint's state does not fit this "
+                         f"training: {type(e).__name__}: {' '.join(str(e).split())[:200]}); training from the start")
+        remove_checkpoint(checkpoints.folder)
+        raise StateDoesNotFit from e
+    checkpoints.echo(f"train-hash: {bits} bits: resuming from the checkpoint after epoch {done} of {cfg.epochs}")
+    return done, log
+
+
 def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
                labels: np.ndarray, progress: bool, graphs: bool | None = None,
                compile_terms: bool | None = None, checkpoints: Checkpoints | None = None) -> dict:
@@ -198,29 +226,13 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     if checkpoints is not None:
         # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then
         # the checkpoint overwrites it with the state after its epoch: the epochs after it run as they would have.
-        done, saved = load_checkpoint(checkpoints.folder, checkpoints.fingerprint)
-        if done is None:
-            if saved != "no checkpoint":
-                checkpoints.echo(f"train-hash: {bits} bits: not resuming ({saved}); training from the start")
-            done = 0
-        else:
-            try:
-                if not 0 < done < cfg.epochs:
-                    raise ValueError(f"epoch {done} is not one before this run's last, {cfg.epochs}")
-                check_state(saved, state, schedules, gen)
-                log = restore_training_state(saved, state, schedules, gen)
-                history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
-                check_log(log, done)
-                t0 -= log["seconds"]
-            except Exception as e:  # edited where no checksum guards it (the JSON tree): it does not fit this run
-                checkpoints.echo(f"train-hash: {bits} bits: not resuming (the checkpoint's state does not fit this "
-                                 f"training: {type(e).__name__}: {' '.join(str(e).split())[:200]}); training from "
-                                 "the start")
-                remove_checkpoint(checkpoints.folder)  # the state was partly restored: rebuild it from the seeds
-                return train_bits(bits, cfg, data, split, eval_text, labels, progress, graphs, compile_terms,
-                                  checkpoints)
-            checkpoints.echo(f"train-hash: {bits} bits: resuming from the checkpoint after epoch {done} of "
-                             f"{cfg.epochs}")
+        try:
+            done, log = resume(checkpoints, bits, cfg, state, schedules, gen)
+        except StateDoesNotFit:  # the state was partly restored: rebuild it from the seeds
+            return train_bits(bits, cfg, data, split, eval_text, labels, progress, graphs, compile_terms, checkpoints)
+        if log is not None:
+            history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
+            t0 -= log["seconds"]
     run_epoch = epoch_runner(state, cfg, graphs, compile_terms)
     batches = epoch_batches(n, cfg.batch_size, cfg.drop_last)
     covered = batches[-1][1] if batches else 0
