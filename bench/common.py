@@ -13,6 +13,22 @@ RESULTS = Path(__file__).parent / "results"
 UCM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ucm"
 
 
+def rss_mb(field: str = "VmRSS:") -> float:
+    """This process's resident memory in MB from /proc/self/status: "VmRSS:" now, "VmHWM:" its peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set the peak (VmHWM) to the current RSS, so a later peak is the work's, not the imports' (Linux)."""
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -30,19 +30,9 @@ sys.path.insert(0, {root!r})
 from duch.pipeline.config import EncodeConfig
 from duch.stages.encode_archive import encode_archive
 import torch, h5py
-
-
-def rss_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-
-
+from bench.common import reset_peak_rss, rss_mb
 baseline = rss_mb("VmRSS:")
-try:  # reset the high-water mark, so the peak is the encoding's, not the imports'
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
+reset_peak_rss()
 t = time.perf_counter()
 encode_archive(EncodeConfig(run={model!r}, archive={archive!r}, device={device!r}), progress=False, echo=lambda _: None)
 seconds = time.perf_counter() - t

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -46,24 +47,14 @@ CHILD = """
 import json, sys, time, types
 sys.path.insert(0, {root!r})
 sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [{root!r}]
-
-
-def rss_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-
-
+from bench.common import reset_peak_rss, rss_mb
 import rasterio  # GDAL loaded before the baseline, as the first scene would load it
 from duch.data.scenes import TileOptions, TileSkipped, load_tile, read_scenes
 if {mode!r} == "extract":
     from duch.pipeline.config import ExtractConfig
     from duch.stages.extract import extract
 baseline = rss_mb("VmRSS:")
-try:  # reset the high-water mark, so the peak is the tiling's, not the imports'
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
+reset_peak_rss()
 t = time.perf_counter()
 if {mode!r} == "read":
     dataset = read_scenes({scene!r}, TileOptions(256))
@@ -103,7 +94,7 @@ def ucm_tiles(ucm: Path, n: int) -> list[Path]:
 
 
 def write_mosaic(tiles: list[Path], path: Path) -> list[np.ndarray]:
-    """The tiles' decoded pixels in a square-ish grid, one GeoTIFF; returns the pixels in reading order."""
+    """The tiles' decoded pixels in a square grid, one GeoTIFF; returns the pixels in reading order."""
     import rasterio
     from affine import Affine
     from PIL import Image
@@ -237,6 +228,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--scratch", default=None)
     args = parser.parse_args(argv)
+    if math.isqrt(args.tiles) ** 2 != args.tiles:  # the mosaic is a full square: every cell one of the tiles
+        parser.error(f"--tiles {args.tiles}: give a square number (16, 64, 256...)")
     scratch = Path(tempfile.mkdtemp(prefix="duch-scenes-", dir=args.scratch))
     out = {}
     try:
