@@ -37,21 +37,17 @@ PRELUDE = """
 import json, sys, time, types
 sys.modules["duch"] = types.ModuleType("duch")
 sys.modules["duch"].__path__ = [{checkout!r}]
-
-
-def vm(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
+sys.path.insert(0, {root!r})
+from bench.common import reset_peak_rss, rss_mb
 """
 RESET = """
-baseline = vm("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")  # the peak from here on
+baseline = rss_mb("VmRSS:")
+reset_peak_rss()  # the peak from here on
 t = time.perf_counter()
 """
 REPORT = """
 print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t, "baseline_rss_mb": baseline,
-                               "peak_rss_mb": vm("VmHWM:"), **outcome}}))
+                               "peak_rss_mb": rss_mb("VmHWM:"), **outcome}}))
 """
 CAPTION = """
 from duch.pipeline.config import ExtractConfig
@@ -103,7 +99,7 @@ except ImageLoadError as e:
 
 
 def run_case(checkout: Path, body: str, **values) -> dict:
-    code = PRELUDE.format(checkout=str(checkout)) + body.format(**values)
+    code = PRELUDE.format(checkout=str(checkout), root=str(ROOT)) + body.format(**values)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
