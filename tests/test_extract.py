@@ -135,6 +135,19 @@ def test_a_copied_archive_with_new_modification_times_is_still_up_to_date(captio
     assert {p.name: p.stat().st_mtime_ns for p in stage.glob("*.h5")} == shards  # nothing lost
 
 
+def test_a_rerun_missing_only_caption_shards_counts_every_finished_shard(caption_dataset, tmp_path, tiny_clip_spec):
+    run = tmp_path / "run"
+    extract(config(caption_dataset, run, tiny_clip_spec), progress=False, echo=quiet)
+    stage = run / "extract"
+    total = len(list(stage.glob("*.h5")))
+    (stage / "manifest.json").unlink()
+    (stage / "text-00004.h5").unlink()  # every image shard is finished; one caption shard is not
+
+    said = []
+    extract(config(caption_dataset, run, tiny_clip_spec), progress=False, echo=said.append)
+    assert said[0] == f"extract: resuming, {total - 1} of {total} shards already finished"
+
+
 def test_resume_after_crash_redoes_only_missing_shards(caption_dataset, tmp_path, tiny_clip_spec):
     full = tmp_path / "full"
     extract(config(caption_dataset, full, tiny_clip_spec), progress=False, echo=quiet)

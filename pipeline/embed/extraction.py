@@ -59,9 +59,11 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
                                                     folder.path, device, progress)
             execution = {"scheduler": "none"}
         else:
+            share = jpeg_share(dataset.items)  # one pass over the archive, not one per shard
+
             def jobs(plans: list[ShardPlan]) -> list[ShardJob]:
-                return [ShardJob(cfg, p, str(dataset.images_dir), str(folder.path), fingerprint, specs,
-                                 jpeg_share(dataset.items)) for p in plans]
+                return [ShardJob(cfg, p, str(dataset.images_dir), str(folder.path), fingerprint, specs, share)
+                        for p in plans]
 
             with cluster.connect(scheduler, cfg.device, echo, cfg.threads) as client:
                 timings, image_decode, device, execution = encode_on_cluster(

@@ -101,11 +101,14 @@ class ExtractPlan:
         total = len(self.images)
         finished = total - len(pending_images)
         if not pending_images:
-            total += len(self.pending_texts())
-            finished = total - len(pending_images) - len(self._pending_texts)
+            pending_texts = self.pending_texts()
+            total += len(self.texts)
+            finished += len(self.texts) - len(pending_texts)
         elif self.with_text:
-            total += len(text_plans(self.dataset, self.cfg, rejected_images(self.images, self.out_dir)))
             finished += len(list(self.out_dir.glob("text-*.h5")))
+            if finished == 0:  # a fresh run says nothing: no need to plan every caption row to count its shards
+                return None
+            total += len(text_plans(self.dataset, self.cfg, rejected_images(self.images, self.out_dir)))
         if finished == 0:
             return None
         return f"resuming, {finished} of {total} shards already finished"
