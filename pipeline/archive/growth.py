@@ -49,10 +49,6 @@ class Archive:
         removed = self.codes.removed["image"]
         return {i: r for i, r in self.codes.tables["image"].row_of.items() if not removed[r]}
 
-    def archived_file(self, row: int) -> Path:
-        table = self.codes.tables["image"]
-        return self.codes.images_dirs[self.codes.segment_of["image"][row]] / table.meta["path"][row]
-
 
 def open_archive(run: str | Path) -> Archive:
     run = Path(run)
@@ -69,7 +65,7 @@ def open_archive(run: str | Path) -> Archive:
 
 def unchanged(archive: Archive, row: int, new_file: Path) -> bool:
     """Whether the new file of an archived item holds the bytes of the file it was coded from."""
-    old = archive.archived_file(row)
+    old = archive.codes.image_path(row)
     return old.is_file() and filecmp.cmp(old, new_file, shallow=False)
 
 

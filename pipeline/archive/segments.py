@@ -2,6 +2,7 @@
 marked, each row's segment known (its images' folder)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,15 @@ class ArchiveCodes:
     removed: dict[str, np.ndarray]  # [rows] bool per modality: tombstoned (an image and its captions)
     segment_of: dict[str, np.ndarray]  # [rows] int: the segment each row belongs to
     images_dirs: list[Path]  # each segment's images folder (from its extract manifest)
+
+    @functools.cached_property
+    def removed_count(self) -> dict[str, int]:
+        """Removed rows per modality: counted once, as the generation never changes under a reader."""
+        return {modality: int(np.count_nonzero(mask)) for modality, mask in self.removed.items()}
+
+    def image_path(self, row: int) -> Path:
+        """The file of the image at `row`, in its segment's images folder."""
+        return self.images_dirs[self.segment_of["image"][row]] / self.tables["image"].meta["path"][row]
 
 
 def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generation: Generation | None = None,

@@ -23,6 +23,7 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.archive.generation import BASE, read_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes, verify_generation_index
 from duch.pipeline.formats.codes import CodeTable, caption_key
+from duch.pipeline.model.coding import pack_codes
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
 from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
 from duch.pipeline.retrieval.places import Place, place_of
@@ -70,7 +71,7 @@ class Query:
     @classmethod
     def of(cls, source: str, h: np.ndarray) -> "Query":
         """A query from its continuous code: the sign bits packed as the archive's are."""
-        return cls(source, np.packbits(np.asarray(h)[None] >= 0, axis=1, bitorder="big"), np.asarray(h))
+        return cls(source, pack_codes(np.asarray(h)[None]), np.asarray(h))
 
 
 class Index:
@@ -86,7 +87,6 @@ class Index:
         self.backend = backend  # CPU: "auto" (faiss when installed, else numpy), "faiss" or "numpy"
         self.coder = QueryCoder(self.manifest, archive.folders[0], bits, device)
         self._backends: dict[str, object] = {}
-        self.stage = archive.folders[0]  # the folder self.manifest's paths are relative to
 
     @classmethod
     def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
@@ -153,7 +153,7 @@ class Index:
         removed = self.archive.removed.get(modality)
         if within is not None:
             return self._search_within(codes, modality, k, within[~removed[within]] if removed is not None else within)
-        gone = int(removed.sum()) if removed is not None else 0
+        gone = self.archive.removed_count.get(modality, 0)
         if gone:  # the top k + (items removed) holds the top k of the live ones: ask for that many, drop the rest
             d, rows = self._search_all(codes, modality, k + gone)
             keep = ~removed[rows]
@@ -309,8 +309,7 @@ class Index:
 
     def image_path(self, row: int) -> Path:
         """The file of the image at `row`, in its segment's images folder."""
-        images_dir = self.archive.images_dirs[self.archive.segment_of["image"][row]]
-        return images_dir / self.tables["image"].meta["path"][row]
+        return self.archive.image_path(row)
 
     def _hit(self, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
         meta = self.tables[modality].meta

@@ -272,6 +272,3 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     bar.close()
     return {"heads": heads, "disc": disc, "history": history, "evals": evals, "seconds": time.perf_counter() - t0,
             "epoch_seconds": epoch_seconds}
-
-
-# ---------------------------------------------------------------------------------------------- outputs

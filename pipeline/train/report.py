@@ -55,6 +55,3 @@ def format_table(results: dict, definition: str = "reference", k: int = 20) -> s
         cells = "".join(f"{results[b][direction][definition]:>10.3f}" for b in bits)
         lines.append(f"{direction:<21}{cells}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- the stage
