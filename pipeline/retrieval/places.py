@@ -11,6 +11,7 @@ FeatureCollection, and a tile's thumbnail rendered from its scene window on dema
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -191,20 +192,25 @@ def geojson(hits: list, matched: int | None = None, query: str | None = None) ->
     return out
 
 
-def thumbnail(hit, size: int = 256) -> Image.Image:
-    """A hit's picture, at most `size` pixels a side: a scene tile rendered from its scene window (bands and
-    stretch as extract read it, so it shows what was encoded), any other image loaded as extract loads it."""
-    from duch.data.images import ImageLoadError, load_image
+def render(source: str | Path, place: Place | None = None) -> Image.Image:
+    """The picture of an archive image: a scene tile rendered from its scene window (never the whole scene; bands
+    and stretch as extract read it, so it shows what was encoded), any other image loaded as extract loads it."""
+    from duch.data.images import load_image
     from duch.data.scenes import read_window
 
-    place = getattr(hit, "place", None)
+    if place is None:
+        return load_image(source)
+    rgb, _ = read_window(source, tuple(place.window), tuple(place.bands),
+                         tuple(place.stretch) if place.stretch else None)
+    return Image.fromarray(rgb)
+
+
+def thumbnail(hit, size: int = 256) -> Image.Image:
+    """A hit's picture (render), at most `size` pixels a side."""
+    from duch.data.images import ImageLoadError
+
     try:
-        if place is not None:
-            rgb, _ = read_window(hit.path, tuple(place.window), tuple(place.bands),
-                                 tuple(place.stretch) if place.stretch else None)
-            img = Image.fromarray(rgb)
-        else:
-            img = load_image(hit.path)
+        img = render(hit.path, getattr(hit, "place", None))
     except ImageLoadError as e:
         raise DuchError(f"{hit.id}: cannot render {hit.path}: {e}") from None
     img.thumbnail((size, size))

@@ -129,7 +129,7 @@ def one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_search(request: Request, most_files: int = 1) -> tuple[SearchRequest, Upload | None]:
+async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
     """A search request from a JSON body or a multipart form (fields as in JSON, the image as file field `image`)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
@@ -142,7 +142,7 @@ async def read_search(request: Request, most_files: int = 1) -> tuple[SearchRequ
         if not isinstance(fields, dict):
             raise ApiError(422, "the JSON body must be an object such as {\"text\": \"a harbor\", \"k\": 20}")
     elif kind == "multipart/form-data":
-        form = await request.form(max_files=most_files, max_fields=len(FORM_FIELDS) + 1)
+        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + 1)
         fields = {}
         for key, value in form.multi_items():
             if key == "image" and not isinstance(value, str):

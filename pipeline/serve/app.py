@@ -54,6 +54,7 @@ class Service:
         self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="duch-serve")
         self.coders: dict[str, QueryBatcher] = {}
+        self.archives[self.default].warm_model()  # the other archives share its model (open_archives)
         for archive in self.archives.values():
             archive.warm()
         self.watcher = GenerationWatcher({name: a.index.run for name, a in self.archives.items()}, self.reopen,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.formats.codes import caption_key
 from duch.pipeline.retrieval.places import Place, PlaceFilter, place_of
 from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.maps import ArchiveMap, place_json
@@ -40,7 +41,9 @@ class Archive:
 
     def count(self, modality: str) -> int:
         """Items of `modality` in the archive's generation, removed ones not counted."""
-        return int((~self.index.archive.removed[modality]).sum()) if modality in self.index.tables else 0
+        if modality not in self.index.tables:
+            return 0
+        return len(self.index.tables[modality]) - self.index.archive.removed_count[modality]
 
     @functools.cached_property
     def _image_meta(self) -> dict:
@@ -67,7 +70,7 @@ class Archive:
         if "text" in self.index.tables:
             meta = self.index.tables["text"].meta
             for image_id, index, text in zip(meta["image_id"], meta["caption_index"], meta["text"]):
-                out.setdefault(str(image_id), []).append((f"{image_id}#{int(index)}", str(text)))
+                out.setdefault(str(image_id), []).append((caption_key(image_id, index), str(text)))
         return out
 
     def captions_of(self, image_id: str) -> list[tuple[str, str]]:
@@ -132,15 +135,18 @@ class Archive:
                 "place": place_json(None if image_row is None else place_of(self.index.tables["image"], image_row))}
 
     def warm(self) -> None:
-        """Load what the first query would (heads, encoders, each modality's scan) before serving any."""
+        """Build what the first query would (each modality's scan, labels, captions, places) before serving any."""
         index = self.index
         for modality in self.modalities:
             if (first := self._first_id(modality)) is not None:  # None: every item of it was removed
                 index.rank(index.id_query(first), k=1, modality=modality, ties="order")
-        if "text" in index.manifest["encoders"]:
-            index.embed_text(["warm up"])
-        index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
         self.labels_of, self._captions, self.map.info()  # noqa: B018  (built here, not on the first request)
+
+    def warm_model(self) -> None:
+        """Load the heads and query encoders with one pass each: once for every archive that shares them."""
+        if "text" in self.index.manifest["encoders"]:
+            self.index.embed_text(["warm up"])
+        self.index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
 
     def _first_id(self, modality: str) -> str | None:
         """The first item not removed (`duch remove`) of a modality: what warm() queries by."""
@@ -151,7 +157,7 @@ class Archive:
         row = int(kept[0])
         if modality == "image":
             return str(table.meta["ids"][row])
-        return f"{table.meta['image_id'][row]}#{int(table.meta['caption_index'][row])}"
+        return caption_key(table.meta["image_id"][row], table.meta["caption_index"][row])
 
 
 def open_archives(config: ServeConfig) -> dict[str, Archive]:

@@ -69,7 +69,8 @@ class GenerationWatcher:
 
 
 def reopened(previous: Archive, main: Index, verify: bool) -> Archive:
-    """`previous`'s archive at its current generation, with `main`'s model and encoders, its scans built."""
+    """`previous`'s archive at its current generation, with `main`'s model and encoders (loaded and warmed
+    already), its scans built."""
     index = Index.load(previous.index.run, bits=previous.index.bits, device=str(previous.index.device),
                        backend=previous.index.backend, verify=verify)
     index.share_model(main)

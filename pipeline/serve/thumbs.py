@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from duch.data.images import ImageLoadError, load_image
-from duch.data.scenes import read_window
+from duch.data.images import ImageLoadError
 from duch.pipeline import DuchError
+from duch.pipeline.retrieval.places import render
 from duch.pipeline.run.storage import atomic_write
 
 JPEG_QUALITY = 85
@@ -74,12 +74,3 @@ class Thumbnails:
 
     def count(self) -> int:
         return sum(len(files) for _, _, files in os.walk(self.folder)) if self.folder.is_dir() else 0
-
-
-def render(source: Path, place=None) -> Image.Image:
-    """The picture behind a thumbnail: a scene tile's window (never the whole scene) or the image file."""
-    if place is None:
-        return load_image(source)
-    rgb, _ = read_window(source, tuple(place.window), tuple(place.bands),
-                         tuple(place.stretch) if place.stretch else None)
-    return Image.fromarray(rgb)
