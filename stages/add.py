@@ -11,17 +11,13 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from duch.data import Dataset, read_dataset
-from duch.data.scenes import read_scenes
+from duch.data import Dataset
 from duch.pipeline import DuchError
 from duch.pipeline.archive.encoding import encode_run
-from duch.pipeline.archive.generation import Generation, write_generation
-from duch.pipeline.archive.growth import (archive_indexes, drop_old_indexes, drop_unpublished, open_archive,
-                                          segment_configs, unchanged)
+from duch.pipeline.archive.growth import drop_unpublished, open_archive, publish, segment_configs, unchanged
 from duch.pipeline.config import AddConfig
-from duch.pipeline.embed.extraction import extract_into, extraction_basis
-from duch.pipeline.encoders import parse_spec
-from duch.pipeline.formats.shards import read_attrs
+from duch.pipeline.embed.extraction import encoder_specs, extract_into, extraction_basis, read_inputs
+from duch.pipeline.embed.plan import foreign_shards
 from duch.pipeline.run.layout import clear_stage
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
@@ -35,9 +31,7 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
     segment = before.next_segment()
     folder = run / segment
     extract_cfg, encode_cfg = segment_configs(archive, cfg.data, cfg.images, folder, dataclasses.asdict(cfg))
-    # scenes are cut into tiles as the archive's were
-    dataset = read_scenes(cfg.data, extract_cfg.tile_options()) if extract_cfg.tile else read_dataset(cfg.data,
-                                                                                                       cfg.images)
+    dataset = read_inputs(extract_cfg)  # scenes are cut into tiles as the archive's were
     live = archive.live
     known = [item for item in dataset.items if item.id in live]
     if known and not cfg.replace:
@@ -58,31 +52,24 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
     extract_segment(extract_cfg, items, progress, echo)
     encode_run(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
 
-    number = before.number + 1
-    segments = (*before.segments, segment)
     removed = (*before.removed, *((before.segments[archive.codes.segment_of["image"][live[item.id]]], item.id)
                                   for item in changed))
-    indexes = archive_indexes(run, before, segments, number, archive.encode["config"].get("index"), archive.bits,
-                              echo)
-    after = Generation(number, segments, removed, indexes)
-    write_generation(run, after)
-    drop_old_indexes(run, number)
+    after = publish(archive, (*before.segments, segment), removed, echo)
     echo(f"add: {len(new) - len(changed)} new and {len(changed)} replaced items in {segment}; {run} is at "
-         f"generation {number} ({len(segments)} segments)")
-    return StageResult(folder, {"generation": number, "segment": segment, "added": len(new) - len(changed),
+         f"generation {after.number} ({len(after.segments)} segments)")
+    return StageResult(folder, {"generation": after.number, "segment": segment, "added": len(new) - len(changed),
                                 "replaced": len(changed)}, did_work=True)
 
 
 def extract_segment(cfg, dataset: Dataset, progress: bool, echo: Callable[[str], None]) -> None:
     """The segment's extract stage: resumed from its finished shards after a kill; other shards are cleared."""
-    image_spec = parse_spec(cfg.image_encoder, "image")
-    text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
+    image_spec, text_spec = encoder_specs(cfg)
     folder = StageFolder(Path(cfg.run), "extract")
     basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
     done, _ = folder.check(fingerprint, force=False)
     if done:
         return
-    if any(read_attrs(shard).get("fingerprint") != fingerprint for shard in folder.path.glob("*.h5")):
+    if any(foreign_shards(folder.path, modality, fingerprint) for modality in ("image", "text")):
         clear_stage(folder.path)  # left by a killed add of other items: not resumed
     folder.start()
     extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo)

@@ -8,8 +8,8 @@ from typing import Callable
 import numpy as np
 
 from duch.pipeline.archive.compaction import merge_segments
-from duch.pipeline.archive.generation import BASE, Generation, write_generation
-from duch.pipeline.archive.growth import (archive_indexes, drop_old_indexes, drop_unpublished, open_archive)
+from duch.pipeline.archive.generation import BASE
+from duch.pipeline.archive.growth import drop_unpublished, open_archive, publish
 from duch.pipeline.config import CompactConfig
 from duch.pipeline.run.stage import StageResult, stage
 
@@ -33,16 +33,11 @@ def compact(cfg: CompactConfig, force: bool, progress: bool, echo: Callable[[str
     first = before.segments.index(merge[0])
     segments = (*[s for s in before.segments[:first] if s not in merge], target,
                  *[s for s in before.segments[first:] if s not in merge])
-    number = before.number + 1
-    kept = tuple(r for r in before.removed if r[0] not in merge)
-    indexes = archive_indexes(archive.run, before, segments, number, archive.encode["config"].get("index"),
-                              archive.bits, echo)
-    write_generation(archive.run, Generation(number, segments, kept, indexes))
+    after = publish(archive, segments, tuple(r for r in before.removed if r[0] not in merge), echo)
     for segment in merge:  # readers of the previous generation keep their open files; the run's own stays
         if segment != BASE:
             shutil.rmtree(archive.run / segment)
-    drop_old_indexes(archive.run, number)
     echo(f"compact: {', '.join(merge)} merged into {target} without {int(holes.sum())} removed items; "
-         f"{archive.run} is at generation {number} ({len(segments)} segments)")
-    return StageResult(archive.run / target, {"generation": number, "segment": target, "merged": merge},
+         f"{archive.run} is at generation {after.number} ({len(segments)} segments)")
+    return StageResult(archive.run / target, {"generation": after.number, "segment": target, "merged": merge},
                        did_work=True)

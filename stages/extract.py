@@ -9,15 +9,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from duch.data import read_dataset
-from duch.data.scenes import read_scenes
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
-from duch.pipeline.embed.extraction import extract_into, extraction_basis
+from duch.pipeline.embed.extraction import encoder_specs, extract_into, extraction_basis, read_inputs
 from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
 from duch.pipeline.embed.sources import decode_problems
-from duch.pipeline.encoders import parse_spec
 from duch.pipeline.run.layout import clear_stage
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
@@ -32,9 +29,8 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         if problems:
             raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
     started = time.perf_counter()
-    image_spec = parse_spec(cfg.image_encoder, "image")
-    text_spec = parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
-    dataset = read_scenes(cfg.data, cfg.tile_options()) if cfg.tile else read_dataset(cfg.data, cfg.images)
+    image_spec, text_spec = encoder_specs(cfg)
+    dataset = read_inputs(cfg)
     if not dataset.items:
         why = f" ({dataset.rejects[0].id}: {dataset.rejects[0].reason})" if dataset.rejects else ""
         raise DuchError(f"{dataset.source}: the dataset holds no images{why}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from duch.pipeline import DuchError
-from duch.pipeline.archive.generation import BASE, Generation, read_generation
+from duch.pipeline.archive.generation import BASE, Generation, read_generation, write_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.config import EncodeConfig, ExtractConfig
 from duch.pipeline.formats.codes import MODALITIES
@@ -148,3 +148,16 @@ def drop_old_indexes(run: Path, number: int) -> None:
     for path in (run / SEGMENTS).glob("index-g*-*.faiss") if (run / SEGMENTS).is_dir() else []:
         if int(path.name.split("-")[1][1:]) < number - 1:
             path.unlink(missing_ok=True)
+
+
+def publish(archive: Archive, segments: tuple[str, ...], removed: tuple, echo: Callable[[str], None]) -> Generation:
+    """The archive's next generation, listing `segments` and tombstones `removed`: its index files made (the
+    run's --index kind, every code length), then published with one atomic write; older index files dropped."""
+    before = archive.generation
+    number = before.number + 1
+    indexes = archive_indexes(archive.run, before, segments, number, archive.encode["config"].get("index"),
+                              archive.bits, echo)
+    after = Generation(number, segments, removed, indexes)
+    write_generation(archive.run, after)
+    drop_old_indexes(archive.run, number)
+    return after

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from duch.data import Dataset, Reject
+from duch.data import Dataset, Reject, read_dataset
+from duch.data.scenes import read_scenes
 from duch.data.text import MAX_CAPTION_CHARS
 from duch.pipeline.compute import cluster
 from duch.pipeline.compute.device import resolve_device
@@ -17,13 +18,23 @@ from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_clus
 from duch.pipeline.embed.inputs import images_content_digest, input_fingerprint, stale_error
 from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan
 from duch.pipeline.embed.sources import jpeg_share
-from duch.pipeline.encoders import EncoderSpec
+from duch.pipeline.encoders import EncoderSpec, parse_spec
 from duch.pipeline.encoders.context import count_truncated
 from duch.pipeline.formats.shards import read_attrs, read_shard
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.lock import sweep_temporaries
 from duch.pipeline.run.manifest import library_versions
 from duch.pipeline.run.stage import StageFolder
+
+
+def read_inputs(cfg: ExtractConfig) -> Dataset:
+    """The items `cfg.data` holds: GeoTIFF scenes cut into tiles with --tile, else a caption file or a folder."""
+    return read_scenes(cfg.data, cfg.tile_options()) if cfg.tile else read_dataset(cfg.data, cfg.images)
+
+
+def encoder_specs(cfg: ExtractConfig) -> tuple[EncoderSpec, EncoderSpec | None]:
+    """The image encoder and the text encoder (None: no captions embedded) of an extraction."""
+    return parse_spec(cfg.image_encoder, "image"), parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
 
 
 def extraction_basis(cfg: ExtractConfig, dataset: Dataset, image_spec: EncoderSpec,
