@@ -57,11 +57,19 @@ def main():
     """duch: unsupervised contrastive hashing for cross-modal retrieval in remote-sensing archives."""
 
 
+def wait_option(command):
+    """--wait: every command that takes the run lock."""
+    return click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
+                        help="When another duch process holds the run, wait up to this long for it.")(command)
+
+
+def progress_option(command):
+    return click.option("--no-progress", is_flag=True, help="No progress bars.")(command)
+
+
 def stage_options(command):
     """--force, --wait and --no-progress: what every stage that keeps its outputs takes."""
-    command = click.option("--no-progress", is_flag=True, help="No progress bars.")(command)
-    command = click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
-                           help="When another duch process holds the run, wait up to this long for it.")(command)
+    command = wait_option(progress_option(command))
     return click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other "
                                                       "settings.")(command)
 
@@ -219,11 +227,6 @@ def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size
     run_encode(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
-def wait_option(command):
-    return click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
-                        help="When another duch process holds the run, wait up to this long for it.")(command)
-
-
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run whose archive grows.")
 @click.option("--data", required=True, type=click.Path(), help="The new items: the same forms as extract's --data.")
@@ -235,7 +238,7 @@ def wait_option(command):
 @click.option("--workers", default=None, type=int, help="Image loading processes [default: spare cores, max 8].")
 @cluster_options
 @wait_option
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@progress_option
 @user_errors
 def add(run_dir, data, images, replace, device, batch_size, workers, scheduler, threads, wait, no_progress):
     """Add items to an encoded archive: extracted and coded as its own were, published as a new generation."""
