@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from duch.pipeline import DuchError
-from duch.pipeline.config.fields import check_scheduler
+from duch.pipeline.config.fields import check_cluster, check_device
 
 
 @dataclass
@@ -25,11 +25,8 @@ class AddConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise DuchError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise DuchError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        check_scheduler(self.scheduler)
-        if self.threads is not None and self.threads < 1:
-            raise DuchError(f"--threads must be at least 1, got {self.threads}")
+        check_device(self.device)
+        check_cluster(self.scheduler, self.threads)
 
 
 @dataclass

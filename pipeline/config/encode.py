@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from duch.pipeline import DuchError
-from duch.pipeline.config.fields import check_scheduler
+from duch.pipeline.config.fields import check_cluster
 
 
 @dataclass
@@ -31,6 +31,4 @@ class EncodeConfig:
                 raise DuchError(f"--bits {k}: code lengths are positive multiples of 8")
         if self.index not in (None, "flat", "ivf", "hnsw"):
             raise DuchError(f"--index must be flat, ivf or hnsw, got {self.index!r}")
-        check_scheduler(self.scheduler)
-        if self.threads is not None and self.threads < 1:
-            raise DuchError(f"--threads must be at least 1, got {self.threads}")
+        check_cluster(self.scheduler, self.threads)

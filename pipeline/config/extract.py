@@ -8,7 +8,7 @@ from duch.data.augment import ImageAugment, TextAugment
 from duch.data.scene_dates import parse_date
 from duch.data.scenes import TileOptions
 from duch.pipeline import DuchError
-from duch.pipeline.config.fields import check_scheduler, output_settings
+from duch.pipeline.config.fields import check_cluster, check_device, output_settings
 from duch.pipeline.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 
 
@@ -78,13 +78,10 @@ class ExtractConfig:
             raise DuchError("batch sizes must be at least 1")
         if self.dtype not in ("float16", "float32"):
             raise DuchError(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise DuchError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_device(self.device)
         if self.decode not in ("auto", "gpu", "cpu"):
             raise DuchError(f"--decode must be auto, gpu or cpu, got {self.decode!r}")
-        check_scheduler(self.scheduler)
-        if self.threads is not None and self.threads < 1:
-            raise DuchError(f"--threads must be at least 1, got {self.threads}")
+        check_cluster(self.scheduler, self.threads)
         self.validate_scenes()
 
     def validate_scenes(self) -> None:

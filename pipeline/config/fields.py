@@ -72,3 +72,15 @@ def check_scheduler(text: str) -> None:
     from duch.pipeline.compute.cluster import SchedulerSpec
 
     SchedulerSpec.parse(text)
+
+
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise DuchError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+
+
+def check_cluster(scheduler: str, threads: int | None) -> None:
+    """--scheduler and --threads, as every stage that runs one task per shard takes them."""
+    check_scheduler(scheduler)
+    if threads is not None and threads < 1:
+        raise DuchError(f"--threads must be at least 1, got {threads}")

@@ -147,7 +147,7 @@ class TrainConfig:
     # optimizer's traceback, a run training on NaN, or a model too large for memory.
     WEIGHTS = ("w_inter", "w_image", "w_text", "w_inter_second", "w_inter_views", "w_inter_all", "w_inter_binary",
                "w_bank", "w_nested", "alpha", "beta", "gamma", "gp_weight", "weight_decay", "disc_weight_decay")
-    POSITIVE = ("tau", "bank_tau", "lr", "disc_lr", "lr_decay")
+    POSITIVE = ("bank_tau", "lr", "disc_lr", "lr_decay")  # tau: validate names it as its option, --tau
     AT_LEAST_ONE = ("lr_step", "map_k", "eval_every")
     MOST_BITS, MOST_HIDDEN = 4096, 65_536  # a 65536-wide head on 1280-d features is ~1.3 GB to train
 
