@@ -160,9 +160,7 @@ def raster_to_rgb8(array: np.ndarray) -> np.ndarray:
     out = np.empty(a.shape, np.uint8)
     step = _block_rows(a)
     for r in range(0, a.shape[0], step):
-        values = a[r:r + step].astype(np.float64)
-        stretched = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
-        out[r:r + step] = np.round(stretched * 255).astype(np.uint8)
+        out[r:r + step] = apply_stretch(a[r:r + step], low, high)
     return out
 
 
