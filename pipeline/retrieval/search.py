@@ -162,12 +162,8 @@ class Index:
 
     def _search_all(self, codes: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         backend = self._backend(modality)
-        if isinstance(backend, torch.Tensor):  # GPU: Triton kernel over int32 words, or the torch scan over int64
-            if backend.dtype == torch.int32:
-                d, rows = hamming_topk_triton(codes, backend, k)
-            else:
-                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), backend, k)
-            return d.cpu().numpy(), rows.cpu().numpy()
+        if isinstance(backend, torch.Tensor):
+            return self._gpu_topk(codes, backend, k)
         if backend is not None:  # faiss: flat gives the numpy scan's rows, faster on batches; ivf/hnsw approximate
             d, rows = backend.search(codes, min(k, len(self.tables[modality])))
             if (rows < 0).any():  # an approximate index may find fewer than k
@@ -176,16 +172,19 @@ class Index:
             return d.astype(np.int32), rows.astype(np.int64)
         return hamming_topk(codes, self.tables[modality].codes, k)
 
+    def _gpu_topk(self, codes: np.ndarray, words: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """GPU: the Triton kernel over int32 words, or the torch scan over int64 words."""
+        if words.dtype == torch.int32:
+            d, rows = hamming_topk_triton(codes, words, k)
+        else:
+            d, rows = hamming_topk_torch(to_int64_words(codes, self.device), words, k)
+        return d.cpu().numpy(), rows.cpu().numpy()
+
     def _search_within(self, codes: np.ndarray, modality: str, k: int,
                        within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         backend = self._backend(modality)
         if isinstance(backend, torch.Tensor):  # the subset's words gathered on the GPU, then the same scan
-            subset = backend[torch.as_tensor(within, device=self.device)]
-            if backend.dtype == torch.int32:
-                d, rows = hamming_topk_triton(codes, subset.contiguous(), k)
-            else:
-                d, rows = hamming_topk_torch(to_int64_words(codes, self.device), subset, k)
-            d, rows = d.cpu().numpy(), rows.cpu().numpy()
+            d, rows = self._gpu_topk(codes, backend[torch.as_tensor(within, device=self.device)].contiguous(), k)
         else:
             d, rows = hamming_topk(codes, np.asarray(self.tables[modality].codes[within]), k)
         return d, within[rows]
