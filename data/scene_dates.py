@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path, PurePosixPath
 
+from duch.data.files import CsvLines
 from duch.data.records import DatasetError
 
 DATES_CSV = "dates.csv"
@@ -49,8 +50,8 @@ def read_dates_csv(folder: Path) -> dict[str, str]:
         return {}
     out = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        with CsvLines(path) as lines:  # UTF-8 with or without a byte-order mark, as every CSV duch reads
+            reader = csv.DictReader(lines)
             if not {"scene", "date"} <= set(reader.fieldnames or []):
                 raise DatasetError(f"{path}: the header must name the columns 'scene' and 'date'")
             for row in reader:

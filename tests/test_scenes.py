@@ -191,6 +191,18 @@ def test_dates_come_from_the_most_specific_source(tmp_path):
         read_scenes(folder, TileOptions(64))
 
 
+def test_dates_csv_is_read_by_the_rules_of_every_csv(tmp_path):
+    """dates.csv follows the CSV rules of docs/stages.md: UTF-8 with or without a byte-order mark (as a spreadsheet
+    saves it), any other encoding refused by name."""
+    folder = tmp_path / "dated"
+    write_scene(folder / "b.tif", smooth(3, 64, 64, np.uint8))
+    (folder / "dates.csv").write_bytes(b"\xef\xbb\xbfscene,date\r\nb.tif,2012-12-12\r\n")
+    assert read_scenes(folder, TileOptions(64)).scenes[0].date == "2012-12-12"
+    (folder / "dates.csv").write_text("scene,date\nb.tif,2012-12-12\n", encoding="utf-16")
+    with pytest.raises(DatasetError, match=r"dates.csv: .*UTF-16.*save the file as UTF-8"):
+        read_scenes(folder, TileOptions(64))
+
+
 def test_a_scene_without_a_crs_is_refused_with_its_fix_or_gets_pixel_footprints(tmp_path):
     write_scene(tmp_path / "plain" / "nocrs.tif", smooth(3, 256, 256, np.uint8), crs=None)
     out = CliRunner().invoke(cli.main, ["extract", "--data", str(tmp_path / "plain"), "--run", str(tmp_path / "r"),
