@@ -14,6 +14,7 @@ import numpy as np
 
 from duch.pipeline.archive.encoding import relative
 from duch.pipeline.archive.growth import Archive
+from duch.pipeline.archive.segments import among
 from duch.pipeline.archive.codefiles import has_places
 from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name, write_shard
@@ -51,11 +52,11 @@ def merged_extract(run: Path, merge: list[str], removed: dict[str, set[str]], ta
             first_attrs.setdefault(output["modality"], read_attrs(path))
             shard = read_shard(path)
             if output["modality"] == "image":
-                keep = ~np.isin(shard["ids"].astype(str), sorted(gone))
+                keep = ~among(shard["ids"], gone)
                 shard["path"] = np.array([str(images_dir / p) for p in shard["path"]], dtype=object)
                 names = [n for n in shard if n not in ("reject_id", "reject_reason", "skipped_id")]
             else:
-                keep = ~np.isin(shard["image_id"].astype(str), sorted(gone))
+                keep = ~among(shard["image_id"], gone)
                 names = list(TEXT_COLUMNS)
             rows[output["modality"]].append({n: shard[n][keep] for n in names})
     outputs, counts = [], {"images": 0, "captions": 0, "augmented_captions": 0}
@@ -101,9 +102,9 @@ def merged_codes(archive: Archive, merge: list[str], removed: dict[str, set[str]
     if any("text" in m["rows"] for m in sources):
         rows["text"] = extract["counts"]["captions"]
     outputs = []
+    places = all(has_places(read_manifest(stage_dir(run / s, "extract"))) for s in merge)
     for bits_text, model in first["models"].items():
         bits = int(bits_text)
-        places = all(has_places(read_manifest(stage_dir(run / s, "extract"))) for s in merge)
         writer = CodeWriter(folder.path / codes_name(bits), bits, rows, continuous,
                             {"extract_fingerprint": extract["fingerprint"], "image_views": views,
                              "model_sha256": model["sha256"]}, places=places)
@@ -112,8 +113,7 @@ def merged_codes(archive: Archive, merge: list[str], removed: dict[str, set[str]
                 _, tables = open_codes(stage_dir(run / segment, "encode-archive") / codes_name(bits))
                 for modality, table in tables.items():
                     owner = "ids" if modality == "image" else "image_id"
-                    keep = np.flatnonzero(~np.isin(np.asarray(table.meta[owner]).astype(str),
-                                                   sorted(removed.get(segment, ()))))
+                    keep = np.flatnonzero(~among(table.meta[owner], removed.get(segment, ())))
                     names = (*META[modality], *(PLACES if places and modality == "image" else ()))
                     arrays = {name: np.asarray(table.meta[name])[keep] for name in names}
                     arrays["codes"] = np.asarray(table.codes[keep])

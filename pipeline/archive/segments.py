@@ -114,9 +114,13 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generati
             if with_meta else {})
         segment_of[modality] = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         removed[modality] = np.zeros(len(segment_of[modality]), bool) if not with_meta else np.concatenate([
-            np.isin(np.asarray(p.meta[owner_key]).astype(str), sorted(removed_ids.get(segment, ())))
-            for p, segment in zip(parts, generation.segments)])
+            among(p.meta[owner_key], removed_ids.get(segment, ())) for p, segment in zip(parts, generation.segments)])
     return ArchiveCodes(generation, manifests, folders, tables, removed, segment_of, images_dirs)
+
+
+def among(ids, removed) -> np.ndarray:
+    """[rows] bool: whether each row's id (an image's, or a caption's image's) is one of `removed`."""
+    return np.isin(np.asarray(ids).astype(str), sorted(removed))
 
 
 def verify_generation_index(run: Path, listed: dict, checksum: bool = True) -> Path:
