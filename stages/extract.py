@@ -42,7 +42,8 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         if confirmed is None:
             raise stale_error(folder.path, previous, basis)
         fingerprint, basis = confirmed["fingerprint"], confirmed["basis"]
-    done, damaged = folder.check(fingerprint, force)
+        previous = None  # the manifest was written again (confirmed listing): check reads it back
+    done, damaged = folder.check(fingerprint, force, previous=previous)
     for path in damaged:
         echo(f"extract: {path} is missing or does not match its checksum; writing it again")
     if done:

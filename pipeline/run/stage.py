@@ -52,11 +52,12 @@ class StageFolder:
     def previous(self) -> dict | None:
         return read_manifest(self.path)
 
-    def check(self, fingerprint: str, force: bool, names: list[str] | None = None) -> tuple[dict | None, list[Path]]:
+    def check(self, fingerprint: str, force: bool, names: list[str] | None = None,
+              previous: dict | None = None) -> tuple[dict | None, list[Path]]:
         """(the finished manifest, []) when the stage is up to date: made with this fingerprint, not forced, every
         output intact (`names`, or every output it lists). Else (None, the damaged outputs), removed so that the
-        work writes them again."""
-        previous = None if force else self.previous()
+        work writes them again. `previous`: the manifest as the caller already read it (None: read here)."""
+        previous = None if force else previous or self.previous()
         if not previous or previous.get("fingerprint") != fingerprint:
             return None, []
         damaged = damaged_outputs(self.path, previous, names)
