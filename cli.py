@@ -161,8 +161,8 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
               help="paper: seed-42 50% train, 20%/80% of the rest query/database; dataset: its split field; "
                    "all: train on everything, no evaluation.")
 @click.option("--recipe", default="duch", show_default=True, type=click.Choice(["duch", "paper"]),
-              help="duch: the settings that measured best on UCM (docs/results.md); paper: DUCH's published ones (batch "
-                   "256, 100 epochs, lr decay at 50, quantization 0.001 at every code length).")
+              help="duch: the settings that measured best on UCM (docs/results.md); paper: DUCH's published ones "
+                   "(batch 256, 100 epochs, lr decay at 50, quantization 0.001 at every code length).")
 @click.option("--epochs", default=None, type=int, help="[default: the recipe's: 50, paper 100]")
 @click.option("--batch-size", default=None, type=int, help="[default: the recipe's: 128, paper 256]")
 @click.option("--hidden", default=4096, show_default=True, type=int, help="Width of the heads' hidden layer.")

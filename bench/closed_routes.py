@@ -36,14 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
 from bench.compare_quality import difference_test  # noqa: E402
+from duch.pipeline.compute.device import resolve_precision  # noqa: E402
 from duch.pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from duch.pipeline.formats.features import load_features  # noqa: E402
+from duch.pipeline.model.coding import encode, image_codes, pack_codes, unpack_codes  # noqa: E402  # noqa: E402
 from duch.pipeline.retrieval.hamming import hamming  # noqa: E402
-from duch.pipeline.model.coding import pack_codes, unpack_codes  # noqa: E402
-from duch.pipeline.retrieval.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,  # noqa: E402
-                              query_adaptive_ranking, ranking, recall_at_k, weighted_distances)
-from duch.pipeline.compute.device import resolve_precision  # noqa: E402
-from duch.pipeline.model.coding import encode, image_codes  # noqa: E402
+from duch.pipeline.retrieval.metrics import (  # noqa: E402
+    DIRECTIONS,
+    average_precisions,
+    cosine,
+    map_of_ranking,
+    per_class_mean,
+    query_adaptive_ranking,
+    ranking,
+    recall_at_k,
+    weighted_distances,
+)
 from duch.pipeline.train.data import check_features, choose_split, prepare  # noqa: E402
 from duch.pipeline.train.loop import train_bits  # noqa: E402
 from duch.pipeline.train.validate import split_codes  # noqa: E402

@@ -43,8 +43,8 @@ from duch.data import read_dataset  # noqa: E402
 from duch.pipeline.config import ExtractConfig  # noqa: E402
 from duch.pipeline.embed.plan import plan_shards  # noqa: E402
 from duch.pipeline.embed.shards import ShardWriter, embed_images  # noqa: E402
-from duch.pipeline.encoders.gpu_decode import TensorPreprocess  # noqa: E402
 from duch.pipeline.encoders import load_encoders, parse_spec  # noqa: E402
+from duch.pipeline.encoders.gpu_decode import TensorPreprocess  # noqa: E402
 from duch.pipeline.formats.shards import read_shard  # noqa: E402
 from duch.stages.extract import extract  # noqa: E402
 
@@ -271,9 +271,9 @@ def parity(run_a: Path, run_b: Path) -> dict:
 def producer_only(spec: str, folder: Path, device: str, args) -> dict:
     """The batched path without the model: how fast files become normalised pixels on the device."""
     from duch.data import read_dataset
-    from duch.pipeline.encoders.gpu_decode import TensorPreprocess
     from duch.pipeline.embed.sources import ImageViews
     from duch.pipeline.encoders.batched import BatchedImages
+    from duch.pipeline.encoders.gpu_decode import TensorPreprocess
 
     encoder, _ = cached_load_encoders(parse_spec(spec, "image"), None, device)
     dataset = read_dataset(folder)
@@ -300,8 +300,8 @@ def producer_only(spec: str, folder: Path, device: str, args) -> dict:
 
 def decode_only(folder: Path, device: str, args) -> dict:
     """One batch of file bytes held in memory, decoded (and decoded + preprocessed) again and again."""
-    from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, decode_jpegs, sniff_jpeg
     from duch.pipeline.encoders.efficientnet_lite import make_transform
+    from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, decode_jpegs, sniff_jpeg
 
     files = sorted(folder.rglob("*.jpg"))[:args.batch_size]
     datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
 from duch.pipeline.config import EncodeConfig, EvaluateConfig, TrainConfig  # noqa: E402
-from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.pipeline.retrieval.evaluation import RECALL_KS  # noqa: E402
+from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.stages.evaluate import evaluate  # noqa: E402
 from duch.stages.train_hash import train_hash  # noqa: E402
 

@@ -86,8 +86,9 @@ def main(argv=None) -> dict:
             continue
         results[name] = {"argv": job_argv, "wall_s": round(time.perf_counter() - t, 1),
                          **json.loads(marker[-1][len("@@RESULT "):])}
-    from duch.pipeline.run.manifest import library_versions
     import datetime as dt
+
+    from duch.pipeline.run.manifest import library_versions
 
     stamp = dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from duch.data.augment import ImageAugment
+from duch.pipeline.formats.shards import shard_name, write_shard
 from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.run.fingerprint import digest
-from duch.pipeline.run.manifest import now_iso, write_manifest
 from duch.pipeline.run.layout import stage_dir
-from duch.pipeline.formats.shards import shard_name, write_shard
+from duch.pipeline.run.manifest import now_iso, write_manifest
 
 SPEC = "synthetic"
 

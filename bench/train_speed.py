@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
 from duch.data.splits import Split  # noqa: E402
-from duch.pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from duch.pipeline.compute.device import resolve_device, resolve_precision  # noqa: E402
+from duch.pipeline.config import TRAIN_RECIPES, TrainConfig  # noqa: E402
 from duch.pipeline.train.data import TrainData  # noqa: E402
 from duch.pipeline.train.graphs import use_graphs  # noqa: E402
 from duch.pipeline.train.loop import train_bits  # noqa: E402

@@ -26,7 +26,7 @@ class ImageAugment:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
 
     @classmethod
-    def from_record(cls, record: dict) -> "ImageAugment":
+    def from_record(cls, record: dict) -> ImageAugment:
         """The settings as a manifest records them (JSON: lists where the fields hold tuples)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 
@@ -48,7 +48,8 @@ def augment_image(img: Image.Image, rng: np.random.Generator, cfg: ImageAugment 
     if cfg.rotate90:
         k = int(rng.integers(4))
         if k:
-            img = img.transpose([Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270][k - 1])
+            turns = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+            img = img.transpose(turns[k - 1])
     if rng.random() < cfg.flip_p:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img = _random_resized_crop(img, rng, cfg)

@@ -16,8 +16,8 @@ import codecs
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from duch.data.records import DatasetError
 from duch.data.text import MAX_CAPTION_CHARS
@@ -124,7 +124,7 @@ class CsvLines:
                                    f"captions are cut at {MAX_CAPTION_CHARS:,} characters anyway: shorten it")
             yield line
 
-    def __enter__(self) -> "CsvLines":
+    def __enter__(self) -> CsvLines:
         self.limit = csv.field_size_limit(MAX_ROW_BYTES)
         return self
 

@@ -8,8 +8,8 @@ length, the archive's faiss indexes take them, and one atomic write of the gener
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duch.data import Dataset
 from duch.pipeline import DuchError

@@ -3,7 +3,7 @@ search scans few segments and tombstones do not pile up. Kept items keep their e
 from __future__ import annotations
 
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

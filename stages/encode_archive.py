@@ -8,8 +8,8 @@ the code files (pipeline/archive/codefiles.py). Memory stays flat however large 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline.archive.encoding import encode_run
 from duch.pipeline.archive.generation import BASE, Generation, read_generation, write_generation

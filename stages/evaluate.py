@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline import DuchError
-from duch.pipeline.config import EvaluateConfig
 from duch.pipeline.archive.segments import open_archive_codes
+from duch.pipeline.config import EvaluateConfig
 from duch.pipeline.model.trained import archive_views, image_code, load_model_run
 from duch.pipeline.retrieval.evaluation import class_metrics, gather, instance_metrics, live_split, p_at_k_grid
 from duch.pipeline.retrieval.report import format_tables, plot_curves

@@ -7,7 +7,7 @@ and refuses to mix in shards of others. The shards are made here or on a dask cl
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device

@@ -3,7 +3,7 @@ atomically: search, evaluate and serve never return it again; `duch compact` lat
 it."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import Generation, write_generation

@@ -18,7 +18,8 @@ import os
 import signal
 import string
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 SCALE = int(os.environ.get("DUCH_FUZZ_SCALE", "1"))
 settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True,

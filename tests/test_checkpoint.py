@@ -10,10 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 import duch.stages.train_hash as th
-from duch.pipeline.train.loop import _load_optimizer
-from duch.pipeline.formats.checkpoint import join_tensors, load_checkpoint, remove_checkpoint, save_checkpoint, split_tensors
 from duch.pipeline.config import TrainConfig
+from duch.pipeline.formats.checkpoint import (
+    join_tensors,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+    split_tensors,
+)
 from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
+from duch.pipeline.train.loop import _load_optimizer
 
 FAST = dict(bits=(8,), epochs=6, hidden=32, batch_size=8, eval_every=2, device="cpu", checkpoint_every=2)
 

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from duch import cli
 import duch.pipeline.embed.sources as sources
+from duch import cli
 from duch.data.images import load_image
 from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.formats.shards import read_attrs, read_shard
+from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.run.lock import TEMPORARIES
 from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
 from tests.faultkit import Zygote, namespaces_work

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given
+from hypothesis import strategies as st
 from PIL import Image
 
 from duch.data.augment import augment_image, view_rng

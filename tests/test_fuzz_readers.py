@@ -4,7 +4,6 @@ equal), follow the caption rules of data/text.py, and plan into text rows; what 
 the file. Every defect these found is pinned in tests/test_fuzz_regressions.py."""
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -13,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from duch.data import DatasetError, read_dataset
 from duch.data.text import MAX_CAPTION_CHARS, control_characters

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from duch.pipeline import DuchError
 from duch.pipeline.formats.checkpoint import load_checkpoint, save_checkpoint

@@ -5,7 +5,8 @@ exception, a hang, or memory beyond the bound (a 50-million-character query: ben
 from __future__ import annotations
 
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from duch.pipeline import DuchError
 from duch.pipeline.retrieval.search import Index

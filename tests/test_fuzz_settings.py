@@ -7,7 +7,8 @@ import dataclasses
 import shutil
 
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from duch.pipeline import DuchError
 from duch.pipeline.config import TrainConfig, parse_overrides

@@ -2,8 +2,17 @@
 import numpy as np
 import pytest
 
-from duch.data.geo import (bounds_of, ccw_ring, convex_hull, inside_box, overlaps_box, tile_offsets, tile_windows,
-                           to_lonlat, window_corners)
+from duch.data.geo import (
+    bounds_of,
+    ccw_ring,
+    convex_hull,
+    inside_box,
+    overlaps_box,
+    tile_offsets,
+    tile_windows,
+    to_lonlat,
+    window_corners,
+)
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
 from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter, parse_bbox

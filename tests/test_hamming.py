@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from duch.pipeline.retrieval import hamming as hm
 from duch.pipeline.model.coding import pack_codes, unpack_codes
+from duch.pipeline.retrieval import hamming as hm
 
 
 @pytest.mark.parametrize("bits", [8, 16, 24, 64, 128, 136])

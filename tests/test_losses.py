@@ -4,11 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from duch.pipeline.retrieval.hamming import hamming
 from duch.pipeline.model.coding import pack_codes, unpack_codes
-from duch.pipeline.model.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
-                             discriminator_loss, fooling_loss, gradient_penalty, nt_xent, quantization,
-                             straight_through_sign, weighted_nt_xent)
+from duch.pipeline.model.losses import (
+    all_captions_contrastive,
+    bank_contrastive,
+    binary_nt_xent,
+    bit_balance,
+    discriminator_loss,
+    fooling_loss,
+    gradient_penalty,
+    nt_xent,
+    quantization,
+    straight_through_sign,
+    weighted_nt_xent,
+)
+from duch.pipeline.retrieval.hamming import hamming
 
 
 def test_nt_xent_on_a_hand_computed_case():

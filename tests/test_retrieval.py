@@ -1,6 +1,5 @@
 """encode-archive, search and evaluate on a tiny real pipeline: tiny open_clip, real tiles, trained heads."""
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -11,15 +10,15 @@ from click.testing import CliRunner
 
 from duch import cli
 from duch.pipeline import DuchError
-from duch.pipeline.formats.codes import open_codes
 from duch.pipeline.config import EncodeConfig, EvaluateConfig, ExtractConfig, TrainConfig
+from duch.pipeline.formats.codes import open_codes
 from duch.pipeline.formats.features import load_features
+from duch.pipeline.formats.weights import load_heads
+from duch.pipeline.model.coding import encode, image_codes
 from duch.pipeline.retrieval.search import Index
 from duch.stages.encode_archive import encode_archive
 from duch.stages.evaluate import evaluate
 from duch.stages.extract import extract
-from duch.pipeline.formats.weights import load_heads
-from duch.pipeline.model.coding import encode, image_codes
 from duch.stages.train_hash import train_hash
 from tests.conftest import ASSETS, REAL_JPEGS, TINY_CLIP
 
@@ -169,8 +168,8 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkey
     hits = index.search(text="a airplane scene number 3", k=6, ties="order")
     h = index.embed_text(["a airplane scene number 3"])
     code = np.packbits(h >= 0, axis=1)
-    from duch.pipeline.retrieval.hamming import hamming
     from duch.pipeline.model.coding import unpack_codes
+    from duch.pipeline.retrieval.hamming import hamming
     from duch.pipeline.retrieval.metrics import query_adaptive_ranking, weighted_distances
 
     d = hamming(code, tables["image"].codes)[0]

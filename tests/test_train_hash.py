@@ -13,17 +13,25 @@ from duch import cli
 from duch.pipeline import DuchError
 from duch.pipeline.config import TRAIN_RECIPES, TrainConfig, parse_overrides
 from duch.pipeline.formats.features import load_features
-from duch.pipeline.retrieval.hamming import hamming
 from duch.pipeline.formats.weights import load_heads
 from duch.pipeline.model.coding import image_codes, pack_codes, unpack_codes
 from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
 from duch.pipeline.model.losses import nt_xent
+from duch.pipeline.retrieval.hamming import hamming
 from duch.pipeline.retrieval.metrics import query_adaptive_ranking, ranking, weighted_distances
 from duch.pipeline.train.data import prepare, sample_views
 from duch.pipeline.train.graphs import graph_chunks
 from duch.pipeline.train.loop import epoch_batches, epoch_row, make_optimizers
-from duch.pipeline.train.step import (LOSS_TERMS, StepState, binary_targets, fused_paper_terms, fused_terms, paper_terms,
-                                      train_step, with_nested_terms)
+from duch.pipeline.train.step import (
+    LOSS_TERMS,
+    StepState,
+    binary_targets,
+    fused_paper_terms,
+    fused_terms,
+    paper_terms,
+    train_step,
+    with_nested_terms,
+)
 from duch.pipeline.train.validate import hamming_rankings
 from duch.stages.train_hash import train_hash
 

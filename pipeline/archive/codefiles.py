@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from duch.pipeline.archive.parts import shard_rows
 from duch.pipeline.config import EncodeConfig
-from duch.pipeline.formats.codes import META, PLACES, CodeWriter, open_codes, codes_name
+from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_shard
 from duch.pipeline.model.trained import Model
 

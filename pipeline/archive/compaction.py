@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from duch.pipeline.archive.codefiles import has_places
 from duch.pipeline.archive.encoding import relative
 from duch.pipeline.archive.growth import Archive
 from duch.pipeline.archive.segments import among
-from duch.pipeline.archive.codefiles import has_places
 from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name, write_shard
 from duch.pipeline.run.fingerprint import digest

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.codefiles import code_file_done, write_code_files, write_indexes

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import BASE, Generation, read_generation, write_generation

@@ -13,8 +13,8 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _LOCK_FDS: set[int] = set()
 _PR_SET_PDEATHSIG = 1

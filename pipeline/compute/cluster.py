@@ -22,8 +22,9 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from duch.pipeline import DuchError
 
@@ -37,7 +38,7 @@ class SchedulerSpec:
     address: str | None = None
 
     @classmethod
-    def parse(cls, text: str | None) -> "SchedulerSpec":
+    def parse(cls, text: str | None) -> SchedulerSpec:
         text = (text or "none").strip()
         if text == "none":
             return cls("none")

@@ -7,5 +7,6 @@ from duch.pipeline.config.fields import manifest_config, output_settings, parse_
 from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.config.train import PAPER_TRAINING, TRAIN_RECIPES, TrainConfig
 
-__all__ = ["AddConfig", "CompactConfig", "EncodeConfig", "EvaluateConfig", "ExtractConfig", "RemoveConfig", "ServeConfig",
-           "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES", "manifest_config", "output_settings", "parse_overrides"]
+__all__ = ["AddConfig", "CompactConfig", "EncodeConfig", "EvaluateConfig", "ExtractConfig", "RemoveConfig",
+           "ServeConfig", "TrainConfig", "PAPER_TRAINING", "TRAIN_RECIPES", "manifest_config", "output_settings",
+           "parse_overrides"]

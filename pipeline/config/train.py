@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import output_settings
 
-
 # DUCH's published training settings (docs/design.md, 2.6) where TrainConfig's defaults depart from them; the
 # defaults measured better on UCM-captions (docs/results.md, 2.1 and 2.5).
 PAPER_TRAINING = {"batch_size": 256, "epochs": 100, "lr_step": 50, "beta": 0.001, "beta_scales_with_bits": False,
@@ -111,7 +110,7 @@ class TrainConfig:
         return self.beta * bits / 64 if self.beta_scales_with_bits else self.beta
 
     @classmethod
-    def recipe(cls, name: str, **fields) -> "TrainConfig":
+    def recipe(cls, name: str, **fields) -> TrainConfig:
         """A config from named settings (TRAIN_RECIPES), with `fields` on top."""
         if name not in TRAIN_RECIPES:
             raise DuchError(f"--recipe {name!r}: unknown; use one of {', '.join(TRAIN_RECIPES)}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duch.data import Dataset, Reject, read_dataset
 from duch.data.scenes import read_scenes
@@ -170,7 +170,8 @@ def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], N
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
     echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "
-         f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) -> {out_dir}")
+         f"{c['rejects']} rejects in {manifest['timings']['total_s']:.1f} s ({rate or 'nothing to encode'}) "
+         f"-> {out_dir}")
     if "scenes" in c:
         echo(f"extract: {c['images']} tiles from {c['scenes']} scenes; {c['tiles_skipped']} tiles skipped for too "
              f"few valid pixels (--min-valid); per scene: 'scenes' in {out_dir / 'manifest.json'}")

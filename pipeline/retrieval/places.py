@@ -106,7 +106,7 @@ class PlaceFilter:
 
     @classmethod
     def parse(cls, bbox=None, date_from: str | None = None, date_to: str | None = None, inside: bool = False,
-              names: dict[str, str] = CLI_NAMES) -> "PlaceFilter":
+              names: dict[str, str] = CLI_NAMES) -> PlaceFilter:
         """From the CLI's (or a web form's) text, `bbox` also as four numbers; each mistake is one DuchError naming
         the option as `names` calls it."""
         if inside and bbox is None:

@@ -42,7 +42,7 @@ class QueryCoder:
         key code a caption the same way."""
         return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
 
-    def share(self, other: "QueryCoder") -> None:
+    def share(self, other: QueryCoder) -> None:
         """Use `other`'s heads and encoders: one model in memory for several archives coded by it."""
         self._heads, self._encoders = other.heads, other._encoders
 
@@ -90,7 +90,7 @@ class QueryCoder:
         return self.embed_images(images)
 
     @torch.no_grad()
-    def embed_images(self, images: list[tuple[str, "Image.Image"]]) -> np.ndarray:
+    def embed_images(self, images: list[tuple[str, Image.Image]]) -> np.ndarray:
         """(name, RGB image) pairs -> continuous codes [Q, K]. Where the archive's image codes average the head
         over augmented views (encode-archive's `image_code`), the query's are made the same way, its views drawn
         as extract draws an item's with `name` (a file's name stem) as the id: an archive image given as a query,

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from duch.pipeline import DuchError
-from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.archive.generation import BASE, read_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes, verify_generation_index
+from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.formats.codes import CodeTable, caption_key
 from duch.pipeline.model.coding import pack_codes
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words
-from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available, hamming_topk_triton, to_int32_words
+from duch.pipeline.retrieval.hamming_gpu import available as gpu_kernel_available
+from duch.pipeline.retrieval.hamming_gpu import hamming_topk_triton, to_int32_words
 from duch.pipeline.retrieval.places import Place, place_of
 from duch.pipeline.retrieval.queries import QueryCoder, shown
 from duch.pipeline.retrieval.ranking import TIES, adaptive_topk, rerank
@@ -69,7 +70,7 @@ class Query:
     continuous: np.ndarray | None
 
     @classmethod
-    def of(cls, source: str, h: np.ndarray) -> "Query":
+    def of(cls, source: str, h: np.ndarray) -> Query:
         """A query from its continuous code: the sign bits packed as the archive's are."""
         return cls(source, pack_codes(np.asarray(h)[None]), np.asarray(h))
 
@@ -90,7 +91,7 @@ class Index:
 
     @classmethod
     def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
-             verify: bool = True) -> "Index":
+             verify: bool = True) -> Index:
         """The codes of one code length of a finished encode-archive stage, checked against its manifest:
         `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes."""
         out_dir, manifest = load_encode_manifest(run)
@@ -117,7 +118,7 @@ class Index:
     def model_key(self) -> tuple:
         return self.coder.model_key()
 
-    def share_model(self, other: "Index") -> None:
+    def share_model(self, other: Index) -> None:
         """Use `other`'s heads and encoders (loaded once, in memory once, for several archives of one model)."""
         if self.model_key() != other.model_key():
             raise DuchError(f"{self.run} and {other.run} were coded by different models; each needs its own")
@@ -129,7 +130,7 @@ class Index:
     def embed_image(self, paths: list[str | Path]) -> np.ndarray:
         return self.coder.embed_image(paths)
 
-    def embed_images(self, images: list[tuple[str, "Image.Image"]]) -> np.ndarray:
+    def embed_images(self, images: list[tuple[str, Image.Image]]) -> np.ndarray:
         return self.coder.embed_images(images)
 
     def item(self, item_id: str) -> tuple[str, int]:
@@ -247,18 +248,18 @@ class Index:
             query = self.id_query(id)
         return self.rank(query, k, modality, rerank_top, ties, where)
 
-    def id_query(self, item_id: str) -> "Query":
+    def id_query(self, item_id: str) -> Query:
         """An archive item as a query: its stored code (and continuous outputs, when stored)."""
         source, row = self.item(item_id)
         table = self.tables[source]
         h = None if table.continuous is None else table.continuous[row].astype(np.float32)
         return Query(source, np.asarray(table.codes[row:row + 1]), h)
 
-    def target(self, query: "Query", modality: str | None) -> str:
+    def target(self, query: Query, modality: str | None) -> str:
         """What a query returns: `modality`, or by default the other modality than its own."""
         return modality or ("image" if query.source == "text" or "text" not in self.tables else "text")
 
-    def rank(self, query: "Query", k: int = 10, modality: str | None = None, rerank_top: int = 0,
+    def rank(self, query: Query, k: int = 10, modality: str | None = None, rerank_top: int = 0,
              ties: str = "adaptive", where: np.ndarray | None = None) -> list[Hit]:
         """The top k for a query already coded (`search`'s second half; a service codes many at once)."""
         if ties not in TIES:

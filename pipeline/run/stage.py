@@ -11,9 +11,9 @@ wait for a run another duch process holds before giving up.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline.run.artifacts import damaged_outputs, output_record
 from duch.pipeline.run.layout import stage_dir

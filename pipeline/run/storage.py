@@ -18,8 +18,8 @@ import errno
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from duch.pipeline import DuchError
 

@@ -31,7 +31,7 @@ class SearchRequest(BaseModel):
     id: str | None = Field(None, min_length=1, max_length=500,
                            description="an archive item: an image id, or IMAGE_ID#N for its N-th caption")
     k: int = Field(20, ge=1, le=MOST_K, description="hits to return")
-    offset: int = Field(0, ge=0, description="hits to skip (paging); offset + k is at most %d" % MOST_DEPTH)
+    offset: int = Field(0, ge=0, description=f"hits to skip (paging); offset + k is at most {MOST_DEPTH}")
     modality: Literal["image", "text"] | None = Field(
         None, description="what to return; default: the other modality than the query's")
     rerank: int = Field(0, ge=0, le=2000, description="re-rank this many Hamming neighbours by cosine (0: off)")

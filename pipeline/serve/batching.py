@@ -10,9 +10,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 Coder = Callable[[list], Sequence]  # a list of queries -> their codes, one per query, in order
 

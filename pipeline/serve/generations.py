@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duch.pipeline.archive.generation import GENERATION_FILE
 from duch.pipeline.retrieval.search import Index

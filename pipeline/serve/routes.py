@@ -18,7 +18,6 @@ from duch.pipeline.serve.archives import UnknownItem
 from duch.pipeline.serve.limits import BodyTooLarge
 from duch.pipeline.serve.thumbs import NoThumbnail
 
-
 SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {

@@ -3,7 +3,7 @@ kernels, a graph replay one."""
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -2,8 +2,8 @@
 "The losses"), written so that a GPU can capture it once as a CUDA graph and replay it (every update in place)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,21 @@ import torch.nn.functional as F
 from duch.pipeline.compute.device import autocast_for
 from duch.pipeline.config import TrainConfig
 from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
-from duch.pipeline.model.losses import (all_captions_contrastive, bank_contrastive, binary_nt_xent, bit_balance,
-                                        bit_balance_groups, discriminator_loss, fooling_loss, gradient_penalty,
-                                        nt_xent, nt_xent_groups, quantization, quantization_groups,
-                                        weighted_nt_xent)
+from duch.pipeline.model.losses import (
+    all_captions_contrastive,
+    bank_contrastive,
+    binary_nt_xent,
+    bit_balance,
+    bit_balance_groups,
+    discriminator_loss,
+    fooling_loss,
+    gradient_penalty,
+    nt_xent,
+    nt_xent_groups,
+    quantization,
+    quantization_groups,
+    weighted_nt_xent,
+)
 
 LOSS_TERMS = ("inter", "inter_extra", "image", "text", "adversarial", "quantization", "balance", "total",
               "discriminator")

@@ -1,0 +1,52 @@
+"""Errors a user can fix, and how each front end spells the parameters they name.
+
+The library names a parameter in a message by its own Python name in backticks ("`rerank_top` needs the
+continuous outputs"). `str(error)` keeps that name, as a Python caller wrote it; the CLI shows the option
+(`--rerank`) and the service the JSON field (`rerank`), each through `spelled`, from the one table below.
+"""
+from __future__ import annotations
+
+import re
+
+FRONTS = ("python", "cli", "api")
+
+
+class DuchError(Exception):
+    """An error a user can fix; the CLI prints it on one line (exit code 2), the service as one JSON line."""
+
+
+# Every parameter the library names in a message, by its Python name: (CLI option, service field; None where
+# the service has no such field and keeps the Python name). A backticked word not listed here is left as it is.
+SPELLINGS: dict[str, tuple[str, str | None]] = {
+    "rerank_top": ("--rerank", "rerank"),
+    "item_id": ("--id", "id"),
+    "text": ("--text", "text"),
+    "image": ("--image", "image"),
+    "k": ("--k", "k"),
+    "bits": ("--bits", None),
+    "modality": ("--modality", "modality"),
+    "ties": ("--ties", "ties"),
+    "bbox": ("--bbox", "bbox"),
+    "inside": ("--inside", "inside"),
+    "date_from": ("--date-from", "date_from"),
+    "date_to": ("--date-to", "date_to"),
+    "force": ("--force", None),
+    "continuous": ("--continuous", None),
+    "device": ("--device", None),
+    "verify": ("--no-verify", None),
+}
+
+_NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def spell(name: str, front: str) -> str:
+    """One listed parameter's name as `front` ("python", "cli" or "api") spells it."""
+    cli, api = SPELLINGS[name]
+    return cli if front == "cli" else (api or name) if front == "api" else name
+
+
+def spelled(message: str, front: str) -> str:
+    """A library message with every listed `parameter` in `front`'s spelling (its backticks dropped)."""
+    if front not in FRONTS:
+        raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {front!r}")
+    return _NAME.sub(lambda m: spell(m.group(1), front) if m.group(1) in SPELLINGS else m.group(0), message)
