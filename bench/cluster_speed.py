@@ -57,7 +57,8 @@ def compare(name: str, run_once, workers: int, address: str, runs: int, items: i
     seconds: dict[str, list[float]] = {m: [] for m in MODES}
     for round_ in range(runs + 1):
         for mode in MODES:
-            s = timed(lambda: run_once(scheduler_of(mode, workers, address), f"{mode}-{round_}"))
+            s = timed(lambda mode=mode, round_=round_: run_once(scheduler_of(mode, workers, address),
+                                                                f"{mode}-{round_}"))
             if round_:  # round 0 warms caches (files, imports, the warm cluster's encoders)
                 seconds[mode].append(s)
             log(f"  {name} {mode:>5} round {round_}: {s:.2f} s{'' if round_ else ' (warm-up)'}")

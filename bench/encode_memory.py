@@ -5,8 +5,8 @@
 
 A small synthetic run (2000 items) trains a 64-bit model for one epoch; each archive size is then written as a
 synthetic extract run with the same "encoder" and encoded by that model, in a fresh process whose peak resident
-memory during encoding is recorded (VmHWM, reset after the imports). Archives are written under --scratch (default a temporary folder; 1M x 512-d is
-about 1 GB) and removed afterwards.
+memory during encoding is recorded (VmHWM, reset after the imports). Archives are written under --scratch
+(default a temporary folder; 1M x 512-d is about 1 GB) and removed afterwards.
 """
 from __future__ import annotations
 

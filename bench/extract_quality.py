@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     speed = {k: manifest["timings"].get(k) for k in ("images_per_s", "captions_per_s", "images_s", "captions_s")}
     print(f"run {args.run}: {manifest['encoders']['image']['encoder']} / {manifest['encoders']['text']['encoder']}, "
           f"{len(f.ids)} images, split {len(split.train)}/{len(split.query)}/{len(split.database)}")
-    print(f"{'direction':<10}{'mAP@%d textbook' % args.k:>20}{'mAP@%d reference' % args.k:>20}")
+    print(f"{'direction':<10}{f'mAP@{args.k} textbook':>20}{f'mAP@{args.k} reference':>20}")
     for name, r in results.items():
         print(f"{name:<10}{r['textbook']:>20.4f}{r['reference']:>20.4f}")
     for name, classes in per_class.items():

@@ -286,7 +286,7 @@ def producer_only(spec: str, folder: Path, device: str, args) -> dict:
     def run():
         t0 = time.perf_counter()
         n = 0
-        for indices, pixels, _ in BatchedImages(items, dataset.images_dir, batches, prep, torch.device(device),
+        for indices, _pixels, _ in BatchedImages(items, dataset.images_dir, batches, prep, torch.device(device),
                                                 views.__getitem__):
             n += len(indices)
         if device.startswith("cuda"):
@@ -477,17 +477,18 @@ def main(argv=None) -> dict:
         for n_spec, spec in enumerate(args.encoders.split(",")):
             row = RESULT["images"].setdefault(spec, {})
             if "model" not in skip:
-                section(row, "model_only", lambda: model_only_images(spec, device, args))
+                section(row, "model_only", lambda spec=spec: model_only_images(spec, device, args))
                 log(f"{spec}: model only {_median(row, 'model_only')} img/s")
             if "gpu" not in skip:
                 # On a CPU device the batched path is timed too, decoding with libjpeg-turbo through torchvision.
-                section(row, "batched", lambda: (
+                section(row, "batched", lambda spec=spec: (
                     end_to_end_images(spec, full, scratch / "run-batched", "gpu", device, args) if gpu_path else
                     batched_on_cpu_images(spec, full, scratch / "run-batched", args)))
                 log(f"{spec}: end to end, batched ({'nvJPEG' if gpu_path else 'CPU'}) {_median(row, 'batched')} img/s "
                     f"{row['batched'].get('image_decode')}")
             if "cpu" not in skip:
-                section(row, "pil", lambda: end_to_end_images(spec, subset, scratch / "run-pil", "cpu", device, args))
+                section(row, "pil", lambda spec=spec: end_to_end_images(spec, subset, scratch / "run-pil", "cpu",
+                                                                        device, args))
                 log(f"{spec}: end to end, PIL {_median(row, 'pil')} img/s")
             if "median" in row.get("batched", {}) and "median" in row.get("pil", {}):
                 section(row, "parity", lambda: parity(scratch / "run-batched", scratch / "run-pil"))
@@ -496,7 +497,7 @@ def main(argv=None) -> dict:
             if "median" in row.get("batched", {}) and "median" in row.get("model_only", {}):
                 row["ratio_batched_to_model"] = row["batched"]["median"] / row["model_only"]["median"]
             if "producer" not in skip and n_spec == 0:  # the same for every 224-px encoder but mean and std
-                section(row, "producer_only", lambda: producer_only(spec, full, device, args))
+                section(row, "producer_only", lambda spec=spec: producer_only(spec, full, device, args))
                 log(f"{spec}: producer only (no model) {_median(row, 'producer_only')} img/s")
             checkpoint(args)
         if "decode" not in skip:

@@ -40,6 +40,13 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def mapped_1q_ms(path: Path, one: np.ndarray, k: int, expected: np.ndarray, repeats: int) -> float:
+    """One query's scan over the codes memory-mapped from `path`; the map is closed when this returns."""
+    mapped = open_codes(path, with_meta=False)[1]["image"].codes
+    assert isinstance(mapped, np.memmap) and (hamming_topk(one, mapped, k)[0] == expected).all()
+    return median_ms(lambda: hamming_topk(one, mapped, k), repeats)
+
+
 def bench_bits(n: int, bits: int, k: int, batch: int, repeats: int, threads: int) -> dict:
     rng = np.random.default_rng(bits)
     db = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
@@ -61,10 +68,7 @@ def bench_bits(n: int, bits: int, k: int, batch: int, repeats: int, threads: int
             writer.append("image", {"codes": part, "ids": np.arange(s, s + len(part)).astype(str),
                                     "path": [""] * len(part), "label": [""] * len(part)})
         writer.close()
-        mapped = open_codes(path, with_meta=False)[1]["image"].codes
-        assert isinstance(mapped, np.memmap) and (hamming_topk(one, mapped, k)[0] == expected).all()
-        row["numpy_mmap_1q_ms"] = median_ms(lambda: hamming_topk(one, mapped, k), repeats)
-        del mapped
+        row["numpy_mmap_1q_ms"] = mapped_1q_ms(path, one, k, expected, repeats)
     try:
         import faiss
 

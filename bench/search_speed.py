@@ -80,6 +80,67 @@ def matmul_topk(q_pm1: torch.Tensor, db_pm1: torch.Tensor, k: int, chunk: int = 
     return torch.sort(best_d, 1).values, best_i
 
 
+def measure_size(n: int, args, blocks: list[tuple[int, ...]], best_block: tuple[int, ...], first: bool
+                 ) -> tuple[dict, tuple[int, ...]]:
+    """One archive size's row, and the kernel tile chosen (on the `first` size); its codes are freed on return."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    db32 = random_codes(n, args.bits // 32, seed=n % 1000)
+    queries = db32[torch.randint(0, n, (args.queries,), device="cuda")].clone()
+    row = {"n": n, "queries": args.queries, "k": args.k, "bits": args.bits,
+           "packed_gb": db32.numel() * 4 / 1e9}
+    if first:  # pick the kernel's tile on the first size, report them all
+        tiles = {}
+        for bq, bn in blocks:
+            t = timed(lambda bq=bq, bn=bn: hamming_topk_triton(queries, db32, args.k, block_q=bq, block_n=bn),
+                      max(3, args.repeats // 2))
+            tiles[f"{bq}x{bn}"] = args.queries / t
+        best_block = tuple(int(x) for x in max(tiles, key=tiles.get).split("x"))
+        row["triton_tiles_qps"] = tiles
+    run = lambda: hamming_topk_triton(queries, db32, args.k, block_q=best_block[0], block_n=best_block[1])  # noqa: E731
+    d_triton, i_triton = run()
+    check = min(50 if n <= 10**8 else 8, args.queries)
+    d_ref, i_ref = hamming_topk_torch(queries[:check].contiguous().view(torch.int64), db32.view(torch.int64),
+                                      args.k)
+    row["exact_equal_torch"] = bool(torch.equal(d_ref.int(), d_triton[:check]) and
+                                    torch.equal(i_ref, i_triton[:check]))
+    row["triton_qps"] = args.queries / timed(run, args.repeats)
+    row["triton_block"] = f"{best_block[0]}x{best_block[1]}"
+    row["triton_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if n <= 10**7 * 2:
+        db_pm1 = unpack_pm1(db32, args.bits)
+        q_pm1 = unpack_pm1(queries, args.bits)
+        d_mm, _ = matmul_topk(q_pm1, db_pm1, args.k)
+        row["matmul_equal_distances"] = bool(torch.equal(d_mm, d_triton))
+        row["matmul_qps"] = args.queries / timed(lambda: matmul_topk(q_pm1, db_pm1, args.k), args.repeats)
+        row["triton_vs_matmul"] = row["triton_qps"] / row["matmul_qps"]
+        row["matmul_gb"] = db_pm1.numel() * 2 / 1e9
+        del db_pm1, q_pm1
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(os.cpu_count() or 1)
+            host = db32.cpu().numpy().view(np.uint8)
+            index = faiss.IndexBinaryFlat(args.bits)
+            index.add(host)
+            qh = queries.cpu().numpy().view(np.uint8)
+            fd, _ = index.search(qh[:check], args.k)
+            row["faiss_equal_distances"] = bool((fd == d_triton[:check].cpu().numpy()).all())
+            t = time.perf_counter()
+            index.search(qh, args.k)
+            row["faiss_cpu_qps"] = args.queries / (time.perf_counter() - t)
+            row["triton_vs_faiss_cpu"] = row["triton_qps"] / row["faiss_cpu_qps"]
+            row["faiss_one_query_ms"] = 1000 * statistics.median(
+                [_time(lambda: index.search(qh[:1], args.k)) for _ in range(5)])
+            del index, host
+        except ImportError:
+            pass
+    one = queries[:1]
+    row["triton_one_query_ms"] = 1000 * timed(lambda: hamming_topk_triton(
+        one, db32, args.k, block_q=best_block[0], block_n=best_block[1]), args.repeats)
+    return row, best_block
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000000,100000000,1000000000")
@@ -94,70 +155,15 @@ def main(argv=None) -> dict:
         raise SystemExit("search_speed.py needs a CUDA GPU; bench/search_latency.py is the CPU benchmark")
     if args.bits % 64:
         raise SystemExit("--bits must be a multiple of 64 here")
-    words = args.bits // 32
     sizes = [int(s) for s in args.sizes.split(",")]
     rows, blocks = [], [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
     best_block = blocks[0]
     for n in sizes:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        db32 = random_codes(n, words, seed=n % 1000)
-        queries = db32[torch.randint(0, n, (args.queries,), device="cuda")].clone()
-        row = {"n": n, "queries": args.queries, "k": args.k, "bits": args.bits,
-               "packed_gb": db32.numel() * 4 / 1e9}
-        if n == sizes[0]:  # pick the kernel's tile on the first size, report them all
-            tiles = {}
-            for bq, bn in blocks:
-                t = timed(lambda: hamming_topk_triton(queries, db32, args.k, block_q=bq, block_n=bn),
-                          max(3, args.repeats // 2))
-                tiles[f"{bq}x{bn}"] = args.queries / t
-            best_block = tuple(int(x) for x in max(tiles, key=tiles.get).split("x"))
-            row["triton_tiles_qps"] = tiles
-        run = lambda: hamming_topk_triton(queries, db32, args.k, block_q=best_block[0], block_n=best_block[1])  # noqa: E731
-        d_triton, i_triton = run()
-        check = min(50 if n <= 10**8 else 8, args.queries)
-        d_ref, i_ref = hamming_topk_torch(queries[:check].contiguous().view(torch.int64), db32.view(torch.int64),
-                                          args.k)
-        row["exact_equal_torch"] = bool(torch.equal(d_ref.int(), d_triton[:check]) and
-                                        torch.equal(i_ref, i_triton[:check]))
-        row["triton_qps"] = args.queries / timed(run, args.repeats)
-        row["triton_block"] = f"{best_block[0]}x{best_block[1]}"
-        row["triton_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if n <= 10**7 * 2:
-            db_pm1 = unpack_pm1(db32, args.bits)
-            q_pm1 = unpack_pm1(queries, args.bits)
-            d_mm, _ = matmul_topk(q_pm1, db_pm1, args.k)
-            row["matmul_equal_distances"] = bool(torch.equal(d_mm, d_triton))
-            row["matmul_qps"] = args.queries / timed(lambda: matmul_topk(q_pm1, db_pm1, args.k), args.repeats)
-            row["triton_vs_matmul"] = row["triton_qps"] / row["matmul_qps"]
-            row["matmul_gb"] = db_pm1.numel() * 2 / 1e9
-            del db_pm1, q_pm1
-            try:
-                import faiss
-
-                faiss.omp_set_num_threads(os.cpu_count() or 1)
-                host = db32.cpu().numpy().view(np.uint8)
-                index = faiss.IndexBinaryFlat(args.bits)
-                index.add(host)
-                qh = queries.cpu().numpy().view(np.uint8)
-                fd, _ = index.search(qh[:check], args.k)
-                row["faiss_equal_distances"] = bool((fd == d_triton[:check].cpu().numpy()).all())
-                t = time.perf_counter()
-                index.search(qh, args.k)
-                row["faiss_cpu_qps"] = args.queries / (time.perf_counter() - t)
-                row["triton_vs_faiss_cpu"] = row["triton_qps"] / row["faiss_cpu_qps"]
-                row["faiss_one_query_ms"] = 1000 * statistics.median(
-                    [_time(lambda: index.search(qh[:1], args.k)) for _ in range(5)])
-                del index, host
-            except ImportError:
-                pass
-        one = queries[:1]
-        row["triton_one_query_ms"] = 1000 * timed(lambda: hamming_topk_triton(
-            one, db32, args.k, block_q=best_block[0], block_n=best_block[1]), args.repeats)
+        row, best_block = measure_size(n, args, blocks, best_block, first=n == sizes[0])
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        del db32, queries
-    print(f"\nexact Hamming top-{args.k}, {args.bits}-bit codes, {args.queries} queries, {torch.cuda.get_device_name()}")
+    print(f"\nexact Hamming top-{args.k}, {args.bits}-bit codes, {args.queries} queries, "
+          f"{torch.cuda.get_device_name()}")
     keys = ["triton_qps", "matmul_qps", "faiss_cpu_qps", "triton_vs_matmul", "triton_vs_faiss_cpu",
             "triton_one_query_ms", "packed_gb", "triton_peak_gb"]
     print(f"{'codes':>14}" + "".join(f"{k:>20}" for k in keys))

@@ -148,7 +148,7 @@ class Server:
                     break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"duch serve did not start; see {log}")
+                    raise SystemExit(f"duch serve did not start; see {log}") from None
                 time.sleep(0.25)
 
     def rss_mb(self) -> float:
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
     result = {"run": str(args.run), "bits": args.bits, "k": k, "seconds_per_cell": args.seconds,
               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "cells": [], "server_log": str(log)}
     try:
-        for kind, make in makers.items():  # warm-up: first passes, thumbnails of nothing, page cache
+        for make in makers.values():  # warm-up: first passes, thumbnails of nothing, page cache
             asyncio.run(drive(port, make, 4, 2.0))
         print(f"{'kind':<8} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'503':>6} "
               f"{'5xx':>4} {'err':>4} {'cpu ms/q':>8} {'load':>5}")
@@ -240,9 +240,9 @@ def main(argv=None) -> dict:
             other = Server(args.run, args.bits, extra, log.with_suffix(f".variant{j}.log"))
             result["variants"][name] = {}
             try:
-                for kind, make in (("caption", lambda i: json_request(other.port, {
+                for kind, make in (("caption", lambda i, other=other: json_request(other.port, {
                         "text": CAPTIONS[i % len(CAPTIONS)], "k": k})),
-                        ("image", lambda i: upload_request(other.port, *tiles[i % len(tiles)], k))):
+                        ("image", lambda i, other=other: upload_request(other.port, *tiles[i % len(tiles)], k))):
                     asyncio.run(drive(other.port, make, 4, 2.0))
                     for n in [c for c in (1, 16) if c in clients]:
                         row = result["variants"][name][f"{kind}-{n}"] = measure(other, make, n, args.seconds)

@@ -55,7 +55,8 @@ def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0,
     rows = n * captions
     for k, start in enumerate(range(0, rows, shard_size)):
         r = np.arange(start, min(rows, start + shard_size))
-        arrays = {"image_id": [str(i // captions + first_id) for i in r], "caption_index": (r % captions).astype(np.int32),
+        arrays = {"image_id": [str(i // captions + first_id) for i in r],
+                  "caption_index": (r % captions).astype(np.int32),
                   "augmented": np.zeros(len(r), bool), "text": [f"caption {i}" for i in r],
                   "emb": _unit(rng, (len(r), dim)), "reject_id": [], "reject_reason": []}
         path = out / shard_name("text", k)
@@ -63,8 +64,8 @@ def make_extract_run(run: str | Path, n: int, dim: int = 512, captions: int = 0,
         outputs.append({"file": path.name, "modality": "text", "rows": len(r), "bytes": path.stat().st_size,
                         "sha256": sha256_file(path)})
     encoder = encoder or {"spec": spec}
-    basis = json.loads(json.dumps({"settings": {"image_encoder": encoder, "text_encoder": encoder if captions else None},
-                                   "inputs": {"synthetic": fingerprint}}))
+    settings = {"image_encoder": encoder, "text_encoder": encoder if captions else None}
+    basis = json.loads(json.dumps({"settings": settings, "inputs": {"synthetic": fingerprint}}))
     write_manifest(out, {
         "stage": "extract", "created": now_iso(), "fingerprint": fingerprint, "basis": basis,
         "config": {"image_encoder": spec, "text_encoder": spec if captions else None, "image_views": views,

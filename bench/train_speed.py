@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     out = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "torch": torch.__version__, "cuda_graphs": use_graphs(device, TrainConfig(run="", cuda_graphs=not args.no_cuda_graphs)),
+           "torch": torch.__version__,
+           "cuda_graphs": use_graphs(device, TrainConfig(run="", cuda_graphs=not args.no_cuda_graphs)),
            "quick": args.quick}
     if args.run:
         out["ucm"] = ucm_seconds(Path(args.run), tuple(int(b) for b in args.bits.split(",")), args.epochs, device,

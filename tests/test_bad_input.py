@@ -1,9 +1,10 @@
 """Bad input, each with the exact message a user sees.
 
 Images: one extract run over an archive holding every kind of bad or unusual file; each is either skipped with
-its reason in the manifest's rejects or converted by the documented rules (docs/stages.md), and the run goes on. Dataset files and
-the command line: one `error: ...` line on stderr and exit code 2, never a traceback. (test_images.py and
-test_readers.py pin the conversion rules and the readers' messages one by one; this file runs them end to end.)
+its reason in the manifest's rejects or converted by the documented rules (docs/stages.md), and the run goes on.
+Dataset files and the command line: one `error: ...` line on stderr and exit code 2, never a traceback.
+(test_images.py and test_readers.py pin the conversion rules and the readers' messages one by one; this file runs
+them end to end.)
 """
 from __future__ import annotations
 

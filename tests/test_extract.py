@@ -292,7 +292,8 @@ def test_image_folder_and_jsonl_forms(tmp_path, tiny_clip_spec):
     pairs = tmp_path / "pairs"
     (pairs / "images").mkdir(parents=True)
     shutil.copy(ASSETS / "497.jpg", pairs / "images" / "x.jpg")
-    (pairs / "rows.jsonl").write_text('{"image": "x.jpg", "caption": "houses"}\n{"image": "x.jpg", "caption": "roofs"}\n')
+    (pairs / "rows.jsonl").write_text('{"image": "x.jpg", "caption": "houses"}\n'
+                                      '{"image": "x.jpg", "caption": "roofs"}\n')
     result = extract(config(pairs, tmp_path / "r2", tiny_clip_spec, text_encoder=None, image_views=0),
                      progress=False, echo=quiet)
     shard = read_shard(tmp_path / "r2" / "extract" / "image-00000.h5")

@@ -125,7 +125,7 @@ def archive(tmp_path, odd_jpegs):
     (folder / "tiles").mkdir(parents=True)
     for name in REAL_JPEGS:
         shutil.copy(ASSETS / name, folder / "tiles" / name)
-    for name, path in odd_jpegs.items():
+    for path in odd_jpegs.values():
         shutil.copy(path, folder / "tiles" / path.name)
     (folder / "tiles" / "fake.jpg").write_text("not an image")
     (folder / "tiles" / "empty.jpg").write_bytes(b"")

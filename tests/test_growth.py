@@ -119,7 +119,8 @@ def test_adding_b_to_a_equals_extracting_and_encoding_a_and_b_together(run, arch
             assert list(codes_by_id(grown, modality).items()) == list(codes_by_id(whole, modality).items())
         assert answers(grown) == answers(whole)
         added = dict(id="13#1", modality="image", k=8)  # an added caption, searched by
-        assert [(h.id, h.distance) for h in grown.search(**added)] == [(h.id, h.distance) for h in whole.search(**added)]
+        assert ([(h.id, h.distance) for h in grown.search(**added)]
+                == [(h.id, h.distance) for h in whole.search(**added)])
     # The archive's flat index grew with it (the generation's own file), and search uses it.
     index_file = run / "segments" / read_generation(run).indexes["16"]["image"]["file"]
     assert index_file.is_file()

@@ -12,7 +12,8 @@ from tests.conftest import ASSETS, write_caption_json
 def test_caption_json_reads_items_classes_splits_and_empty_captions(tmp_path):
     (tmp_path / "images").mkdir()
     write_caption_json(tmp_path, [
-        {"filename": "a.jpg", "classcode": 1, "split": "train", "sentences": [{"raw": " two planes . "}, {"raw": "  "}]},
+        {"filename": "a.jpg", "classcode": 1, "split": "train",
+         "sentences": [{"raw": " two planes . "}, {"raw": "  "}]},
         {"filename": "airport_12.jpg", "sentences": [{"tokens": ["an", "airport"]}]},
         {"filename": "b.jpg", "classname": "beach", "sentences": []},
     ])
@@ -34,7 +35,8 @@ def test_caption_json_reads_items_classes_splits_and_empty_captions(tmp_path):
 def test_malformed_json_names_line_and_column(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "dataset.json").write_text('{"images": [\n  {"filename": "a.jpg",}\n]}')
-    with pytest.raises(DatasetError, match=r"dataset.json: not valid JSON at line 2, column 24: Expecting property name"):
+    with pytest.raises(DatasetError,
+                       match=r"dataset.json: not valid JSON at line 2, column 24: Expecting property name"):
         read_dataset(tmp_path / "dataset.json")
 
 
