@@ -13,10 +13,10 @@ from pathlib import Path
 
 from duch.data import Dataset
 from duch.pipeline import DuchError
-from duch.pipeline.archive.encoding import encode_run
+from duch.pipeline.archive.encoding import encode_plan
 from duch.pipeline.archive.growth import drop_unpublished, open_archive, publish, segment_configs, unchanged
 from duch.pipeline.config import AddConfig
-from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs, report
+from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
 STAGE = "add"
@@ -48,7 +48,8 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
         echo(f"add: removed {', '.join(dropped)}, left unpublished by a killed add or compact")
     items = dataclasses.replace(dataset, items=new)
     extract_segment(extract_cfg, items, progress, echo)
-    encode_run(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
+    encoded, plan = encode_plan(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
+    encoded.run(plan, force=False, echo=echo)
 
     removed = (*before.removed, *((before.segments[archive.codes.segment_of["image"][live[item.id]]], item.id)
                                   for item in changed))
@@ -64,6 +65,4 @@ def extract_segment(cfg, dataset: Dataset, progress: bool, echo: Callable[[str],
     killed add's) are cleared. Quiet when found finished: the add says what it publishes."""
     folder = StageFolder(Path(cfg.run), "extract")
     plan = extraction_plan(folder, extraction(cfg, dataset), progress, echo, foreign_cleared=True)
-    result = folder.run(plan, force=False, echo=lambda line: None)
-    if result.did_work:
-        report(result.manifest, folder.path, echo)
+    folder.run(plan, force=False, echo=lambda line: None)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
-from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs, report
+from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
 from duch.pipeline.embed.sources import decode_problems
 from duch.pipeline.run.stage import UNREAD, StageFolder, StageResult, stage
@@ -41,7 +41,4 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
             raise stale_error(folder.path, previous, job.basis)
         job = job.confirmed(confirmed["basis"], confirmed["fingerprint"])
         previous = UNREAD  # the manifest was written again (confirmed listing): check reads it back
-    result = folder.run(extraction_plan(folder, job, progress, echo, started), force, echo, previous)
-    if result.did_work:
-        report(result.manifest, folder.path, echo)
-    return result
+    return folder.run(extraction_plan(folder, job, progress, echo, started), force, echo, previous)

@@ -35,18 +35,19 @@ def merge_parts(parts_dir: Path, archive: ExtractRun, writers: dict[int, CodeWri
         bar.update(len(part[f"codes-{next(iter(writers))}"]))
 
 
-def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[str, dict[str, str]]:
-    """A faiss index per code length and modality, built from the finished (memory-mapped) code files."""
+def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[int, dict[str, str]]:
+    """A faiss index per code length and modality, built from the finished (memory-mapped) code files: {bits:
+    {modality: file name}}."""
     from duch.pipeline.retrieval import faiss_index
 
-    files: dict[str, dict[str, str]] = {}
+    files: dict[int, dict[str, str]] = {}
     for bits in bits_list:
         _, tables = open_codes(out_dir / codes_name(bits), with_meta=False)
         for modality, table in tables.items():
             t = time.perf_counter()
             path = out_dir / faiss_index.index_name(bits, modality)
             faiss_index.write(faiss_index.build(table.codes, kind), path)
-            files.setdefault(str(bits), {})[modality] = path.name
+            files.setdefault(bits, {})[modality] = path.name
             echo(f"encode-archive: {kind} index of {len(table)} {modality} codes, {bits} bits, in "
                  f"{time.perf_counter() - t:.1f} s -> {path.name}")
     return files

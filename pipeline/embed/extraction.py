@@ -73,7 +73,7 @@ def extraction_plan(folder: StageFolder, job: Extraction, progress: bool, echo: 
         summary=lambda m: (f" ({m['counts']['images']} images, {m['counts']['captions']} captions, "
                            f"{m['counts']['rejects']} rejects)"),
         clear=(lambda: any(foreign_shards(folder.path, m, job.fingerprint) for m in ("image", "text")))
-        if foreign_cleared else True)
+        if foreign_cleared else True, report=lambda m: report(m, folder.path, echo))
 
 
 def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Callable[[str], None],

@@ -225,6 +225,7 @@ class EncodedRun:
     fingerprint: str
     archive_fingerprint: str  # basis.archive: the extract stage it coded
     models: dict[int, EncodedModel]
+    rows: dict[str, int]  # {modality: rows coded}
     config: dict
     image_code: dict  # how an image query must be coded to match (image_code above)
     model_run: Path  # the train-hash run, resolved
@@ -238,7 +239,7 @@ class EncodedRun:
     def of(cls, folder: Path, m: dict) -> EncodedRun:
         models = {int(b): EncodedModel(e["file"], e["sha256"], e["hidden"]) for b, e in m["models"].items()}
         return cls(Path(folder), m, m["fingerprint"], m["basis"]["archive"], dict(sorted(models.items())),
-                   m.get("config", {}), image_code(m), (Path(folder) / m["model_run"]).resolve(),
+                   m["rows"], m.get("config", {}), image_code(m), (Path(folder) / m["model_run"]).resolve(),
                    (Path(folder) / m["archive_run"]).resolve())
 
     @property
@@ -252,3 +253,7 @@ class EncodedRun:
     @property
     def continuous(self) -> bool:
         return bool(self.config.get("continuous"))
+
+    def index_files(self, bits: int) -> dict[str, str]:
+        """{modality: faiss file name} of a code length ({}: encoded without an index)."""
+        return ((self.manifest.get("index") or {}).get("files") or {}).get(str(bits), {})

@@ -68,7 +68,8 @@ class StagePlan:
     {extra fields})), recorded with their size and SHA-256 here. intact: the outputs a finished stage must have
     (None: every one it lists). summary: said after "up to date", from the finished manifest. damaged: the line
     for an output found damaged (removed, to be written again). clear: empty the folder before the work (--force
-    on a stage that resumes from its files; files left by other inputs)."""
+    on a stage that resumes from its files; files left by other inputs). report: what the stage says of the
+    manifest it wrote."""
 
     basis: dict
     work: Callable[[], dict]
@@ -77,6 +78,7 @@ class StagePlan:
     summary: Callable[[dict], str] = lambda manifest: ""
     damaged: Callable[[Path], str] = damaged_line
     clear: bool | Callable[[], bool] = False
+    report: Callable[[dict], None] = lambda manifest: None
 
 
 class StageFolder:
@@ -104,8 +106,9 @@ class StageFolder:
         self.start()
         fields = plan.work()
         outputs = [self.output(*o) if isinstance(o, tuple) else self.output(o) for o in fields.get("outputs", [])]
-        return StageResult(self.path, self.finish(fingerprint=fingerprint, basis=plan.basis,
-                                                  **{**fields, "outputs": outputs}), did_work=True)
+        manifest = self.finish(fingerprint=fingerprint, basis=plan.basis, **{**fields, "outputs": outputs})
+        plan.report(manifest)
+        return StageResult(self.path, manifest, did_work=True)
 
     def check(self, fingerprint: str, force: bool, names: list[str] | None = None,
               previous=UNREAD) -> tuple[dict | None, list[Path]]:
