@@ -131,7 +131,7 @@ def test_a_pickle_in_place_of_a_checkpoint_is_not_resumed_and_never_run(run_with
 
 @pytest.fixture
 def run_with_checkpoint(tiny_extract_run, tmp_path, monkeypatch):
-    import duch.stages.train_hash as th
+    import duch.pipeline.train.work as th
     from duch.pipeline.formats.checkpoint import INDEX
 
     run = tmp_path / "run"
@@ -209,7 +209,7 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
     """The model files come from the train-hash folder only: a code length from the manifest is read as a number
     (it is part of the file's path), and a bits folder that is a symlink leading out is refused, even with the
     right checksums."""
-    from duch.stages.encode_archive import load_model_run
+    from duch.pipeline.run.records import TrainRun
 
     stage = trained / "train-hash"
     manifest = json.loads((stage / "manifest.json").read_text())
@@ -227,7 +227,7 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
         assert one_line_error(args) == (f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a "
                                         "positive whole number; rerun `duch train-hash --force` to redo the stage")
     else:
-        models = load_model_run(trained).models
+        models = TrainRun.read(trained).models
         assert list(models) == [8] and models[8].path == stage / "bits-8" / "model.safetensors"
 
 
