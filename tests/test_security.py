@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from duch import cli
 from duch.pipeline.config import TrainConfig
+from duch.pipeline.errors import spelled
 from duch.pipeline.run.artifacts import sha256_file
 from duch.stages.train_hash import train_hash
 from tests.conftest import ASSETS
@@ -115,7 +116,7 @@ def test_a_pickle_in_place_of_the_trained_model_is_refused_and_never_run(trained
     resign(trained / "train-hash", "bits-8/model.safetensors")
     line = one_line_error(["encode-archive", "--run", str(trained), "--device", "cpu", "--no-progress"])
     assert line.startswith(f"error: {model}: not a safetensors file of duch's (SafetensorError: ")
-    assert line.endswith("); rerun `duch train-hash --force` to remake it")
+    assert spelled(line, "cli").endswith("); redo the train-hash stage with --force to remake it")
     assert not marker.exists()
 
 
@@ -224,8 +225,9 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
     manifest["config"]["bits"] = ["../../../evil"] if how == "bits a path" else ["8"]
     (stage / "manifest.json").write_text(json.dumps(manifest))
     if how == "bits a path":
-        assert one_line_error(args) == (f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a "
-                                        "positive whole number; rerun `duch train-hash --force` to redo the stage")
+        assert spelled(one_line_error(args), "cli") == (
+            f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a positive whole number; redo "
+            f"the train-hash stage of {trained.resolve()} with --force")
     else:
         models = TrainRun.read(trained).models
         assert list(models) == [8] and models[8].path == stage / "bits-8" / "model.safetensors"
