@@ -33,8 +33,8 @@ from duch.pipeline.archive.encoding import encode_plan  # noqa: E402
 from duch.pipeline.archive.generation import Generation, write_generation  # noqa: E402
 from duch.pipeline.config import AddConfig, EncodeConfig, TrainConfig  # noqa: E402
 from duch.pipeline.encoders import parse_spec  # noqa: E402
-from duch.pipeline.run.records import TrainRun  # noqa: E402
 from duch.pipeline.retrieval.search import Index  # noqa: E402
+from duch.pipeline.run.records import TrainRun  # noqa: E402
 from duch.stages.add import add  # noqa: E402
 from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.stages.train_hash import train_hash  # noqa: E402
