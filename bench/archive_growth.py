@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import UCM, save  # noqa: E402
 from bench.synthetic import make_extract_run  # noqa: E402
-from duch.pipeline.archive.encoding import encode_run  # noqa: E402
+from duch.pipeline.archive.encoding import encode_plan  # noqa: E402
 from duch.pipeline.archive.generation import Generation, write_generation  # noqa: E402
 from duch.pipeline.config import AddConfig, EncodeConfig, TrainConfig  # noqa: E402
 from duch.pipeline.encoders import parse_spec  # noqa: E402
-from duch.pipeline.model.trained import load_model_run  # noqa: E402
 from duch.pipeline.retrieval.search import Index  # noqa: E402
+from duch.pipeline.run.records import TrainRun  # noqa: E402
 from duch.stages.add import add  # noqa: E402
 from duch.stages.encode_archive import encode_archive  # noqa: E402
 from duch.stages.train_hash import train_hash  # noqa: E402
@@ -96,7 +96,12 @@ def segmented(scratch: Path, n: int, parts: int, model: Path, spec: str, encoder
     run = scratch / f"seg{parts}"
     size = n // parts
     make_extract_run(run, size, dim=16, views=2, spec=spec, encoder=encoder, shard_size=65536)
-    model_run_ = load_model_run(model)
+    model_run_ = TrainRun.read(model)
+
+    def encode_run(model_run_, archive, cfg, force, progress, echo):
+        folder, plan = encode_plan(model_run_, archive, cfg, force, progress, echo)
+        return folder.run(plan, force, echo)
+
     cfg = EncodeConfig(run=str(model), archive=str(run), device="cpu")
     encode_run(model_run_, run, cfg, False, False, quiet)
     segments = ["."]

@@ -139,12 +139,12 @@ def train_statistics(run: dict, setup: Setup, image: np.ndarray) -> dict[str, fl
     data = setup.data
     rows = [data.captions[i, :data.n_captions[i]] for i in setup.split.train.tolist()]
     owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    text = encode(run["heads"].text, data.text[torch.cat(rows)]).numpy()
+    text = encode(run.heads.text, data.text[torch.cat(rows)]).numpy()
     positive = owner[None, :] == np.arange(len(rows))[:, None]
     distance = hamming_of(image, text)
     recall = (recall_at_k(ranking(-distance), positive, (10,))[10]
               + recall_at_k(ranking(-distance.T), positive.T, (10,))[10]) / 2
-    last = run["history"][-1]
+    last = run.history[-1]
     return {"loss_inter": last["inter"], "loss_image": last["image"], "loss_text": last["text"],
             "loss_quantization": last["quantization"], "train_recall10": recall,
             "image_spread": float(hamming_of(image, image).mean() / image.shape[1])}
@@ -156,15 +156,15 @@ def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: 
         return {m: tuple(c[:, :first].numpy() for c in pair) for m, pair in pairs.items()}
 
     base = train_bits(bits, cfg, setup.data, setup.split, None, setup.labels, progress=False)
-    codes = codes_of(base["heads"])
+    codes = codes_of(base.heads)
     train = setup.split.train
-    train_image = image_codes(base["heads"].image, setup.data.image[train],
+    train_image = image_codes(base.heads.image, setup.data.image[train],
                                  setup.data.views[train] if cfg.view_ensemble else None).numpy()
     row: dict = {"seed": cfg.seed}
     if "rankings" in skip:
         row["map"] = map_table(codes, hamming_only, setup, cfg.map_k)
     else:
-        first_captions = encode(base["heads"].text, setup.data.text[setup.data.captions[train, 0]]).numpy()
+        first_captions = encode(base.heads.text, setup.data.text[setup.data.captions[train, 0]]).numpy()
         rotation = itq_rotation(np.vstack([train_image, first_captions]), seed=cfg.seed)
         row["map"] = map_table(codes, lambda q, d: rank_ways(q, d, rotation), setup, cfg.map_k)
     if "statistics" not in skip:
@@ -172,8 +172,8 @@ def one_seed(setup: Setup, cfg: TrainConfig, bits: int, nested_from: int, skip: 
     if "nested" not in skip and nested_from > bits:
         run = train_bits(nested_from, dataclasses.replace(cfg, nested_bits=bits), setup.data, setup.split, None,
                          setup.labels, progress=False)
-        row["nested_prefix"] = map_table(codes_of(run["heads"], bits), hamming_only, setup, cfg.map_k)["hamming"]
-        row["nested_full"] = map_table(codes_of(run["heads"]), hamming_only, setup, cfg.map_k)["hamming"]
+        row["nested_prefix"] = map_table(codes_of(run.heads, bits), hamming_only, setup, cfg.map_k)["hamming"]
+        row["nested_full"] = map_table(codes_of(run.heads), hamming_only, setup, cfg.map_k)["hamming"]
     return row
 
 

@@ -94,14 +94,14 @@ def synthetic_throughput(items: int, dim: int, bits: int, batch_size: int, warmu
     split = Split(np.arange(items), np.array([], dtype=np.int64), np.array([], dtype=np.int64))
     run = train_bits(bits, cfg, data, split, None, np.array([]), progress=False)
     trained = items if items % batch_size != 1 else items - 1  # an epoch skips a last batch of one item
-    timed = run["epoch_seconds"][warmup:]
+    timed = run.epoch_seconds[warmup:]
     rates = [trained / s for s in timed]
     return {"items": items, "dim": dim, "bits": bits, "batch_size": batch_size, "precision": cfg.precision,
             "compile_terms": compile_terms, "warmup_epochs": warmup, "timed_epochs": len(timed),
-            "epoch_seconds": run["epoch_seconds"],
+            "epoch_seconds": run.epoch_seconds,
             "item_updates_per_s": float(np.median(rates)), "item_updates_per_s_min": min(rates),
             "item_updates_per_s_max": max(rates), "steps_per_s": float(np.median(rates)) / batch_size,
-            "peak_bytes": peak_bytes(device), "final_losses": run["history"][-1]}
+            "peak_bytes": peak_bytes(device), "final_losses": run.history[-1]}
 
 
 def main(argv=None) -> dict:

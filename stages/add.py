@@ -13,12 +13,10 @@ from pathlib import Path
 
 from duch.data import Dataset
 from duch.pipeline import DuchError
-from duch.pipeline.archive.encoding import encode_run
+from duch.pipeline.archive.encoding import encode_plan
 from duch.pipeline.archive.growth import drop_unpublished, open_archive, publish, segment_configs, unchanged
 from duch.pipeline.config import AddConfig
-from duch.pipeline.embed.extraction import encoder_specs, extract_into, extraction_basis, read_inputs
-from duch.pipeline.embed.plan import foreign_shards
-from duch.pipeline.run.layout import clear_stage
+from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.run.stage import StageFolder, StageResult, stage
 
 STAGE = "add"
@@ -50,7 +48,8 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
         echo(f"add: removed {', '.join(dropped)}, left unpublished by a killed add or compact")
     items = dataclasses.replace(dataset, items=new)
     extract_segment(extract_cfg, items, progress, echo)
-    encode_run(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
+    encoded, plan = encode_plan(archive.model_run, folder, encode_cfg, force=False, progress=progress, echo=echo)
+    encoded.run(plan, force=False, echo=echo)
 
     removed = (*before.removed, *((before.segments[archive.codes.segment_of["image"][live[item.id]]], item.id)
                                   for item in changed))
@@ -62,14 +61,8 @@ def add(cfg: AddConfig, force: bool, progress: bool, echo: Callable[[str], None]
 
 
 def extract_segment(cfg, dataset: Dataset, progress: bool, echo: Callable[[str], None]) -> None:
-    """The segment's extract stage: resumed from its finished shards after a kill; other shards are cleared."""
-    image_spec, text_spec = encoder_specs(cfg)
+    """The segment's extract stage: resumed from its finished shards after a kill; shards of other items (a
+    killed add's) are cleared. Quiet when found finished: the add says what it publishes."""
     folder = StageFolder(Path(cfg.run), "extract")
-    basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
-    done, _ = folder.check(fingerprint, force=False)
-    if done:
-        return
-    if any(foreign_shards(folder.path, modality, fingerprint) for modality in ("image", "text")):
-        clear_stage(folder.path)  # left by a killed add of other items: not resumed
-    folder.start()
-    extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo)
+    plan = extraction_plan(folder, extraction(cfg, dataset), progress, echo, foreign_cleared=True)
+    folder.run(plan, force=False, echo=lambda line: None)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from duch.pipeline.archive.compaction import merge_segments
+from duch.pipeline.archive.compaction import merged_codes_plan, merged_extract_plan
 from duch.pipeline.archive.generation import BASE
 from duch.pipeline.archive.growth import drop_unpublished, open_archive, publish
 from duch.pipeline.config import CompactConfig
@@ -29,7 +29,11 @@ def compact(cfg: CompactConfig, force: bool, progress: bool, echo: Callable[[str
         return StageResult(archive.run, {"generation": before.number}, did_work=False)
     target = before.next_segment()
     drop_unpublished(archive.run, before)
-    merge_segments(archive, merge, target)
+    # Both stages of the merged segment are made whole (no earlier attempt is resumed: drop_unpublished cleared it).
+    folder, plan = merged_extract_plan(archive, merge, target)
+    extract = folder.run(plan, force=True, echo=echo).manifest
+    folder, plan = merged_codes_plan(archive, merge, target, extract)
+    folder.run(plan, force=True, echo=echo)
     first = before.segments.index(merge[0])
     segments = (*[s for s in before.segments[:first] if s not in merge], target,
                  *[s for s in before.segments[first:] if s not in merge])

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from duch.pipeline import DuchError
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
-from duch.pipeline.embed.extraction import encoder_specs, extract_into, extraction_basis, read_inputs
+from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
 from duch.pipeline.embed.sources import decode_problems
-from duch.pipeline.run.layout import clear_stage
-from duch.pipeline.run.stage import StageFolder, StageResult, stage
+from duch.pipeline.run.stage import UNREAD, StageFolder, StageResult, stage
 
 STAGE = "extract"
 
@@ -29,31 +28,17 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         if problems:
             raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
     started = time.perf_counter()
-    image_spec, text_spec = encoder_specs(cfg)
     dataset = read_inputs(cfg)
     if not dataset.items:
         why = f" ({dataset.rejects[0].id}: {dataset.rejects[0].reason})" if dataset.rejects else ""
         raise DuchError(f"{dataset.source}: the dataset holds no images{why}")
     folder = StageFolder(cfg.run, STAGE)
-    basis, fingerprint = extraction_basis(cfg, dataset, image_spec, text_spec)
+    job = extraction(cfg, dataset)
     previous = None if force else folder.previous()
-    if previous and previous.get("fingerprint") != fingerprint:
-        confirmed = relisted_with_same_content(folder.path, previous, basis, dataset, echo, progress)
+    if previous and previous.get("fingerprint") != job.fingerprint:
+        confirmed = relisted_with_same_content(folder.path, previous, job.basis, dataset, echo, progress)
         if confirmed is None:
-            raise stale_error(folder.path, previous, basis)
-        fingerprint, basis = confirmed["fingerprint"], confirmed["basis"]
-        previous = None  # the manifest was written again (confirmed listing): check reads it back
-    done, damaged = folder.check(fingerprint, force, previous=previous)
-    for path in damaged:
-        echo(f"extract: {path} is missing or does not match its checksum; writing it again")
-    if done:
-        c = done["counts"]
-        echo(f"extract: up to date ({c['images']} images, {c['captions']} captions, {c['rejects']} rejects) "
-             f"in {folder.path}; nothing to do (--force redoes it)")
-        return StageResult(folder.path, done, did_work=False)
-    if force:
-        clear_stage(folder.path)
-    folder.start()
-    manifest = extract_into(folder, dataset, cfg, image_spec, text_spec, basis, fingerprint, progress, echo,
-                            started)
-    return StageResult(folder.path, manifest, did_work=True)
+            raise stale_error(folder.path, previous, job.basis)
+        job = job.confirmed(confirmed["basis"], confirmed["fingerprint"])
+        previous = UNREAD  # the manifest was written again (confirmed listing): check reads it back
+    return folder.run(extraction_plan(folder, job, progress, echo, started), force, echo, previous)

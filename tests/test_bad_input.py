@@ -236,15 +236,13 @@ def test_cli_mistakes_are_one_line(extracted, tmp_path, tiny_clip_spec):
          "error: open_clip checkpoint /nowhere/weights.pt not found"),
         # A run directory from another stage, or none at all.
         (["train-hash", "--run", str(tmp_path / "empty")],
-         f"error: {tmp_path / 'empty' / 'extract'}: no finished extract stage (manifest.json missing); run "
-         "`duch extract` first"),
+         f"error: {tmp_path / 'empty'}: no finished extract stage; run the extract stage on it first"),
         (["train-hash", "--run", str(run / "extract")],
-         f"error: {run / 'extract' / 'extract'}: no finished extract stage (manifest.json missing); run "
-         "`duch extract` first"),
+         f"error: {run / 'extract'}: no finished extract stage; run the extract stage on it first"),
         (["encode-archive", "--run", str(run)],
-         f"error: {run.resolve()}: no finished train-hash stage; run `duch train-hash --run {run.resolve()}` first"),
+         f"error: {run.resolve()}: no finished train-hash stage; run the train-hash stage on it first"),
         (["evaluate", "--run", str(run)],
-         f"error: {run.resolve()}: no finished train-hash stage; run `duch train-hash --run {run.resolve()}` first"),
+         f"error: {run.resolve()}: no finished train-hash stage; run the train-hash stage on it first"),
         (extract_args(data, Path(tmp_path / "data" / "dataset.json")),
          f"error: cannot write {tmp_path / 'data' / 'dataset.json'}: a file stands where a folder is needed; give "
          "a folder as --run"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import duch.pipeline.train.work as training_work
 import duch.stages.train_hash as th
 from duch.pipeline.config import TrainConfig
 from duch.pipeline.formats.checkpoint import (
@@ -98,7 +99,7 @@ def crash_after_training(monkeypatch):
     """A crash between the last epoch and the outputs (checkpoints saved, result.json not yet written)."""
     def boom(*args):
         raise KeyboardInterrupt("simulated crash")
-    monkeypatch.setattr(th, "write_history", boom)
+    monkeypatch.setattr(training_work, "write_history", boom)
 
 
 @pytest.mark.parametrize("options", [{}, {"w_bank": 0.1, "drop_last": True, "augment_anchor": True},

@@ -338,5 +338,5 @@ def test_safetensors_holding_other_tensors_than_the_heads_are_one_line(tmp_path,
     save_file(tensors, str(path))
     with pytest.raises(DuchError, match=r"model.safetensors: not the weights of 16-bit heads on 16/16-d features "
                                         r"\(Error\(s\) in loading state_dict for HashHead: Missing key\(s\) in "
-                                        r"state_dict: \"net.1.weight\". .*\); rerun `duch train-hash --force`"):
+                                        r"state_dict: \"net.1.weight\". .*\); redo the train-hash stage with `force`"):
         load_heads(path, 16, 16, 16, 32)

@@ -18,8 +18,8 @@ from duch.pipeline.formats.checkpoint import load_checkpoint, save_checkpoint
 from duch.pipeline.formats.features import load_features
 from duch.pipeline.formats.weights import load_heads
 from duch.pipeline.model.heads import DuchHeads
-from duch.pipeline.model.trained import load_model_run
 from duch.pipeline.retrieval.search import Index
+from duch.pipeline.run.records import TrainRun
 from tests.fuzzkit import examples, json_values, mutated_json, one_line, time_bound
 from tests.test_checkpoint import crash_after_training
 
@@ -39,7 +39,7 @@ def use_run(run: Path, stage: str) -> None:
     if stage == "extract":
         load_features(run)
     elif stage == "train-hash":
-        load_model_run(run)
+        TrainRun.read(run)
     else:
         Index.load(run, bits=16, device="cpu", verify=False).search(id="0", k=3, rerank_top=4)
 

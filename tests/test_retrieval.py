@@ -229,9 +229,9 @@ def test_a_model_changed_after_encoding_is_named_with_its_fix_and_the_fix_works(
     model.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(DuchError) as error:
         Index.load(run, bits=16, device="cpu").search(text="a harbor", k=3)
-    assert str(error.value) == (f"{model} differs from the file its train-hash manifest lists; rerun `duch "
-                                f"train-hash --run {run}` (with the options it was trained with): it trains that "
-                                "code length again and keeps the others")
+    assert str(error.value) == (f"{model} differs from the file its train-hash manifest lists; run the "
+                                f"train-hash stage on {run} again (with the settings it was trained with): it trains "
+                                "that code length again and keeps the others")
     assert train_hash(TrainConfig(run=str(run), **FAST), progress=False, echo=quiet).did_work
     assert model.read_bytes() == original
     assert len(Index.load(run, bits=16, device="cpu").search(text="a harbor", k=3)) == 3
@@ -334,8 +334,8 @@ def test_a_model_file_gone_is_named_with_its_fix_and_the_fix_works(run, how):
         manifest["outputs"] = [o for o in manifest["outputs"] if o["file"] != "bits-16/model.safetensors"]
         (stage / "manifest.json").write_text(json.dumps(manifest))
         problem = f"{model} is not listed in the outputs of {stage / 'manifest.json'}"
-    fix = (f"rerun `duch train-hash --run {run}` (with the options it was trained with): it trains that code length "
-           "again and keeps the others")
+    fix = (f"run the train-hash stage on {run} again (with the settings it was trained with): it trains that code "
+           "length again and keeps the others")
     with pytest.raises(DuchError) as error:
         encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
     assert str(error.value) == f"{problem}; {fix}"

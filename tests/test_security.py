@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from duch import cli
 from duch.pipeline.config import TrainConfig
+from duch.pipeline.errors import spelled
 from duch.pipeline.run.artifacts import sha256_file
 from duch.stages.train_hash import train_hash
 from tests.conftest import ASSETS
@@ -115,7 +116,7 @@ def test_a_pickle_in_place_of_the_trained_model_is_refused_and_never_run(trained
     resign(trained / "train-hash", "bits-8/model.safetensors")
     line = one_line_error(["encode-archive", "--run", str(trained), "--device", "cpu", "--no-progress"])
     assert line.startswith(f"error: {model}: not a safetensors file of duch's (SafetensorError: ")
-    assert line.endswith("); rerun `duch train-hash --force` to remake it")
+    assert spelled(line, "cli").endswith("); redo the train-hash stage with --force to remake it")
     assert not marker.exists()
 
 
@@ -131,7 +132,7 @@ def test_a_pickle_in_place_of_a_checkpoint_is_not_resumed_and_never_run(run_with
 
 @pytest.fixture
 def run_with_checkpoint(tiny_extract_run, tmp_path, monkeypatch):
-    import duch.stages.train_hash as th
+    import duch.pipeline.train.work as th
     from duch.pipeline.formats.checkpoint import INDEX
 
     run = tmp_path / "run"
@@ -209,7 +210,7 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
     """The model files come from the train-hash folder only: a code length from the manifest is read as a number
     (it is part of the file's path), and a bits folder that is a symlink leading out is refused, even with the
     right checksums."""
-    from duch.stages.encode_archive import load_model_run
+    from duch.pipeline.run.records import TrainRun
 
     stage = trained / "train-hash"
     manifest = json.loads((stage / "manifest.json").read_text())
@@ -224,10 +225,11 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
     manifest["config"]["bits"] = ["../../../evil"] if how == "bits a path" else ["8"]
     (stage / "manifest.json").write_text(json.dumps(manifest))
     if how == "bits a path":
-        assert one_line_error(args) == (f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a "
-                                        "positive whole number; rerun `duch train-hash --force` to redo the stage")
+        assert spelled(one_line_error(args), "cli") == (
+            f"error: {stage / 'manifest.json'}: config.bits holds '../../../evil', not a positive whole number; redo "
+            f"the train-hash stage of {trained.resolve()} with --force")
     else:
-        models = load_model_run(trained).models
+        models = TrainRun.read(trained).models
         assert list(models) == [8] and models[8].path == stage / "bits-8" / "model.safetensors"
 
 

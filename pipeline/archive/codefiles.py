@@ -11,22 +11,22 @@ from duch.pipeline.archive.parts import shard_rows
 from duch.pipeline.config import EncodeConfig
 from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_shard
-from duch.pipeline.model.trained import Model
+from duch.pipeline.run.records import ExtractRun, ModelFile
 
 
-def has_places(archive: dict) -> bool:
-    """Whether an extract manifest's images are scene tiles, whose places the code files keep."""
-    return bool(archive["config"].get("tile"))
+def has_places(archive: ExtractRun) -> bool:
+    """Whether an extract stage's images are scene tiles, whose places the code files keep."""
+    return bool(archive.config.get("tile"))
 
 
-def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict[int, CodeWriter],
-                continuous: bool, bar: tqdm) -> None:
+def merge_parts(parts_dir: Path, archive: ExtractRun, writers: dict[int, CodeWriter], continuous: bool,
+                bar: tqdm) -> None:
     """Every code file filled from the parts in archive order; each part is read once for all code lengths."""
-    for output in archive["outputs"]:
-        part = read_shard(parts_dir / output["file"])
-        modality = output["modality"]
+    for output in archive.outputs:
+        part = read_shard(parts_dir / output.file)
+        modality = output.modality
         places = tuple(PLACES) if modality == "image" and has_places(archive) else ()
-        meta = shard_rows(archive_dir, output, (*META[modality], *places))
+        meta = shard_rows(archive.folder, output, (*META[modality], *places))
         for bits, writer in writers.items():
             arrays = {**meta, "codes": part[f"codes-{bits}"]}
             if continuous:
@@ -35,24 +35,25 @@ def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict
         bar.update(len(part[f"codes-{next(iter(writers))}"]))
 
 
-def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[str, dict[str, str]]:
-    """A faiss index per code length and modality, built from the finished (memory-mapped) code files."""
+def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[int, dict[str, str]]:
+    """A faiss index per code length and modality, built from the finished (memory-mapped) code files: {bits:
+    {modality: file name}}."""
     from duch.pipeline.retrieval import faiss_index
 
-    files: dict[str, dict[str, str]] = {}
+    files: dict[int, dict[str, str]] = {}
     for bits in bits_list:
         _, tables = open_codes(out_dir / codes_name(bits), with_meta=False)
         for modality, table in tables.items():
             t = time.perf_counter()
             path = out_dir / faiss_index.index_name(bits, modality)
             faiss_index.write(faiss_index.build(table.codes, kind), path)
-            files.setdefault(str(bits), {})[modality] = path.name
+            files.setdefault(bits, {})[modality] = path.name
             echo(f"encode-archive: {kind} index of {len(table)} {modality} codes, {bits} bits, in "
                  f"{time.perf_counter() - t:.1f} s -> {path.name}")
     return files
 
 
-def code_file_done(path: Path, model: Model, attrs: dict, cfg: EncodeConfig) -> bool:
+def code_file_done(path: Path, model: ModelFile, attrs: dict, cfg: EncodeConfig) -> bool:
     """A code file left by an interrupted run is kept when it was made by this model from this archive."""
     if not path.exists():
         return False
@@ -66,7 +67,7 @@ def code_file_done(path: Path, model: Model, attrs: dict, cfg: EncodeConfig) -> 
         and has_continuous == cfg.continuous)
 
 
-def write_code_files(out_dir: Path, parts_dir: Path, archive_dir: Path, archive: dict, models: dict[int, Model],
+def write_code_files(out_dir: Path, parts_dir: Path, archive: ExtractRun, models: dict[int, ModelFile],
                      rows: dict[str, int], continuous: bool, attrs: dict, progress: bool) -> None:
     """One code file per model, filled from the finished parts in one pass; each published when complete, none
     left half written if any fails."""
@@ -76,7 +77,7 @@ def write_code_files(out_dir: Path, parts_dir: Path, archive_dir: Path, archive:
     try:
         with tqdm(total=sum(rows.values()), unit="item", desc=f"write {','.join(map(str, models))} bits",
                   disable=not progress, dynamic_ncols=True) as bar:
-            merge_parts(parts_dir, archive_dir, archive, writers, continuous, bar)
+            merge_parts(parts_dir, archive, writers, continuous, bar)
         for writer in writers.values():
             writer.close()
     except BaseException:

@@ -14,16 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import BASE, Generation, read_generation, write_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.config import EncodeConfig, ExtractConfig
 from duch.pipeline.formats.codes import MODALITIES
-from duch.pipeline.model.trained import ModelRun, load_model_run
 from duch.pipeline.retrieval import faiss_index
 from duch.pipeline.run.artifacts import output_record
 from duch.pipeline.run.layout import stage_dir
-from duch.pipeline.run.manifest import read_manifest
+from duch.pipeline.run.records import EncodedRun, ExtractRun, TrainRun
 
 SEGMENTS = "segments"  # RUN/segments/: the segments' folders and the generation's index files
 
@@ -34,14 +32,14 @@ class Archive:
 
     run: Path
     generation: Generation
-    extract: dict  # the run's own extract manifest: the settings new items are extracted with
-    encode: dict  # the run's own encode-archive manifest: models, code lengths, continuous, index kind
-    model_run: ModelRun
+    extract: ExtractRun  # the run's own extract stage: the settings new items are extracted with
+    encode: EncodedRun  # the run's own encode-archive stage: models, code lengths, continuous, index kind
+    model_run: TrainRun
     codes: ArchiveCodes  # images of the shortest code length: ids, paths and tombstones of every row
 
     @property
     def bits(self) -> list[int]:
-        return sorted(int(b) for b in self.encode["models"])
+        return self.encode.bits
 
     @property
     def live(self) -> dict[str, int]:
@@ -52,14 +50,10 @@ class Archive:
 
 def open_archive(run: str | Path) -> Archive:
     run = Path(run)
-    extract, encode = read_manifest(stage_dir(run, "extract")), read_manifest(stage_dir(run, "encode-archive"))
-    if extract is None or encode is None:
-        raise DuchError(f"{run}: no finished extract and encode-archive stages to grow; run `duch extract` and "
-                        f"`duch encode-archive` on it first")
-    model_run = load_model_run(stage_dir(run, "encode-archive") / encode["model_run"])
+    extract, encode = ExtractRun.read(run, " to grow"), EncodedRun.read(run, " to grow")
+    model_run = TrainRun.read(encode.model_run)
     generation = read_generation(run)
-    codes = open_archive_codes(run, min(int(b) for b in encode["models"]), verify=False, generation=generation,
-                               modalities=("image",))
+    codes = open_archive_codes(run, min(encode.bits), verify=False, generation=generation, modalities=("image",))
     return Archive(run, generation, extract, encode, model_run, codes)
 
 
@@ -74,11 +68,11 @@ def segment_configs(archive: Archive, data: str, images: str | None, folder: Pat
     """The settings a segment is made with: the run's recorded extract settings (only where the items are, and
     how the work runs, differ) and its encode-archive's code lengths and continuous outputs (indexes are the
     whole archive's, made apart)."""
-    recorded = {k: v for k, v in archive.extract["config"].items() if k not in ExtractConfig.RUNTIME_FIELDS}
+    recorded = {k: v for k, v in archive.extract.config.items() if k not in ExtractConfig.RUNTIME_FIELDS}
     how = {k: v for k, v in runtime.items() if k in ExtractConfig.RUNTIME_FIELDS and k != "run"}
     extract = ExtractConfig(**{**recorded, **how, "data": data, "images": images, "run": str(folder)})
     encode = EncodeConfig(run=str(archive.model_run.run), archive=str(folder), bits=tuple(archive.bits),
-                          continuous=bool(archive.encode["config"].get("continuous")), index=None,
+                          continuous=archive.encode.continuous, index=None,
                           **{k: v for k, v in runtime.items() if k in ("device", "scheduler", "threads")})
     return extract, encode
 
@@ -136,8 +130,7 @@ def previous_index_file(run: Path, generation: Generation, bits: int, modality: 
     if listed:
         return run / SEGMENTS / listed["file"]
     if generation.segments == (BASE,):
-        encode = read_manifest(stage_dir(run, "encode-archive")) or {}
-        name = ((encode.get("index") or {}).get("files") or {}).get(str(bits), {}).get(modality)
+        name = EncodedRun.read(run).index_files(bits).get(modality)
         return stage_dir(run, "encode-archive") / name if name else None
     return None
 
@@ -155,7 +148,7 @@ def publish(archive: Archive, segments: tuple[str, ...], removed: tuple, echo: C
     run's --index kind, every code length), then published with one atomic write; older index files dropped."""
     before = archive.generation
     number = before.number + 1
-    indexes = archive_indexes(archive.run, before, segments, number, archive.encode["config"].get("index"),
+    indexes = archive_indexes(archive.run, before, segments, number, archive.encode.config.get("index"),
                               archive.bits, echo)
     after = Generation(number, segments, removed, indexes)
     write_generation(archive.run, after)

@@ -17,21 +17,22 @@ from duch.pipeline.compute import cluster
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import EncodeConfig
 from duch.pipeline.formats.shards import read_attrs, read_shard, write_shard
+from duch.pipeline.formats.weights import load_model
 from duch.pipeline.model.coding import continuous_codes, pack_codes
-from duch.pipeline.model.trained import Model
 from duch.pipeline.run.artifacts import verify_output
 from duch.pipeline.run.fingerprint import digest
+from duch.pipeline.run.records import ExtractRun, ModelFile, Output
 from duch.pipeline.run.storage import make_folders, write_errors
 
 PARTS = "parts"  # per-shard codes of a run in progress, merged into the code files, then removed
 
 
-def shard_rows(stage: Path, output: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def shard_rows(stage: Path, output: Output, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """`names` of the rows of one extract shard that get codes: every image; every real caption (not the
     rewrites)."""
-    if output["modality"] == "image":
-        return read_shard(stage / output["file"], names)
-    shard = read_shard(stage / output["file"], (*names, "augmented"))
+    if output.modality == "image":
+        return read_shard(stage / output.file, names)
+    shard = read_shard(stage / output.file, (*names, "augmented"))
     keep = ~shard.pop("augmented")
     return {k: v[keep] for k, v in shard.items()}
 
@@ -42,8 +43,8 @@ class PartJob:
     Paths, checksums and small settings only; each worker loads the heads itself (once) and opens its own files."""
 
     archive_dir: str
-    output: dict  # the extract manifest's entry for the shard
-    models: dict  # {bits: Model}
+    output: Output  # the extract shard
+    models: dict[int, ModelFile]
     continuous: bool
     views: int  # augmented views averaged into each image code (archive_views); 0: the image alone
     device: str
@@ -53,11 +54,11 @@ class PartJob:
     key: str  # the shard and settings it is made from; a part with another key is redone
 
 
-def part_key(output: dict, continuous: bool, views: int) -> str:
-    return digest({"shard": output["sha256"], "continuous": continuous, "views": views})
+def part_key(output: Output, continuous: bool, views: int) -> str:
+    return digest({"shard": output.sha256, "continuous": continuous, "views": views})
 
 
-def models_attr(models: dict[int, Model]) -> str:
+def models_attr(models: dict[int, ModelFile]) -> str:
     return json.dumps({str(b): m.sha256 for b, m in sorted(models.items())})
 
 
@@ -69,10 +70,10 @@ def encode_part(job: PartJob) -> dict:
     device = resolve_device(cluster.worker_device(job.device))
     models = job.models
     heads = cluster.cached("encode-heads", (tuple((b, m.sha256) for b, m in models.items()), str(device)),
-                           lambda: {b: m.load(device) for b, m in models.items()})
+                           lambda: {b: load_model(m, device) for b, m in models.items()})
     archive_dir = Path(job.archive_dir)
-    verify_output(archive_dir, job.output)
-    modality = job.output["modality"]
+    verify_output(archive_dir, job.output.listing())
+    modality = job.output.modality
     # The part holds the codes only: the driver reads the rows' ids from the shard as it merges, so no string
     # is written twice.
     averaged = modality == "image" and job.views > 0
@@ -89,7 +90,7 @@ def encode_part(job: PartJob) -> dict:
     return {"rows": len(emb), "device": str(device), "worker": getattr(cluster.in_worker(), "address", None)}
 
 
-def part_done(path: Path, key: str, models: dict[int, Model]) -> bool:
+def part_done(path: Path, key: str, models: dict[int, ModelFile]) -> bool:
     """A part of a killed run is kept when made from the same shard by every model still to encode (it may hold
     more code lengths: those finished since are not read)."""
     try:
@@ -100,7 +101,7 @@ def part_done(path: Path, key: str, models: dict[int, Model]) -> bool:
     return attrs.get("key") == key and all(made_by.get(str(b)) == m.sha256 for b, m in models.items())
 
 
-def encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: dict[int, Model], views: int,
+def encode_parts(cfg: EncodeConfig, archive: ExtractRun, models: dict[int, ModelFile], views: int,
                  parts_dir: Path, progress: bool, echo: Callable[[str], None]) -> tuple[str, dict, dict]:
     """One part file per extract shard not encoded yet, in this process or on the cluster; (device, execution,
     timings). Parts of a killed run made from the same shard and models are kept."""
@@ -108,13 +109,13 @@ def encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: di
     here = scheduler.kind == "none"
     device = str(resolve_device(cfg.device)) if here else cfg.device
     jobs = []
-    for output in archive["outputs"]:
+    for output in archive.outputs:
         key = part_key(output, cfg.continuous, views)
-        part = parts_dir / output["file"]
+        part = parts_dir / output.file
         if not part_done(part, key, models):
-            jobs.append(PartJob(str(archive_dir), output, models, cfg.continuous, views, device, cfg.batch_size,
+            jobs.append(PartJob(str(archive.folder), output, models, cfg.continuous, views, device, cfg.batch_size,
                                 cfg.threads, str(part), key))
-    n_parts = len(archive["outputs"])
+    n_parts = len(archive.outputs)
     if len(jobs) < n_parts:
         echo(f"encode-archive: resuming, {n_parts - len(jobs)} of {n_parts} shards already encoded")
     with write_errors(parts_dir):
@@ -122,11 +123,11 @@ def encode_parts(cfg: EncodeConfig, archive_dir: Path, archive: dict, models: di
     results: list[dict] = []
     t0 = time.perf_counter()
     # Counted in shard rows (a text shard's include its rule-based rewrites, which get no code).
-    with tqdm(total=sum(job.output["rows"] for job in jobs), unit="row",
+    with tqdm(total=sum(job.output.rows for job in jobs), unit="row",
               desc=f"encode {','.join(map(str, models))} bits", disable=not progress, dynamic_ncols=True) as bar:
         def done(job: PartJob, result: dict) -> None:
             results.append(result)
-            bar.update(job.output["rows"])
+            bar.update(job.output.rows)
 
         names = [Path(job.part).stem for job in jobs]
         if here:

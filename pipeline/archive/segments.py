@@ -90,11 +90,11 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generati
         manifest = read_manifest(folder)
         if manifest is None:
             raise DuchError(f"{folder}: no finished encode-archive stage for segment {segment!r} of "
-                            f"{run / 'archive.json'}; rerun `duch add` (or `duch encode-archive`) on {run}")
+                            f"{run / 'archive.json'}; run the add (or the encode-archive) stage on {run} again")
         if manifests and manifest["models"].get(str(bits), {}).get("sha256") != \
                 manifests[0]["models"].get(str(bits), {}).get("sha256"):
             raise DuchError(f"{folder}: segment {segment!r} was coded by another {bits}-bit model than the rest of "
-                            f"the archive; rerun `duch encode-archive --run {run}` to code every segment with one")
+                            f"the archive; run the encode-archive stage on {run} again to code every segment with one")
         _, tables = open_codes(verify_listed(folder, manifest, codes_name(bits), checksum=verify), with_meta,
                                modalities)
         manifests.append(manifest)

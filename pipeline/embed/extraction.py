@@ -1,11 +1,13 @@
-"""Stage one's work on a dataset once the stage knows it has work to do: plan the shards, make the pending ones
-(here or on a dask cluster), and write the manifest from what the shards hold. The extract stage runs it on a
-run's archive, `duch add` on the items added to an archive (a segment)."""
+"""Stage one's plan and work on a dataset: what decides the shards (`extraction`), and once the stage knows it has
+work to do, the shards planned, the pending ones made (here or on a dask cluster) and the manifest's fields read
+from what they hold (`extract_work`). The extract stage runs it on a run's archive, `duch add` on the items added
+to an archive (a segment)."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from duch.data import Dataset, Reject, read_dataset
@@ -16,15 +18,15 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig, manifest_config
 from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_cluster
 from duch.pipeline.embed.inputs import images_content_digest, input_fingerprint, stale_error
-from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan
+from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan, foreign_shards
 from duch.pipeline.embed.sources import jpeg_share
 from duch.pipeline.encoders import EncoderSpec, parse_spec
 from duch.pipeline.encoders.context import count_truncated
 from duch.pipeline.formats.shards import read_attrs, read_shard
-from duch.pipeline.run.fingerprint import digest
+from duch.pipeline.run.fingerprint import digest, normalized
 from duch.pipeline.run.lock import sweep_temporaries
 from duch.pipeline.run.manifest import library_versions
-from duch.pipeline.run.stage import StageFolder
+from duch.pipeline.run.stage import StageFolder, StagePlan
 
 
 def read_inputs(cfg: ExtractConfig) -> Dataset:
@@ -37,22 +39,50 @@ def encoder_specs(cfg: ExtractConfig) -> tuple[EncoderSpec, EncoderSpec | None]:
     return parse_spec(cfg.image_encoder, "image"), parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
 
 
-def extraction_basis(cfg: ExtractConfig, dataset: Dataset, image_spec: EncoderSpec,
-                     text_spec: EncoderSpec | None) -> tuple[dict, str]:
-    """(basis, fingerprint): what decides the shards' bytes, settings and inputs, in the form the manifest keeps."""
-    basis = {"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
-                          "text_encoder": text_spec.fingerprint() if text_spec else None},
-             "inputs": input_fingerprint(dataset)}
-    basis = json.loads(json.dumps(basis, default=str))  # tuples as lists
-    return basis, digest(basis)
+@dataclass(frozen=True)
+class Extraction:
+    """One extraction: the items, the settings and encoders they are embedded with, and what decides the shards'
+    bytes (basis, in the form the manifest keeps, and its fingerprint)."""
+
+    cfg: ExtractConfig
+    dataset: Dataset
+    image_spec: EncoderSpec
+    text_spec: EncoderSpec | None
+    basis: dict
+    fingerprint: str
+
+    def confirmed(self, basis: dict, fingerprint: str) -> Extraction:
+        """The same extraction under the basis a confirmed relisting recorded (embed/inputs.py)."""
+        return dataclasses.replace(self, basis=basis, fingerprint=fingerprint)
 
 
-def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, image_spec: EncoderSpec,
-                 text_spec: EncoderSpec | None, basis: dict, fingerprint: str, progress: bool,
-                 echo: Callable[[str], None], started: float | None = None) -> dict:
-    """Every shard of `dataset` made in `folder` (finished ones of the same fingerprint kept), then its manifest;
-    `started`: when the stage began (perf_counter), for the manifest's total time."""
+def extraction(cfg: ExtractConfig, dataset: Dataset) -> Extraction:
+    image_spec, text_spec = encoder_specs(cfg)
+    basis = normalized({"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
+                                     "text_encoder": text_spec.fingerprint() if text_spec else None},
+                        "inputs": input_fingerprint(dataset)})
+    return Extraction(cfg, dataset, image_spec, text_spec, basis, digest(basis))
+
+
+def extraction_plan(folder: StageFolder, job: Extraction, progress: bool, echo: Callable[[str], None],
+                    started: float | None = None, foreign_cleared: bool = False) -> StagePlan:
+    """The extract stage of `job` in `folder`; `foreign_cleared`: shards of other items (a killed add's) are
+    removed rather than refused."""
+    return StagePlan(
+        job.basis, lambda: extract_work(folder, job, progress, echo, started), fingerprint=job.fingerprint,
+        summary=lambda m: (f" ({m['counts']['images']} images, {m['counts']['captions']} captions, "
+                           f"{m['counts']['rejects']} rejects)"),
+        clear=(lambda: any(foreign_shards(folder.path, m, job.fingerprint) for m in ("image", "text")))
+        if foreign_cleared else True, report=lambda m: report(m, folder.path, echo))
+
+
+def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Callable[[str], None],
+                 started: float | None = None) -> dict:
+    """Every shard of the extraction made in `folder` (finished ones of the same fingerprint kept); returns the
+    manifest's fields. `started`: when the stage began (perf_counter), for the manifest's total time."""
     t_start = time.perf_counter() if started is None else started
+    dataset, cfg, image_spec, text_spec, fingerprint = (job.dataset, job.cfg, job.image_spec, job.text_spec,
+                                                        job.fingerprint)
     scheduler = cluster.SchedulerSpec.parse(cfg.scheduler)
     # Image shards first; the caption shards are planned from what they rejected (a caption goes with its image).
     plan = ExtractPlan(dataset, cfg, folder.path, fingerprint, text_spec is not None and dataset.has_captions)
@@ -84,13 +114,13 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
             # is finished, so no writer is left (and the run lock is still held).
             sweep_temporaries(folder.path)
     except ForeignShards:
-        raise stale_error(folder.path, None, basis) from None
+        raise stale_error(folder.path, None, job.basis) from None
 
     plans = plan.shards
     shards = shard_summary(folder, plans, dataset)
     timings["total_s"] = time.perf_counter() - t_start
-    manifest = folder.finish(
-        fingerprint=fingerprint, basis=basis, config=manifest_config(cfg), device=str(device),
+    return dict(
+        config=manifest_config(cfg), device=str(device),
         versions=library_versions(),
         dataset={"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
                  "images_dir": str(Path(dataset.images_dir).resolve())},
@@ -106,8 +136,6 @@ def extract_into(folder: StageFolder, dataset: Dataset, cfg: ExtractConfig, imag
         timings={k: round(v, 3) for k, v in timings.items()},
         execution=execution,  # where the work ran; like the timings, it never changes a shard
     )
-    report(manifest, timings, folder.path, echo)
-    return manifest
 
 
 def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset) -> dict:
@@ -125,7 +153,7 @@ def shard_summary(folder: StageFolder, plans: list[ShardPlan], dataset: Dataset)
             rejected_images.update(shard_rejects["reject_id"])
         if plan.modality == "image" and plan.rows and plan.rows[0].tile is not None:
             skipped += list(read_shard(path, ("skipped_id",))["skipped_id"])
-        outputs.append(folder.output(plan.name, modality=plan.modality, rows=int(attrs["rows"])))
+        outputs.append((plan.name, {"modality": plan.modality, "rows": int(attrs["rows"])}))
     return {"rows": rows, "encoders": encoders, "rejects": rejects, "outputs": outputs, "skipped": skipped,
             "rejected_images": rejected_images}
 
@@ -165,8 +193,9 @@ def counts(plans: list[ShardPlan], dataset: Dataset, cfg: ExtractConfig, shards:
             **({"scenes": len(dataset.scenes), "tiles_skipped": len(shards["skipped"])} if cfg.tile else {})}
 
 
-def report(manifest: dict, timings: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
-    c = manifest["counts"]
+def report(manifest: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
+    """What a finished extraction made, and what of its input it skipped, cleaned or cut."""
+    c, timings = manifest["counts"], manifest["timings"]
     rate = ", ".join(f"{timings[k]:.1f} {u}/s" for k, u in (("images_per_s", "images"), ("captions_per_s", "captions"))
                      if k in timings)
     echo(f"extract: {c['images']} images (+{c['image_views']} views each), {c['captions']} captions, "

@@ -9,8 +9,7 @@ import numpy as np
 from duch.pipeline import DuchError
 from duch.pipeline.formats.shards import read_shard
 from duch.pipeline.run.artifacts import verify_output
-from duch.pipeline.run.layout import stage_dir
-from duch.pipeline.run.manifest import read_manifest
+from duch.pipeline.run.records import ExtractRun, redo
 
 
 @dataclass
@@ -50,21 +49,19 @@ class Features:
 
 
 def load_features(run: str | Path) -> Features:
-    stage = stage_dir(run, "extract")
-    manifest = read_manifest(stage)
-    if manifest is None:
-        raise DuchError(f"{stage}: no finished extract stage (manifest.json missing); run `duch extract` first")
+    extract = ExtractRun.read(run)
+    stage = extract.folder
     parts: dict[str, list[dict]] = {"image": [], "text": []}
     dims: dict[str, tuple[str, tuple]] = {}
-    for out in manifest["outputs"]:
-        verify_output(stage, out)
-        shard = read_shard(stage / out["file"])
+    for out in extract.outputs:
+        verify_output(stage, out.listing())
+        shard = read_shard(stage / out.file)
         shape = shard["emb"].shape[1:] + (shard["views"].shape[1:] if "views" in shard else ())
-        first = dims.setdefault(out["modality"], (out["file"], shape))
+        first = dims.setdefault(out.modality, (out.file, shape))
         if first[1] != shape:
-            raise DuchError(f"{stage / out['file']}: embeddings of shape {shape} do not match {first[0]}'s "
-                            f"{first[1]}; the shards come from different runs, redo extract with --force")
-        parts[out["modality"]].append(shard)
+            raise DuchError(f"{stage / out.file}: embeddings of shape {shape} do not match {first[0]}'s "
+                            f"{first[1]}; the shards come from different runs, {redo(stage)}")
+        parts[out.modality].append(shard)
 
     def cat(modality, key, empty):
         arrays = [p[key] for p in parts[modality] if key in p]
@@ -78,5 +75,5 @@ def load_features(run: str | Path) -> Features:
         text_image_id=cat("text", "image_id", no_str),
         text_caption_index=cat("text", "caption_index", np.zeros(0, int)),
         text_augmented=cat("text", "augmented", np.zeros(0, bool)), text=cat("text", "text", no_str),
-        text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), manifest=manifest,
+        text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), manifest=extract.manifest,
     )

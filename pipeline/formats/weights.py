@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from duch.pipeline import DuchError
 from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
+from duch.pipeline.run.artifacts import sha256_file
+from duch.pipeline.run.records import ModelFile, retrain_fix
 from duch.pipeline.run.storage import atomic_write
 
 
@@ -26,6 +30,14 @@ def save_weights(path: Path, heads: DuchHeads, disc: CodeDiscriminator, metadata
                   metadata={"duch": json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True)})
 
 
+def load_model(model: ModelFile, device: torch.device | str = "cpu") -> DuchHeads:
+    """A trained code length's heads, on `device`, from the file its train-hash manifest lists (checksum checked)."""
+    if sha256_file(model.path) != model.sha256:
+        raise DuchError(f"{model.path} differs from the file its train-hash manifest lists; "
+                        f"{retrain_fix(model.path.parents[2])}")
+    return load_heads(model.path, model.image_dim, model.text_dim, model.bits, model.hidden).to(device)
+
+
 def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int) -> DuchHeads:
     """Tensors only, through safetensors: nothing in the file can run code."""
     from safetensors.torch import load_file
@@ -33,8 +45,8 @@ def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int
     try:
         tensors = load_file(str(path))
     except Exception as e:  # a file that is not safetensors (a pickle put in its place, say) is refused unread
-        raise DuchError(f"{path}: not a safetensors file of duch's ({type(e).__name__}: {e}); rerun "
-                        "`duch train-hash --force` to remake it") from None
+        raise DuchError(f"{path}: not a safetensors file of duch's ({type(e).__name__}: {e}); redo the train-hash "
+                        "stage with `force` to remake it") from None
     heads = DuchHeads(image_dim, text_dim, bits, hidden)
     try:
         heads.image.load_state_dict({k[len("image_head."):]: v for k, v in tensors.items()
@@ -42,5 +54,6 @@ def load_heads(path: Path, image_dim: int, text_dim: int, bits: int, hidden: int
         heads.text.load_state_dict({k[len("text_head."):]: v for k, v in tensors.items() if k.startswith("text_head.")})
     except RuntimeError as e:  # safetensors, but not these heads' tensors (missing, renamed, other shapes)
         raise DuchError(f"{path}: not the weights of {bits}-bit heads on {image_dim}/{text_dim}-d features "
-                        f"({' '.join(str(e).split())[:200]}); rerun `duch train-hash --force` to remake it") from None
+                        f"({' '.join(str(e).split())[:200]}); redo the train-hash stage with `force` to "
+                        "remake it") from None
     return heads.eval()

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from duch.pipeline import DuchError
+from duch.pipeline.formats.weights import load_model
 from duch.pipeline.model.coding import image_codes
-from duch.pipeline.model.trained import Model, image_code
+from duch.pipeline.run.records import ModelFile, image_code
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,9 +33,9 @@ class QueryCoder:
             m = self.manifest["models"][str(self.bits)]
             dims = self.manifest["encoders"]
             path = Path(os.path.normpath(self.stage / m["file"]))
-            model = Model(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
-                          dims.get("text", {}).get("dim", 0))
-            self._heads = model.load(self.device)
+            model = ModelFile(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
+                              dims.get("text", {}).get("dim", 0))
+            self._heads = load_model(model, self.device)
         return self._heads
 
     def model_key(self) -> tuple:

@@ -20,3 +20,9 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return keys
+
+
+def normalized(obj):
+    """`obj` as the manifest keeps it and reads it back: tuples as lists, other values (paths) as strings. A basis
+    is normalized before its digest, so that the digest of the basis read back from a manifest is the same."""
+    return json.loads(json.dumps(obj, default=str))

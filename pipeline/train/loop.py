@@ -191,12 +191,37 @@ def resume(checkpoints: Checkpoints, bits: int, cfg: TrainConfig, state: StepSta
     return done, log
 
 
+@dataclass
+class TrainedBits:
+    """One code length trained: its heads and discriminator, the loss terms per epoch, the validation rows, and
+    the training time (in all, and per epoch; a resumed run counts the epochs before the kill)."""
+
+    heads: DuchHeads
+    disc: CodeDiscriminator
+    history: list[dict]
+    evals: list[dict]
+    seconds: float
+    epoch_seconds: list[float]
+
+
 def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
                labels: np.ndarray, progress: bool, graphs: bool | None = None,
-               compile_terms: bool | None = None, checkpoints: Checkpoints | None = None) -> dict:
+               compile_terms: bool | None = None, checkpoints: Checkpoints | None = None) -> TrainedBits:
     """graphs: replay the steps as CUDA graphs (default: on a GPU, see use_graphs); compile_terms: with graphs,
     torch.compile the loss terms (default: see use_compile); checkpoints: save one every cfg.checkpoint_every
-    epochs there, and resume from the one found there (None: neither)."""
+    epochs there, and resume from the one found there (None: neither). A checkpoint that turns out not to fit
+    after it was partly restored is removed (resume), and the training starts again from the seeds."""
+    while True:
+        try:
+            return _train_bits(bits, cfg, data, split, eval_text, labels, progress, graphs, compile_terms,
+                               checkpoints)
+        except StateDoesNotFit:
+            continue  # the state was partly restored: rebuilt from the seeds, the checkpoint gone
+
+
+def _train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_text: torch.Tensor | None,
+                labels: np.ndarray, progress: bool, graphs: bool | None, compile_terms: bool | None,
+                checkpoints: Checkpoints | None) -> TrainedBits:
     device = data.image.device
     graphs = use_graphs(device, cfg) if graphs is None else graphs
     compile_terms = use_compile(graphs, cfg) if compile_terms is None else compile_terms
@@ -226,10 +251,7 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
     if checkpoints is not None:
         # Everything above is rebuilt as an uninterrupted run builds it (the same draws from the same seeds), then
         # the checkpoint overwrites it with the state after its epoch: the epochs after it run as they would have.
-        try:
-            done, log = resume(checkpoints, bits, cfg, state, schedules, gen)
-        except StateDoesNotFit:  # the state was partly restored: rebuild it from the seeds
-            return train_bits(bits, cfg, data, split, eval_text, labels, progress, graphs, compile_terms, checkpoints)
+        done, log = resume(checkpoints, bits, cfg, state, schedules, gen)
         if log is not None:
             history, evals, epoch_seconds = log["history"], log["evals"], log["epoch_seconds"]
             t0 -= log["seconds"]
@@ -270,5 +292,4 @@ def train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval_
             save_checkpoint(checkpoints.folder, epoch, checkpoints.fingerprint,
                             training_state(state, schedules, gen, log))
     bar.close()
-    return {"heads": heads, "disc": disc, "history": history, "evals": evals, "seconds": time.perf_counter() - t0,
-            "epoch_seconds": epoch_seconds}
+    return TrainedBits(heads, disc, history, evals, time.perf_counter() - t0, epoch_seconds)
