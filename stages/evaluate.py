@@ -16,7 +16,7 @@ from pathlib import Path
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import read_generation
-from duch.pipeline.archive.segments import open_archive_codes
+from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.config import EvaluateConfig
 from duch.pipeline.retrieval.evaluation import class_metrics, gather, instance_metrics, live_split, p_at_k_grid
 from duch.pipeline.retrieval.report import format_tables, plot_curves
@@ -57,6 +57,9 @@ def evaluate(cfg: EvaluateConfig, force: bool, progress: bool, echo: Callable[[s
                 or encoded.archive_fingerprint != model_run.extract.fingerprint:
             raise DuchError(f"{encoded.folder}: the {bits}-bit codes were not made by this run's model from this "
                             "run's archive; run the encode-archive stage on it first")
+    # Opened (and so checked against their manifests) whether or not the metrics are up to date: damaged codes are
+    # refused either way.
+    archives = {bits: open_archive_codes(run, bits) for bits in bits_list}
     folder = StageFolder(run, STAGE)
     # What decides the metrics: the codes, the settings, the code lengths asked for and the archive's generation
     # (items removed or added since). The last two only where they differ from a plain run's, whose fingerprint
@@ -66,7 +69,7 @@ def evaluate(cfg: EvaluateConfig, force: bool, progress: bool, echo: Callable[[s
     settings = {"k": cfg.k, "rerank": cfg.rerank}
     plan = StagePlan(
         {"codes": encoded.fingerprint, "settings": {**settings, **chosen}},
-        lambda: evaluation(cfg, run, split, bits_list, encoded.views, t0, folder), fingerprint=digest(
+        lambda: evaluation(cfg, run, split, archives, encoded.views, t0, folder), fingerprint=digest(
             {"codes": encoded.fingerprint, **settings, **chosen}))
     result = folder.run(plan, force, echo)
     metrics = json.loads((folder.path / "metrics.json").read_text())
@@ -79,13 +82,12 @@ def evaluate(cfg: EvaluateConfig, force: bool, progress: bool, echo: Callable[[s
     return EvaluateResult(folder.path, result.manifest, result.did_work, metrics, table, plots)
 
 
-def evaluation(cfg: EvaluateConfig, run: Path, split: dict, bits_list: list[int], image_views: int, t0: float,
-               folder: StageFolder) -> dict:
+def evaluation(cfg: EvaluateConfig, run: Path, split: dict, archives: dict[int, ArchiveCodes], image_views: int,
+               t0: float, folder: StageFolder) -> dict:
     """The work: every code length's class- and instance-level figures on the held-out split, metrics.json,
     table.md and the plots; returns the manifest's fields."""
     results = {}
-    for bits in bits_list:
-        archive = open_archive_codes(run, bits)
+    for bits, archive in archives.items():
         tables = archive.tables
         if "text" not in tables:
             raise DuchError(f"{run}: the archive has no captions; evaluate needs image-caption pairs")
