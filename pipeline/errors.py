@@ -34,6 +34,7 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "continuous": ("--continuous", None),
     "device": ("--device", None),
     "verify": ("--no-verify", None),
+    "index": ("--index", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

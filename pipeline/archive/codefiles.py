@@ -37,7 +37,7 @@ def merge_parts(parts_dir: Path, archive_dir: Path, archive: dict, writers: dict
 
 def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[str, dict[str, str]]:
     """A faiss index per code length and modality, built from the finished (memory-mapped) code files."""
-    from duch.pipeline.retrieval import faiss_index
+    from duch.pipeline.formats import faiss_index
 
     files: dict[str, dict[str, str]] = {}
     for bits in bits_list:

@@ -213,11 +213,11 @@ class Index:
             words = to_int32_words if gpu_kernel_available(self.device) else to_int64_words
             backend = words(table.codes[:], self.device)
         elif self.backend in ("auto", "faiss") and (index_file := self._index_file(modality)):
-            from duch.pipeline.retrieval import faiss_index
+            from duch.pipeline.formats import faiss_index
 
             backend = faiss_index.read(index_file)
         elif self.backend in ("auto", "faiss"):
-            from duch.pipeline.retrieval import faiss_index
+            from duch.pipeline.formats import faiss_index
 
             if self.backend == "faiss" or faiss_index.installed():  # "faiss" without it: the install hint
                 backend = faiss_index.build(table.codes, "flat")
