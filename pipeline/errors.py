@@ -30,6 +30,8 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "inside": ("--inside", "inside"),
     "date_from": ("--date-from", "date_from"),
     "date_to": ("--date-to", "date_to"),
+    "need_places": ("--geojson", None),
+    "tile": ("--tile", None),
     "force": ("--force", None),
     "continuous": ("--continuous", None),
     "device": ("--device", None),

@@ -17,7 +17,8 @@ from duch.cli import main
 from duch.data.geo import to_lonlat
 from duch.pipeline import DuchError
 from duch.pipeline.config import EncodeConfig, ServeConfig
-from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places
+from duch.pipeline.retrieval.filters import PlaceFilter, search_places
+from duch.pipeline.retrieval.geojson import geojson
 from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.thumbs import Thumbnails, thumbnail_jpeg

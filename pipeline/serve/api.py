@@ -11,7 +11,8 @@ from starlette.requests import Request
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
-from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter
+from duch.pipeline.errors import spelled
+from duch.pipeline.retrieval.filters import PlaceFilter
 
 FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
                "date_to", "archive")
@@ -54,9 +55,9 @@ class SearchRequest(BaseModel):
     def places(self) -> PlaceFilter:
         """The place filter (bbox, inside, dates), or an ApiError naming the field and the fix."""
         try:
-            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside, names=API_NAMES)
+            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside)
         except DuchError as e:
-            raise ApiError(422, str(e)) from None
+            raise ApiError(422, spelled(str(e), "api")) from None
 
 
 class Caption(BaseModel):

@@ -25,7 +25,8 @@ from fastapi import FastAPI
 
 from duch.pipeline.compute.cluster import torch_threads
 from duch.pipeline.config.serve import ServeConfig
-from duch.pipeline.retrieval.places import NO_PLACES, geojson
+from duch.pipeline.retrieval.geojson import geojson
+from duch.pipeline.retrieval.places import NO_PLACES
 from duch.pipeline.retrieval.search import Query
 from duch.pipeline.serve.admission import Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload

@@ -17,7 +17,8 @@ from PIL import Image
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.formats.codes import caption_key
-from duch.pipeline.retrieval.places import Place, PlaceFilter, place_of
+from duch.pipeline.retrieval.filters import PlaceFilter
+from duch.pipeline.retrieval.places import Place, place_of
 from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.maps import ArchiveMap, place_json
 
