@@ -319,12 +319,10 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
 
     from duch.pipeline.retrieval.filters import PlaceFilter, search_places
     from duch.pipeline.retrieval.geojson import geojson
+    from duch.pipeline.retrieval.queries import check_query
     from duch.pipeline.retrieval.search import Index
 
-    if sum(q is not None for q in (text, image, item_id)) != 1:
-        raise click.UsageError("give exactly one of --text, --image, --id")
-    if k < 1 or rerank < 0:
-        raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
+    check_query(text, image, item_id, k, rerank)  # before the archive is opened
     if as_json and as_geojson:
         raise click.UsageError("give one of --json and --geojson")
     places = PlaceFilter.parse(bbox, date_from, date_to, inside)  # checked before the archive is opened

@@ -20,10 +20,12 @@ class DuchError(Exception):
 SPELLINGS: dict[str, tuple[str, str | None]] = {
     "rerank_top": ("--rerank", "rerank"),
     "item_id": ("--id", "id"),
+    "id": ("--id", "id"),
     "text": ("--text", "text"),
     "image": ("--image", "image"),
     "k": ("--k", "k"),
     "bits": ("--bits", None),
+    "backend": ("--backend", None),
     "modality": ("--modality", "modality"),
     "ties": ("--ties", "ties"),
     "bbox": ("--bbox", "bbox"),

@@ -206,7 +206,7 @@ def test_index_search_refuses_k_below_one(encoded_run):
 
     index = Index.load(encoded_run, bits=16, device="cpu")
     for k, rerank in ((0, 0), (-1, 0), (5, -1)):
-        with pytest.raises(DuchError, match=f"^k must be at least 1 and rerank_top 0 or more, got k={k}, "
+        with pytest.raises(DuchError, match=f"^`k` must be at least 1 and `rerank_top` 0 or more, got k={k}, "
                                             f"rerank_top={rerank}$"):
             index.search(id="0", k=k, rerank_top=rerank)
 
