@@ -38,6 +38,7 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "continuous": ("--continuous", None),
     "device": ("--device", None),
     "verify": ("--no-verify", None),
+    "max_upload_mb": ("--max-upload-mb", None),
     "index": ("--index", None),
 }
 

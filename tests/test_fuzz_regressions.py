@@ -256,7 +256,8 @@ def test_a_code_file_damaged_in_place_is_one_line_when_read_without_its_checksum
     data[heap + 16:heap + 40] = b"\xff" * 24
     path.write_bytes(data)
     with pytest.raises(DuchError, match=r"codes-16.h5: unreadable code file \(OSError: Can't synchronously read data"
-                                        r".*\); rerun `duch encode-archive --force` on its run to make it again$"):
+                                        r".*\); redo the encode-archive stage of its run with `force` to make it "
+                                        r"again$"):
         Index.load(legacy_copy, bits=16, device="cpu", verify=False)
     other = legacy_copy / "encode-archive" / "codes-32.h5"
     with h5py.File(other, "a") as f:

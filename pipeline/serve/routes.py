@@ -51,7 +51,7 @@ def add_error_handlers(app: FastAPI, service) -> None:
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_request, e: BodyTooLarge):
-        return error(413, str(e), {"Connection": "close"})
+        return error(413, spelled(str(e), "api"), {"Connection": "close"})
 
     @app.exception_handler(UnknownItem)
     async def unknown_item(_request, e: UnknownItem):
