@@ -23,7 +23,7 @@ def geojson(hits: list, matched: int | None = None, query: str | None = None) ->
                          footprint=place.footprint)
         feature["properties"] = props
         features.append(feature)
-    out = {"type": "FeatureCollection", "features": features}
+    out: dict = {"type": "FeatureCollection", "features": features}
     if query is not None:
         out["query"] = query
     if matched is not None:

@@ -43,7 +43,7 @@ def make_hits(codes: ArchiveCodes, modality: str, distances: np.ndarray, rows: n
 def make_hit(codes: ArchiveCodes, rank: int, modality: str, row: int, distance: int, score: float | None) -> Hit:
     """One hit: an image with its label, file and place; a caption with its text and its image's label and file."""
     meta = codes.tables[modality].meta
-    place = None
+    place, path = None, None  # type: Place | None, str | None
     if modality == "image":
         image_id, item_id, caption = str(meta["ids"][row]), str(meta["ids"][row]), None
         label, path = str(meta["label"][row]) or None, str(codes.image_path(row))

@@ -20,6 +20,8 @@ from duch.pipeline.model.trained import Model, image_code
 if TYPE_CHECKING:
     from PIL import Image
 
+    from duch.pipeline.model.heads import DuchHeads
+
 
 # What each kind of query is, as the "exactly one query" message lists them; a caller lists the kinds it takes.
 QUERY_KINDS = {"text": "a caption", "image": "an image file", "id": "an archive item"}
@@ -59,7 +61,7 @@ class QueryCoder:
 
     def __init__(self, manifest: dict, stage: Path, bits: int, device: torch.device):
         self.manifest, self.stage, self.bits, self.device = manifest, Path(stage), bits, device
-        self._heads = None
+        self._heads: DuchHeads | None = None
         self._encoders: dict = {}
 
     @property
@@ -147,8 +149,9 @@ class QueryCoder:
         pixels = []
         for name, img in images:
             pixels.append(encoder.transform(img))
-            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
-                       for v in range(1, n_views + 1)]
+            if augment is not None:  # the views extract drew for an item of this name
+                pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
+                           for v in range(1, n_views + 1)]
         emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
         return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
 

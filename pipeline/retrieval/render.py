@@ -18,8 +18,9 @@ def render(source: str | Path, place: Place | None = None) -> Image.Image:
 
     if place is None:
         return load_image(source)
-    rgb, _ = read_window(source, tuple(place.window), tuple(place.bands),
-                         tuple(place.stretch) if place.stretch else None)
+    col_off, row_off, width, height = place.window
+    stretch = (place.stretch[0], place.stretch[1]) if place.stretch else None
+    rgb, _ = read_window(source, (col_off, row_off, width, height), tuple(place.bands), stretch)
     return Image.fromarray(rgb)
 
 

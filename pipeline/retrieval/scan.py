@@ -72,7 +72,8 @@ class CodeScan:
         if within is not None:
             return self._within(packed, modality, k, within[~removed[within]] if removed is not None else within)
         gone = self.codes.removed_count.get(modality, 0)
-        if gone:  # the top k + (items removed) holds the top k of the live ones: ask for that many, drop the rest
+        # The top k + (items removed) holds the top k of the live ones: ask for that many, drop the rest.
+        if gone and removed is not None:
             d, rows = self._all(packed, modality, k + gone)
             keep = ~removed[rows]
             return (np.stack([r[m][:k] for r, m in zip(d, keep)]), np.stack([r[m][:k] for r, m in zip(rows, keep)]))

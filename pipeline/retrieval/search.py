@@ -95,12 +95,12 @@ class Index:
         continuous outputs were not stored) or in archive order ("order"). `where`: [N] bool over the returned
         modality's rows, a filter applied before the top k (it never shrinks k below the items it lets
         through)."""
-        kind = check_query(text, image, id, k, rerank_top)
-        if kind == "text":
+        check_query(text, image, id, k, rerank_top)
+        if text is not None:
             query = Query.of("text", self.coder.embed_text([text])[0])
-        elif kind == "image":
+        elif image is not None:
             query = Query.of("image", self.coder.embed_image([image])[0])
-        else:
+        elif id is not None:
             query = self.id_query(id)
         return self.rank(query, k, modality, rerank_top, ties, where)
 
