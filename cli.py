@@ -15,6 +15,7 @@ import click
 
 from duch.data import DatasetError
 from duch.pipeline import DuchError
+from duch.pipeline.errors import spelled
 
 
 def user_errors(fn):
@@ -28,7 +29,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DuchError, DatasetError) as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {spelled(str(e), 'cli')}", err=True)
             sys.exit(2)
         except OSError as e:
             translated = storage_error(e)
@@ -316,13 +317,12 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
-    from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places
+    from duch.pipeline.retrieval.filters import PlaceFilter, search_places
+    from duch.pipeline.retrieval.geojson import geojson
+    from duch.pipeline.retrieval.queries import check_query
     from duch.pipeline.retrieval.search import Index
 
-    if sum(q is not None for q in (text, image, item_id)) != 1:
-        raise click.UsageError("give exactly one of --text, --image, --id")
-    if k < 1 or rerank < 0:
-        raise click.UsageError("--k must be at least 1 and --rerank 0 or more")
+    check_query(text, image, item_id, k, rerank)  # before the archive is opened
     if as_json and as_geojson:
         raise click.UsageError("give one of --json and --geojson")
     places = PlaceFilter.parse(bbox, date_from, date_to, inside)  # checked before the archive is opened

@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
                         help="keep the scenes and their coded archive (printed at the end) for `duch serve`")
     args = parser.parse_args(argv)
     from duch.pipeline.config import EncodeConfig, ExtractConfig
-    from duch.pipeline.retrieval.places import PlaceFilter, search_places
+    from duch.pipeline.retrieval.filters import PlaceFilter, search_places
     from duch.pipeline.retrieval.search import Index
     from duch.stages.encode_archive import encode_archive
     from duch.stages.extract import extract

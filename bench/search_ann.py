@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import save  # noqa: E402
-from duch.pipeline.retrieval import faiss_index  # noqa: E402
+from duch.pipeline.formats import faiss_index  # noqa: E402
 from duch.pipeline.retrieval.hamming import hamming_topk  # noqa: E402
 
 

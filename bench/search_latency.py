@@ -27,7 +27,7 @@ from bench.common import save  # noqa: E402
 from duch.pipeline.formats.codes import CodeWriter, open_codes  # noqa: E402
 from duch.pipeline.model.coding import unpack_codes  # noqa: E402
 from duch.pipeline.retrieval.hamming import hamming_topk, hamming_topk_torch, to_int64_words  # noqa: E402
-from duch.pipeline.retrieval.search import adaptive_topk  # noqa: E402
+from duch.pipeline.retrieval.ranking import adaptive_topk  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

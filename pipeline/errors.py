@@ -20,16 +20,20 @@ class DuchError(Exception):
 SPELLINGS: dict[str, tuple[str, str | None]] = {
     "rerank_top": ("--rerank", "rerank"),
     "item_id": ("--id", "id"),
+    "id": ("--id", "id"),
     "text": ("--text", "text"),
     "image": ("--image", "image"),
     "k": ("--k", "k"),
     "bits": ("--bits", None),
+    "backend": ("--backend", None),
     "modality": ("--modality", "modality"),
     "ties": ("--ties", "ties"),
     "bbox": ("--bbox", "bbox"),
     "inside": ("--inside", "inside"),
     "date_from": ("--date-from", "date_from"),
     "date_to": ("--date-to", "date_to"),
+    "need_places": ("--geojson", None),
+    "tile": ("--tile", None),
     "force": ("--force", None),
     "split": ("--split", None),
     "image_encoder": ("--image-encoder", None),
@@ -37,6 +41,8 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "continuous": ("--continuous", None),
     "device": ("--device", None),
     "verify": ("--no-verify", None),
+    "max_upload_mb": ("--max-upload-mb", None),
+    "index": ("--index", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -206,7 +206,7 @@ def test_index_search_refuses_k_below_one(encoded_run):
 
     index = Index.load(encoded_run, bits=16, device="cpu")
     for k, rerank in ((0, 0), (-1, 0), (5, -1)):
-        with pytest.raises(DuchError, match=f"^k must be at least 1 and rerank_top 0 or more, got k={k}, "
+        with pytest.raises(DuchError, match=f"^`k` must be at least 1 and `rerank_top` 0 or more, got k={k}, "
                                             f"rerank_top={rerank}$"):
             index.search(id="0", k=k, rerank_top=rerank)
 
@@ -256,7 +256,8 @@ def test_a_code_file_damaged_in_place_is_one_line_when_read_without_its_checksum
     data[heap + 16:heap + 40] = b"\xff" * 24
     path.write_bytes(data)
     with pytest.raises(DuchError, match=r"codes-16.h5: unreadable code file \(OSError: Can't synchronously read data"
-                                        r".*\); rerun `duch encode-archive --force` on its run to make it again$"):
+                                        r".*\); redo the encode-archive stage of its run with `force` to make it "
+                                        r"again$"):
         Index.load(legacy_copy, bits=16, device="cpu", verify=False)
     other = legacy_copy / "encode-archive" / "codes-32.h5"
     with h5py.File(other, "a") as f:

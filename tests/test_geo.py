@@ -1,4 +1,6 @@
 """Scene geometry and dates as pure functions, pinned to numbers worked out by hand."""
+import re
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,8 @@ from duch.data.geo import (
 )
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
-from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter, parse_bbox
+from duch.pipeline.errors import spelled
+from duch.pipeline.retrieval.filters import PlaceFilter, parse_bbox
 
 
 @pytest.mark.parametrize("size, tile, stride, offsets", [
@@ -96,11 +99,11 @@ def test_bbox_and_dates_are_checked_with_one_line_each():
                        ("0,-91,1,1", "within -90..90"), ("0,0,nan,1", "four numbers")]:
         with pytest.raises(DuchError, match=said):
             parse_bbox(text)
-    with pytest.raises(DuchError, match="--date-from 2022-01-01 is after --date-to 2021-01-01"):
+    with pytest.raises(DuchError, match="`date_from` 2022-01-01 is after `date_to` 2021-01-01"):
         PlaceFilter.parse(date_from="2022-01-01", date_to="2021-01-01")
-    with pytest.raises(DuchError, match="--date-to 'soon'"):
+    with pytest.raises(DuchError, match="`date_to` 'soon'"):
         PlaceFilter.parse(date_to="soon")
-    with pytest.raises(DuchError, match="give the --bbox too"):
+    with pytest.raises(DuchError, match="give the `bbox` too"):
         PlaceFilter.parse(inside=True)
     assert not PlaceFilter.parse().active
     assert PlaceFilter.parse(bbox="-120.4775,37.29,-120.47,37.31", date_to="2021-06-03").describe() == (
@@ -108,14 +111,17 @@ def test_bbox_and_dates_are_checked_with_one_line_each():
     assert PlaceFilter.parse(date_from="20210101").date_from == "2021-01-01"
 
 
-def test_the_api_names_its_fields_and_takes_a_box_as_four_numbers():
+def test_the_cli_and_the_api_name_the_filters_their_own_way_and_the_api_takes_a_box_as_four_numbers():
     assert PlaceFilter.parse(bbox=[-120.6, 37.2, -120.4, 37.4]).bbox == (-120.6, 37.2, -120.4, 37.4)
-    with pytest.raises(DuchError, match=r"^bbox '1,2,3': give four numbers MINLON"):
-        PlaceFilter.parse(bbox=[1, 2, 3], names=API_NAMES)
-    with pytest.raises(DuchError, match=r"^date_from 2022-01-01 is after date_to 2021-01-01"):
-        PlaceFilter.parse(date_from="2022-01-01", date_to="2021-01-01", names=API_NAMES)
-    with pytest.raises(DuchError, match=r"^inside says how tiles meet a bbox; give the bbox too$"):
-        PlaceFilter.parse(inside=True, names=API_NAMES)
+    for kwargs, api, cli in [
+            (dict(bbox=[1, 2, 3]), r"^bbox '1,2,3': give four numbers MINLON", r"^--bbox '1,2,3': give four numbers"),
+            (dict(date_from="2022-01-01", date_to="2021-01-01"), r"^date_from 2022-01-01 is after date_to 2021-01-01",
+             r"^--date-from 2022-01-01 is after --date-to 2021-01-01"),
+            (dict(inside=True), r"^inside says how tiles meet a bbox; give the bbox too$",
+             r"^--inside says how tiles meet a --bbox; give the --bbox too$")]:
+        with pytest.raises(DuchError) as error:
+            PlaceFilter.parse(**kwargs)
+        assert re.match(api, spelled(str(error.value), "api")) and re.match(cli, spelled(str(error.value), "cli"))
 
 
 def test_convex_hull_of_tile_corners_is_the_scene_outline():

@@ -37,5 +37,5 @@ def test_index_on_gpu_returns_the_cpu_rows(tmp_path):
     cpu = Index.load(run, bits=64, device="cpu", backend="numpy")
     queries = np.asarray(cpu.tables["text"].codes[:200])
     for k in (1, 10, 500):
-        a, b = gpu.search_codes(queries, "image", k), cpu.search_codes(queries, "image", k)
+        a, b = gpu.scan.topk(queries, "image", k), cpu.scan.topk(queries, "image", k)
         assert (a[0] == b[0]).all() and (a[1] == b[1]).all()

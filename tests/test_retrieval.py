@@ -166,7 +166,7 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkey
     _, tables = open_codes(run / "encode-archive" / "codes-16.h5")
     # By text: the query's code is the head's sign; results are the archive's images by Hamming, ties by order.
     hits = index.search(text="a airplane scene number 3", k=6, ties="order")
-    h = index.embed_text(["a airplane scene number 3"])
+    h = index.coder.embed_text(["a airplane scene number 3"])
     code = np.packbits(h >= 0, axis=1)
     from duch.pipeline.model.coding import unpack_codes
     from duch.pipeline.retrieval.hamming import hamming
@@ -194,7 +194,7 @@ def test_search_by_text_image_and_id_matches_a_direct_scan(run, tmp_path, monkey
     assert image_hits[0].distance == 0 and int(image_hits[0].id) % len(REAL_JPEGS) == 0
     as_item = tmp_path / "0.jpg"
     shutil.copy(ASSETS / REAL_JPEGS[0], as_item)
-    assert np.allclose(index.embed_image([as_item])[0], tables["image"].continuous[0], atol=2e-3)
+    assert np.allclose(index.coder.embed_image([as_item])[0], tables["image"].continuous[0], atol=2e-3)
     hit = index.search(image=as_item, k=1, modality="image")[0]
     assert (hit.id, hit.distance) == ("0", 0)
     # By id: captions by default; re-ranked by cosine within a Hamming shortlist.
@@ -239,7 +239,7 @@ def test_a_model_changed_after_encoding_is_named_with_its_fix_and_the_fix_works(
 
 def test_rerank_needs_continuous_outputs(run):
     encode_archive(EncodeConfig(run=str(run), device="cpu"), progress=False, echo=quiet)
-    with pytest.raises(DuchError, match="--rerank needs the continuous outputs"):
+    with pytest.raises(DuchError, match="`rerank_top` needs the continuous outputs"):
         Index.load(run, bits=8, device="cpu").search(text="harbor", rerank_top=5)
 
 
@@ -295,7 +295,7 @@ def test_faiss_and_numpy_backends_return_the_same_rows(run):
         rows = {b: [(h.row, h.distance) for h in index.search(text=query, k=20)] for b, index in by.items()}
         assert rows["numpy"] == rows["faiss"]
     codes = open_codes(run / "encode-archive" / "codes-16.h5")[1]["text"].codes[:5]
-    a, b = (by[x].search_codes(codes, "image", 30) for x in ("numpy", "faiss"))
+    a, b = (by[x].scan.topk(codes, "image", 30) for x in ("numpy", "faiss"))
     assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
 
 
@@ -306,7 +306,7 @@ def test_faiss_index_files_are_written_and_used_by_search(run, kind):
     assert set(files) == {"8", "16"} and set(files["16"]) == {"image", "text"}
     assert {o["file"] for o in result.manifest["outputs"]} >= {"index-16-image.faiss", "index-8-text.faiss"}
     with_index = Index.load(run, bits=16, device="cpu")
-    assert with_index._index_file("image").name == "index-16-image.faiss"
+    assert with_index.scan.faiss_file("image").name == "index-16-image.faiss"
     exact = Index.load(run, bits=16, device="cpu", backend="numpy")
     got = [(h.row, h.distance) for h in with_index.search(text="harbor", k=24)]
     want = [(h.row, h.distance) for h in exact.search(text="harbor", k=24)]
@@ -459,7 +459,7 @@ def test_a_filter_applies_before_the_top_k_and_never_shrinks_it(run):
     query = "a airplane scene number 3"
     for backend in ("numpy", "faiss"):
         index = Index.load(run, bits=16, device="cpu", backend=backend)
-        h = index.embed_text([query])
+        h = index.coder.embed_text([query])
         d = hamming(np.packbits(h >= 0, axis=1), tables["image"].codes)[0]
         by_order = index.search(text=query, k=len(allowed) + 5, ties="order", where=mask)
         assert [x.row for x in by_order] == allowed[np.argsort(d[allowed], kind="stable")].tolist()  # all, no more

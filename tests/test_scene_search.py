@@ -16,7 +16,9 @@ from duch.data.geo import to_lonlat
 from duch.pipeline import DuchError
 from duch.pipeline.config import EncodeConfig
 from duch.pipeline.formats.codes import PLACES, open_codes
-from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places, thumbnail
+from duch.pipeline.retrieval.filters import PlaceFilter, search_places
+from duch.pipeline.retrieval.geojson import geojson
+from duch.pipeline.retrieval.render import thumbnail
 from duch.pipeline.retrieval.search import Index
 from duch.stages.encode_archive import encode_archive
 from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
@@ -117,7 +119,7 @@ def test_geojson_is_a_feature_collection_of_footprints(scenes):
 
 def test_places_need_an_archive_of_scene_tiles(scenes, tiny_extract_run, tmp_path):
     index = Index.load(scenes["archive"], bits=64, device="cpu")
-    with pytest.raises(DuchError, match="which are images: leave out --modality text"):
+    with pytest.raises(DuchError, match="which are images: leave out `modality` text"):
         search_places(index, PlaceFilter.parse(date_from="2021-01-01"), id=AIRPLANE, k=3, modality="text")
     run = tmp_path / "plain"
     shutil.copytree(scenes["model"], run)
@@ -126,7 +128,7 @@ def test_places_need_an_archive_of_scene_tiles(scenes, tiny_extract_run, tmp_pat
     hit = plain.search(id="0", k=2, modality="image")[0]
     assert hit.place is None and "place" not in hit.to_dict()
     assert thumbnail(hit, size=100).size == (100, 100)  # an image that is no scene tile: loaded as extract does
-    with pytest.raises(DuchError, match="not extracted from GeoTIFF scenes with --tile"):
+    with pytest.raises(DuchError, match="not extracted from GeoTIFF scenes with `tile`"):
         search_places(plain, PlaceFilter.parse(bbox="0,0,1,1"), id="0", k=3, modality="image")
 
 

@@ -146,7 +146,7 @@ def test_bad_and_hostile_input_gets_one_clear_json_error(base, tmp_path):
         (dict(json={"text": "a", "id": "1"}), 422, "text and id at once"),
         (dict(files={"image": ("a.jpg", (ROOT / "tests/assets/102.jpg").read_bytes())}, data={"text": "a"}), 422,
          "text and image at once"),
-        (dict(json={"id": "no-such-item"}), 404, "no item 'no-such-item'"),
+        (dict(json={"id": "no-such-item"}), 404, "id 'no-such-item' is not in the archive"),
         (dict(json={"text": "a", "k": 0}), 422, "k: Input should be greater than or equal to 1"),
         (dict(json={"text": "a", "k": 100000}), 422, "k: Input should be less than or equal to 200"),
         (dict(json={"text": "a", "k": 150, "offset": 9900}), 422, "offset + k must be at most 10000"),
@@ -180,7 +180,7 @@ def test_bad_and_hostile_input_gets_one_clear_json_error(base, tmp_path):
 def test_thumbnails_take_archive_ids_only_and_are_cached_in_the_run(base, run):
     for hostile in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "0%2F..%2F1", "images%2F0.jpg"):
         response = httpx.get(f"{base}/thumbs/{hostile}")
-        assert response.status_code == 404 and "no item" in response.json()["error"]
+        assert response.status_code == 404 and "is not in the archive" in response.json()["error"]
     first = httpx.get(f"{base}/thumbs/2%230")  # a caption's id: its image's thumbnail
     assert first.status_code == 200 and first.content == httpx.get(f"{base}/thumbs/2").content
     cached = list((run / "serve" / "thumbs").rglob("*.jpg"))
@@ -287,14 +287,14 @@ def test_queued_captions_are_coded_in_one_pass_with_the_codes_one_at_a_time_give
     try:
         busy = batcher.submit(held, "first")
         texts = [f"a court scene number {i}" for i in range(10)]
-        futures = [batcher.submit(index.embed_text, t) for t in texts]
+        futures = [batcher.submit(index.coder.embed_text, t) for t in texts]
         gate.set()
         assert busy.result(10) == ("first", 1)
         coded = [f.result(30) for f in futures]
     finally:
         batcher.close()
     assert passes == [1, 10] and {n for _, n in coded} == {10}
-    one_by_one = np.stack([index.embed_text([t])[0] for t in texts])
+    one_by_one = np.stack([index.coder.embed_text([t])[0] for t in texts])
     assert np.allclose(np.stack([c for c, _ in coded]), one_by_one, atol=1e-5)
     assert (np.sign(np.stack([c for c, _ in coded])) == np.sign(one_by_one)).all()
 
@@ -316,7 +316,7 @@ def test_two_archives_of_one_model_and_a_refusal_of_another_models(run, tmp_path
     app = create_app(ServeConfig(run=str(run), bits=16, device="cpu", archives=(str(other),)))
     service = app.state.service
     assert list(service.archives) == ["run", "other-run"]
-    assert service.archives["other-run"].index.heads is service.archives["run"].index.heads  # loaded once
+    assert service.archives["other-run"].index.coder.heads is service.archives["run"].index.coder.heads  # loaded once
     with running(app) as url:
         answer = httpx.post(f"{url}/api/search", json={"text": "a harbor", "archive": "other-run", "k": 5}).json()
         assert answer["matched"] == 3 and len(answer["hits"]) == 3
@@ -334,7 +334,7 @@ def test_two_archives_of_one_model_and_a_refusal_of_another_models(run, tmp_path
     train_hash(TrainConfig(run=str(retrained), bits=(16,), epochs=2, hidden=32, batch_size=8, seed=5,
                            device="cpu"), progress=False, echo=quiet, force=True)
     encode_archive(EncodeConfig(run=str(retrained), device="cpu"), progress=False, echo=quiet)
-    with pytest.raises(DuchError, match=f"archive {retrained} was coded by another model.*encode-archive --run"):
+    with pytest.raises(DuchError, match=f"archive {retrained} was coded by another model.*with `archive` {retrained}$"):
         create_app(ServeConfig(run=str(run), bits=16, device="cpu", archives=(str(retrained),)))
 
 

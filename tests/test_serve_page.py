@@ -148,7 +148,8 @@ def test_the_page_searches_pages_filters_uploads_and_shares(base, browser, tmp_p
     assert shown_ids(shared) == first
     shared.goto(f"{base}/?id=no-such-item")
     settled(shared, "error")
-    assert "no item 'no-such-item'" in shared.inner_text("#status") and shared.is_visible("#status.error")
+    assert "id 'no-such-item' is not in the archive" in shared.inner_text("#status")
+    assert shared.is_visible("#status.error")
 
     assert requested and all(url.startswith(base + "/") for url in requested), \
         [u for u in requested if not u.startswith(base)]  # no CDN, nothing beyond the service

@@ -17,7 +17,8 @@ from duch.cli import main
 from duch.data.geo import to_lonlat
 from duch.pipeline import DuchError
 from duch.pipeline.config import EncodeConfig, ServeConfig
-from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places
+from duch.pipeline.retrieval.filters import PlaceFilter, search_places
+from duch.pipeline.retrieval.geojson import geojson
 from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.thumbs import Thumbnails, thumbnail_jpeg
@@ -206,7 +207,7 @@ def test_geojson_of_a_search_is_the_library_s_feature_collection(base, index):
                                                                                   "footprints, and this archive"),
                                   ({"k": 3}, 422, "no query: give exactly one of text"),
                                   ({"text": "a", "bbox": "x"}, 422, "bbox 'x': give four numbers"),
-                                  ({"id": "merced/9_9"}, 404, "no item 'merced/9_9'")]:
+                                  ({"id": "merced/9_9"}, 404, "id 'merced/9_9' is not in the archive")]:
         bad = httpx.get(f"{base}/api/search.geojson", params=params)
         assert bad.status_code == status and words in bad.json()["error"], bad.json()
 

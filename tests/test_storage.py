@@ -64,12 +64,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, fsyncs):
 
 def writers(tmp_path: Path):
     """Each writer of a run's files, as (the file it writes, a call that writes it)."""
+    from duch.pipeline.formats import faiss_index
     from duch.pipeline.formats.checkpoint import save_checkpoint
     from duch.pipeline.formats.codes import CodeWriter
     from duch.pipeline.formats.shards import write_shard
     from duch.pipeline.formats.weights import save_weights
     from duch.pipeline.model.heads import CodeDiscriminator, DuchHeads
-    from duch.pipeline.retrieval import faiss_index
     from duch.pipeline.run.manifest import write_manifest
     from duch.pipeline.train.report import write_history
 

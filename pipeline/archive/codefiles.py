@@ -38,7 +38,7 @@ def merge_parts(parts_dir: Path, archive: ExtractRun, writers: dict[int, CodeWri
 def write_indexes(out_dir: Path, bits_list: list[int], kind: str, echo) -> dict[int, dict[str, str]]:
     """A faiss index per code length and modality, built from the finished (memory-mapped) code files: {bits:
     {modality: file name}}."""
-    from duch.pipeline.retrieval import faiss_index
+    from duch.pipeline.formats import faiss_index
 
     files: dict[int, dict[str, str]] = {}
     for bits in bits_list:

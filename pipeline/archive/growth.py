@@ -17,8 +17,8 @@ from pathlib import Path
 from duch.pipeline.archive.generation import BASE, Generation, read_generation, write_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.config import EncodeConfig, ExtractConfig
+from duch.pipeline.formats import faiss_index
 from duch.pipeline.formats.codes import MODALITIES
-from duch.pipeline.retrieval import faiss_index
 from duch.pipeline.run.artifacts import output_record
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.records import EncodedRun, ExtractRun, TrainRun

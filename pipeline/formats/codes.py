@@ -150,7 +150,7 @@ def open_codes(path: Path, with_meta: bool = True,
         return _open_codes(path, with_meta, modalities)
     except Exception as e:  # h5py raises OSError, RuntimeError, KeyError, ValueError... on a damaged file
         raise DuchError(f"{path}: unreadable code file ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                        "rerun `duch encode-archive --force` on its run to make it again") from None
+                        "redo the encode-archive stage of its run with `force` to make it again") from None
 
 
 def _open_codes(path: Path, with_meta: bool, modalities: tuple[str, ...]) -> tuple[dict, dict[str, CodeTable]]:

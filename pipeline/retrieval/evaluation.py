@@ -62,7 +62,7 @@ def _rows(keys: list[str], index: dict[str, int], what: str, run: Path) -> np.nd
     missing = [k for k in keys if k not in index]
     if missing:
         raise DuchError(f"{run}: {len(missing)} {what} of the split have no code (e.g. {missing[0]!r}); the codes "
-                        "come from another archive: rerun `duch encode-archive --force`")
+                        "come from another archive: redo the encode-archive stage with `force`")
     return np.array([index[k] for k in keys], dtype=np.int64)
 
 

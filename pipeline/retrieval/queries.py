@@ -1,9 +1,12 @@
-"""Coding a query as an archive's items were coded: a caption through the text encoder and head, an image through
-the image encoder (with the archive's augmented views, where its image codes average them) and head. The model
-and encoders load on first use and can be shared between archives coded by one model."""
+"""Queries: the one check of what a search was asked (exactly one query, k and rerank_top in range), used by
+`Index.search`, the CLI and the service; and coding a query as an archive's items were coded: a caption through
+the text encoder and head, an image through the image encoder (with the archive's augmented views, where its image
+codes average them) and head. The model and encoders load on first use and can be shared between archives coded
+by one model."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,11 +15,46 @@ import torch
 
 from duch.pipeline import DuchError
 from duch.pipeline.formats.weights import load_model
-from duch.pipeline.model.coding import image_codes
+from duch.pipeline.model.coding import image_codes, pack_codes
 from duch.pipeline.run.records import ModelFile, image_code
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from duch.pipeline.model.heads import DuchHeads
+
+
+# What each kind of query is, as the "exactly one query" message lists them; a caller lists the kinds it takes.
+QUERY_KINDS = {"text": "a caption", "image": "an image file", "id": "an archive item"}
+
+
+def check_query(text=None, image=None, id=None, k: int = 1, rerank_top: int = 0,
+                kinds: tuple[str, ...] = tuple(QUERY_KINDS)) -> str:
+    """The kind of the one query given ("text", "image" or "id"), or the DuchError naming what is wrong: no query,
+    two at once, `k` under 1 or `rerank_top` under 0. `kinds`: the kinds the caller takes (the message lists them)."""
+    given = [kind for kind, value in (("text", text), ("image", image), ("id", id)) if value is not None]
+    if len(given) != 1:
+        what = "no query" if not given else f"{' and '.join(f'`{kind}`' for kind in given)} at once"
+        listed = [f"`{kind}` ({QUERY_KINDS[kind]})" for kind in kinds]
+        raise DuchError(f"{what}: give exactly one of {', '.join(listed[:-1])} or {listed[-1]}")
+    if k < 1 or rerank_top < 0:
+        raise DuchError(f"`k` must be at least 1 and `rerank_top` 0 or more, got k={k}, rerank_top={rerank_top}")
+    return given[0]
+
+
+@dataclass
+class Query:
+    """A coded query: the modality it came from, its packed code [1, K/8] and its continuous code [K] (None for an
+    archive item whose continuous outputs were not stored)."""
+
+    source: str
+    packed: np.ndarray
+    continuous: np.ndarray | None
+
+    @classmethod
+    def of(cls, source: str, h: np.ndarray) -> Query:
+        """A query from its continuous code: the sign bits packed as the archive's are."""
+        return cls(source, pack_codes(np.asarray(h)[None]), np.asarray(h))
 
 
 class QueryCoder:
@@ -24,7 +62,7 @@ class QueryCoder:
 
     def __init__(self, manifest: dict, stage: Path, bits: int, device: torch.device):
         self.manifest, self.stage, self.bits, self.device = manifest, Path(stage), bits, device
-        self._heads = None
+        self._heads: DuchHeads | None = None
         self._encoders: dict = {}
 
     @property
@@ -43,8 +81,15 @@ class QueryCoder:
         key code a caption the same way."""
         return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
 
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities it codes: those the model has an encoder for."""
+        return list(self.manifest["encoders"])
+
     def share(self, other: QueryCoder) -> None:
         """Use `other`'s heads and encoders: one model in memory for several archives coded by it."""
+        if self.model_key() != other.model_key():
+            raise DuchError(f"{self.stage} and {other.stage} were coded by different models; each needs its own")
         self._heads, self._encoders = other.heads, other._encoders
 
     def _encoder(self, modality: str):
@@ -105,8 +150,9 @@ class QueryCoder:
         pixels = []
         for name, img in images:
             pixels.append(encoder.transform(img))
-            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
-                       for v in range(1, n_views + 1)]
+            if augment is not None:  # the views extract drew for an item of this name
+                pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
+                           for v in range(1, n_views + 1)]
         emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
         return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
 

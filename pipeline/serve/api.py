@@ -11,7 +11,9 @@ from starlette.requests import Request
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
-from duch.pipeline.retrieval.places import API_NAMES, PlaceFilter
+from duch.pipeline.errors import spelled
+from duch.pipeline.retrieval.filters import PlaceFilter
+from duch.pipeline.retrieval.queries import check_query
 
 FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
                "date_to", "archive")
@@ -54,17 +56,14 @@ class SearchRequest(BaseModel):
     def places(self) -> PlaceFilter:
         """The place filter (bbox, inside, dates), or an ApiError naming the field and the fix."""
         try:
-            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside, names=API_NAMES)
+            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside)
         except DuchError as e:
-            raise ApiError(422, str(e)) from None
+            raise ApiError(422, spelled(str(e), "api")) from None
 
 
-class Caption(BaseModel):
-    id: str
-    text: str
+class PlaceOut(BaseModel):
+    """A scene tile's place as the API answers it (retrieval.places.Place)."""
 
-
-class Place(BaseModel):
     scene: str
     window: list[int] = Field(description="the tile's pixels in its scene: col_off, row_off, width, height")
     crs: str = Field(description="the scene's CRS ('' when it has none: the footprint is then in pixels)")
@@ -77,7 +76,9 @@ class Place(BaseModel):
     stretch: list[float] | None = Field(description="the scene's >8-bit stretch (low, high), as extract read it")
 
 
-class Hit(BaseModel):
+class HitOut(BaseModel):
+    """A hit as the API answers it (retrieval.hits.Hit, with its captions and thumbnail)."""
+
     rank: int
     id: str = Field(description="image id, or IMAGE_ID#N for a caption")
     image_id: str
@@ -89,7 +90,7 @@ class Hit(BaseModel):
     caption: str | None = Field(description="a caption hit's text; an image hit's first caption")
     captions: list[str] = Field(description="a caption hit's text; an image hit's captions")
     thumbnail: str = Field(description="URL of the image's thumbnail (a caption's: its image's)")
-    place: Place | None = Field(None, description="a scene tile's place (null for other archives' images)")
+    place: PlaceOut | None = Field(None, description="a scene tile's place (null for other archives' images)")
 
 
 class Timings(BaseModel):
@@ -109,13 +110,22 @@ class SearchResponse(BaseModel):
     offset: int
     matched: int = Field(description="items of the returned modality that the filters let through (all without one)")
     filter: dict = Field(description="the filters as applied: label, bbox (four numbers), inside, date_from, date_to")
-    hits: list[Hit]
+    hits: list[HitOut]
     timings: Timings
 
 
 class Upload(BaseModel):
     name: str
     data: bytes
+
+
+def one_query(query: SearchRequest, upload: Upload | None, kinds: tuple[str, ...] = ("text", "image", "id")) -> None:
+    """Exactly one query (retrieval.queries.check_query, the one check the CLI and the library make), or the 422
+    naming the fields."""
+    try:
+        check_query(query.text, upload, query.id, query.k, query.rerank, kinds)
+    except DuchError as e:
+        raise ApiError(422, spelled(str(e), "api")) from None
 
 
 def one_line(error: ValidationError) -> str:
@@ -157,12 +167,7 @@ async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
         query = SearchRequest.model_validate(fields)
     except ValidationError as e:
         raise ApiError(422, one_line(e)) from None
-    given = [name for name, present in (("text", query.text is not None), ("id", query.id is not None),
-                                        ("image", upload is not None)) if present]
-    if len(given) != 1:
-        what = "no query" if not given else f"{' and '.join(given)} at once"
-        raise ApiError(422, f"{what}: give exactly one of text (a caption), id (an archive item) or image (an "
-                            f"uploaded file)")
+    one_query(query, upload)
     query.places()  # a bad box or date is answered before the query is admitted
     return query, upload
 
@@ -174,8 +179,6 @@ def read_query(params) -> SearchRequest:
         query = SearchRequest.model_validate(fields)
     except ValidationError as e:
         raise ApiError(422, one_line(e)) from None
-    if (query.text is None) == (query.id is None):
-        raise ApiError(422, f"{'no query' if query.text is None else 'text and id at once'}: give exactly one of text "
-                            "(a caption) or id (an archive item)")
+    one_query(query, None, kinds=("text", "id"))
     query.places()
     return query

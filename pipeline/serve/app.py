@@ -17,6 +17,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -25,11 +26,12 @@ from fastapi import FastAPI
 
 from duch.pipeline.compute.cluster import torch_threads
 from duch.pipeline.config.serve import ServeConfig
-from duch.pipeline.retrieval.places import NO_PLACES, geojson
-from duch.pipeline.retrieval.search import Query
+from duch.pipeline.retrieval.geojson import geojson
+from duch.pipeline.retrieval.places import NO_PLACES
+from duch.pipeline.retrieval.queries import Query
 from duch.pipeline.serve.admission import Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
-from duch.pipeline.serve.archives import Archive, UnknownItem, open_archives
+from duch.pipeline.serve.archives import ServedArchive, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
 from duch.pipeline.serve.generations import GenerationWatcher, reopened
 from duch.pipeline.serve.limits import BodyLimit
@@ -39,6 +41,17 @@ from duch.pipeline.serve.routes import add_routes
 from duch.pipeline.serve.thumbs import Thumbnails
 
 STATIC = resources.files("duch.pipeline.serve") / "static"
+
+
+@dataclass(frozen=True)
+class CodedQuery:
+    """A request's query coded: `query` (None for an archive item, looked up when ranked), what it is as the answer
+    shows it, the seconds spent coding it, and how many queries were coded in the same pass (0: none needed)."""
+
+    query: Query | None
+    shown: dict
+    encode_seconds: float = 0.0
+    batch: int = 0
 
 
 class Service:
@@ -60,10 +73,10 @@ class Service:
         self.watcher = GenerationWatcher({name: a.index.run for name, a in self.archives.items()}, self.reopen,
                                          self.swap, config.watch_interval)
 
-    def reopen(self, name: str) -> Archive:
+    def reopen(self, name: str) -> ServedArchive:
         return reopened(self.archives[name], self.archives[self.default].index, self.config.verify)
 
-    def swap(self, name: str, archive: Archive) -> None:
+    def swap(self, name: str, archive: ServedArchive) -> None:
         self.archives[name] = archive  # one assignment: a request holds the archive it started with
 
     def start(self) -> None:
@@ -79,7 +92,7 @@ class Service:
             coder.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def archive(self, name: str | None) -> Archive:
+    def archive(self, name: str | None) -> ServedArchive:
         archive = self.archives.get(name or self.default)
         if archive is None:
             raise ApiError(404, f"no archive {name!r}; this service has {', '.join(self.archives)}")
@@ -94,59 +107,58 @@ class Service:
         code, batch = await asyncio.wrap_future(self.coders[modality].submit(coder, item))
         return code, time.perf_counter() - start, batch
 
-    async def coded(self, archive: Archive, req: SearchRequest, upload: Upload | None):
-        """(the query coded, or None for an id; what it is, as the answer shows it; seconds coding; batch)."""
-        index = archive.index
+    async def coded(self, archive: ServedArchive, req: SearchRequest, upload: Upload | None) -> CodedQuery:
+        """The request's caption or uploaded image coded on its modality's coder thread; an id as it is."""
+        coder = archive.index.coder
         if req.text is not None:
-            h, encode, batch = await self.code("text", index.embed_text, req.text)
-            return Query.of("text", h), {"kind": "text", "text": req.text}, encode, batch
+            h, encode, batch = await self.code("text", coder.embed_text, req.text)
+            return CodedQuery(Query.of("text", h), {"kind": "text", "text": req.text}, encode, batch)
         if upload is not None:
             img = await self.blocking(_decode_upload, upload)
-            h, encode, batch = await self.code("image", index.embed_images, (_stem(upload.name), img))
-            return Query.of("image", h), {"kind": "image", "image": upload.name}, encode, batch
-        return None, {"kind": "id", "id": req.id}, 0.0, 0
+            h, encode, batch = await self.code("image", coder.embed_images, (_stem(upload.name), img))
+            return CodedQuery(Query.of("image", h), {"kind": "image", "image": upload.name}, encode, batch)
+        return CodedQuery(None, {"kind": "id", "id": req.id})
 
-    async def search(self, archive: Archive, req: SearchRequest, upload: Upload | None, arrived: float) -> dict:
-        query, what, encode, batch = await self.coded(archive, req, upload)
+    async def search(self, archive: ServedArchive, req: SearchRequest, upload: Upload | None,
+                     arrived: float) -> dict:
+        coded = await self.coded(archive, req, upload)
         scanned = time.perf_counter()
-        target, matched, hits = await self.blocking(self.page, archive, req, query, self.hit)
+        target, matched, hits = await self.blocking(self.page, archive, req, coded.query, self.hit)
         done = time.perf_counter()
-        self.metrics.queries.labels(what["kind"]).observe(done - arrived)
+        self.metrics.queries.labels(coded.shown["kind"]).observe(done - arrived)
         places = req.places()
-        return {"query": what, "archive": archive.name, "generation": archive.index.generation,
+        return {"query": coded.shown, "archive": archive.name, "generation": archive.index.generation,
                 "bits": archive.index.bits, "modality": target, "k": req.k, "offset": req.offset, "matched": matched,
                 "filter": {"label": req.label, "bbox": list(places.bbox) if places.bbox else None,
                            "inside": places.inside, "date_from": places.date_from, "date_to": places.date_to},
                 "hits": hits,
-                "timings": {"encode_ms": 1000 * encode, "scan_ms": 1000 * (done - scanned),
-                            "total_ms": 1000 * (done - arrived), "batch": batch}}
+                "timings": {"encode_ms": 1000 * coded.encode_seconds, "scan_ms": 1000 * (done - scanned),
+                            "total_ms": 1000 * (done - arrived), "batch": coded.batch}}
 
-    async def features(self, archive: Archive, req: SearchRequest, arrived: float) -> dict:
-        """The hits as a GeoJSON FeatureCollection of their footprints (retrieval.places.geojson), each with its
+    async def features(self, archive: ServedArchive, req: SearchRequest, arrived: float) -> dict:
+        """The hits as a GeoJSON FeatureCollection of their footprints (retrieval.geojson), each with its
         thumbnail's URL and its file named as the archive names it (never the service's own path)."""
         if not archive.map.has_places:
             raise ApiError(422, f"GeoJSON draws scene tiles' footprints, and {NO_PLACES}")
         if req.modality == "text":
             raise ApiError(422, "modality: GeoJSON draws scene tiles, which are images; leave modality out")
         req = req.model_copy(update={"modality": "image"})
-        query, what, _, _ = await self.coded(archive, req, None)
-        _, matched, hits = await self.blocking(self.page, archive, req, query, lambda _archive, h: h)
+        coded = await self.coded(archive, req, None)
+        _, matched, hits = await self.blocking(self.page, archive, req, coded.query, lambda _archive, h: h)
         doc = geojson(hits, matched, req.text if req.text is not None else f"item {req.id}")
         paths = archive.index.tables["image"].meta["path"]
         for feature, h in zip(doc["features"], hits):
             feature["properties"].update(path=str(paths[h.row]), thumbnail=self.thumb_url(archive, h.image_id))
-        self.metrics.queries.labels(what["kind"]).observe(time.perf_counter() - arrived)
+        self.metrics.queries.labels(coded.shown["kind"]).observe(time.perf_counter() - arrived)
         return doc
 
-    def page(self, archive: Archive, req: SearchRequest, query: Query | None, shape) -> tuple[str, int, list]:
+    def page(self, archive: ServedArchive, req: SearchRequest, query: Query | None,
+             shape) -> tuple[str, int, list]:
         """The hits offset .. offset + k of a query (rankings are deterministic: the first offset + k, then a
-        slice), each as `shape(archive, hit)` makes it; the label and place filters apply before the top k."""
+        slice), each as `shape(archive, hit)` makes it; the label and place filters apply before the top k. An id
+        not in the archive is an UnknownItem (answered 404)."""
         index = archive.index
         if query is None:
-            try:
-                archive.locate(req.id)
-            except UnknownItem as e:
-                raise ApiError(404, str(e)) from None
             query = index.id_query(req.id)
         target = index.target(query, req.modality)
         if target not in index.tables:
@@ -157,13 +169,13 @@ class Service:
                           where=where)[req.offset:]
         return target, matched, [shape(archive, h) for h in hits]
 
-    def hit(self, archive: Archive, h) -> dict:
+    def hit(self, archive: ServedArchive, h) -> dict:
         captions = [h.caption] if h.caption is not None else [t for _, t in archive.captions_of(h.image_id)]
         return {"rank": h.rank, "id": h.id, "image_id": h.image_id, "modality": h.modality, "distance": h.distance,
                 "score": h.score, "label": h.label, "caption": captions[0] if captions else None,
                 "captions": captions, "thumbnail": self.thumb_url(archive, h.image_id), "place": place_json(h.place)}
 
-    def thumb_url(self, archive: Archive, image_id: str) -> str:
+    def thumb_url(self, archive: ServedArchive, image_id: str) -> str:
         url = f"/thumbs/{quote(image_id, safe='')}"
         return url if archive.name == self.default else f"{url}?archive={quote(archive.name, safe='')}"
 
@@ -178,7 +190,7 @@ def _decode_upload(upload: Upload):
 
 
 def _stem(name: str) -> str:
-    """An upload's name stem, which seeds its augmented views as a file's does (search.Index.embed_images); only a
+    """An upload's name stem, which seeds its augmented views as a file's does (QueryCoder.embed_images); only a
     string, never a path."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     return base.rsplit(".", 1)[0] if "." in base else base

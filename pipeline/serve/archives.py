@@ -1,6 +1,6 @@
-"""The archives a service searches: each one encoded archive's `Index`, with what the API shows of its items
-(labels, captions, the image file behind an id, a scene tile's place) and the label and place filters it applies
-before the top k.
+"""The archives a service searches: each a `ServedArchive`, one encoded archive's `Index` with what the API shows
+of its items (labels, captions, the image file behind an id, a scene tile's place) and the label and place filters
+it applies before the top k.
 
 Every file the service reads for an item is named by the archive's own metadata, looked up by id: nothing a
 request sends is ever joined to a path.
@@ -17,16 +17,13 @@ from PIL import Image
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.formats.codes import caption_key
-from duch.pipeline.retrieval.places import Place, PlaceFilter, place_of
-from duch.pipeline.retrieval.search import Index
+from duch.pipeline.retrieval.filters import PlaceFilter
+from duch.pipeline.retrieval.places import Place, place_of
+from duch.pipeline.retrieval.search import Index, UnknownItem
 from duch.pipeline.serve.maps import ArchiveMap, place_json
 
 
-class UnknownItem(LookupError):
-    """An id that is not in the archive; the message says what ids look like."""
-
-
-class Archive:
+class ServedArchive:
     """One encoded archive as the service sees it."""
 
     def __init__(self, name: str, index: Index):
@@ -92,20 +89,8 @@ class Archive:
             labelled = self._masks[key]
         return labelled if mask is None else labelled & mask
 
-    def locate(self, item_id: str) -> tuple[str, int]:
-        """(modality, row) of an archive id, or UnknownItem."""
-        table = "text" if "#" in item_id and "text" in self.index.tables else "image"
-        row = self.index.tables[table].row_of.get(item_id)
-        if row is not None and self.index.archive.removed[table][row]:
-            raise UnknownItem(f"item {item_id!r} was removed from archive {self.name!r}")
-        if row is None:
-            example = self._image_meta["ids"][0] if len(self._image_meta["ids"]) else "1"
-            raise UnknownItem(f"no item {item_id!r} in archive {self.name!r} (image ids look like {str(example)!r}, "
-                              f"captions like {str(example) + '#0'!r})")
-        return table, row
-
     def image_id_of(self, item_id: str) -> str:
-        modality, row = self.locate(item_id)
+        modality, row = self.index.locate(item_id)
         return item_id if modality == "image" else str(self.index.tables["text"].meta["image_id"][row])
 
     def image_file(self, item_id: str) -> Path:
@@ -113,7 +98,7 @@ class Archive:
         row = self.index.tables["image"].row_of.get(self.image_id_of(item_id))
         if row is None:
             raise UnknownItem(f"the image of caption {item_id!r} is not in archive {self.name!r}")
-        return self.index.image_path(row)
+        return self.index.archive.image_path(row)
 
     def place(self, item_id: str) -> Place | None:
         """A scene tile's place (a caption's: its image's); None for an image that is no scene tile."""
@@ -122,7 +107,7 @@ class Archive:
 
     def item(self, item_id: str) -> dict:
         """What the API shows of an item: its kind, label and captions (a caption's: itself first)."""
-        modality, row = self.locate(item_id)
+        modality, row = self.index.locate(item_id)
         image_id = self.image_id_of(item_id)
         image_row = self.index.tables["image"].row_of.get(image_id)
         captions = self.captions_of(image_id)
@@ -144,9 +129,10 @@ class Archive:
 
     def warm_model(self) -> None:
         """Load the heads and query encoders with one pass each: once for every archive that shares them."""
-        if "text" in self.index.manifest["encoders"]:
-            self.index.embed_text(["warm up"])
-        self.index.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
+        coder = self.index.coder
+        if "text" in coder.modalities:
+            coder.embed_text(["warm up"])
+        coder.embed_images([("warm-up", Image.new("RGB", (64, 64)))])
 
     def _first_id(self, modality: str) -> str | None:
         """The first item not removed (`duch remove`) of a modality: what warm() queries by."""
@@ -160,19 +146,20 @@ class Archive:
         return caption_key(table.meta["image_id"][row], table.meta["caption_index"][row])
 
 
-def open_archives(config: ServeConfig) -> dict[str, Archive]:
+def open_archives(config: ServeConfig) -> dict[str, ServedArchive]:
     """The run's own encoded archive, then each of `config.archives`, by folder name; every one must have been
     coded by the run's model (the heads and encoders are loaded once and shared)."""
     main = Index.load(config.run, bits=config.bits, device=config.device, verify=config.verify)
-    archives = {_name(config.run, {}): Archive(_name(config.run, {}), main)}
+    archives = {_name(config.run, {}): ServedArchive(_name(config.run, {}), main)}
     for run in config.archives:
         index = Index.load(run, bits=config.bits, device=config.device, verify=config.verify)
-        if index.model_key() != main.model_key():
+        if index.coder.model_key() != main.coder.model_key():
             raise DuchError(f"archive {run} was coded by another model than {config.run}'s {config.bits}-bit one; "
-                            f"code it with this run's: duch encode-archive --run {config.run} --archive {run}")
-        index.share_model(main)
+                            f"code it with this run's model: the encode-archive stage of {config.run} with "
+                            f"`archive` {run}")
+        index.coder.share(main.coder)
         name = _name(run, archives)
-        archives[name] = Archive(name, index)
+        archives[name] = ServedArchive(name, index)
     return archives
 
 

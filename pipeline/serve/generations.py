@@ -12,7 +12,7 @@ from pathlib import Path
 
 from duch.pipeline.archive.generation import GENERATION_FILE
 from duch.pipeline.retrieval.search import Index
-from duch.pipeline.serve.archives import Archive
+from duch.pipeline.serve.archives import ServedArchive
 
 log = logging.getLogger("duch.serve")
 
@@ -28,10 +28,10 @@ def stamp(run: str | Path) -> tuple | None:
 
 class GenerationWatcher:
     """Polls each archive's generation file every `interval` seconds; on a change, `reopen(name)` builds the new
-    Archive and `swap(name, archive)` puts it in service."""
+    ServedArchive and `swap(name, archive)` puts it in service."""
 
-    def __init__(self, runs: dict[str, str], reopen: Callable[[str], Archive], swap: Callable[[str, Archive], None],
-                 interval: float = 0.5):
+    def __init__(self, runs: dict[str, str], reopen: Callable[[str], ServedArchive],
+                 swap: Callable[[str, ServedArchive], None], interval: float = 0.5):
         self.runs, self.reopen, self.swap, self.interval = runs, reopen, swap, interval
         self.seen = {name: stamp(run) for name, run in runs.items()}
         self.stopped = threading.Event()
@@ -68,12 +68,12 @@ class GenerationWatcher:
             self.check()
 
 
-def reopened(previous: Archive, main: Index, verify: bool) -> Archive:
+def reopened(previous: ServedArchive, main: Index, verify: bool) -> ServedArchive:
     """`previous`'s archive at its current generation, with `main`'s model and encoders (loaded and warmed
     already), its scans built."""
     index = Index.load(previous.index.run, bits=previous.index.bits, device=str(previous.index.device),
                        backend=previous.index.backend, verify=verify)
-    index.share_model(main)
-    archive = Archive(previous.name, index)
+    index.coder.share(main.coder)
+    archive = ServedArchive(previous.name, index)
     archive.warm()
     return archive

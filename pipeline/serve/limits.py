@@ -8,7 +8,7 @@ import json
 class BodyTooLarge(Exception):
     def __init__(self, limit: int):
         super().__init__(f"the request body is over the {limit / 1e6:g} MB limit; send a smaller image "
-                         f"(or start the service with a larger --max-upload-mb)")
+                         "(or start the service with a larger `max_upload_mb`)")
         self.limit = limit
 
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from duch.data.geo import ccw_ring, convex_hull
 from duch.pipeline import DuchError
-from duch.pipeline.retrieval.places import NO_PLACES, PlaceFilter, has_places
+from duch.pipeline.retrieval.filters import PlaceFilter
+from duch.pipeline.retrieval.places import NO_PLACES, has_places
 
 PLACE_FIELDS = "bbox, inside, date_from and date_to"
 

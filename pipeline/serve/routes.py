@@ -12,9 +12,10 @@ from starlette.exceptions import HTTPException
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
+from duch.pipeline.errors import spelled
+from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import Overloaded
 from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
-from duch.pipeline.serve.archives import UnknownItem
 from duch.pipeline.serve.limits import BodyTooLarge
 from duch.pipeline.serve.thumbs import NoThumbnail
 
@@ -50,11 +51,15 @@ def add_error_handlers(app: FastAPI, service) -> None:
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_request, e: BodyTooLarge):
-        return error(413, str(e), {"Connection": "close"})
+        return error(413, spelled(str(e), "api"), {"Connection": "close"})
+
+    @app.exception_handler(UnknownItem)
+    async def unknown_item(_request, e: UnknownItem):
+        return error(404, spelled(str(e), "api"))
 
     @app.exception_handler(DuchError)
     async def duch_error(_request, e: DuchError):
-        return error(422, str(e))
+        return error(422, spelled(str(e), "api"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e: RequestValidationError):
@@ -105,10 +110,7 @@ def add_api_routes(app: FastAPI, service) -> None:
     @app.get("/api/items/{item_id:path}", summary="An archive item's label, captions and place (a scene tile's)")
     async def item(item_id: str, archive: str | None = None):
         found = service.archive(archive)
-        try:
-            out = await service.blocking(found.item, item_id)
-        except UnknownItem as e:
-            raise ApiError(404, str(e)) from None
+        out = await service.blocking(found.item, item_id)  # an unknown id: UnknownItem, answered 404
         return {**out, "archive": found.name, "thumbnail": service.thumb_url(found, out["image_id"])}
 
     @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits")
@@ -135,8 +137,6 @@ def add_page_routes(app: FastAPI, service, static) -> None:
         try:
             path = found.image_file(item_id)  # from the archive's own metadata, never from the request
             data = await service.blocking(service.thumbs[found.name].get, path, found.place(item_id))
-        except UnknownItem as e:
-            raise ApiError(404, str(e)) from None
         except NoThumbnail as e:
             raise ApiError(404, f"no thumbnail for {item_id!r}: {e}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})

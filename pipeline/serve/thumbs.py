@@ -17,7 +17,7 @@ from PIL import Image
 
 from duch.data.images import ImageLoadError
 from duch.pipeline import DuchError
-from duch.pipeline.retrieval.places import render
+from duch.pipeline.retrieval.render import render
 from duch.pipeline.run.storage import atomic_write
 
 JPEG_QUALITY = 85

@@ -58,7 +58,7 @@ def build(codes: np.ndarray, kind: str, nlist: int | None = None, hnsw_m: int = 
         index = faiss.IndexBinaryHNSW(bits, hnsw_m)
         index.hnsw.efSearch = 128
     else:
-        raise DuchError(f"--index must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise DuchError(f"`index` must be one of {', '.join(KINDS)}, got {kind!r}")
     add(index, codes, chunk=chunk)
     return index
 
