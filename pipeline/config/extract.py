@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from duch.data.augment import ImageAugment, TextAugment
 from duch.data.scene_dates import parse_date
-from duch.data.scenes import TileOptions
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import check_cluster, check_device, output_settings
 from duch.pipeline.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+
+if TYPE_CHECKING:  # rasterio's world: the config (and the CLI's --help, which reads its defaults) stays light
+    from duch.data.scenes import TileOptions
 
 
 @dataclass
@@ -104,6 +107,8 @@ class ExtractConfig:
             raise DuchError(f"--date {self.date!r}: give the acquisition date as YYYY-MM-DD")
 
     def tile_options(self) -> TileOptions:
+        from duch.data.scenes import TileOptions
+
         return TileOptions(self.tile, self.stride, self.bands, self.min_valid, self.date,
                            self.allow_ungeoreferenced)
 
