@@ -141,8 +141,8 @@ def test_an_image_a_decoder_fails_on_with_a_value_error_is_rejected_not_a_traceb
 
 
 @pytest.mark.parametrize("item, message", [
-    ("alpha\n", "--set 'alpha\\n': TrainConfig has no such setting"),  # test_set_values_fuzzed
-    ("batch_size=\n", "--set 'batch_size=\\n': use --batch-size instead"),
+    ("alpha\n", "`overrides` 'alpha\\n': TrainConfig has no such setting"),  # test_set_values_fuzzed
+    ("batch_size=\n", "`overrides` 'batch_size=\\n': use `batch_size` instead"),
     ("disc_betas=0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (0,)"),
     ("disc_betas=1,0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (1, 0)"),
     ("lr=-1", "lr must be positive, got -1.0"),

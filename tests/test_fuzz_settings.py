@@ -47,7 +47,7 @@ def settings_of(overrides: list[str]) -> TrainConfig | None:
     except DuchError as e:
         event("refused")
         one_line(e)
-        assert any(item.split("=")[0].strip().replace("-", "_") in str(e) for item in overrides) or "--" in str(e), e
+        assert any(item.split("=")[0].strip().replace("-", "_") in str(e) for item in overrides) or "`" in str(e), e
         return None
 
 
