@@ -19,7 +19,8 @@ from duch.pipeline.compute.cluster import SchedulerSpec, local_layout
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.run.manifest import read_manifest
 from duch.stages.extract import extract
-from tests.test_kill import exited, wait_for_workers_and
+
+from .test_kill import exited, wait_for_workers_and
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,8 @@ from duch.pipeline.encoders import load_encoders, parse_spec
 from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, sniff_jpeg
 from duch.pipeline.formats.shards import read_shard
 from duch.stages.extract import extract
-from tests.conftest import ASSETS, REAL_JPEGS
+
+from .conftest import ASSETS, REAL_JPEGS
 
 CPU = torch.device("cpu")
 

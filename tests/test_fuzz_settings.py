@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from duch.pipeline import DuchError
 from duch.pipeline.config import TrainConfig, parse_overrides
 from duch.stages.train_hash import train_hash
-from tests.fuzzkit import any_char, examples, one_line, time_bound
+
+from .fuzzkit import any_char, examples, one_line, time_bound
 
 pytestmark = pytest.mark.fuzz
 

@@ -19,7 +19,8 @@ from duch.pipeline.formats.codes import PLACES, open_codes
 from duch.pipeline.retrieval.places import PlaceFilter, geojson, search_places, thumbnail
 from duch.pipeline.retrieval.search import Index
 from duch.stages.encode_archive import encode_archive
-from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
+
+from .scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRPLANE = f"merced/{AIRPLANE_AT[0]}_{AIRPLANE_AT[1]}"

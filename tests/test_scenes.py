@@ -17,8 +17,9 @@ from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.formats.shards import read_shard
 from duch.stages.extract import extract
-from tests.conftest import TINY_CLIP
-from tests.scenekit import MERCED, UTM11, north_up, write_mosaic, write_scene
+
+from .conftest import TINY_CLIP
+from .scenekit import MERCED, UTM11, north_up, write_mosaic, write_scene
 
 
 def quiet(_):

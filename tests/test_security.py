@@ -21,7 +21,8 @@ from duch import cli
 from duch.pipeline.config import TrainConfig
 from duch.pipeline.run.artifacts import sha256_file
 from duch.stages.train_hash import train_hash
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,9 @@ from duch.pipeline.serve.admission import Admission, Overloaded
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.batching import QueryBatcher
 from duch.pipeline.serve.thumbs import Thumbnails, thumbnail_jpeg
-from tests.serving import running
-from tests.test_bad_input import png_bomb
+
+from .serving import running
+from .test_bad_input import png_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 
