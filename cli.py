@@ -267,7 +267,7 @@ def compact(wait, **settings):
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
-@click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
+@option(ServeConfig, "bits", help="Which code length to search.")  # the service's default too
 @click.option("--text", default=None, help="A caption to search by.")
 @click.option("--image", type=click.Path(), default=None, help="An image file to search by.")
 @click.option("--id", "item_id", default=None, help="An archive item to search by: an image id, or IMAGE_ID#N for "
