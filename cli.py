@@ -1,6 +1,7 @@
 """duch command line: thin click wrappers over the Python API (`duch.stages.*`, `duch.pipeline.retrieval`)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -15,6 +16,8 @@ import click
 
 from duch.data import DatasetError
 from duch.pipeline import DuchError
+from duch.pipeline.config import AddConfig, CompactConfig, EncodeConfig, EvaluateConfig, ExtractConfig, ServeConfig
+from duch.pipeline.config.train import PAPER_TRAINING, TRAIN_RECIPES, TrainConfig
 from duch.pipeline.errors import spelled
 
 
@@ -28,14 +31,11 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DuchError, DatasetError) as e:
-            click.echo(f"error: {spelled(str(e), 'cli')}", err=True)
-            sys.exit(2)
-        except OSError as e:
-            translated = storage_error(e)
-            if translated is None:
+        except (DuchError, DatasetError, OSError) as e:
+            message = storage_error(e) if isinstance(e, OSError) else e
+            if message is None:
                 raise
-            click.echo(f"error: {translated}", err=True)
+            click.echo(f"error: {spelled(str(message), 'cli')}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -58,233 +58,216 @@ def main():
     """duch: unsupervised contrastive hashing for cross-modal retrieval in remote-sensing archives."""
 
 
-def wait_option(command):
-    """--wait: every command that takes the run lock."""
-    return click.option("--wait", default=0.0, show_default=True, type=float, metavar="SECONDS",
-                        help="When another duch process holds the run, wait up to this long for it.")(command)
+def option(config: type, name: str, *decls: str, **kwargs):
+    """The option of `config`'s field `name` (`--name` unless `decls` say otherwise), its default (and so its type)
+    read from the dataclass, the one place a default is written: a tuple as the comma list `_ints` parses back;
+    shown in --help unless None or empty (the help then says what that means)."""
+    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    kwargs.setdefault("show_default", default not in (None, ""))
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), default=default, **kwargs)
 
 
-def progress_option(command):
-    return click.option("--no-progress", is_flag=True, help="No progress bars.")(command)
+def _ints(ctx, param, value: str | None, example: str = "16,32,64,128", empty=()) -> tuple[int, ...] | None:
+    """A comma list of integers (code lengths unless `example` says otherwise); `empty` when it lists none."""
+    try:
+        return tuple(int(b) for b in (value or "").split(",") if b.strip()) or empty
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as {example}, got {value!r}") from None
 
 
-def stage_options(command):
-    """--force, --wait and --no-progress: what every stage that keeps its outputs takes."""
-    command = wait_option(progress_option(command))
-    return click.option("--force", is_flag=True, help="Redo the stage even if it is finished or made from other "
-                                                      "settings.")(command)
+_some_bits = functools.partial(_ints, empty=None)  # none given: every code length the run has
 
 
-def cluster_options(command):
+def stacked(*decorators):
+    """One decorator of several, applied as if written above a function in this order."""
+    return lambda fn: functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+
+device_option = functools.partial(option, name="device", help="auto, cpu, cuda or cuda:N.")  # device_option(Config)
+images_option = click.option("--images", type=click.Path(), help="Images folder, when not beside the annotation.")
+wait_option = click.option("--wait", default=0.0, show_default=True, metavar="SECONDS",
+                           help="When another duch process holds the run, wait up to this long for it.")
+progress_option = click.option("--no-progress", is_flag=True, help="No progress bars.")
+# What every stage that keeps its outputs takes.
+stage_options = stacked(click.option("--force", is_flag=True,
+                                     help="Redo the stage even if it is finished or made from other settings."),
+                        wait_option, progress_option)
+
+
+def cluster_options(config: type):
     """--scheduler and --threads, for the stages that run one task per shard (docs/cluster.md)."""
-    command = click.option(
-        "--threads", default=None, type=int,
-        help="Torch threads per encoding process [default: all cores; on a local cluster, cores / N]. Runs "
-             "compared bit for bit on CPU use the same count.")(command)
-    return click.option(
-        "--scheduler", default="none", show_default=True,
-        help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
-             "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
-             "(outputs must then be on storage every worker reaches; see docs/cluster.md).")(command)
+    return stacked(
+        option(config, "scheduler",
+               help="Where the per-shard tasks run: none (this process), local[:N] (a dask LocalCluster of N worker "
+                    "processes, one per GPU by default) or a running dask scheduler's address, tcp://host:8786 "
+                    "(outputs must then be on storage every worker reaches; see docs/cluster.md)."),
+        option(config, "threads", type=int,
+               help="Torch threads per encoding process [default: all cores; on a local cluster, cores / N]. Runs "
+                    "compared bit for bit on CPU use the same count."))
 
 
 @main.command()
 @click.option("--data", required=True, type=click.Path(),
               help="Annotation file (.json caption format, .jsonl or .csv image,caption rows) or a folder "
                    "(holding one annotation file and images/, or only images).")
-@click.option("--images", type=click.Path(), default=None, help="Images folder, when not beside the annotation.")
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory; writes RUN/extract.")
-@click.option("--image-encoder", default="efficientnet-lite0", show_default=True,
-              help="efficientnet-lite0, or open_clip:ARCH:WEIGHTS (tag, checkpoint path, or none).")
-@click.option("--text-encoder", default="minilm-l6", show_default=True,
-              help="minilm-l6, open_clip:ARCH:WEIGHTS, or none for images only.")
-@click.option("--image-views", default=2, show_default=True, type=int, help="Augmented views per image.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the augmentations.")
-@click.option("--shard-size", default=4096, show_default=True, type=int, help="Items per HDF5 shard.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
-@click.option("--text-batch-size", default=512, show_default=True, type=int, help="Captions per batch.")
-@click.option("--workers", default=None, type=int,
-              help="Image loading (PIL path) and tokenising processes [default: spare cores, max 8].")
-@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "gpu", "cpu"]),
-              help="gpu: JPEGs decoded (nvJPEG) and resized in batches on the GPU; cpu: PIL in worker processes; "
-                   "auto: gpu on a CUDA device for a JPEG archive with --image-views 0. Same embeddings "
-                   "within float16 rounding.")
-@click.option("--tile", default=0, show_default=True, type=int, metavar="PIXELS",
-              help="Read --data as GeoTIFF scenes (a folder, a .tif, or a .txt list of them) cut into tiles of "
-                   "this many pixels a side, each an item SCENE/ROW_COL with its footprint and date (0: images).")
-@click.option("--stride", default=0, type=int, metavar="PIXELS", help="Pixels between tiles [default: the tile size].")
-@click.option("--bands", default="", callback=lambda c, p, v: _ints(c, p, v, "4,3,2"),
-              help="Scene bands read as R,G,B, counted from 1 (e.g. 4,3,2 for Sentinel-2), or one for grey "
-                   "[default: 1,2,3].")
-@click.option("--min-valid", default=0.9, show_default=True, type=float,
-              help="Share of a tile's pixels that must be valid (not nodata); tiles below are skipped and counted.")
-@click.option("--date", default=None, metavar="YYYY-MM-DD",
-              help="Acquisition date of scenes with none in a sidecar or their metadata.")
+@images_option
+@click.option("--run", required=True, type=click.Path(), help="Run directory; writes RUN/extract.")
+@option(ExtractConfig, "image_encoder", help="efficientnet-lite0, or open_clip:ARCH:WEIGHTS (tag, checkpoint path, "
+                                             "or none).")
+@option(ExtractConfig, "text_encoder", callback=lambda c, p, v: None if v.lower() == "none" else v,
+        help="minilm-l6, open_clip:ARCH:WEIGHTS, or none for images only.")
+@option(ExtractConfig, "image_views", help="Augmented views per image.")
+@option(ExtractConfig, "seed", help="Seed of the augmentations.")
+@option(ExtractConfig, "shard_size", help="Items per HDF5 shard.")
+@option(ExtractConfig, "dtype", type=click.Choice(["float16", "float32"]))
+@device_option(ExtractConfig)
+@option(ExtractConfig, "batch_size", help="Images per batch.")
+@option(ExtractConfig, "text_batch_size", help="Captions per batch.")
+@option(ExtractConfig, "workers", type=int,
+        help="Image loading (PIL path) and tokenising processes [default: spare cores, max 8].")
+@option(ExtractConfig, "decode", type=click.Choice(["auto", "gpu", "cpu"]),
+        help="gpu: JPEGs decoded (nvJPEG) and resized in batches on the GPU; cpu: PIL in worker processes; auto: gpu "
+             "on a CUDA device for a JPEG archive with --image-views 0. Same embeddings within float16 rounding.")
+@option(ExtractConfig, "tile", metavar="PIXELS",
+        help="Read --data as GeoTIFF scenes (a folder, a .tif, or a .txt list of them) cut into tiles of this many "
+             "pixels a side, each an item SCENE/ROW_COL with its footprint and date (0: images).")
+@option(ExtractConfig, "stride", metavar="PIXELS", show_default=False,
+        help="Pixels between tiles [default: the tile size].")
+@option(ExtractConfig, "bands", callback=functools.partial(_ints, example="4,3,2"),
+        help="Scene bands read as R,G,B, counted from 1 (e.g. 4,3,2 for Sentinel-2), or one for grey "
+             "[default: 1,2,3].")
+@option(ExtractConfig, "min_valid",
+        help="Share of a tile's pixels that must be valid (not nodata); tiles below are skipped and counted.")
+@option(ExtractConfig, "date", metavar="YYYY-MM-DD",
+        help="Acquisition date of scenes with none in a sidecar or their metadata.")
 @click.option("--allow-ungeoreferenced", is_flag=True,
               help="Accept scenes without a CRS: their tiles get footprints in pixels and match no --bbox.")
-@cluster_options
+@cluster_options(ExtractConfig)
 @stage_options
 @user_errors
-def extract(data, images, run_dir, image_encoder, text_encoder, image_views, seed, shard_size, dtype, device,
-            batch_size, text_batch_size, workers, decode, tile, stride, bands, min_valid, date, allow_ungeoreferenced,
-            scheduler, threads, force, wait, no_progress):
+def extract(force, wait, no_progress, **settings):
     """Stage 1: cache image and text embeddings (with augmented views) in HDF5 shards."""
-    from duch.pipeline.config import ExtractConfig
     from duch.stages.extract import extract as run_extract
 
-    cfg = ExtractConfig(data=data, images=images, run=run_dir, image_encoder=image_encoder,
-                        text_encoder=None if text_encoder.lower() == "none" else text_encoder,
-                        image_views=image_views, seed=seed, shard_size=shard_size, dtype=dtype, device=device,
-                        batch_size=batch_size, text_batch_size=text_batch_size, workers=workers, decode=decode,
-                        tile=tile, stride=stride, bands=bands, min_valid=min_valid, date=date,
-                        allow_ungeoreferenced=allow_ungeoreferenced, scheduler=scheduler, threads=threads)
-    run_extract(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
-
-
-def _ints(ctx, param, value: str, example: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in value.split(",") if b.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as {example}, got {value!r}") from None
-
-
-def _bits(ctx, param, value: str) -> tuple[int, ...]:
-    return _ints(ctx, param, value, "16,32,64,128")
+    run_extract(ExtractConfig(**settings), force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command("train-hash")
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with a finished extract.")
-@click.option("--bits", default="16,32,64,128", show_default=True, callback=_bits,
-              help="Code lengths, comma-separated multiples of 8.")
-@click.option("--split", default="paper", show_default=True, type=click.Choice(["paper", "dataset", "all"]),
-              help="paper: seed-42 50% train, 20%/80% of the rest query/database; dataset: its split field; "
-                   "all: train on everything, no evaluation.")
-@click.option("--recipe", default="duch", show_default=True, type=click.Choice(["duch", "paper"]),
+@click.option("--run", required=True, type=click.Path(), help="Run directory with a finished extract.")
+@option(TrainConfig, "bits", callback=_ints, help="Code lengths, comma-separated multiples of 8.")
+@option(TrainConfig, "split", type=click.Choice(["paper", "dataset", "all"]),
+        help="paper: seed-42 50% train, 20%/80% of the rest query/database; dataset: its split field; all: train on "
+             "everything, no evaluation.")
+@click.option("--recipe", default="duch", show_default=True, type=click.Choice(list(TRAIN_RECIPES)),
               help="duch: the settings that measured best on UCM (docs/results.md); paper: DUCH's published ones "
                    "(batch 256, 100 epochs, lr decay at 50, quantization 0.001 at every code length).")
-@click.option("--epochs", default=None, type=int, help="[default: the recipe's: 50, paper 100]")
-@click.option("--batch-size", default=None, type=int, help="[default: the recipe's: 128, paper 256]")
-@click.option("--hidden", default=4096, show_default=True, type=int, help="Width of the heads' hidden layer.")
-@click.option("--tau", default=None, type=float, help="NT-Xent temperature [default: 1].")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
-              help="bf16 autocast for the heads (auto: on a GPU or a CPU with native bf16), or fp32.")
+@click.option("--epochs", type=int,
+              help=f"[default: the recipe's: {TrainConfig.epochs}, paper {PAPER_TRAINING['epochs']}]")
+@click.option("--batch-size", type=int,
+              help=f"[default: the recipe's: {TrainConfig.batch_size}, paper {PAPER_TRAINING['batch_size']}]")
+@option(TrainConfig, "hidden", help="Width of the heads' hidden layer.")
+@click.option("--tau", type=float, help=f"NT-Xent temperature [default: {TrainConfig.tau:g}].")
+@option(TrainConfig, "seed")
+@option(TrainConfig, "precision", type=click.Choice(["auto", "bf16", "fp32"]),
+        help="bf16 autocast for the heads (auto: on a GPU or a CPU with native bf16), or fp32.")
 @click.option("--reference-quirks", is_flag=True, help="Reproduce the public reference code's two defects.")
 @click.option("--no-cuda-graphs", is_flag=True, help="GPU: run the steps eagerly instead of replaying CUDA graphs.")
 @click.option("--compile", "compile_terms", is_flag=True,
               help="GPU: torch.compile the loss terms (+10% steps/s, ~20 s to compile per code length).")
-@click.option("--eval-every", default=10, show_default=True, type=int, help="Epochs between validation mAPs.")
-@click.option("--checkpoint-every", default=10, show_default=True, type=int,
-              help="Epochs between checkpoints a killed run resumes from (0: none).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@option(TrainConfig, "eval_every", help="Epochs between validation mAPs.")
+@option(TrainConfig, "checkpoint_every", help="Epochs between checkpoints a killed run resumes from (0: none).")
+@device_option(TrainConfig)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any other setting of pipeline.config.TrainConfig, over the recipe; repeat for more (e.g. --set "
                    "w_inter_all=2 --set beta=0.005).")
 @stage_options
 @user_errors
-def train_hash(run_dir, bits, split, recipe, epochs, batch_size, hidden, tau, seed, precision, reference_quirks,
-               no_cuda_graphs, compile_terms, eval_every, checkpoint_every, device, overrides, force, wait,
-               no_progress):
+def train_hash(recipe, epochs, batch_size, tau, no_cuda_graphs, overrides, force, wait, no_progress, **settings):
     """Stage 2: train DUCH hashing heads on the cached features, one model per code length."""
-    from duch.pipeline.config import TrainConfig, parse_overrides
+    from duch.pipeline.config import parse_overrides
     from duch.stages.train_hash import train_hash as run_train
 
     own_options = ("bits", "split", "epochs", "batch_size", "hidden", "tau", "seed", "precision", "reference_quirks")
     given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, tau=tau).items() if v is not None}
     given |= parse_overrides(overrides, TrainConfig, reserved=own_options)
-    cfg = TrainConfig.recipe(recipe, run=run_dir, bits=bits, split=split, hidden=hidden, seed=seed,
-                             precision=precision, reference_quirks=reference_quirks, eval_every=eval_every,
-                             checkpoint_every=checkpoint_every, device=device, cuda_graphs=not no_cuda_graphs,
-                             compile_terms=compile_terms, **given)
+    cfg = TrainConfig.recipe(recipe, cuda_graphs=not no_cuda_graphs, **settings, **given)
     run_train(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command("encode-archive")
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with a trained train-hash.")
-@click.option("--archive", type=click.Path(), default=None,
-              help="Run directory of another extract run to encode with this model (same encoders); "
-                   "its codes go to ARCHIVE/encode-archive [default: RUN itself].")
-@click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
-              help="Code lengths to encode [default: every trained one].")
+@click.option("--run", required=True, type=click.Path(), help="Run directory with a trained train-hash.")
+@option(EncodeConfig, "archive", type=click.Path(),
+        help="Run directory of another extract run to encode with this model (same encoders); its codes go to "
+             "ARCHIVE/encode-archive [default: RUN itself].")
+@option(EncodeConfig, "bits", callback=_some_bits, help="Code lengths to encode [default: every trained one].")
 @click.option("--continuous", is_flag=True, help="Also store the heads' float16 outputs (for search --rerank).")
-@click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default=None,
-              help="Also write a faiss index per code length for CPU search: flat (exact), ivf or hnsw "
-                   "(approximate, for archives of ~100M codes and more).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=8192, show_default=True, type=int)
-@cluster_options
+@option(EncodeConfig, "index", type=click.Choice(["flat", "ivf", "hnsw"]),
+        help="Also write a faiss index per code length for CPU search: flat (exact), ivf or hnsw (approximate, for "
+             "archives of ~100M codes and more).")
+@device_option(EncodeConfig)
+@option(EncodeConfig, "batch_size")
+@cluster_options(EncodeConfig)
 @stage_options
 @user_errors
-def encode_archive(run_dir, archive, bits, continuous, index, device, batch_size, scheduler, threads, force, wait,
-                   no_progress):
+def encode_archive(force, wait, no_progress, **settings):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
-    from duch.pipeline.config import EncodeConfig
     from duch.stages.encode_archive import encode_archive as run_encode
 
-    cfg = EncodeConfig(run=run_dir, archive=archive, bits=bits, continuous=continuous, index=index, device=device,
-                       batch_size=batch_size, scheduler=scheduler, threads=threads)
-    run_encode(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
+    run_encode(EncodeConfig(**settings), force=force, progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run whose archive grows.")
+@click.option("--run", required=True, type=click.Path(), help="An encoded run whose archive grows.")
 @click.option("--data", required=True, type=click.Path(), help="The new items: the same forms as extract's --data.")
-@click.option("--images", type=click.Path(), default=None, help="Images folder, when not beside the annotation.")
+@images_option
 @click.option("--replace", is_flag=True,
               help="Items already in the archive whose file changed are coded again (without it they are refused).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
-@click.option("--workers", default=None, type=int, help="Image loading processes [default: spare cores, max 8].")
-@cluster_options
+@device_option(AddConfig)
+@option(AddConfig, "batch_size", help="Images per batch.")
+@option(AddConfig, "workers", type=int, help="Image loading processes [default: spare cores, max 8].")
+@cluster_options(AddConfig)
 @wait_option
 @progress_option
 @user_errors
-def add(run_dir, data, images, replace, device, batch_size, workers, scheduler, threads, wait, no_progress):
+def add(wait, no_progress, **settings):
     """Add items to an encoded archive: extracted and coded as its own were, published as a new generation."""
-    from duch.pipeline.config import AddConfig
     from duch.stages.add import add as run_add
 
-    cfg = AddConfig(run=run_dir, data=data, images=images, replace=replace, device=device, batch_size=batch_size,
-                    workers=workers, scheduler=scheduler, threads=threads)
-    run_add(cfg, progress=not no_progress, echo=click.echo, wait=wait)
+    run_add(AddConfig(**settings), progress=not no_progress, echo=click.echo, wait=wait)
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run.")
+@click.option("--run", required=True, type=click.Path(), help="An encoded run.")
 @click.argument("ids", nargs=-1)
-@click.option("--ids", "ids_file", type=click.File("r", encoding="utf-8"), default=None,
-              help="A file of image ids, one a line.")
+@click.option("--ids", "ids_file", type=click.File("r", encoding="utf-8"), help="A file of image ids, one a line.")
 @wait_option
 @user_errors
-def remove(run_dir, ids, ids_file, wait):
+def remove(run, ids, ids_file, wait):
     """Remove items (image ids; their captions go with them) from an encoded archive: a new generation."""
     from duch.pipeline.config import RemoveConfig
     from duch.stages.remove import remove as run_remove
 
     listed = [line.strip() for line in ids_file] if ids_file else []
-    run_remove(RemoveConfig(run=run_dir, ids=tuple(ids) + tuple(i for i in listed if i)), echo=click.echo,
-               wait=wait)
+    run_remove(RemoveConfig(run=run, ids=tuple(ids) + tuple(i for i in listed if i)), echo=click.echo, wait=wait)
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="An encoded run.")
-@click.option("--small", default=100_000, show_default=True, type=int,
-              help="Segments of fewer items are merged (segments with removed items are always rewritten).")
+@click.option("--run", required=True, type=click.Path(), help="An encoded run.")
+@option(CompactConfig, "small",
+        help="Segments of fewer items are merged (segments with removed items are always rewritten).")
 @wait_option
 @user_errors
-def compact(run_dir, small, wait):
+def compact(wait, **settings):
     """Rewrite an archive's segments without their removed items, merging small ones: a new generation."""
-    from duch.pipeline.config import CompactConfig
     from duch.stages.compact import compact as run_compact
 
-    run_compact(CompactConfig(run=run_dir, small=small), echo=click.echo, wait=wait)
+    run_compact(CompactConfig(**settings), echo=click.echo, wait=wait)
 
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
-@click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
+@option(ServeConfig, "bits", help="Which code length to search.")  # the service's default too
 @click.option("--text", default=None, help="A caption to search by.")
 @click.option("--image", type=click.Path(), default=None, help="An image file to search by.")
 @click.option("--id", "item_id", default=None, help="An archive item to search by: an image id, or IMAGE_ID#N for "
@@ -305,7 +288,7 @@ def compact(run_dir, small, wait):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--geojson", "as_geojson", is_flag=True,
               help="Print the hits as a GeoJSON FeatureCollection of their footprints (scene tiles).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option(ServeConfig)  # a search codes its query as the service does
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
               help="CPU scan: faiss IndexBinaryFlat (auto, when installed) or numpy over the memory-mapped codes.")
 @click.option("--no-verify", is_flag=True,
@@ -354,69 +337,59 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
-@click.option("--bits", default=64, show_default=True, type=int, help="Which code length to search.")
+@click.option("--run", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
+@option(ServeConfig, "bits", help="Which code length to search.")
 @click.option("--archive", "archives", multiple=True, type=click.Path(),
               help="Also serve this run's archive (encoded with RUN's model: encode-archive --archive); repeatable.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. The service has no authentication: bind others only on a trusted network.")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--max-in-flight", default=32, show_default=True, type=int,
-              help="Queries running at once; more get a 503 with Retry-After at once.")
-@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds a query may take (then 503).")
-@click.option("--max-upload-mb", default=20.0, show_default=True, type=float, help="Largest request body (413).")
-@click.option("--max-batch", default=64, show_default=True, type=int,
-              help="Most captions coded in one text-encoder pass (1: no batching).")
-@click.option("--max-image-batch", default=1, show_default=True, type=int,
-              help="Most uploaded images coded in one image-encoder pass (batches pay on a GPU, not on a CPU).")
-@click.option("--threads", default=None, type=int,
-              help="Torch threads for coding queries [default: torch's, every core].")
+@option(ServeConfig, "host",
+        help="Address to bind. The service has no authentication: bind others only on a trusted network.")
+@option(ServeConfig, "port")
+@option(ServeConfig, "max_in_flight", help="Queries running at once; more get a 503 with Retry-After at once.")
+@option(ServeConfig, "timeout", help="Seconds a query may take (then 503).")
+@option(ServeConfig, "max_upload_mb", help="Largest request body (413).")
+@option(ServeConfig, "max_batch", help="Most captions coded in one text-encoder pass (1: no batching).")
+@option(ServeConfig, "max_image_batch",
+        help="Most uploaded images coded in one image-encoder pass (batches pay on a GPU, not on a CPU).")
+@option(ServeConfig, "threads", type=int, help="Torch threads for coding queries [default: torch's, every core].")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let pages from this origin call the API (e.g. https://maps.example.org); off by default.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option(ServeConfig)
 @click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
-@click.option("--basemap", default=None, metavar="URL",
-              help="Scene archives' map: an XYZ tile URL template ({z}/{x}/{y}) drawn beneath the footprints, fetched "
-                   "by the browser [default: none, the map is drawn offline].")
-@click.option("--basemap-attribution", default="", metavar="TEXT", help="Credit shown on the map under the basemap.")
+@option(ServeConfig, "basemap", metavar="URL",
+        help="Scene archives' map: an XYZ tile URL template ({z}/{x}/{y}) drawn beneath the footprints, fetched by "
+             "the browser [default: none, the map is drawn offline].")
+@option(ServeConfig, "basemap_attribution", metavar="TEXT", help="Credit shown on the map under the basemap.")
 @user_errors
-def serve(run_dir, bits, archives, host, port, max_in_flight, timeout, max_upload_mb, max_batch, max_image_batch,
-          threads, cors_origins, device, no_verify, basemap, basemap_attribution):
+def serve(no_verify, **settings):
     """Search service and web page over the encoded archive (http://127.0.0.1:8000/, API docs at /docs)."""
     import uvicorn
 
-    from duch.pipeline.config import ServeConfig
     from duch.pipeline.serve.app import create_app
 
-    cfg = ServeConfig(run=run_dir, bits=bits, archives=archives, host=host, port=port, max_in_flight=max_in_flight,
-                      timeout=timeout, max_upload_mb=max_upload_mb, max_batch=max_batch,
-                      max_image_batch=max_image_batch, threads=threads, cors_origins=cors_origins,
-                      device=device, verify=not no_verify, basemap=basemap, basemap_attribution=basemap_attribution)
+    cfg = ServeConfig(verify=not no_verify, **settings)
     cfg.validate()
     if not cfg.loopback():
-        click.echo(f"warning: binding {host}: the service is reachable from other machines and has no "
+        click.echo(f"warning: binding {cfg.host}: the service is reachable from other machines and has no "
                    "authentication", err=True)
     app = create_app(cfg)
-    click.echo(f"serving {', '.join(app.state.service.archives)} ({bits} bits) at http://{host}:{port}/ "
+    click.echo(f"serving {', '.join(app.state.service.archives)} ({cfg.bits} bits) at http://{cfg.host}:{cfg.port}/ "
                f"(API docs at /docs); Ctrl-C stops", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
-@click.option("--bits", default="", callback=lambda c, p, v: _bits(c, p, v) or None,
-              help="Code lengths to evaluate [default: every encoded one].")
-@click.option("-k", "--k", default=20, show_default=True, type=int, help="mAP@K.")
-@click.option("--rerank", default=100, show_default=True, type=int,
-              help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
+@click.option("--run", required=True, type=click.Path(), help="Run directory with encode-archive codes.")
+@option(EvaluateConfig, "bits", callback=_some_bits, help="Code lengths to evaluate [default: every encoded one].")
+@option(EvaluateConfig, "k", "-k", "--k", help="mAP@K.")
+@option(EvaluateConfig, "rerank",
+        help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
 @wait_option
 @user_errors
-def evaluate(run_dir, bits, k, rerank, wait):
+def evaluate(wait, **settings):
     """mAP@K, precision curves and instance-level Recall@K on the run's held-out split; plots and metrics.json."""
-    from duch.pipeline.config import EvaluateConfig
     from duch.stages.evaluate import evaluate as run_evaluate
 
-    run_evaluate(EvaluateConfig(run=run_dir, bits=bits, k=k, rerank=rerank), echo=click.echo, wait=wait)
+    run_evaluate(EvaluateConfig(**settings), echo=click.echo, wait=wait)
 
 
 if __name__ == "__main__":

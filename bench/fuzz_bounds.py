@@ -6,7 +6,8 @@ checkout before the rules) in one run.
     python bench/fuzz_bounds.py --run runs/ucm --compare ../before   # every case, both checkouts
     python bench/fuzz_bounds.py --cases images --chars 5000000  # quicker
 
-Each case runs in a fresh process that maps `duch` onto the checkout measured (as `python cli.py` does), imports
+Each case runs in a fresh process that imports `duch` from the checkout measured (a `duch` link to it first on
+its path), imports
 what the case needs, resets its peak resident memory (VmHWM) and then runs the case: the peak is the case's, not
 the imports'. The caption case extracts one UC Merced tile whose caption JSON holds the long caption, with the
 default encoders; the query case searches a finished run (`--run`, default runs/ucm; read only) by the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -34,9 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import save  # noqa: E402
 
 PRELUDE = """
-import json, sys, time, types
-sys.modules["duch"] = types.ModuleType("duch")
-sys.modules["duch"].__path__ = [{checkout!r}]
+import json, sys, time
 sys.path.insert(0, {root!r})
 from bench.common import reset_peak_rss, rss_mb
 """
@@ -98,9 +98,18 @@ except ImageLoadError as e:
 """ + REPORT
 
 
+def importable(checkout: Path) -> str:
+    """A folder holding a `duch` link to `checkout`: first on a child's path, its `import duch` is that checkout."""
+    links = Path(tempfile.mkdtemp(prefix="duch-checkout-"))
+    (links / "duch").symlink_to(checkout.resolve(), target_is_directory=True)
+    return str(links)
+
+
 def run_case(checkout: Path, body: str, **values) -> dict:
-    code = PRELUDE.format(checkout=str(checkout), root=str(ROOT)) + body.format(**values)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    code = PRELUDE.format(root=str(ROOT)) + body.format(**values)
+    env = {**os.environ, "PYTHONPATH": importable(checkout)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                         env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

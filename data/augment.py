@@ -9,7 +9,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 
@@ -54,6 +53,8 @@ def augment_image(img: Image.Image, rng: np.random.Generator, cfg: ImageAugment 
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img = _random_resized_crop(img, rng, cfg)
     if cfg.jitter > 0:
+        import torchvision.transforms.functional as TF  # here: ImageAugment is read without torch (configs, --help)
+
         low, high = 1 - cfg.jitter, 1 + cfg.jitter
         img = TF.adjust_brightness(img, float(rng.uniform(low, high)))
         img = TF.adjust_contrast(img, float(rng.uniform(low, high)))

@@ -48,7 +48,7 @@ def read_dataset(path: str | os.PathLike, images: str | os.PathLike | None = Non
         path = annotations[0]
     images_dir = Path(images) if images else _default_images_dir(path)
     if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: images folder not found; pass it with --images")
+        raise DatasetError(f"{images_dir}: images folder not found; pass it as `images`")
     suffix = path.suffix.lower()
     if suffix == ".json":
         return read_caption_json(path, images_dir)
@@ -107,7 +107,7 @@ class ImagesFolder:
         name there, not a Windows path to convert. Only where a symlink leads is checked."""
         if not self.inside(relative):
             raise DatasetError(f"{self.images_dir / relative}: image path {relative!r} resolves outside the images "
-                               f"folder {self.images_dir}; remove the link or point --data at the folder it leads to")
+                               f"folder {self.images_dir}; remove the link or point `data` at the folder it leads to")
         return relative
 
     def inside(self, relative: str) -> bool:

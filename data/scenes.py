@@ -160,7 +160,7 @@ def _georeference(src, path: Path, options: TileOptions) -> tuple[str, tuple[flo
         if not options.allow_ungeoreferenced:
             raise DatasetError(f"{path}: the scene has no coordinate reference system (CRS), so its tiles have no "
                                "place; georeference it (e.g. gdal_edit.py -a_srs EPSG:XXXX), or pass "
-                               "--allow-ungeoreferenced for footprints in pixels")
+                               "`allow_ungeoreferenced` for footprints in pixels")
         return "", IDENTITY
     return src.crs.to_string(), tuple(float(v) for v in tuple(src.transform)[:6])
 
@@ -177,7 +177,7 @@ def _converts(crs: str, transform: tuple, src, path: Path, options: TileOptions)
         name = re.search(r'^\w+\["([^"]*)"', src.crs.to_wkt())
         raise DatasetError(f"{path}: the scene's CRS{f' ({name.group(1)})' if name else ''} does not convert to "
                            "lon/lat (a local grid?); reproject it (e.g. gdalwarp -t_srs EPSG:4326), or pass "
-                           "--allow-ungeoreferenced for footprints in its own CRS only")
+                           "`allow_ungeoreferenced` for footprints in its own CRS only")
     return False
 
 
@@ -185,7 +185,7 @@ def _bands(src, path: Path, options: TileOptions) -> tuple[int, int, int]:
     bands = tuple(options.bands) or ((1, 2, 3) if src.count >= 3 else (1,))
     for b in bands:
         if not 1 <= b <= src.count:
-            raise DatasetError(f"{path}: --bands {','.join(map(str, bands))} names band {b}, but the scene has "
+            raise DatasetError(f"{path}: `bands` {','.join(map(str, bands))} names band {b}, but the scene has "
                                f"{src.count} band{'s' if src.count > 1 else ''} (1-{src.count}); choose bands "
                                "within them")
     return bands * 3 if len(bands) == 1 else bands
@@ -285,7 +285,7 @@ def load_tile(images_dir: Path, item: Item, min_valid: float) -> Image.Image:
     rgb, valid = read_window(Path(images_dir) / item.image, tile.window, tile.scene.bands, tile.scene.stretch,
                              tile.size)
     if valid < min_valid:
-        raise TileSkipped(f"{valid:.1%} of its pixels are valid, below --min-valid {min_valid:g}")
+        raise TileSkipped(f"{valid:.1%} of its pixels are valid, below `min_valid` {min_valid:g}")
     return Image.fromarray(rgb)
 
 

@@ -33,16 +33,49 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "date_from": ("--date-from", "date_from"),
     "date_to": ("--date-to", "date_to"),
     "need_places": ("--geojson", None),
-    "tile": ("--tile", None),
     "force": ("--force", None),
-    "split": ("--split", None),
     "image_encoder": ("--image-encoder", None),
     "text_encoder": ("--text-encoder", None),
     "continuous": ("--continuous", None),
     "device": ("--device", None),
     "verify": ("--no-verify", None),
+    # The stages' settings (pipeline/config, and data/, compute/, embed/ naming them), by command.
+    "data": ("--data", None),  # extract, add
+    "images": ("--images", None),
+    "image_views": ("--image-views", None),
+    "seed": ("--seed", None),
+    "shard_size": ("--shard-size", None),
+    "dtype": ("--dtype", None),
+    "batch_size": ("--batch-size", None),
+    "decode": ("--decode", None),
+    "tile": ("--tile", None),
+    "stride": ("--stride", None),
+    "bands": ("--bands", None),
+    "min_valid": ("--min-valid", None),
+    "date": ("--date", None),
+    "allow_ungeoreferenced": ("--allow-ungeoreferenced", None),
+    "scheduler": ("--scheduler", None),
+    "threads": ("--threads", None),
+    "recipe": ("--recipe", None),  # train-hash
+    "split": ("--split", None),
+    "epochs": ("--epochs", None),
+    "hidden": ("--hidden", None),
+    "tau": ("--tau", None),
+    "precision": ("--precision", None),
+    "reference_quirks": ("--reference-quirks", None),
+    "checkpoint_every": ("--checkpoint-every", None),
+    "overrides": ("--set", None),
+    "index": ("--index", None),  # encode-archive
+    "ids": ("ID ... or --ids FILE", None),  # remove
+    "small": ("--small", None),  # compact
+    "rerank": ("--rerank", None),  # evaluate
+    "port": ("--port", None),  # serve
+    "timeout": ("--timeout", None),
     "max_upload_mb": ("--max-upload-mb", None),
-    "index": ("--index", None),
+    "max_in_flight": ("--max-in-flight", None),
+    "max_batch": ("--max-batch", None),
+    "max_image_batch": ("--max-image-batch", None),
+    "basemap": ("--basemap", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

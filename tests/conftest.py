@@ -1,16 +1,37 @@
 """Shared fixtures: a tiny open_clip config with random weights, and small real datasets on disk."""
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import shutil
 import sys
-import types
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# The checkout these tests sit in is the duch under test, installed or not: its folders are duch's packages.
-sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [str(Path(__file__).resolve().parents[1])]
+
+def _import_this_checkout() -> None:
+    """The checkout these tests sit in is the duch under test, whatever its folder's name and whether or not duch
+    is installed (an editable install of another checkout included): a temporary folder holding a `duch` link to
+    it goes first on sys.path, and on PYTHONPATH for the processes the tests start (a path entry is found before
+    an editable install's finder)."""
+    root = Path(__file__).resolve().parents[1]
+    links = Path(tempfile.mkdtemp(prefix="duch-checkout-"))
+    links.chmod(0o755)  # readable by the tests' children run as another user (faultkit.as_unprivileged_prefix)
+    (links / "duch").symlink_to(root, target_is_directory=True)
+    atexit.register(shutil.rmtree, links, ignore_errors=True)
+    sys.path.insert(0, str(links))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(links), os.environ.get("PYTHONPATH")) if p)
+    for name in [m for m in sys.modules if m == "duch" or m.startswith("duch.")]:
+        del sys.modules[name]  # a duch imported before (a plugin's), from elsewhere
+    import duch
+
+    assert Path(duch.__file__).resolve().parent == root, f"duch imports from {duch.__file__}, not {root}"
+
+
+_import_this_checkout()
 
 ASSETS = Path(__file__).parent / "assets"
 # Real UC Merced images (USGS National Map imagery): 102 airplane, 1003 harbor, 2001 tennis court,
@@ -105,7 +126,8 @@ def scenes(tmp_path_factory, tiny_extract_run, tiny_clip_spec) -> dict:
     from duch.stages.encode_archive import encode_archive
     from duch.stages.extract import extract
     from duch.stages.train_hash import train_hash
-    from tests.scenekit import write_mosaic
+
+    from .scenekit import write_mosaic
 
     quiet = lambda _: None  # noqa: E731
     root = tmp_path_factory.mktemp("scenes")

@@ -30,10 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _SOURCE = r"""
-import errno, json, os, sys, traceback, types
-sys.modules["duch"] = types.ModuleType("duch")  # this checkout is the duch package, installed or not
-sys.modules["duch"].__path__ = [ROOT]
-from duch import cli  # noqa: E402
+import errno, json, os, sys, traceback
+from duch import cli  # this checkout's: conftest puts it first on PYTHONPATH
 import duch.stages.extract, duch.stages.train_hash, duch.stages.encode_archive, duch.stages.evaluate  # noqa: E401
 import h5py, open_clip, safetensors.torch, tifffile  # noqa: E401,F401
 import matplotlib

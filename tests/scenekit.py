@@ -10,7 +10,7 @@ import rasterio
 from affine import Affine
 from PIL import Image
 
-from tests.conftest import ASSETS
+from .conftest import ASSETS
 
 UTM11 = "EPSG:32611"
 MERCED = (191533.216453, 4133833.923858)  # lon -120.48, lat 37.30 in UTM 11N

@@ -2,7 +2,8 @@ import numpy as np
 
 from duch.data.augment import ImageAugment, TextAugment, augment_caption, augment_image, view_rng
 from duch.data.images import load_image
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 
 def test_image_views_are_deterministic_per_seed_item_and_view():

@@ -27,7 +27,8 @@ from duch.data.images import load_image
 from duch.pipeline.encoders import parse_spec
 from duch.pipeline.encoders.context import count_truncated
 from duch.pipeline.formats.features import load_features
-from tests.conftest import ASSETS, write_caption_json
+
+from .conftest import ASSETS, write_caption_json
 
 LONG_CAPTION = ("many planes parked near the terminal " * 300)[:10_000]
 

@@ -150,7 +150,7 @@ def test_checkpoint_every_is_no_output_setting(run):
     result = th.train_hash(TrainConfig(run=str(run), **(FAST | {"checkpoint_every": 5})), progress=False,
                            echo=said.append)
     assert not result.did_work and "up to date" in said[0]
-    with pytest.raises(Exception, match="--checkpoint-every must be 0"):
+    with pytest.raises(Exception, match="`checkpoint_every` must be 0"):
         TrainConfig(run=str(run), checkpoint_every=-1).validate()
 
 

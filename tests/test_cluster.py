@@ -19,7 +19,8 @@ from duch.pipeline.compute.cluster import SchedulerSpec, local_layout
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.run.manifest import read_manifest
 from duch.stages.extract import extract
-from tests.test_kill import exited, wait_for_workers_and
+
+from .test_kill import exited, wait_for_workers_and
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def test_scheduler_spec_parses_and_names_the_fix():
     assert SchedulerSpec.parse("tcp://10.0.0.5:8786") == SchedulerSpec("address", address="tcp://10.0.0.5:8786")
     assert str(SchedulerSpec.parse("local:3")) == "local:3"
     for bad in ("local:0", "locale", "10.0.0.5:8786", "slurm"):
-        with pytest.raises(DuchError, match="--scheduler"):
+        with pytest.raises(DuchError, match="`scheduler`"):
             SchedulerSpec.parse(bad)
 
 

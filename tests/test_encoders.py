@@ -4,7 +4,8 @@ import torch
 from duch.data.images import load_image
 from duch.pipeline import DuchError
 from duch.pipeline.encoders import EncoderSpec, load_encoders, parse_spec
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 AIRLINER = 404  # ImageNet-1k class index
 

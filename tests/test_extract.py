@@ -12,7 +12,8 @@ from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.formats.shards import read_shard
 from duch.stages.extract import extract
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 
 def config(data, run, spec, **kw):

@@ -22,7 +22,8 @@ from duch.pipeline.encoders import load_encoders, parse_spec
 from duch.pipeline.encoders.gpu_decode import TensorPreprocess, decode_and_preprocess, sniff_jpeg
 from duch.pipeline.formats.shards import read_shard
 from duch.stages.extract import extract
-from tests.conftest import ASSETS, REAL_JPEGS
+
+from .conftest import ASSETS, REAL_JPEGS
 
 CPU = torch.device("cpu")
 
@@ -168,9 +169,9 @@ def test_batched_pipeline_writes_what_the_pil_path_writes(tmp_path, odd_jpegs, t
 def test_decode_choice(tmp_path, tiny_clip_spec, caption_dataset, monkeypatch):
     base = dict(data=str(caption_dataset), run=str(tmp_path / "run"), image_encoder=tiny_clip_spec,
                 text_encoder=tiny_clip_spec, workers=0, device="cpu")
-    with pytest.raises(DuchError, match="--decode gpu: the device is not a CUDA GPU; augmented views"):
+    with pytest.raises(DuchError, match="decode.? gpu: the device is not a CUDA GPU; augmented views"):
         extract(ExtractConfig(decode="gpu", **base), progress=False, echo=quiet)
-    with pytest.raises(DuchError, match="--decode must be auto, gpu or cpu"):
+    with pytest.raises(DuchError, match="`decode` must be auto, gpu or cpu"):
         extract(ExtractConfig(decode="nvjpeg", **base), progress=False, echo=quiet)
     said = CliRunner().invoke(cli.main, ["extract", "--data", str(caption_dataset), "--run", str(tmp_path / "c"),
                                          "--device", "cpu", "--decode", "gpu"])

@@ -24,8 +24,9 @@ import pytest
 from duch.pipeline.formats.shards import read_attrs, read_shard
 from duch.pipeline.run.artifacts import sha256_file
 from duch.pipeline.run.lock import TEMPORARIES
-from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
-from tests.faultkit import Zygote, namespaces_work
+
+from .conftest import ASSETS, REAL_JPEGS, write_caption_json
+from .faultkit import Zygote, namespaces_work
 
 pytestmark = pytest.mark.slow
 

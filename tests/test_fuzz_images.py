@@ -20,8 +20,9 @@ from PIL import Image
 
 from duch.data.augment import augment_image, view_rng
 from duch.data.images import ImageLoadError, load_image
-from tests.conftest import ASSETS
-from tests.fuzzkit import examples, one_line, time_bound
+
+from .conftest import ASSETS
+from .fuzzkit import examples, one_line, time_bound
 
 pytestmark = pytest.mark.fuzz
 

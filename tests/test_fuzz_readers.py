@@ -20,8 +20,9 @@ from duch.data.text import MAX_CAPTION_CHARS, control_characters
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.plan import text_rows
 from duch.pipeline.formats.shards import read_shard, write_shard
-from tests.conftest import ASSETS
-from tests.fuzzkit import caption_text, examples, json_values, one_line, time_bound, words
+
+from .conftest import ASSETS
+from .fuzzkit import caption_text, examples, json_values, one_line, time_bound, words
 
 pytestmark = pytest.mark.fuzz
 

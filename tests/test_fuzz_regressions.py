@@ -14,7 +14,8 @@ from duch import cli
 from duch.data import DatasetError, read_dataset
 from duch.data.text import MAX_CAPTION_CHARS
 from duch.pipeline.formats.features import load_features
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 
 def run_extract(data: Path, run: Path, spec: str):
@@ -141,8 +142,8 @@ def test_an_image_a_decoder_fails_on_with_a_value_error_is_rejected_not_a_traceb
 
 
 @pytest.mark.parametrize("item, message", [
-    ("alpha\n", "--set 'alpha\\n': TrainConfig has no such setting"),  # test_set_values_fuzzed
-    ("batch_size=\n", "--set 'batch_size=\\n': use --batch-size instead"),
+    ("alpha\n", "`overrides` 'alpha\\n': TrainConfig has no such setting"),  # test_set_values_fuzzed
+    ("batch_size=\n", "`overrides` 'batch_size=\\n': use `batch_size` instead"),
     ("disc_betas=0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (0,)"),
     ("disc_betas=1,0", "disc_betas are Adam's two betas, each from 0 to below 1 (like 0.5,0.9); got (1, 0)"),
     ("lr=-1", "lr must be positive, got -1.0"),
@@ -168,7 +169,7 @@ def test_negative_seeds_and_no_evaluation_interval_are_refused_before_any_work(t
     """`extract --seed -1` rejected every image ('cannot process image: ValueError: expected non-negative integer',
     numpy's generators of the augmented views take no negative seed); `train-hash --eval-every 0` divided by zero
     at the first epoch. Rule: both refused at once, naming the option."""
-    from tests.test_bad_input import cli_error
+    from .test_bad_input import cli_error
 
     data = archive(tmp_path / "a", "pairs.csv", "image,caption\n1.jpg,a field\n")
     assert cli_error(["extract", "--data", str(data), "--run", str(tmp_path / "r"), "--seed", "-1"]) == (
@@ -284,7 +285,8 @@ def test_a_checkpoint_whose_state_was_edited_trains_from_the_start(tiny_extract_
     not of this training's form is not resumed from; training starts over and ends with the uninterrupted weights."""
     from duch.pipeline.config import TrainConfig
     from duch.stages.train_hash import train_hash
-    from tests.test_fuzz_run_files import RESUME, crash_after_training
+
+    from .test_fuzz_run_files import RESUME, crash_after_training
 
     clean, run = tmp_path / "clean", tmp_path / "run"
     for target in (clean, run):

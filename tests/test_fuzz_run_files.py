@@ -20,8 +20,9 @@ from duch.pipeline.formats.weights import load_heads
 from duch.pipeline.model.heads import DuchHeads
 from duch.pipeline.retrieval.search import Index
 from duch.pipeline.run.records import TrainRun
-from tests.fuzzkit import examples, json_values, mutated_json, one_line, time_bound
-from tests.test_checkpoint import crash_after_training
+
+from .fuzzkit import examples, json_values, mutated_json, one_line, time_bound
+from .test_checkpoint import crash_after_training
 
 pytestmark = pytest.mark.fuzz
 

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from duch.pipeline import DuchError
 from duch.pipeline.retrieval.search import Index
-from tests.fuzzkit import caption_text, examples, one_line, time_bound
-from tests.test_fuzz_images import headers, mutated
+
+from .fuzzkit import caption_text, examples, one_line, time_bound
+from .test_fuzz_images import headers, mutated
 
 pytestmark = pytest.mark.fuzz
 

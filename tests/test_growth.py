@@ -25,7 +25,8 @@ from duch.stages.encode_archive import encode_archive
 from duch.stages.extract import extract
 from duch.stages.remove import remove
 from duch.stages.train_hash import train_hash
-from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
+
+from .conftest import ASSETS, REAL_JPEGS, write_caption_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "harbor", "court")
@@ -203,8 +204,7 @@ def test_two_adds_at_once_the_second_is_refused_naming_the_holder(run, archive_f
     from duch.pipeline.run.lock import run_lock
 
     hold = f"""
-import sys, time, types
-sys.modules["duch"] = types.ModuleType("duch"); sys.modules["duch"].__path__ = [{str(ROOT)!r}]
+import sys, time
 from duch.pipeline.run.lock import run_lock
 with run_lock({str(run)!r}, "add"):
     print("held", flush=True)

@@ -6,7 +6,8 @@ import tifffile
 from PIL import Image
 
 from duch.data.images import ImageLoadError, load_image, raster_to_rgb8
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 
 def test_real_jpeg_and_odd_sizes():

@@ -10,7 +10,8 @@ import pytest
 from duch.data import DatasetError, read_dataset
 from duch.data.files import MAX_JSON_BYTES, MAX_ROW_BYTES
 from duch.data.text import MAX_CAPTION_CHARS, Caption, clean_caption, clean_field, control_characters
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 
 @pytest.mark.parametrize("raw, caption", [

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from duch.pipeline.formats.shards import read_shard
-from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
+
+from .conftest import ASSETS, REAL_JPEGS, write_caption_json
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from duch.stages.encode_archive import encode_archive
 from duch.stages.evaluate import evaluate
 from duch.stages.extract import extract
 from duch.stages.train_hash import train_hash
-from tests.conftest import ASSETS, REAL_JPEGS
+
+from .conftest import ASSETS, REAL_JPEGS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
 MTIME_NS = 1_700_000_000_000_000_000

@@ -29,9 +29,7 @@ STRACE_PROBLEM = _strace_problem()
 pytestmark = pytest.mark.skipif(STRACE_PROBLEM is not None, reason=str(STRACE_PROBLEM))
 
 WRITER = """
-import os, sys, types
-sys.modules["duch"] = types.ModuleType("duch")
-sys.modules["duch"].__path__ = [{root!r}]
+import os, sys
 from duch.pipeline.run.manifest import write_manifest
 from duch.pipeline.run.storage import atomic_write, fsync_folder, make_folders
 stage, how = sys.argv[1], sys.argv[2]
@@ -109,7 +107,8 @@ def test_extract_rerun_after_a_power_cut_equals_an_uninterrupted_run(tmp_path, t
     """The real stage under strace; at each cut, the folder a power cut leaves, extract rerun on it."""
     from duch.pipeline.config import ExtractConfig
     from duch.stages.extract import extract
-    from tests.test_kill import make_archive
+
+    from .test_kill import make_archive
 
     data = make_archive(tmp_path / "archive", 12)
     fs = tmp_path / "fs"

@@ -6,7 +6,8 @@ import pytest
 
 from duch.data import DatasetError, read_dataset
 from duch.data.readers import class_from_name
-from tests.conftest import ASSETS, write_caption_json
+
+from .conftest import ASSETS, write_caption_json
 
 
 def test_caption_json_reads_items_classes_splits_and_empty_captions(tmp_path):

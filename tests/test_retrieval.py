@@ -20,7 +20,8 @@ from duch.stages.encode_archive import encode_archive
 from duch.stages.evaluate import evaluate
 from duch.stages.extract import extract
 from duch.stages.train_hash import train_hash
-from tests.conftest import ASSETS, REAL_JPEGS, TINY_CLIP
+
+from .conftest import ASSETS, REAL_JPEGS, TINY_CLIP
 
 FAST = dict(bits=(8, 16), epochs=3, hidden=32, batch_size=8, eval_every=3, device="cpu")
 

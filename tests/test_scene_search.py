@@ -21,7 +21,8 @@ from duch.pipeline.retrieval.geojson import geojson
 from duch.pipeline.retrieval.render import thumbnail
 from duch.pipeline.retrieval.search import Index
 from duch.stages.encode_archive import encode_archive
-from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
+
+from .scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRPLANE = f"merced/{AIRPLANE_AT[0]}_{AIRPLANE_AT[1]}"

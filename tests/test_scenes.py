@@ -17,8 +17,9 @@ from duch.pipeline import DuchError
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.formats.shards import read_shard
 from duch.stages.extract import extract
-from tests.conftest import TINY_CLIP
-from tests.scenekit import MERCED, UTM11, north_up, write_mosaic, write_scene
+
+from .conftest import TINY_CLIP
+from .scenekit import MERCED, UTM11, north_up, write_mosaic, write_scene
 
 
 def quiet(_):
@@ -78,7 +79,7 @@ def test_a_scene_smaller_than_the_tile_is_padded_and_the_padding_is_not_valid(tm
     rgb, valid = read_window(tmp_path / "small.tif", (0, 0, 200, 256), (1, 2, 3), None, 256)
     assert rgb.shape == (256, 256, 3) and valid == pytest.approx(200 / 256)
     assert np.array_equal(rgb[:, :200], bands[:, :256].transpose(1, 2, 0)) and not rgb[:, 200:].any()
-    with pytest.raises(TileSkipped, match="78.1% of its pixels are valid, below --min-valid 0.9"):
+    with pytest.raises(TileSkipped, match="78.1% of its pixels are valid, below `min_valid` 0.9"):
         load_tile(tmp_path, dataset.items[0], 0.9)
     assert load_tile(tmp_path, dataset.items[0], 0.75).size == (256, 256)
 
@@ -286,8 +287,8 @@ def test_the_cli_extracts_scenes_with_every_scene_option(tmp_path):
 
 @pytest.mark.parametrize("settings, said", [
     (dict(bands=(4, 3)), "give three band numbers"), (dict(bands=(0, 1, 2)), "counted from 1"),
-    (dict(min_valid=1.5), "--min-valid must be between 0 and 1"), (dict(date="03/06/2021"), "YYYY-MM-DD"),
-    (dict(stride=-1), "--tile and --stride must be 0 or more"), (dict(images="x"), "--images names"),
+    (dict(min_valid=1.5), "`min_valid` must be between 0 and 1"), (dict(date="03/06/2021"), "YYYY-MM-DD"),
+    (dict(stride=-1), "`tile` and `stride` must be 0 or more"), (dict(images="x"), "`images` names"),
 ])
 def test_scene_options_are_checked_before_anything_is_read(tmp_path, settings, said):
     with pytest.raises(DuchError, match=said):
@@ -295,7 +296,7 @@ def test_scene_options_are_checked_before_anything_is_read(tmp_path, settings, s
 
 
 def test_scene_options_need_tile(tmp_path):
-    with pytest.raises(DuchError, match="--bands, --min-valid tile scenes; add --tile"):
+    with pytest.raises(DuchError, match="`bands`, `min_valid` tile scenes; give `tile`"):
         ExtractConfig(data="x", run=str(tmp_path), bands=(1, 2, 3), min_valid=0.5).validate()
 
 

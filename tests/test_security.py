@@ -22,7 +22,8 @@ from duch.pipeline.config import TrainConfig
 from duch.pipeline.errors import spelled
 from duch.pipeline.run.artifacts import sha256_file
 from duch.stages.train_hash import train_hash
-from tests.conftest import ASSETS
+
+from .conftest import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

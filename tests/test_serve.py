@@ -22,8 +22,9 @@ from duch.pipeline.serve.admission import Admission, Overloaded
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.batching import QueryBatcher
 from duch.pipeline.serve.thumbs import Thumbnails, thumbnail_jpeg
-from tests.serving import running
-from tests.test_bad_input import png_bomb
+
+from .serving import running
+from .test_bad_input import png_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -370,7 +371,7 @@ def test_the_cli_serves_the_page_and_refuses_a_run_without_codes(run, tmp_path):
 def test_only_loopback_addresses_count_as_private():
     assert all(ServeConfig(run="r", host=h).loopback() for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(ServeConfig(run="r", host=h).loopback() for h in ("0.0.0.0", "::", "192.168.1.4", "example.org"))
-    with pytest.raises(DuchError, match="max-in-flight must be at least 1"):
+    with pytest.raises(DuchError, match="`max_in_flight` must be at least 1"):
         ServeConfig(run="r", max_in_flight=0).validate()
-    with pytest.raises(DuchError, match="--threads must be at least 1"):
+    with pytest.raises(DuchError, match="`threads` must be at least 1"):
         ServeConfig(run="r", threads=0).validate()

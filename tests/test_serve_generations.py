@@ -13,8 +13,9 @@ from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.app import create_app
 from duch.stages.add import add
 from duch.stages.remove import remove
-from tests.conftest import ASSETS, REAL_JPEGS, write_caption_json
-from tests.serving import running
+
+from .conftest import ASSETS, REAL_JPEGS, write_caption_json
+from .serving import running
 
 QUERY = {"id": "3", "k": 40, "modality": "image"}
 

@@ -24,8 +24,9 @@ from PIL import Image
 from duch.data.geo import overlaps_box
 from duch.pipeline.config import ServeConfig
 from duch.pipeline.serve.app import create_app
-from tests.serving import running
-from tests.test_serve_page import ALL_LOADED, browser, query, settled  # noqa: F401  (browser: a fixture)
+
+from .serving import running
+from .test_serve_page import ALL_LOADED, browser, query, settled  # noqa: F401  (browser: a fixture)
 
 CAPTION = "many airplanes parked at the airport"
 pytestmark = pytest.mark.slow  # a browser and two servers: about fifteen seconds on 2 cores

@@ -17,8 +17,9 @@ import pytest
 
 from duch.pipeline.config import ServeConfig
 from duch.pipeline.serve.app import create_app
-from tests.conftest import ASSETS
-from tests.serving import running
+
+from .conftest import ASSETS
+from .serving import running
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -23,9 +23,10 @@ from duch.pipeline.retrieval.search import Index
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.thumbs import Thumbnails, thumbnail_jpeg
 from duch.stages.encode_archive import encode_archive
-from tests.scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
-from tests.serving import running
-from tests.test_scene_search import AIRPLANE, corner_box
+
+from .scenekit import AIRPLANE_AT, FOOT, MERCED, UTM11
+from .serving import running
+from .test_scene_search import AIRPLANE, corner_box
 
 CORNER = {"merced/0_0", "merced/0_1", "merced/1_0", "merced/1_1"}
 

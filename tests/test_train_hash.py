@@ -158,9 +158,9 @@ def test_views_are_distinct_captions_unless_reference_quirks(run):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(bits=(12,)), "--bits 12: code lengths must be positive multiples of 8"),
+    (dict(bits=(12,)), "`bits` 12: code lengths must be positive multiples of 8"),
     (dict(split="dataset"), None),
-    (dict(precision="fp8"), "--precision must be auto, bf16 or fp32"),
+    (dict(precision="fp8"), "`precision` must be auto, bf16 or fp32"),
     (dict(caption_noise=1.5), "caption_noise is the share of training items given wrong captions, from 0 to 1"),
 ])
 def test_config_errors(run, change, message):
@@ -412,7 +412,7 @@ def test_recipes_the_defaults_and_the_papers_settings():
     assert [default.quantization_weight(k) for k in (16, 32, 64, 128)] == [0.0025, 0.005, 0.01, 0.02]
     assert default.view_ensemble and not cfg.view_ensemble  # the paper codes an image from the image alone
     assert TrainConfig.recipe("paper", run="r", epochs=3).epochs == 3  # given fields win over the recipe's
-    with pytest.raises(DuchError, match="--recipe 'fast': unknown; use one of duch, paper"):
+    with pytest.raises(DuchError, match="`recipe` 'fast': unknown; use one of duch, paper"):
         TrainConfig.recipe("fast", run="r")
 
 
@@ -440,16 +440,16 @@ def test_set_overrides_become_typed_fields_or_one_error_each():
         w_inter_all=2.0, beta=0.005, disc_betas=(0.4, 0.8), drop_last=True, bits=(16,), precision="fp32")
     assert parse_overrides(["robust_inter=true", "drop_last=off"], TrainConfig) == dict(robust_inter=True,
                                                                                        drop_last=False)
-    with pytest.raises(DuchError, match=r"^--set drop_last=maybe: takes a bool \(like False\), not 'maybe'$"):
+    with pytest.raises(DuchError, match=r"^`overrides` drop_last=maybe: takes a bool \(like False\), not 'maybe'$"):
         parse_overrides(["drop_last=maybe"], TrainConfig)
-    with pytest.raises(DuchError, match=r"^--set beta=abc: takes a float \(like 0.01\), not 'abc'$"):
+    with pytest.raises(DuchError, match=r"^`overrides` beta=abc: takes a float \(like 0.01\), not 'abc'$"):
         parse_overrides(["beta=abc"], TrainConfig)
-    with pytest.raises(DuchError, match=r"^--set lr_step=2.5: takes an int \(like 25\), not 2.5$"):
+    with pytest.raises(DuchError, match=r"^`overrides` lr_step=2.5: takes an int \(like 25\), not 2.5$"):
         parse_overrides(["lr_step=2.5"], TrainConfig)
-    with pytest.raises(DuchError, match=r"^--set epochs=3: use --epochs instead$"):
+    with pytest.raises(DuchError, match=r"^`overrides` epochs=3: use `epochs` instead$"):
         parse_overrides(["epochs=3"], TrainConfig, reserved=("epochs",))
     for unknown in ("no_such=1", "beta", "device=cpu"):  # not a field, no value, a runtime field with its own option
-        with pytest.raises(DuchError, match=rf"^--set {unknown}: TrainConfig has no such setting; give KEY=VALUE "
+        with pytest.raises(DuchError, match=rf"^`overrides` {unknown}: TrainConfig has no such setting; give KEY=VALUE "
                                             "with KEY one of alpha, "):
             parse_overrides([unknown], TrainConfig)
 

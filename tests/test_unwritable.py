@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from duch.pipeline.run.storage import error_number, storage_error, write_errors
-from tests.faultkit import Zygote, as_unprivileged_prefix
+
+from .faultkit import Zygote, as_unprivileged_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def test_a_real_file_size_limit_on_an_hdf5_write_is_one_clear_error(tmp_path):
     import subprocess
     import sys
 
-    from tests.faultkit import ROOT
+    from .faultkit import ROOT
 
     code = f"""
 import resource, signal, sys, numpy as np

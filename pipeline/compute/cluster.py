@@ -47,11 +47,11 @@ class SchedulerSpec:
         m = re.fullmatch(r"local:(\d+)", text)
         if m:
             if int(m.group(1)) < 1:
-                raise DuchError(f"--scheduler {text}: a local cluster needs at least 1 worker")
+                raise DuchError(f"`scheduler` {text}: a local cluster needs at least 1 worker")
             return cls("local", workers=int(m.group(1)))
         if ADDRESS.match(text):
             return cls("address", address=text)
-        raise DuchError(f"--scheduler {text!r}: use none, local, local:N (N worker processes) or the address "
+        raise DuchError(f"`scheduler` {text!r}: use none, local, local:N (N worker processes) or the address "
                         "of a running dask scheduler such as tcp://host:8786")
 
     def __str__(self) -> str:
@@ -109,8 +109,8 @@ def connect(spec: SchedulerSpec, device: str, echo: Callable[[str], None], threa
     try:
         client = Client(spec.address, timeout="20s")
     except (OSError, TimeoutError) as e:
-        raise DuchError(f"--scheduler {spec.address}: no dask scheduler answers there ({e}); start one "
-                        "(`dask scheduler`, dask-jobqueue, dask-kubernetes) or use --scheduler local") from None
+        raise DuchError(f"`scheduler` {spec.address}: no dask scheduler answers there ({e}); start one "
+                        "(`dask scheduler`, dask-jobqueue, dask-kubernetes) or use `scheduler` local") from None
     try:
         n = len(client.scheduler_info()["workers"])
         echo(f"dask: scheduler {spec.address} with {n} workers; dashboard {client.dashboard_link}")

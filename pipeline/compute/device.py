@@ -12,7 +12,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DuchError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        raise DuchError(f"`device` {device}: no CUDA GPU is visible; use `device` cpu")
     return torch.device(device)
 
 

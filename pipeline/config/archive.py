@@ -24,7 +24,7 @@ class AddConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise DuchError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise DuchError(f"`batch_size` must be at least 1, got {self.batch_size}")
         check_device(self.device)
         check_cluster(self.scheduler, self.threads)
 
@@ -36,7 +36,7 @@ class RemoveConfig:
 
     def validate(self) -> None:
         if not self.ids:
-            raise DuchError("give the ids of the items to remove (ID ... or --ids FILE)")
+            raise DuchError("no items to remove: give their image ids (`ids`)")
 
 
 @dataclass
@@ -48,4 +48,4 @@ class CompactConfig:
 
     def validate(self) -> None:
         if self.small < 0:
-            raise DuchError(f"--small must be 0 or more items, got {self.small}")
+            raise DuchError(f"`small` must be 0 or more items, got {self.small}")

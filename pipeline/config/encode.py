@@ -14,7 +14,7 @@ class EncodeConfig:
     run: str  # run directory holding the trained train-hash stage
     archive: str | None = None  # run directory of the archive's extract stage; None: `run` itself
     bits: tuple[int, ...] | None = None  # None: every trained code length
-    continuous: bool = False  # also store the heads' float16 outputs, for `search --rerank`
+    continuous: bool = False  # also store the heads' float16 outputs, for `search` re-ranking
     index: str | None = None  # also write a faiss index per code length: "flat", "ivf" or "hnsw"
     device: str = "auto"
     batch_size: int = 8192
@@ -25,10 +25,10 @@ class EncodeConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise DuchError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise DuchError(f"`batch_size` must be at least 1, got {self.batch_size}")
         for k in self.bits or ():
             if k <= 0 or k % 8:
-                raise DuchError(f"--bits {k}: code lengths are positive multiples of 8")
+                raise DuchError(f"`bits` {k}: code lengths are positive multiples of 8")
         if self.index not in (None, "flat", "ivf", "hnsw"):
-            raise DuchError(f"--index must be flat, ivf or hnsw, got {self.index!r}")
+            raise DuchError(f"`index` must be flat, ivf or hnsw, got {self.index!r}")
         check_cluster(self.scheduler, self.threads)

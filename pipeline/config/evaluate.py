@@ -19,6 +19,6 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         if self.k < 1:
-            raise DuchError(f"--k must be at least 1, got {self.k}")
+            raise DuchError(f"`k` must be at least 1, got {self.k}")
         if self.rerank < 0:
-            raise DuchError(f"--rerank must be 0 (off) or a shortlist size, got {self.rerank}")
+            raise DuchError(f"`rerank` must be 0 (off) or a shortlist size, got {self.rerank}")

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from duch.data.augment import ImageAugment, TextAugment
 from duch.data.scene_dates import parse_date
-from duch.data.scenes import TileOptions
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import check_cluster, check_device, output_settings
 from duch.pipeline.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+
+if TYPE_CHECKING:  # rasterio's world: the config (and the CLI's --help, which reads its defaults) stays light
+    from duch.data.scenes import TileOptions
 
 
 @dataclass
@@ -69,41 +72,43 @@ class ExtractConfig:
 
     def validate(self) -> None:
         if self.seed < 0:  # it seeds numpy's generators of the augmented views, which take no negative seed
-            raise DuchError(f"--seed must be 0 or more, got {self.seed}")
+            raise DuchError(f"`seed` must be 0 or more, got {self.seed}")
         if self.image_views < 0:
-            raise DuchError(f"--image-views must be 0 or more, got {self.image_views}")
+            raise DuchError(f"`image_views` must be 0 or more, got {self.image_views}")
         if self.shard_size < 1:
-            raise DuchError(f"--shard-size must be at least 1, got {self.shard_size}")
+            raise DuchError(f"`shard_size` must be at least 1, got {self.shard_size}")
         if self.batch_size < 1 or self.text_batch_size < 1:
             raise DuchError("batch sizes must be at least 1")
         if self.dtype not in ("float16", "float32"):
-            raise DuchError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+            raise DuchError(f"`dtype` must be float16 or float32, got {self.dtype!r}")
         check_device(self.device)
         if self.decode not in ("auto", "gpu", "cpu"):
-            raise DuchError(f"--decode must be auto, gpu or cpu, got {self.decode!r}")
+            raise DuchError(f"`decode` must be auto, gpu or cpu, got {self.decode!r}")
         check_cluster(self.scheduler, self.threads)
         self.validate_scenes()
 
     def validate_scenes(self) -> None:
         if self.tile < 0 or self.stride < 0:
-            raise DuchError(f"--tile and --stride must be 0 or more, got {self.tile} and {self.stride}")
+            raise DuchError(f"`tile` and `stride` must be 0 or more, got {self.tile} and {self.stride}")
         if not self.tile:
-            given = [f"--{k.replace('_', '-')}" for k, v in self.SCENE_OPTIONS.items() if getattr(self, k) != v]
+            given = [f"`{k}`" for k, v in self.SCENE_OPTIONS.items() if getattr(self, k) != v]
             if given:
-                raise DuchError(f"{', '.join(given)} tile{'s' if len(given) == 1 else ''} scenes; add --tile "
-                                "PIXELS (e.g. --tile 256) to read --data as GeoTIFF scenes")
+                raise DuchError(f"{', '.join(given)} tile{'s' if len(given) == 1 else ''} scenes; give `tile` "
+                                "in pixels (e.g. 256) to read `data` as GeoTIFF scenes")
             return
         if self.images:
-            raise DuchError("--images names the images of an annotation file; with --tile, --data names the scenes")
+            raise DuchError("`images` names the images of an annotation file; with `tile`, `data` names the scenes")
         if len(self.bands) not in (0, 1, 3) or any(not isinstance(b, int) or b < 1 for b in self.bands):
-            raise DuchError(f"--bands {','.join(map(str, self.bands))}: give three band numbers (R,G,B; e.g. "
+            raise DuchError(f"`bands` {','.join(map(str, self.bands))}: give three band numbers (R,G,B; e.g. "
                             "4,3,2 for Sentinel-2) or one (grey), counted from 1")
         if not 0 <= self.min_valid <= 1:
-            raise DuchError(f"--min-valid must be between 0 and 1 (a share of the tile), got {self.min_valid}")
+            raise DuchError(f"`min_valid` must be between 0 and 1 (a share of the tile), got {self.min_valid}")
         if self.date is not None and parse_date(self.date) != self.date:
-            raise DuchError(f"--date {self.date!r}: give the acquisition date as YYYY-MM-DD")
+            raise DuchError(f"`date` {self.date!r}: give the acquisition date as YYYY-MM-DD")
 
     def tile_options(self) -> TileOptions:
+        from duch.data.scenes import TileOptions
+
         return TileOptions(self.tile, self.stride, self.bands, self.min_valid, self.date,
                            self.allow_ungeoreferenced)
 

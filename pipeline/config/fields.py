@@ -31,10 +31,10 @@ def parse_overrides(items, cls, reserved: tuple[str, ...] = ()) -> dict:
         item = given if given.isprintable() else repr(given)  # as messages show it: one line, whatever it holds
         key = key.strip().replace("-", "_")
         if key in reserved:
-            raise DuchError(f"--set {item}: use --{key.replace('_', '-')} instead")
+            raise DuchError(f"`overrides` {item}: use `{key}` instead")
         if not sep or key not in fields or key in runtime:
             names = sorted(set(fields) - set(runtime) - set(reserved))
-            raise DuchError(f"--set {item}: {cls.__name__} has no such setting; give KEY=VALUE with KEY one of "
+            raise DuchError(f"`overrides` {item}: {cls.__name__} has no such setting; give KEY=VALUE with KEY one of "
                             f"{', '.join(names)}")
         try:
             value = ast.literal_eval(text.strip())
@@ -57,7 +57,7 @@ def _as_field_type(item: str, value, default):
     if kind is tuple and isinstance(value, (list, int, float)):
         return tuple(value) if isinstance(value, list) else (value,)
     article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise DuchError(f"--set {item}: takes {article} {kind.__name__} (like {default!r}), not {value!r}")
+    raise DuchError(f"`overrides` {item}: takes {article} {kind.__name__} (like {default!r}), not {value!r}")
 
 
 def manifest_config(cfg) -> dict:
@@ -76,11 +76,11 @@ def check_scheduler(text: str) -> None:
 
 def check_device(device: str) -> None:
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise DuchError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        raise DuchError(f"`device` must be auto, cpu or cuda[:N], got {device!r}")
 
 
 def check_cluster(scheduler: str, threads: int | None) -> None:
     """--scheduler and --threads, as every stage that runs one task per shard takes them."""
     check_scheduler(scheduler)
     if threads is not None and threads < 1:
-        raise DuchError(f"--threads must be at least 1, got {threads}")
+        raise DuchError(f"`threads` must be at least 1, got {threads}")

@@ -41,18 +41,18 @@ class ServeConfig:
 
     def validate(self) -> None:
         if self.port < 0 or self.port > 65535:
-            raise DuchError(f"--port must be 0..65535, got {self.port}")
+            raise DuchError(f"`port` must be 0..65535, got {self.port}")
         for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size"):
             if getattr(self, name) < 1:
-                raise DuchError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise DuchError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
-            raise DuchError(f"--threads must be at least 1, got {self.threads}")
+            raise DuchError(f"`threads` must be at least 1, got {self.threads}")
         if self.timeout <= 0 or self.max_upload_mb <= 0:
-            raise DuchError("--timeout and --max-upload-mb must be positive")
+            raise DuchError("`timeout` and `max_upload_mb` must be positive")
         if self.basemap is not None:
             missing = [p for p in ("{z}", "{x}", "{y}") if p not in self.basemap]
             if not self.basemap.startswith(("http://", "https://")) or missing:
-                raise DuchError(f"--basemap {self.basemap!r}: give an XYZ tile URL template, http(s)://... with "
+                raise DuchError(f"`basemap` {self.basemap!r}: give an XYZ tile URL template, http(s)://... with "
                                 f"{{z}}, {{x}} and {{y}} (e.g. https://tile.openstreetmap.org/{{z}}/{{x}}/{{y}}.png)"
                                 + (f"; {', '.join(missing)} missing" if missing else ""))
 

@@ -113,23 +113,23 @@ class TrainConfig:
     def recipe(cls, name: str, **fields) -> TrainConfig:
         """A config from named settings (TRAIN_RECIPES), with `fields` on top."""
         if name not in TRAIN_RECIPES:
-            raise DuchError(f"--recipe {name!r}: unknown; use one of {', '.join(TRAIN_RECIPES)}")
+            raise DuchError(f"`recipe` {name!r}: unknown; use one of {', '.join(TRAIN_RECIPES)}")
         return cls(**{**TRAIN_RECIPES[name], **fields})
 
     def validate(self) -> None:
         if not self.bits:
-            raise DuchError("--bits: give at least one code length")
+            raise DuchError("`bits`: give at least one code length")
         for k in self.bits:
             if k <= 0 or k % 8:
-                raise DuchError(f"--bits {k}: code lengths must be positive multiples of 8 (e.g. 16,32,64,128)")
+                raise DuchError(f"`bits` {k}: code lengths must be positive multiples of 8 (e.g. 16,32,64,128)")
         if self.split not in ("paper", "dataset", "all"):
-            raise DuchError(f"--split must be paper, dataset or all, got {self.split!r}")
+            raise DuchError(f"`split` must be paper, dataset or all, got {self.split!r}")
         if self.epochs < 1 or self.batch_size < 2:
-            raise DuchError("--epochs must be at least 1 and --batch-size at least 2 (BatchNorm needs 2 items)")
+            raise DuchError("`epochs` must be at least 1 and `batch_size` at least 2 (BatchNorm needs 2 items)")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise DuchError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise DuchError(f"`precision` must be auto, bf16 or fp32, got {self.precision!r}")
         if self.tau <= 0:
-            raise DuchError(f"--tau must be positive, got {self.tau}")
+            raise DuchError(f"`tau` must be positive, got {self.tau}")
         if not 0 <= self.caption_noise <= 1:
             raise DuchError(f"caption_noise is the share of training items given wrong captions, from 0 to 1; got "
                             f"{self.caption_noise}")
@@ -137,16 +137,16 @@ class TrainConfig:
             raise DuchError(f"robust_warmup is a number of epochs (0 or more), got {self.robust_warmup}")
         if self.nested_bits and (self.nested_bits < 0 or self.nested_bits % 8 or self.nested_bits >= min(self.bits)):
             raise DuchError(f"nested_bits is a shorter code inside every trained one: a positive multiple of 8 below "
-                            f"every --bits ({min(self.bits)}), or 0 for none; got {self.nested_bits}")
+                            f"every `bits` ({min(self.bits)}), or 0 for none; got {self.nested_bits}")
         if self.checkpoint_every < 0:
-            raise DuchError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {self.checkpoint_every}")
+            raise DuchError(f"`checkpoint_every` must be 0 (off) or a number of epochs, got {self.checkpoint_every}")
         self.validate_ranges()
 
     # The ranges of the settings `--set` reaches: a value outside is refused in one line naming it, never an
     # optimizer's traceback, a run training on NaN, or a model too large for memory.
     WEIGHTS = ("w_inter", "w_image", "w_text", "w_inter_second", "w_inter_views", "w_inter_all", "w_inter_binary",
                "w_bank", "w_nested", "alpha", "beta", "gamma", "gp_weight", "weight_decay", "disc_weight_decay")
-    POSITIVE = ("bank_tau", "lr", "disc_lr", "lr_decay")  # tau: validate names it as its option, --tau
+    POSITIVE = ("bank_tau", "lr", "disc_lr", "lr_decay")  # tau: validate names it with the others that have options
     AT_LEAST_ONE = ("lr_step", "map_k", "eval_every")
     MOST_BITS, MOST_HIDDEN = 4096, 65_536  # a 65536-wide head on 1280-d features is ~1.3 GB to train
 
@@ -172,7 +172,7 @@ class TrainConfig:
         if self.split_seed < 0:
             raise DuchError(f"split_seed must be 0 or more, got {self.split_seed}")
         if not 1 <= self.hidden <= self.MOST_HIDDEN or max(self.bits) > self.MOST_BITS:
-            raise DuchError(f"--hidden must be from 1 to {self.MOST_HIDDEN} and --bits at most {self.MOST_BITS}; got "
+            raise DuchError(f"`hidden` must be from 1 to {self.MOST_HIDDEN} and `bits` at most {self.MOST_BITS}; got "
                             f"{self.hidden} and {max(self.bits)}")
 
     def output_settings(self) -> dict:

@@ -103,7 +103,7 @@ def choose_decode(cfg: ExtractConfig, jpegs: float, encoder, device: torch.devic
             problems.append("most images are not JPEG")
     if problems:
         if cfg.decode == "gpu":
-            raise DuchError(f"--decode gpu: {'; '.join(problems)}; use --decode auto or cpu")
+            raise DuchError(f"`decode` gpu: {'; '.join(problems)}; use `decode` auto or cpu")
         return "cpu", "; ".join(problems)
     return "gpu", prep
 
