@@ -41,6 +41,10 @@ def user_errors(fn):
     return wrapper
 
 
+def say(line: str) -> None:  # a stage's progress line, its parameters spelled as options
+    click.echo(spelled(line, "cli"))
+
+
 class OneLineErrors(click.Group):
     """Usage mistakes (a bad option value, a missing option) as one line too, instead of click's usage block."""
 
@@ -150,7 +154,7 @@ def extract(force, wait, no_progress, **settings):
     """Stage 1: cache image and text embeddings (with augmented views) in HDF5 shards."""
     from duch.stages.extract import extract as run_extract
 
-    run_extract(ExtractConfig(**settings), force=force, progress=not no_progress, echo=click.echo, wait=wait)
+    run_extract(ExtractConfig(**settings), force=force, progress=not no_progress, echo=say, wait=wait)
 
 
 @main.command("train-hash")
@@ -192,7 +196,7 @@ def train_hash(recipe, epochs, batch_size, tau, no_cuda_graphs, overrides, force
     given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, tau=tau).items() if v is not None}
     given |= parse_overrides(overrides, TrainConfig, reserved=own_options)
     cfg = TrainConfig.recipe(recipe, cuda_graphs=not no_cuda_graphs, **settings, **given)
-    run_train(cfg, force=force, progress=not no_progress, echo=click.echo, wait=wait)
+    run_train(cfg, force=force, progress=not no_progress, echo=say, wait=wait)
 
 
 @main.command("encode-archive")
@@ -214,7 +218,7 @@ def encode_archive(force, wait, no_progress, **settings):
     """Stage 3: packed binary codes of every archive item, one file per code length."""
     from duch.stages.encode_archive import encode_archive as run_encode
 
-    run_encode(EncodeConfig(**settings), force=force, progress=not no_progress, echo=click.echo, wait=wait)
+    run_encode(EncodeConfig(**settings), force=force, progress=not no_progress, echo=say, wait=wait)
 
 
 @main.command()
@@ -234,7 +238,7 @@ def add(wait, no_progress, **settings):
     """Add items to an encoded archive: extracted and coded as its own were, published as a new generation."""
     from duch.stages.add import add as run_add
 
-    run_add(AddConfig(**settings), progress=not no_progress, echo=click.echo, wait=wait)
+    run_add(AddConfig(**settings), progress=not no_progress, echo=say, wait=wait)
 
 
 @main.command()
@@ -249,7 +253,7 @@ def remove(run, ids, ids_file, wait):
     from duch.stages.remove import remove as run_remove
 
     listed = [line.strip() for line in ids_file] if ids_file else []
-    run_remove(RemoveConfig(run=run, ids=tuple(ids) + tuple(i for i in listed if i)), echo=click.echo, wait=wait)
+    run_remove(RemoveConfig(run=run, ids=tuple(ids) + tuple(i for i in listed if i)), echo=say, wait=wait)
 
 
 @main.command()
@@ -262,7 +266,7 @@ def compact(wait, **settings):
     """Rewrite an archive's segments without their removed items, merging small ones: a new generation."""
     from duch.stages.compact import compact as run_compact
 
-    run_compact(CompactConfig(**settings), echo=click.echo, wait=wait)
+    run_compact(CompactConfig(**settings), echo=say, wait=wait)
 
 
 @main.command()
@@ -383,13 +387,13 @@ def serve(no_verify, **settings):
 @option(EvaluateConfig, "k", "-k", "--k", help="mAP@K.")
 @option(EvaluateConfig, "rerank",
         help="Also rank with this Hamming shortlist re-ranked by the continuous outputs (0: off).")
-@wait_option
+@stage_options
 @user_errors
-def evaluate(wait, **settings):
+def evaluate(force, wait, no_progress, **settings):
     """mAP@K, precision curves and instance-level Recall@K on the run's held-out split; plots and metrics.json."""
     from duch.stages.evaluate import evaluate as run_evaluate
 
-    run_evaluate(EvaluateConfig(**settings), echo=click.echo, wait=wait)
+    run_evaluate(EvaluateConfig(**settings), force=force, progress=not no_progress, echo=say, wait=wait)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "max_batch": ("--max-batch", None),
     "max_image_batch": ("--max-image-batch", None),
     "basemap": ("--basemap", None),
+    "run": ("--run", None),  # every command that writes a run
+    "wait": ("--wait", None),
+    "lr": ("--set lr=", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

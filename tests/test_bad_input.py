@@ -264,4 +264,4 @@ def test_a_manifest_of_a_newer_schema_is_refused_with_upgrade(extracted):
                     f"{own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
     path.write_text("[1, 2]")
     assert cli_error(["train-hash", "--run", str(extracted)]) == (
-        f"error: {path}: unreadable manifest (a JSON list, not an object); rerun the stage with --force to redo it")
+        f"error: {path}: unreadable manifest (a JSON list, not an object); redo the stage with --force")

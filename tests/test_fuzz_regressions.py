@@ -238,7 +238,7 @@ def test_a_manifest_nested_too_deep_or_lacking_what_a_stage_reads_is_one_line(le
     path.write_bytes(edit(json.loads(path.read_text())))
     with pytest.raises(DuchError) as e:
         read_manifest(path.parent)
-    assert str(e.value) == f"{path}: unreadable manifest ({problem}); rerun the stage with --force to redo it"
+    assert str(e.value) == f"{path}: unreadable manifest ({problem}); redo the stage with `force`"
 
 
 def test_a_code_file_damaged_in_place_is_one_line_when_read_without_its_checksum(legacy_copy):

@@ -107,7 +107,7 @@ def test_a_lock_kept_by_a_dead_holders_child_is_named_as_such(tmp_path):
                 pass
         assert str(e.value) == (
             f"{tmp_path} is locked by a duch process that is no longer running (extract, pid {holder}, since then); "
-            f"process {child}, started by it, still holds the lock (waited 0.3 s): rerun with --wait SECONDS to "
+            f"process {child}, started by it, still holds the lock (waited 0.3 s): rerun with `wait` SECONDS to "
             f"wait for it, or end it: kill {child}")
     finally:
         os.kill(child, signal.SIGKILL)

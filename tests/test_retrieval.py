@@ -367,7 +367,7 @@ def test_a_malformed_train_hash_manifest_is_one_error_with_its_fix(run, edit, pr
     # What every stage reads is checked as the manifest is read (pipeline/run/manifest.REQUIRED); the rest as used.
     message = str(error.value)
     assert message.startswith(f"{stage / 'manifest.json'}: unreadable manifest ({problem}")
-    assert message.endswith("; rerun the stage with --force to redo it") and "\n" not in message
+    assert message.endswith("; redo the stage with `force`") and "\n" not in message
 
 
 def test_an_altered_shard_is_detected_before_it_is_read(run):

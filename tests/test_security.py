@@ -185,7 +185,7 @@ def test_manifest_paths_leading_out_of_the_run_are_refused_not_followed(trained,
             if stage == "train-hash" else ["encode-archive", "--run", str(trained), "--device", "cpu"])
     line = one_line_error([*args, "--no-progress"])
     assert line == (f"error: {extract / 'manifest.json'} lists an output outside its stage folder ({name!r}) and "
-                    "is not read; rerun `duch extract --force` to redo the stage")
+                    "is not read; redo the extract stage with --force")
 
 
 @pytest.mark.parametrize("how", ["../../evil.faiss", "absolute", "symlink"])
@@ -203,7 +203,7 @@ def test_faiss_index_names_leading_out_of_the_encode_archive_folder_are_refused_
     name = lead_out(stage, manifest, manifest["index"]["files"]["8"], "image", evil, how)
     line = one_line_error(["search", "--run", str(trained), "--bits", "8", "--text", "a harbor", "--device", "cpu"])
     assert line == (f"error: {stage / 'manifest.json'} lists an output outside its stage folder ({name!r}) and "
-                    "is not read; rerun `duch encode-archive --force` to redo the stage")
+                    "is not read; redo the encode-archive stage with --force")
 
 
 @pytest.mark.parametrize("how", ["symlinked folder", "bits a path", "bits a string of digits"])
@@ -220,8 +220,8 @@ def test_a_train_hash_manifest_cannot_lead_encode_archive_out_of_its_stage(train
         shutil.move(stage / "bits-8", tmp_path / "elsewhere")
         os.symlink(tmp_path / "elsewhere", stage / "bits-8")
         assert one_line_error(args) == (f"error: {stage / 'manifest.json'} lists an output outside its stage folder "
-                                        "('bits-8/model.safetensors') and is not read; rerun `duch train-hash "
-                                        "--force` to redo the stage")
+                                        "('bits-8/model.safetensors') and is not read; redo the train-hash "
+                                        "stage with --force")
         return
     manifest["config"]["bits"] = ["../../../evil"] if how == "bits a path" else ["8"]
     (stage / "manifest.json").write_text(json.dumps(manifest))

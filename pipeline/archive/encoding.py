@@ -59,9 +59,9 @@ def encode_plan(model_run: TrainRun, archive_run: Path, cfg: EncodeConfig, force
     folder = StageFolder(archive_run, "encode-archive")
     views = model_run.archive_views(archive)
     if model_run.view_ensemble and not views:
-        echo(f"encode-archive: {archive.folder} has no augmented image views (extracted with --image-views 0), so "
+        echo(f"encode-archive: {archive.folder} has no augmented image views (extracted with `image_views` 0), so "
              "its image codes come from the images alone, not averaged over views as the model was validated; "
-             "re-extract with --image-views 2 for the view-averaged codes")
+             "extract it again with `image_views` 2 for the view-averaged codes")
     attrs = {"extract_fingerprint": archive.fingerprint, "image_views": views}
     kept = [b for b, m in model_run.models.items()
             if b not in bits_list and code_file_done(folder.path / codes_name(b), m, attrs, cfg)]

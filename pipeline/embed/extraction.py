@@ -203,7 +203,7 @@ def report(manifest: dict, out_dir: Path, echo: Callable[[str], None]) -> None:
          f"-> {out_dir}")
     if "scenes" in c:
         echo(f"extract: {c['images']} tiles from {c['scenes']} scenes; {c['tiles_skipped']} tiles skipped for too "
-             f"few valid pixels (--min-valid); per scene: 'scenes' in {out_dir / 'manifest.json'}")
+             f"few valid pixels (`min_valid`); per scene: 'scenes' in {out_dir / 'manifest.json'}")
     if c["rejects"]:
         dropped = f" (and the {c['dropped_captions']} captions of the rejected images)" if c["dropped_captions"] else ""
         echo(f"extract: warning: {c['rejects']} items skipped{dropped}; see 'rejects' in {out_dir / 'manifest.json'}")

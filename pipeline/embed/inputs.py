@@ -116,4 +116,4 @@ def stale_error(out_dir: Path, previous: dict | None, new: dict) -> DuchError:
             detail += (" (made before extract kept a digest of the images' bytes, so an archive copied with new "
                        "modification times cannot be told from an edited one)")
     return DuchError(f"{out_dir} holds embeddings made from other settings or inputs{detail}; "
-                     "rerun with --force to redo it, or choose another --run directory")
+                     "redo the stage with `force`, or choose another `run` directory")

@@ -33,14 +33,14 @@ def stage_file(stage: Path, name) -> Path:
     stage = Path(stage)
     manifest = stage / "manifest.json"
     if not isinstance(name, str) or not name or "\0" in name:
-        raise DuchError(f"{manifest} lists an output that is not a file name ({name!r}); rerun `duch {stage.name} "
-                        "--force` to redo the stage")
+        raise DuchError(f"{manifest} lists an output that is not a file name ({name!r}); redo the {stage.name} "
+                        "stage with `force`")
     pure = PurePosixPath(name)
     real_stage = os.path.realpath(stage)
     real = os.path.realpath(stage / pure)
     if pure.is_absolute() or ".." in pure.parts or os.path.commonpath([real_stage, real]) != real_stage:
         raise DuchError(f"{manifest} lists an output outside its stage folder ({name!r}) and is not read; "
-                        f"rerun `duch {stage.name} --force` to redo the stage")
+                        f"redo the {stage.name} stage with `force`")
     return stage / pure
 
 

@@ -78,12 +78,12 @@ def _in_use(run: Path, path: Path, waited: float) -> str:
         holder, pid = f"{info['stage']}, pid {info['pid']}, since {info['since']}", int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return (f"{run} is in use by another duch process (holder unknown){waited_text}; wait for it to finish, "
-                "or use another --run directory")
+                "or use another `run` directory")
     if children.alive(pid):
         return (f"{run} is in use by another duch process ({holder}){waited_text}; wait for it to finish (or "
-                "rerun with --wait SECONDS), or use another --run directory")
+                "rerun with `wait` SECONDS), or use another `run` directory")
     others = [p for p in children.holding(path) if p != os.getpid()]
     who = f"process {', '.join(map(str, others))}, started by it," if others else "a process it started"
     end_it = f", or end it: kill {' '.join(map(str, others))}" if others else ""
     return (f"{run} is locked by a duch process that is no longer running ({holder}); {who} still holds the "
-            f"lock{waited_text}: rerun with --wait SECONDS to wait for it{end_it}")
+            f"lock{waited_text}: rerun with `wait` SECONDS to wait for it{end_it}")

@@ -51,23 +51,23 @@ def read_manifest(stage_dir: Path) -> dict | None:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DuchError(f"{path}: unreadable manifest ({e}); rerun the stage with --force to redo it") from None
+        raise DuchError(f"{path}: unreadable manifest ({e}); redo the stage with `force`") from None
     except RecursionError:
-        raise DuchError(f"{path}: unreadable manifest (JSON nested deeper than the parser goes); rerun the stage "
-                        "with --force to redo it") from None
+        raise DuchError(f"{path}: unreadable manifest (JSON nested deeper than the parser goes); redo the stage "
+                        "with `force`") from None
     if not isinstance(manifest, dict):
         raise DuchError(f"{path}: unreadable manifest (a JSON {type(manifest).__name__}, not an object); "
-                        "rerun the stage with --force to redo it")
+                        "redo the stage with `force`")
     schema = manifest.get("schema")
     if not isinstance(schema, int) or isinstance(schema, bool):
-        raise DuchError(f"{path}: unreadable manifest (no schema number); rerun the stage with --force to redo it")
+        raise DuchError(f"{path}: unreadable manifest (no schema number); redo the stage with `force`")
     if schema > SCHEMA_VERSION:
         # Guessing at a newer layout could misread it; an older duch cannot know what changed.
         raise DuchError(f"{path} was written by a newer duch (manifest schema {schema}; this duch "
                         f"{own_version()} reads schema {SCHEMA_VERSION} and older); upgrade duch to use this run")
     problem = _field_problem(manifest, REQUIRED.get(Path(stage_dir).name, {}))
     if problem:
-        raise DuchError(f"{path}: unreadable manifest ({problem}); rerun the stage with --force to redo it")
+        raise DuchError(f"{path}: unreadable manifest ({problem}); redo the stage with `force`")
     return manifest
 
 

@@ -99,7 +99,7 @@ class StageFolder:
         for path in damaged:
             echo(f"{self.name}: {plan.damaged(path)}")
         if done:
-            echo(f"{self.name}: up to date{plan.summary(done)} in {self.path}; nothing to do (--force redoes it)")
+            echo(f"{self.name}: up to date{plan.summary(done)} in {self.path}; nothing to do (`force` redoes it)")
             return StageResult(self.path, done, did_work=False)
         if (force and plan.clear is True) or (callable(plan.clear) and plan.clear()):
             clear_stage(self.path)

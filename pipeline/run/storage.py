@@ -47,18 +47,18 @@ def storage_error(exc: BaseException, path: str | os.PathLike | None = None) -> 
     kept = "files already finished are kept, and rerunning the same command resumes from them"
     if number == errno.EFBIG:
         return DuchError(f"cannot write {path}: file too large for the file size limit of this process (ulimit -f) "
-                         f"or of its file system; raise the limit or choose another --run directory, then rerun: "
+                         f"or of its file system; raise the limit or choose another `run` directory, then rerun: "
                          f"{kept}")
     if number in _NO_SPACE:
         what = "no space left on device" if number == errno.ENOSPC else "disk quota exceeded"
         return DuchError(f"cannot write {path}: {what}; free some space on {_mount_of(path)} (or choose another "
-                         f"--run directory), then rerun: {kept}")
+                         f"`run` directory), then rerun: {kept}")
     if number in _NO_PERMISSION or number in _READ_ONLY:
         what = "read-only file system" if number in _READ_ONLY else "permission denied"
-        return DuchError(f"cannot write {path}: {what}; make {path.parent} writable (or choose another --run "
+        return DuchError(f"cannot write {path}: {what}; make {path.parent} writable (or choose another `run` "
                          f"directory), then rerun: {kept}")
     if number in _NOT_A_FOLDER:
-        return DuchError(f"cannot write {path}: a file stands where a folder is needed; give a folder as --run")
+        return DuchError(f"cannot write {path}: a file stands where a folder is needed; give a folder as `run`")
     return None
 
 

@@ -32,7 +32,7 @@ def choose_split(features: Features, cfg: TrainConfig) -> Split:
         split = paper_split(n, cfg.split_seed)
     elif cfg.split == "dataset":
         if (features.splits == "").all():
-            raise DuchError("--split dataset: the dataset has no 'split' field; use --split paper or all")
+            raise DuchError("`split` dataset: the dataset has no 'split' field; use `split` paper or all")
         split = dataset_split(features.splits)
     else:
         split = Split(np.arange(n), np.array([], dtype=np.int64), np.array([], dtype=np.int64))
@@ -49,9 +49,9 @@ def check_features(features: Features) -> None:
             bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
             ids = features.ids[bad[:3]] if name != "text embeddings" else features.text_image_id[bad[:3]]
             raise DuchError(f"{name} hold NaN or Inf ({len(bad)} rows, e.g. items {', '.join(map(str, ids))}); "
-                            "redo the extract stage with --force")
+                            "redo the extract stage with `force`")
     if features.views is None or features.views.shape[1] == 0:
-        raise DuchError("the extract run has no augmented image views; rerun extract with --image-views 1 or more")
+        raise DuchError("the extract run has no augmented image views; redo the extract stage with `image_views` 1 or more")
     if not len(features.text_emb):
         raise DuchError("the extract run has no captions; train-hash needs image-caption pairs")
 

@@ -278,7 +278,7 @@ def _train_bits(bits: int, cfg: TrainConfig, data: TrainData, split: Split, eval
         row = epoch_row(epoch, state.sums, len(batches))
         epoch_seconds.append(time.perf_counter() - started)
         if not all(math.isfinite(v) for v in row.values()):
-            raise DuchError(f"{bits} bits: the loss became NaN/Inf at epoch {epoch}; lower --lr or check features")
+            raise DuchError(f"{bits} bits: the loss became NaN/Inf at epoch {epoch}; lower `lr` or check the features")
         history.append(row)
         if evaluate and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             evals.append({"epoch": epoch, **evaluate_codes(heads, data, split, eval_text, labels, cfg.map_k,
