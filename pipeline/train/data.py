@@ -51,7 +51,8 @@ def check_features(features: Features) -> None:
             raise DuchError(f"{name} hold NaN or Inf ({len(bad)} rows, e.g. items {', '.join(map(str, ids))}); "
                             "redo the extract stage with `force`")
     if features.views is None or features.views.shape[1] == 0:
-        raise DuchError("the extract run has no augmented image views; redo the extract stage with `image_views` 1 or more")
+        raise DuchError("the extract run has no augmented image views; redo the extract stage with `image_views` 1 "
+                        "or more")
     if not len(features.text_emb):
         raise DuchError("the extract run has no captions; train-hash needs image-caption pairs")
 
