@@ -14,6 +14,7 @@ from duch.pipeline.formats.codes import META, MODALITIES, PLACES, CodeTable, cod
 from duch.pipeline.run.artifacts import verify_listed, verify_output
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.manifest import read_manifest
+from duch.pipeline.run.records import EncodedRun, ExtractRun
 
 
 class Stacked:
@@ -60,8 +61,7 @@ class ArchiveCodes:
     """One code length of a generation: the tables of every segment as one per modality."""
 
     generation: Generation
-    manifests: list[dict]  # each segment's encode-archive manifest, in segment order
-    folders: list[Path]  # each segment's encode-archive folder (a manifest's paths are relative to it)
+    encoded: list[EncodedRun]  # each segment's encode-archive stage, in segment order (the run's own first)
     tables: dict[str, CodeTable]
     removed: dict[str, np.ndarray]  # [rows] bool per modality: tombstoned (an image and its captions)
     segment_of: dict[str, np.ndarray]  # [rows] int: the segment each row belongs to
@@ -84,24 +84,24 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generati
     run = Path(run)
     generation = generation or read_generation(run)
     removed_ids = generation.removed_ids()
-    manifests, per_segment, images_dirs, folders = [], [], [], []
+    encoded: list[EncodedRun] = []
+    per_segment, images_dirs = [], []
     for segment in generation.segments:
         folder = stage_dir(run / segment, "encode-archive")
         manifest = read_manifest(folder)
         if manifest is None:
             raise DuchError(f"{folder}: no finished encode-archive stage for segment {segment!r} of "
                             f"{run / 'archive.json'}; run the add (or the encode-archive) stage on {run} again")
-        if manifests and manifest["models"].get(str(bits), {}).get("sha256") != \
-                manifests[0]["models"].get(str(bits), {}).get("sha256"):
-            raise DuchError(f"{folder}: segment {segment!r} was coded by another {bits}-bit model than the rest of "
-                            f"the archive; run the encode-archive stage on {run} again to code every segment with one")
-        _, tables = open_codes(verify_listed(folder, manifest, codes_name(bits), checksum=verify), with_meta,
-                               modalities)
-        manifests.append(manifest)
-        folders.append(folder)
+        record = EncodedRun.of(folder, manifest)
+        if encoded and model_sha256(record, bits) != model_sha256(encoded[0], bits):
+            raise DuchError(f"{record.folder}: segment {segment!r} was coded by another {bits}-bit model than the "
+                            f"rest of the archive; run the encode-archive stage on {run} again to code every "
+                            "segment with one")
+        listed = verify_listed(record.folder, record.manifest, codes_name(bits), checksum=verify)
+        _, tables = open_codes(listed, with_meta, modalities)
+        encoded.append(record)
         per_segment.append(tables)
-        extract = read_manifest(stage_dir(folder / manifest["archive_run"], "extract")) or {}
-        images_dirs.append(Path(extract.get("dataset", {}).get("images_dir", ".")))
+        images_dirs.append(images_dir_of(record.archive_run))
     tables, removed, segment_of = {}, {}, {}
     for modality in [m for m in MODALITIES if any(m in t for t in per_segment)]:
         parts = [t.get(modality) or empty_table(modality, bits, any_continuous(per_segment, modality))
@@ -115,7 +115,19 @@ def open_archive_codes(run: str | Path, bits: int, verify: bool = True, generati
         segment_of[modality] = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         removed[modality] = np.zeros(len(segment_of[modality]), bool) if not with_meta else np.concatenate([
             among(p.meta[owner_key], removed_ids.get(segment, ())) for p, segment in zip(parts, generation.segments)])
-    return ArchiveCodes(generation, manifests, folders, tables, removed, segment_of, images_dirs)
+    return ArchiveCodes(generation, encoded, tables, removed, segment_of, images_dirs)
+
+
+def model_sha256(encoded: EncodedRun, bits: int) -> str | None:
+    model = encoded.models.get(bits)
+    return model.sha256 if model else None
+
+
+def images_dir_of(archive_run: Path) -> Path:
+    """The images folder of an extract run ("." where it records none: runs made before it was recorded)."""
+    manifest = read_manifest(stage_dir(archive_run, "extract"))
+    images_dir = ExtractRun.of(stage_dir(archive_run, "extract"), manifest).images_dir if manifest else None
+    return images_dir or Path(".")
 
 
 def among(ids, removed) -> np.ndarray:

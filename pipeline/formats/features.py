@@ -25,7 +25,12 @@ class Features:
     text_augmented: np.ndarray  # [M] bool
     text: np.ndarray  # [M] captions
     text_emb: np.ndarray  # [M, Dt]
-    manifest: dict
+    extract: ExtractRun  # the extract stage they were read from
+
+    @property
+    def manifest(self) -> dict:
+        """The extract stage's manifest as read."""
+        return self.extract.manifest
 
     def caption_rows(self) -> list[np.ndarray]:
         """For every image, the indices of its text rows (real captions first, then any rewrite)."""
@@ -75,5 +80,5 @@ def load_features(run: str | Path) -> Features:
         text_image_id=cat("text", "image_id", no_str),
         text_caption_index=cat("text", "caption_index", np.zeros(0, int)),
         text_augmented=cat("text", "augmented", np.zeros(0, bool)), text=cat("text", "text", no_str),
-        text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), manifest=extract.manifest,
+        text_emb=cat("text", "emb", np.zeros((0, 0), np.float16)), extract=extract,
     )

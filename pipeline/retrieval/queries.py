@@ -5,7 +5,6 @@ codes average them) and head. The model and encoders load on first use and can b
 by one model."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ import torch
 from duch.pipeline import DuchError
 from duch.pipeline.formats.weights import load_model
 from duch.pipeline.model.coding import image_codes, pack_codes
-from duch.pipeline.run.records import ModelFile, image_code
+from duch.pipeline.run.records import EncodedRun
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,33 +57,28 @@ class Query:
 
 
 class QueryCoder:
-    """The heads and encoders behind an encode-archive manifest (`manifest`, whose paths are relative to `stage`)."""
+    """The heads and encoders that coded an archive (its encode-archive stage, `encoded`), for one code length."""
 
-    def __init__(self, manifest: dict, stage: Path, bits: int, device: torch.device):
-        self.manifest, self.stage, self.bits, self.device = manifest, Path(stage), bits, device
+    def __init__(self, encoded: EncodedRun, bits: int, device: torch.device):
+        self.encoded, self.stage, self.bits, self.device = encoded, encoded.folder, bits, device
         self._heads: DuchHeads | None = None
         self._encoders: dict = {}
 
     @property
     def heads(self):
         if self._heads is None:
-            m = self.manifest["models"][str(self.bits)]
-            dims = self.manifest["encoders"]
-            path = Path(os.path.normpath(self.stage / m["file"]))
-            model = ModelFile(self.bits, path, m["sha256"], m["hidden"], dims["image"]["dim"],
-                              dims.get("text", {}).get("dim", 0))
-            self._heads = load_model(model, self.device)
+            self._heads = load_model(self.encoded.model_file(self.bits), self.device)
         return self._heads
 
     def model_key(self) -> tuple:
         """What codes a query for this index: the model file's SHA-256 and the encoders. Two indexes with the same
         key code a caption the same way."""
-        return self.manifest["models"][str(self.bits)]["sha256"], repr(sorted(self.manifest["encoders"].items()))
+        return self.encoded.models[self.bits].sha256, repr(sorted(self.encoded.encoders.items()))
 
     @property
     def modalities(self) -> list[str]:
         """The modalities it codes: those the model has an encoder for."""
-        return list(self.manifest["encoders"])
+        return list(self.encoded.encoders)
 
     def share(self, other: QueryCoder) -> None:
         """Use `other`'s heads and encoders: one model in memory for several archives coded by it."""
@@ -96,9 +90,10 @@ class QueryCoder:
         if modality not in self._encoders:
             from duch.pipeline.encoders import load_encoders, parse_spec
 
-            spec = self.manifest["encoders"].get(modality, {}).get("spec")
-            if not spec:
-                raise DuchError(f"the model in {self.manifest['model_run']} has no {modality} encoder")
+            used = self.encoded.encoders.get(modality)
+            if used is None or not used.spec:
+                raise DuchError(f"the model in {self.encoded.model_run} has no {modality} encoder")
+            spec = used.spec
             parsed = parse_spec(spec, modality)
             image, text = load_encoders(parsed if modality == "image" else None,
                                         parsed if modality == "text" else None, str(self.device))
@@ -144,7 +139,7 @@ class QueryCoder:
         from duch.data.augment import ImageAugment, augment_image, view_rng
 
         encoder = self._encoder("image")
-        code = image_code(self.manifest)
+        code = self.encoded.image_code
         n_views = int(code["views"])
         augment = ImageAugment.from_record(code["augment"]) if n_views else None
         pixels = []

@@ -38,12 +38,12 @@ def faiss_file(run: Path, codes: ArchiveCodes, bits: int, modality: str, checksu
     if generation.segments != (BASE,):
         listed = generation.indexes.get(str(bits), {}).get(modality)
         return verify_generation_index(run, listed, checksum) if listed else None
-    manifest, stage = codes.manifests[0], codes.folders[0]
-    name = ((manifest.get("index") or {}).get("files") or {}).get(str(bits), {}).get(modality)
+    own = codes.encoded[0]
+    name = own.index_files(bits).get(modality)
     if name is None:
         return None
-    stage_file(stage, name)  # a name leading out of the folder is refused before anything else
-    return verify_listed(stage, manifest, name, checksum=checksum)
+    stage_file(own.folder, name)  # a name leading out of the folder is refused before anything else
+    return verify_listed(own.folder, own.manifest, name, checksum=checksum)
 
 
 class CodeScan:

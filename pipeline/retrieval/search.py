@@ -25,8 +25,7 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.retrieval.hits import Hit, make_hits
 from duch.pipeline.retrieval.queries import Query, QueryCoder, check_query, shown
 from duch.pipeline.retrieval.scan import CodeScan, check_backend
-from duch.pipeline.run.layout import stage_dir
-from duch.pipeline.run.manifest import read_manifest
+from duch.pipeline.run.records import EncodedRun
 
 
 class UnknownItem(DuchError, LookupError):
@@ -41,7 +40,7 @@ class Index:
         self.run, self.bits, self.archive, self.device = Path(run), bits, archive, device
         self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
         # The run's own encode-archive (the first segment's) names the model, the encoders and the image-code rule.
-        self.coder = QueryCoder(archive.manifests[0], archive.folders[0], bits, device)
+        self.coder = QueryCoder(archive.encoded[0], bits, device)
         self.scan = CodeScan(self.run, bits, archive, device, backend, verify)
 
     @classmethod
@@ -49,9 +48,9 @@ class Index:
              verify: bool = True) -> Index:
         """The codes of one code length of a finished encode-archive stage, checked against its manifest:
         `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes."""
-        out_dir, manifest = load_encode_manifest(run)
-        if str(bits) not in manifest["models"]:
-            raise DuchError(f"{out_dir} holds codes of {', '.join(manifest['models'])} bits, not {bits}; "
+        encoded = EncodedRun.read(run)
+        if bits not in encoded.models:
+            raise DuchError(f"{encoded.folder} holds codes of {', '.join(map(str, encoded.bits))} bits, not {bits}; "
                             "give one of those as `bits`")
         check_backend(backend)
         for attempt in range(3):  # a generation published while this one was being opened: open the new one
@@ -135,11 +134,3 @@ class Index:
         h = None if table.continuous is None else table.continuous[row].astype(np.float32)
         return Query(source, np.asarray(table.codes[row:row + 1]), h)
 
-
-def load_encode_manifest(run: str | Path) -> tuple[Path, dict]:
-    """The folder and manifest of a run's finished encode-archive stage."""
-    out_dir = stage_dir(run, "encode-archive")
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise DuchError(f"{run}: no finished encode-archive stage; run the encode-archive stage on it first")
-    return out_dir, manifest

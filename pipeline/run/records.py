@@ -217,6 +217,14 @@ class EncodedModel:
 
 
 @dataclass(frozen=True)
+class EncoderUsed:
+    """An encoder an archive was embedded with: its spec (what a query is embedded with) and dimension."""
+
+    spec: str
+    dim: int
+
+
+@dataclass(frozen=True)
 class EncodedRun:
     """A finished encode-archive stage: code files by code length, the models and encoders that made them."""
 
@@ -230,6 +238,7 @@ class EncodedRun:
     image_code: dict  # how an image query must be coded to match (image_code above)
     model_run: Path  # the train-hash run, resolved
     archive_run: Path  # the extract run coded, resolved
+    encoders: dict[str, EncoderUsed]  # {modality: encoder}: a query is embedded with these
 
     @classmethod
     def read(cls, run: str | os.PathLike, purpose: str = "") -> EncodedRun:
@@ -240,7 +249,8 @@ class EncodedRun:
         models = {int(b): EncodedModel(e["file"], e["sha256"], e["hidden"]) for b, e in m["models"].items()}
         return cls(Path(folder), m, m["fingerprint"], m["basis"]["archive"], dict(sorted(models.items())),
                    m["rows"], m.get("config", {}), image_code(m), (Path(folder) / m["model_run"]).resolve(),
-                   (Path(folder) / m["archive_run"]).resolve())
+                   (Path(folder) / m["archive_run"]).resolve(),
+                   {modality: EncoderUsed(e["spec"], e["dim"]) for modality, e in m["encoders"].items()})
 
     @property
     def bits(self) -> list[int]:
@@ -253,6 +263,12 @@ class EncodedRun:
     @property
     def continuous(self) -> bool:
         return bool(self.config.get("continuous"))
+
+    def model_file(self, bits: int) -> ModelFile:
+        """The model that made the `bits`-bit codes, as its weights are loaded (its path relative to this folder)."""
+        model = self.models[bits]
+        return ModelFile(bits, Path(os.path.normpath(self.folder / model.file)), model.sha256, model.hidden,
+                         self.encoders["image"].dim, self.encoders["text"].dim if "text" in self.encoders else 0)
 
     def index_files(self, bits: int) -> dict[str, str]:
         """{modality: faiss file name} of a code length ({}: encoded without an index)."""

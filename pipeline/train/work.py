@@ -38,7 +38,7 @@ class Training:
 
     @property
     def basis(self) -> dict:
-        return normalized({"extract": self.features.manifest["fingerprint"], "settings": self.cfg.output_settings()})
+        return normalized({"extract": self.features.extract.fingerprint, "settings": self.cfg.output_settings()})
 
 
 def train_plan(folder: StageFolder, job: Training, force: bool, progress: bool,
@@ -111,7 +111,7 @@ def code_length(out: Path, bits: int, job: Training, data: TrainData, eval_text:
                      checkpoints=Checkpoints(out, fingerprint, echo))
     save_weights(out / "model.safetensors", run.heads, run.disc,
                  {"bits": bits, "hidden": cfg.hidden, "image_dim": data.image.shape[1], "text_dim": data.text.shape[1],
-                  "extract_fingerprint": features.manifest["fingerprint"]})
+                  "extract_fingerprint": features.extract.fingerprint})
     write_history(out, run.history, run.evals, bits)
     final = run.evals[-1]["map"] if run.evals else None
     result = {"fingerprint": fingerprint, "bits": bits, "seconds": round(run.seconds, 2), "map": final,
