@@ -58,7 +58,7 @@ class CodeWriter:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.tmp.unlink(missing_ok=True)
-        self.file = None
+        self.file: h5py.File | None = None
         with write_errors(self.path):
             try:
                 self._create(bits, rows, continuous, attrs, places)
@@ -67,10 +67,10 @@ class CodeWriter:
                 raise
 
     def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict, places: bool) -> None:
-        self.file = h5py.File(self.tmp, "w")
+        self.file = file = h5py.File(self.tmp, "w")
         self.filled = dict.fromkeys(rows, 0)
         for modality, n in rows.items():
-            group = self.file.create_group(modality)
+            group = file.create_group(modality)
             for name in META[modality]:
                 dtype = np.int32 if name == "caption_index" else STRING
                 group.create_dataset(name, shape=(n,), dtype=dtype)
@@ -80,9 +80,10 @@ class CodeWriter:
             if continuous:
                 group.create_dataset("continuous", shape=(n, bits), dtype=np.float16)
         for key, value in {**attrs, "bits": bits, **{f"{m}_rows": n for m, n in rows.items()}}.items():
-            self.file.attrs[key] = value
+            file.attrs[key] = value
 
     def append(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
+        assert self.file is not None  # open from __init__ on
         group = self.file[modality]
         start = self.filled[modality]
         n = len(arrays["codes"])
@@ -92,6 +93,7 @@ class CodeWriter:
         self.filled[modality] = start + n
 
     def close(self) -> None:
+        assert self.file is not None  # open from __init__ on
         expected = {m: self.file[m]["codes"].shape[0] for m in self.filled}
         with write_errors(self.path):
             self.file.close()  # HDF5 flushes what it still holds here: where a full disk often shows

@@ -59,6 +59,7 @@ def load_features(run: str | Path) -> Features:
     parts: dict[str, list[dict]] = {"image": [], "text": []}
     dims: dict[str, tuple[str, tuple]] = {}
     for out in extract.outputs:
+        assert out.modality is not None  # read_manifest checked every output of an extract stage names one
         verify_output(stage, out.listing())
         shard = read_shard(stage / out.file)
         shape = shard["emb"].shape[1:] + (shard["views"].shape[1:] if "views" in shard else ())

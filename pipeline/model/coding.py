@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from duch.pipeline.model.heads import HashHead
+
 
 @torch.no_grad()
 def encode(head: torch.nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
@@ -30,7 +32,7 @@ def image_codes(head: torch.nn.Module, image: torch.Tensor, views: torch.Tensor 
 
 
 @torch.no_grad()
-def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.device, batch: int,
+def continuous_codes(head: HashHead, emb: np.ndarray, device: torch.device, batch: int,
                      views: np.ndarray | None = None) -> np.ndarray:
     """Head outputs in fp32 (what train-hash validates with) of stored embeddings, [n, K], batch by batch; with
     `views` [n, V, D] their mean over the image and its views, as image_codes."""
@@ -39,7 +41,11 @@ def continuous_codes(head: torch.nn.Module, emb: np.ndarray, device: torch.devic
         x = torch.as_tensor(np.asarray(emb[s:s + batch], dtype=np.float32), device=device)
         v = None if views is None else torch.as_tensor(np.asarray(views[s:s + batch], dtype=np.float32), device=device)
         out.append(image_codes(head, x, v).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head.net[3].out_features), np.float32)
+    if out:
+        return np.concatenate(out)
+    last = head.net[3]
+    assert isinstance(last, torch.nn.Linear)  # HashHead's Linear(hidden, K): its width is the code length
+    return np.zeros((0, last.out_features), np.float32)
 
 
 def pack_codes(h: np.ndarray | torch.Tensor) -> np.ndarray:

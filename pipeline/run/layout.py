@@ -1,6 +1,7 @@
 """A run directory holds one folder per stage; each stage folder ends with its manifest.json."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from duch.pipeline.run.storage import make_folders
 STAGES = ("extract", "train-hash", "encode-archive", "evaluate")
 
 
-def stage_dir(run: str | Path, stage: str) -> Path:
+def stage_dir(run: str | os.PathLike, stage: str) -> Path:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     return Path(run) / stage

@@ -14,8 +14,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("duch", "torch", "torchvision", "open_clip_torch", "timm", "sentence-transformers", "h5py", "numpy",
                  "pillow", "tifffile"):
         try:
@@ -71,13 +71,16 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return manifest
 
 
+# A field's kind: one type, or a tuple of the types it may hold (isinstance's second argument).
+FieldKind = type | tuple[type, ...]
+
 # What the stages read of each stage's manifest, by dotted path ("*": every entry, "?": only where present): a
 # manifest that lacks or mistypes any of it (edited by hand, cut short by another tool) is refused as it is read,
 # in one line, never a KeyError deep in a later stage. Every manifest duch ever wrote has these (runs made before
 # a field existed lack only what is marked "?").
-_RUN_FILES = {"outputs": list, "outputs.*": dict, "outputs.*.file": str, "outputs.*.bytes": int,
-              "outputs.*.sha256": str}
-REQUIRED = {
+_RUN_FILES: dict[str, FieldKind] = {"outputs": list, "outputs.*": dict, "outputs.*.file": str,
+                                    "outputs.*.bytes": int, "outputs.*.sha256": str}
+REQUIRED: dict[str, dict[str, FieldKind]] = {
     "extract": {"fingerprint": str, "basis.settings": dict, "basis.inputs": dict, "config.image_encoder": str,
                 "config.text_encoder": (str, type(None)), "config.seed": int, "config.image_augment": dict,
                 "counts.images": int, "counts.captions": int, "counts.rejects": int, "counts.image_views?": int,
@@ -92,7 +95,7 @@ REQUIRED = {
 }
 
 
-def _field_problem(manifest: dict, fields: dict) -> str | None:
+def _field_problem(manifest: dict, fields: dict[str, FieldKind]) -> str | None:
     """What of `fields` a manifest lacks or mistypes, worded for a message, or None."""
     for dotted, kind in fields.items():
         optional = dotted.endswith("?")

@@ -162,7 +162,8 @@ class TrainRun:
         dims = extract["encoders"]
         # A manifest is data from disk: its numbers are read as numbers (a code length is part of a path) and the
         # files it names are looked up inside the stage folder only.
-        checksums = {o.get("file"): o.get("sha256") for o in manifest.get("outputs", []) if isinstance(o, dict)}
+        # read_manifest checked each output is a dict with a str file and sha256.
+        checksums: dict[str, str] = {o["file"]: o["sha256"] for o in manifest["outputs"]}
         fix = retrain_fix(run)
         hidden = manifest_int(manifest["config"].get("hidden"), folder, "config.hidden")
         models = {}
