@@ -22,15 +22,12 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# The checkout this script sits in is the duch measured, installed or not (as `python cli.py` runs it).
-sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [str(ROOT)]
+sys.path.insert(0, str(ROOT))  # for bench.common; duch is the installed package
 
 from bench.common import save  # noqa: E402
 

@@ -26,15 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# The checkout this script sits in is the duch measured, installed or not (as `python cli.py` runs it).
-sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [str(ROOT)]
+sys.path.insert(0, str(ROOT))  # for bench.common; duch is the installed package
 
 from bench.common import save  # noqa: E402
 
@@ -44,9 +41,8 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "wid
 MERCED = (191533.216453, 4133833.923858)  # lon -120.48, lat 37.30 in UTM 11N (EPSG:32611)
 
 CHILD = """
-import json, sys, time, types
+import json, sys, time
 sys.path.insert(0, {root!r})
-sys.modules.setdefault("duch", types.ModuleType("duch")).__path__ = [{root!r}]
 from bench.common import reset_peak_rss, rss_mb
 import rasterio  # GDAL loaded before the baseline, as the first scene would load it
 from duch.data.scenes import TileOptions, TileSkipped, load_tile, read_scenes
