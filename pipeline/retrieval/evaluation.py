@@ -146,11 +146,11 @@ def instance_metrics(sides: dict, shortlist: int) -> dict:
         sim = cosine(images.continuous, captions.continuous)
         orders["rerank"] = (rerank_order(d, sim, shortlist), rerank_order(d.T, sim.T, shortlist))
         orders["continuous"] = (ranking(sim), ranking(sim.T))
-    out = {"images": len(images.codes), "captions": len(captions.codes)}
+    out: dict[str, object] = {"images": len(images.codes), "captions": len(captions.codes)}
     for name, (i2t, t2i) in orders.items():
-        row = {"I->T": recall_at_k(i2t, positive, RECALL_KS), "T->I": recall_at_k(t2i, positive.T, RECALL_KS)}
-        row["mean_recall"] = float(np.mean([v for r in row.values() for v in r.values()]))
-        out[name] = row
+        recalls = {"I->T": recall_at_k(i2t, positive, RECALL_KS), "T->I": recall_at_k(t2i, positive.T, RECALL_KS)}
+        mean = float(np.mean([v for r in recalls.values() for v in r.values()]))
+        out[name] = {**recalls, "mean_recall": mean}
     return out
 
 

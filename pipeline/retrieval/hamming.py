@@ -112,4 +112,5 @@ def hamming_topk_torch(query: torch.Tensor, database: torch.Tensor, k: int) -> t
         keys = hamming_torch(query, part) * n + rows
         keys = torch.topk(keys, min(k, len(part)), dim=1, largest=False, sorted=True).values
         best = keys if best is None else torch.sort(torch.cat([best, keys], 1), 1).values[:, :k]
+    assert best is not None, "an empty database has no top k"
     return (best // n).to(torch.int32), best % n

@@ -41,8 +41,8 @@ def format_tables(results: dict, k: int, split: dict, instance_label: str, image
                 for definition in ("reference", "textbook"):
                     if not all(key in results[b]["class"][pair[0]] for b in bits):
                         continue
-                    cells = [" / ".join(_cell(results[b]["class"][d][key][definition]) for b in bits) for d in pair]
-                    lines.append(f"| {name} ({definition} mAP@{k}) | {cells[0]} | {cells[1]} |")
+                    both = [" / ".join(_cell(results[b]["class"][d][key][definition]) for b in bits) for d in pair]
+                    lines.append(f"| {name} ({definition} mAP@{k}) | {both[0]} | {both[1]} |")
             lines.append("")
         lines.append("precision within Hamming radius 2 (empty result = 0)")
         lines.append("| bits | " + " | ".join(DIRECTIONS) + " |")
