@@ -70,7 +70,7 @@ def test_the_forms_a_failed_write_takes(tmp_path):
     assert error_number(ValueError("shape mismatch")) is None
     message = str(storage_error(OSError(errno.EROFS, "Read-only file system"), tmp_path / "x.h5"))
     assert message == (f"cannot write {tmp_path / 'x.h5'}: read-only file system; make {tmp_path} writable (or "
-                       f"choose another --run directory), then rerun: {KEPT}")
+                       f"choose another `run` directory), then rerun: {KEPT}")
     assert storage_error(OSError(errno.ENOENT, "No such file"), tmp_path) is None  # not a space or permission issue
 
     with pytest.raises(ValueError, match="shape"):  # other failures pass through unchanged: bugs to see
@@ -103,7 +103,7 @@ except DuchError as e:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (f"cannot write {tmp_path / 'big.h5'}: file too large for the file size limit of "
                                   "this process (ulimit -f) or of its file system; raise the limit or choose another "
-                                  f"--run directory, then rerun: {KEPT}")
+                                  f"`run` directory, then rerun: {KEPT}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.h5"]  # no temporary file left
     with h5py.File(tmp_path / "small.h5") as f:
         assert np.array_equal(f["emb"][()], np.zeros(100))
