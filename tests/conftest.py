@@ -24,8 +24,11 @@ def _import_this_checkout() -> None:
     atexit.register(shutil.rmtree, links, ignore_errors=True)
     sys.path.insert(0, str(links))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(links), os.environ.get("PYTHONPATH")) if p)
-    for name in [m for m in sys.modules if m == "duch" or m.startswith("duch.")]:
-        del sys.modules[name]  # a duch imported before (a plugin's), from elsewhere
+    loaded = sys.modules.get("duch")
+    if loaded is not None and Path(getattr(loaded, "__file__", None) or "/").resolve().parent != root:
+        for name in [m for m in sys.modules if m == "duch" or m.startswith("duch.")]:
+            del sys.modules[name]  # a duch imported before (a plugin's), from elsewhere
+    # (A checkout in a folder named duch is imported as duch already: pytest names its tests duch.tests.*.)
     import duch
 
     assert Path(duch.__file__).resolve().parent == root, f"duch imports from {duch.__file__}, not {root}"
