@@ -159,6 +159,8 @@ def _tiff_pages_read(tif) -> list:
     raster (tifffile writes a band-first array so). Reduced-resolution copies (overviews) and masks are not
     images of their own and do not count."""
     first = tif.pages.first
+    if not first.imagewidth or not first.imagelength:  # a damaged header: named as the decoded image would be
+        raise ImageLoadError(f"image has no pixels ({first.imagewidth} x {first.imagelength})")
     samples = int(first.samplesperpixel) * int(first.imagedepth)
     check_decoded_size(int(first.imagewidth), int(first.imagelength), samples)
     pages, values, same = 1, int(first.imagewidth) * int(first.imagelength) * samples, [first]
