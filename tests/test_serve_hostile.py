@@ -197,3 +197,16 @@ def test_a_generation_switch_is_logged_with_the_generation_it_replaced(tmp_path,
     with caplog.at_level(logging.INFO, logger="duch.serve"):
         assert watcher.check() == ["ucm"] == swapped
     assert "archive ucm now serves generation 3 (was 2; opened in" in caplog.text
+
+
+def test_an_upload_that_times_out_is_decoded_under_admission_and_never_coded(run):
+    app = create_app(ServeConfig(run=str(run), bits=16, device="cpu", timeout=1e-4))
+    image = {"image": ("102.jpg", (ROOT / "tests/assets/102.jpg").read_bytes())}
+    with running(app) as url:
+        for _ in range(3):
+            late = httpx.post(f"{url}/api/search", files=image, timeout=30)
+            assert late.status_code == 503 and "longer than the 0.0001 s limit" in late.json()["error"]
+        time.sleep(0.5)  # a decode already on a thread ends there; nothing after it runs
+        text = httpx.get(f"{url}/metrics").text
+    assert 'duch_queries_refused_total{reason="timeout"} 3.0' in text and "duch_queries_in_flight 0.0" in text
+    assert 'duch_query_coder_batch_size_count{modality="image"}' not in text  # no image reached the encoder
