@@ -16,7 +16,7 @@ from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import Overloaded
 from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
-from duch.pipeline.serve.limits import BodyTooLarge
+from duch.pipeline.serve.limits import BodyTimeout, BodyTooLarge
 from duch.pipeline.serve.thumbs import NoThumbnail
 
 SEARCH_BODY = {"requestBody": {"required": True, "content": {
@@ -53,6 +53,10 @@ def add_error_handlers(app: FastAPI, service) -> None:
     async def too_large(_request, e: BodyTooLarge):
         return error(413, spelled(str(e), "api"), {"Connection": "close"})
 
+    @app.exception_handler(BodyTimeout)
+    async def too_slow(_request, e: BodyTimeout):
+        return error(408, spelled(str(e), "api"), {"Connection": "close"})
+
     @app.exception_handler(UnknownItem)
     async def unknown_item(_request, e: UnknownItem):
         return error(404, spelled(str(e), "api"))
@@ -84,7 +88,7 @@ def add_api_routes(app: FastAPI, service) -> None:
                                               "Retry-After"}})
     async def search(request: Request):
         arrived = time.perf_counter()
-        req, upload = await read_search(request)
+        req, upload = await read_search(request, service.config.max_json_bytes)
         archive = service.archive(req.archive)
         return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
 
