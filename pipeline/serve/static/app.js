@@ -303,8 +303,8 @@ function showMap(s) { // the map panel of an archive of scene tiles: its extent 
   const query = s.q ? { text: s.q } : s.id ? { id: s.id } : null;
   $("geojson").hidden = !query;
   if (query) {
-    const fields = Object.assign(query, { k: Math.min(PAGE, reach() - (s.page - 1) * PAGE), offset: (s.page - 1) * PAGE },
-      filters(s));
+    const offset = (s.page - 1) * PAGE;
+    const fields = Object.assign(query, { k: Math.min(PAGE, reach() - offset), offset }, filters(s));
     $("geojson").href = "/api/search.geojson?" + new URLSearchParams(fields).toString();
   }
 }
