@@ -32,7 +32,7 @@ CAPTION = "many planes parked at the airport"
 ALL_LOADED = ("() => { const imgs = [...document.querySelectorAll('#results img, #query img')];"
               " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }")
 
-pytestmark = pytest.mark.slow  # a browser and a server: about ten seconds on 2 cores
+pytestmark = pytest.mark.slow  # a browser and two servers: about 25 s on 2 cores (scenes: shared with test_serve_map)
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):  # CI installs it (.ci/run): there it must run
     pytestmark = [pytestmark, pytest.mark.skip(reason="needs Debian's chromium: apt-get install -y chromium")]
