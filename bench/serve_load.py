@@ -189,6 +189,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cli", type=int, default=3, help="CLI processes timed per kind (0: none)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--label", default="", help="in the result file's name: serve_load-LABEL-...")
+    parser.add_argument("--serve-cli", type=Path, default=ROOT / "cli.py",
+                        help="the cli.py whose `duch serve` is measured (another checkout's, for a before/after)")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
 
@@ -199,14 +201,15 @@ def main(argv=None) -> dict:
     tiles = [(Path(str(meta["path"][r])).name, (index.images_dir / str(meta["path"][r])).read_bytes())
              for r in rng.permutation(len(meta["ids"]))[:32]]
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load-{os.getpid()}.log"
-    server = Server(args.run, args.bits, [], log)
+    server = Server(args.run, args.bits, [], log, cli=args.serve_cli)
     port, k = server.port, args.k
     makers = {
         "caption": lambda i: json_request(port, {"text": CAPTIONS[i % len(CAPTIONS)], "k": k}),
         "id": lambda i: json_request(port, {"id": ids[i % len(ids)], "k": k, "modality": "image"}),
         "image": lambda i: upload_request(port, *tiles[i % len(tiles)], k),
     }
-    result = {"run": str(args.run), "bits": args.bits, "k": k, "seconds_per_cell": args.seconds,
+    result = {"run": str(args.run), "serve_cli": str(args.serve_cli), "bits": args.bits, "k": k,
+              "seconds_per_cell": args.seconds,
               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "cells": [], "server_log": str(log)}
     try:
         for make in makers.values():  # warm-up: first passes, thumbnails of nothing, page cache
@@ -237,7 +240,7 @@ def main(argv=None) -> dict:
                     "threads 1": ["--threads", "1"]}
         result["variants"] = {}
         for j, (name, extra) in enumerate(variants.items()):
-            other = Server(args.run, args.bits, extra, log.with_suffix(f".variant{j}.log"))
+            other = Server(args.run, args.bits, extra, log.with_suffix(f".variant{j}.log"), cli=args.serve_cli)
             result["variants"][name] = {}
             try:
                 for kind, make in (("caption", lambda i, other=other: json_request(other.port, {
