@@ -1,0 +1,155 @@
+"""The service's API description, complete and true: the shapes of its answers (errors, items, GeoJSON) as the routes
+document them, the OpenAPI document completed where FastAPI cannot see (the search body's schema, the errors every
+route can answer), and /docs as Swagger UI served from the service's own files (the swagger-ui-bundle-v2 package),
+so that it works with no network."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from duch.pipeline.serve.api import FORM_FIELDS, PlaceOut, SearchRequest
+
+DOCS_ASSETS = "/docs/assets"
+
+
+class ErrorOut(BaseModel):
+    """Every error the service answers, whatever its status."""
+
+    error: str = Field(description="one line naming the field or item, what is wrong and what to send instead")
+    status: int = Field(description="the HTTP status, repeated")
+
+
+class CaptionOut(BaseModel):
+    id: str = Field(description="IMAGE_ID#N")
+    text: str
+
+
+class ItemOut(BaseModel):
+    """An archive item as GET /api/items/{id} answers it."""
+
+    id: str
+    modality: Literal["image", "text"]
+    image_id: str = Field(description="the item's image (a caption's: the image it describes)")
+    label: str | None
+    file: str | None = Field(description="the image's file as the archive names it")
+    captions: list[CaptionOut] = Field(description="the image's captions (a caption's: itself first)")
+    place: PlaceOut | None = Field(description="a scene tile's place (null for other archives' images)")
+    archive: str
+    thumbnail: str = Field(description="URL of the image's thumbnail")
+
+
+class FeatureOut(BaseModel):
+    """A GeoJSON Feature (RFC 7946): a scene tile's footprint or a scene's outline, null where it has no lon/lat."""
+
+    type: Literal["Feature"]
+    id: str
+    geometry: dict[str, Any] | None
+    bbox: list[float] | None = None
+    properties: dict[str, Any]
+
+
+class FeatureCollectionOut(BaseModel):
+    type: Literal["FeatureCollection"]
+    features: list[FeatureOut]
+    query: str | None = Field(None, description="a search's query (GET /api/search.geojson)")
+    matched: int | None = Field(None, description="a search's items that the filters let through")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    archives: list[str]
+    in_flight: int = Field(description="queries being answered now")
+
+
+class GeoJSONResponse(JSONResponse):
+    media_type = "application/geo+json"
+
+
+def errors(**described: str) -> dict:
+    """Routes' `responses` for their own errors, e.g. errors(e404="unknown id"): each an ErrorOut."""
+    return {int(name[1:]): {"model": ErrorOut, "description": text} for name, text in described.items()}
+
+
+def geojson_ok(description: str) -> dict:
+    return {200: {"model": FeatureCollectionOut, "description": description}}
+
+
+OVERLOADED = "too many queries in flight, or the query timed out; see Retry-After"
+UNKNOWN_ARCHIVE = "no such archive"
+# What every route can answer, before a handler runs (middleware): merged into each operation by complete_openapi.
+EVERY_ROUTE = {400: "a Host header that is not one of the service's names",
+               403: "a request from another origin (its Origin header is not the service's own)",
+               413: "a request body over the upload limit"}
+# POST /api/search reads its body itself (JSON or a multipart upload), so FastAPI cannot describe it.
+SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, TIFF)"},
+        **{f: {"type": "string"} for f in FORM_FIELDS}}}}}}}
+
+
+def query_parameters() -> list[dict]:
+    """SearchRequest's fields as GET /api/search.geojson's query parameters (bbox as MINLON,MINLAT,MAXLON,MAXLAT)."""
+    fields = SearchRequest.model_json_schema()["properties"]
+    out = []
+    for name, schema in fields.items():
+        schema = {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+        if "anyOf" in schema:  # optional: null is the parameter left out
+            kinds = [s for s in schema.pop("anyOf") if s.get("type") != "null"]
+            schema.update(kinds[0] if len(kinds) == 1 else {"type": "string"})
+        out.append({"name": name, "in": "query", "required": False, "schema": schema,
+                    "description": fields[name].get("description", "")})
+    return out
+
+
+GEOJSON_QUERY = {"parameters": query_parameters()}
+
+
+def complete_openapi(app: FastAPI) -> None:
+    """app.openapi() completed: the search body's schema, every error as an ErrorOut (FastAPI's own validation
+    shape is never answered), and the errors any route can answer."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas["SearchRequest"] = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas["ErrorOut"] = ErrorOut.model_json_schema()
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        for operations in doc["paths"].values():
+            for operation in operations.values():
+                responses = operation["responses"]
+                for status, text in EVERY_ROUTE.items():
+                    own = responses.get(str(status), {}).get("description")
+                    responses[str(status)] = {"description": f"{own}; or {text}" if own and text not in own else
+                                              own or text}
+                for status, response in responses.items():
+                    if status.startswith(("4", "5")):
+                        response["content"] = error_content
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the service's own files (the app is made with docs_url=None)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
