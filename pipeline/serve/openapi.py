@@ -66,6 +66,35 @@ class HealthOut(BaseModel):
     in_flight: int = Field(description="queries being answered now")
 
 
+class ArchiveInfoOut(BaseModel):
+    name: str
+    generation: int = Field(description="changes with every duch add, remove and compact")
+    images: int
+    captions: int
+    modalities: list[str]
+    labels: list[str]
+    places: bool = Field(description="an archive of scene tiles (bbox, dates and the map apply)")
+    extent: list[float] | None = Field(description="the tiles' min lon, min lat, max lon, max lat")
+    dates: list[str] | None = Field(description="the first and last acquisition date")
+    scenes: int
+
+
+class BasemapOut(BaseModel):
+    url: str
+    attribution: str | None
+
+
+class InfoOut(BaseModel):
+    """GET /api/info: what the service serves, and the limits a request must keep."""
+
+    default: str = Field(description="the archive a request without `archive` searches")
+    bits: int
+    archives: list[ArchiveInfoOut]
+    basemap: BasemapOut | None
+    limits: dict[str, float] = Field(description="most_k, most_depth (offset + k), max_upload_mb, max_in_flight, "
+                                                 "timeout_s")
+
+
 class GeoJSONResponse(JSONResponse):
     media_type = "application/geo+json"
 
@@ -88,9 +117,9 @@ EVERY_ROUTE = {400: "a Host header that is not one of the service's names",
 # POST /api/search reads its body itself (JSON or a multipart upload), so FastAPI cannot describe it.
 SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
+    "multipart/form-data": {"schema": {"type": "object", "additionalProperties": False, "properties": {
         "image": {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, TIFF)"},
-        **{f: {"type": "string"} for f in FORM_FIELDS}}}}}}}
+        **{f: {"type": "string", "description": "as in the JSON body"} for f in FORM_FIELDS}}}}}}}
 
 
 def query_parameters() -> list[dict]:

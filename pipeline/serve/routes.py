@@ -24,6 +24,7 @@ from duch.pipeline.serve.openapi import (
     UNKNOWN_ARCHIVE,
     GeoJSONResponse,
     HealthOut,
+    InfoOut,
     ItemOut,
     errors,
     geojson_ok,
@@ -122,7 +123,8 @@ def add_api_routes(app: FastAPI, service) -> None:
         out = await service.blocking(found.item, item_id)  # an unknown id: UnknownItem, answered 404
         return {**out, "archive": found.name, "thumbnail": service.thumb_url(found, out["image_id"])}
 
-    @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits")
+    @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits",
+             responses={200: {"model": InfoOut}})
     async def info():
         config = service.config
         return {"default": service.default, "bits": config.bits,
