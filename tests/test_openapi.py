@@ -123,6 +123,26 @@ def test_the_answers_the_service_gives_are_the_documented_ones(base, doc):
 
 
 @pytest.fixture(scope="module")
+def scene_base(scenes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openapi-scenes")
+    shutil.copytree(scenes["archive"], root / "scenes")  # the service caches thumbnails in the archive's run
+    shutil.copytree(scenes["model"], root / "model")  # where the archive's codes say their model is
+    with running(create_app(ServeConfig(run=str(root / "scenes"), bits=64, device="cpu"))) as url:
+        yield url
+
+
+def test_the_geojson_a_scene_archive_answers_is_the_documented_one(scene_base):
+    doc = httpx.get(f"{scene_base}/openapi.json").json()
+    outlines = httpx.get(f"{scene_base}/api/scenes")
+    hits = httpx.get(f"{scene_base}/api/search.geojson", params={"text": "airplane", "k": 5, "bbox": "-180,-90,180,90"})
+    for path, answer in (("/api/scenes", outlines), ("/api/search.geojson", hits)):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "application/geo+json"
+        conforms(doc, path, "get", answer)
+    assert outlines.json()["features"][0]["geometry"]["type"] == "Polygon" and len(hits.json()["features"]) == 5
+
+
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists() and not os.environ.get("CI"):  # CI installs it (.ci/run): there it must run
         pytest.skip("needs Debian's chromium: apt-get install -y chromium")
@@ -163,18 +183,28 @@ def test_docs_render_every_operation_offline_from_the_pages_api_link(base, brows
     page.close()
 
 
-@pytest.fixture(scope="module")
-def api_schema(base):
+def fuzz_config() -> schemathesis.Config:
     # A request the schema allows may still break a rule that the description states in words and no JSON Schema
     # can: exactly one query (text, id or an image), offset + k at most 10000, a label the archive has (422), an
     # id or archive the service has (404), an upload (any bytes, to a schema) that decodes as an image (400). Any
     # other refusal of a schema-valid request (a 413, a 415, a 5xx...) still fails the check.
-    config = schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {
+    return schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {
         "expected-statuses": ["2XX", "400", "404", "422"]}}})
-    return schemathesis.openapi.from_url(f"{base}/openapi.json", config=config)
+
+
+@pytest.fixture(scope="module")
+def api_schema(base):
+    return schemathesis.openapi.from_url(f"{base}/openapi.json", config=fuzz_config())
+
+
+@pytest.fixture(scope="module")
+def scene_schema(scene_base):
+    """A scene archive's service: its GeoJSON routes answer features (the tiny archive has no places)."""
+    return schemathesis.openapi.from_url(f"{scene_base}/openapi.json", config=fuzz_config())
 
 
 api = schemathesis.pytest.from_fixture("api_schema")
+scene_api = schemathesis.pytest.from_fixture("scene_schema").include(path_regex="^/api/(scenes|search.geojson)$")
 
 
 @pytest.mark.fuzz
@@ -183,4 +213,12 @@ api = schemathesis.pytest.from_fixture("api_schema")
           suppress_health_check=list(HealthCheck))
 def test_fuzz_the_api_over_its_own_description(case):
     """No 5xx, every status, media type, header and body as documented; schema-invalid requests refused."""
+    case.call_and_validate(timeout=30)
+
+
+@pytest.mark.fuzz
+@scene_api.parametrize()
+@settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_fuzz_the_geojson_routes_of_a_scene_archive(case):
     case.call_and_validate(timeout=30)
