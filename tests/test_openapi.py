@@ -66,6 +66,8 @@ def test_every_ref_resolves_and_every_error_is_an_error_object(doc):
     assert "#/components/schemas/SearchRequest" in found  # POST /api/search's body
     for ref in found:
         resolved(doc, ref)
+    ids = [operation["operationId"] for _, _, operation in operations(doc)]
+    assert len(ids) == len(set(ids)), ids  # what client generators name their functions by
     assert {"HTTPValidationError", "ValidationError"}.isdisjoint(doc["components"]["schemas"])  # never answered
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
     for path, method, operation in operations(doc):

@@ -152,8 +152,12 @@ def complete_openapi(app: FastAPI) -> None:
         schemas["SearchRequest"] = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas["ErrorOut"] = ErrorOut.model_json_schema()
         error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        seen: set[str] = set()
         for operations in doc["paths"].values():
-            for operation in operations.values():
+            for method, operation in operations.items():
+                if operation.get("operationId") in seen:  # one route for GET and HEAD: FastAPI names both alike
+                    operation["operationId"] = f"{operation['operationId']}_{method}"
+                seen.add(operation.get("operationId", ""))
                 responses = operation["responses"]
                 for status, text in EVERY_ROUTE.items():
                     own = responses.get(str(status), {}).get("description")
