@@ -25,9 +25,14 @@ FUZZ_EXAMPLES = 40  # per operation (8 of them), a fixed seed (derandomized): ab
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, encoded_run):
-    run = tmp_path_factory.mktemp("openapi") / "run"
-    shutil.copytree(encoded_run, run)
+def run(tmp_path_factory, encoded_run) -> Path:
+    target = tmp_path_factory.mktemp("openapi") / "run"
+    shutil.copytree(encoded_run, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def base(run):
     with running(create_app(ServeConfig(run=str(run), bits=16, device="cpu", max_upload_mb=0.5))) as url:
         yield url
 
@@ -122,6 +127,15 @@ def test_the_answers_the_service_gives_are_the_documented_ones(base, doc):
         conforms(doc, path, method, answer)
     scenes = answers[8][3]
     assert scenes.headers["content-type"] == "application/geo+json" and scenes.json()["type"] == "FeatureCollection"
+
+
+def test_a_query_that_timed_out_is_the_documented_503(run, doc):
+    with running(create_app(ServeConfig(run=str(run), bits=16, device="cpu", timeout=1e-4))) as url:
+        late = httpx.post(f"{url}/api/search", json={"text": "a harbor"}, timeout=30)
+    assert late.status_code == 503, late.text
+    conforms(doc, "/api/search", "post", late)
+    assert int(late.headers["retry-after"]) >= 1
+    assert doc["paths"]["/api/search"]["post"]["responses"]["503"]["headers"]["Retry-After"]["required"]
 
 
 @pytest.fixture(scope="module")

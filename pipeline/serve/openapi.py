@@ -99,9 +99,18 @@ class GeoJSONResponse(JSONResponse):
     media_type = "application/geo+json"
 
 
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before asking again", "required": True,
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
 def errors(**described: str) -> dict:
-    """Routes' `responses` for their own errors, e.g. errors(e404="unknown id"): each an ErrorOut."""
-    return {int(name[1:]): {"model": ErrorOut, "description": text} for name, text in described.items()}
+    """Routes' `responses` for their own errors, e.g. errors(e404="unknown id"): each an ErrorOut (a 503 with its
+    Retry-After)."""
+    out = {}
+    for name, text in described.items():
+        status = int(name[1:])
+        out[status] = {"model": ErrorOut, "description": text, **({"headers": RETRY_AFTER} if status == 503 else {})}
+    return out
 
 
 def geojson_ok(description: str) -> dict:
