@@ -149,38 +149,44 @@ GEOJSON_QUERY = {"parameters": query_parameters()}
 
 
 def complete_openapi(app: FastAPI) -> None:
-    """app.openapi() completed: the search body's schema, every error as an ErrorOut (FastAPI's own validation
-    shape is never answered), and the errors any route can answer."""
+    """app.openapi() completed (once, as FastAPI caches it): see `completed`."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        doc = build()
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        schemas["SearchRequest"] = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas["ErrorOut"] = ErrorOut.model_json_schema()
-        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
-        seen: set[str] = set()
-        for operations in doc["paths"].values():
-            for method, operation in operations.items():
-                if operation.get("operationId") in seen:  # one route for GET and HEAD: FastAPI names both alike
-                    operation["operationId"] = f"{operation['operationId']}_{method}"
-                seen.add(operation.get("operationId", ""))
-                responses = operation["responses"]
-                for status, text in EVERY_ROUTE.items():
-                    own = responses.get(str(status), {}).get("description")
-                    responses[str(status)] = {"description": f"{own}; or {text}" if own and text not in own else
-                                              own or text}
-                for status, response in responses.items():
-                    if status.startswith(("4", "5")):
-                        response["content"] = error_content
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        app.openapi_schema = doc
-        return doc
+        if app.openapi_schema is None:
+            app.openapi_schema = completed(build())
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def completed(doc: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document with the search body's schema, every error as an ErrorOut (FastAPI's own validation
+    shape is never answered), the errors any route can answer, and one operation id per operation."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    body = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(body.pop("$defs", {}), SearchRequest=body, ErrorOut=ErrorOut.model_json_schema())
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    seen: set[str] = set()
+    for operations in doc["paths"].values():
+        for method, operation in operations.items():
+            if operation.get("operationId") in seen:  # one route for GET and HEAD: FastAPI names both alike
+                operation["operationId"] = f"{operation['operationId']}_{method}"
+            seen.add(operation.get("operationId", ""))
+            every_error(operation["responses"])
+    return doc
+
+
+def every_error(responses: dict[str, Any]) -> None:
+    """An operation's responses with the errors any route can answer, each error an ErrorOut."""
+    for status, text in EVERY_ROUTE.items():
+        response = responses.setdefault(str(status), {})
+        own = response.get("description")
+        response["description"] = f"{own}; or {text}" if own and text not in own else own or text
+    for status, response in responses.items():
+        if status.startswith(("4", "5")):
+            response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
 
 
 def add_docs(app: FastAPI) -> None:
