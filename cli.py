@@ -345,18 +345,21 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
 @option(ServeConfig, "bits", help="Which code length to search.")
 @click.option("--archive", "archives", multiple=True, type=click.Path(),
               help="Also serve this run's archive (encoded with RUN's model: encode-archive --archive); repeatable.")
-@option(ServeConfig, "host",
-        help="Address to bind. The service has no authentication: bind others only on a trusted network.")
+@option(ServeConfig, "host", help="Address to bind (no authentication: bind others only on a trusted network).")
 @option(ServeConfig, "port")
 @option(ServeConfig, "max_in_flight", help="Queries running at once; more get a 503 with Retry-After at once.")
 @option(ServeConfig, "timeout", help="Seconds a query may take (then 503).")
 @option(ServeConfig, "max_upload_mb", help="Largest request body (413).")
+@option(ServeConfig, "max_json_kb", help="Largest JSON request body (413, unparsed).")
+@option(ServeConfig, "header_timeout", help="Seconds a client may take to send a request's headers.")
+@option(ServeConfig, "body_timeout", help="Seconds a client may take to send a request's body (408).")
 @option(ServeConfig, "max_batch", help="Most captions coded in one text-encoder pass (1: no batching).")
-@option(ServeConfig, "max_image_batch",
-        help="Most uploaded images coded in one image-encoder pass (batches pay on a GPU, not on a CPU).")
+@option(ServeConfig, "max_image_batch", help="Most uploaded images coded in one encoder pass (batches pay on a GPU).")
 @option(ServeConfig, "threads", type=int, help="Torch threads for coding queries [default: torch's, every core].")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let pages from this origin call the API (e.g. https://maps.example.org); off by default.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME[:PORT]",
+              help="Also answer requests for this Host (a reverse proxy's public name); repeatable.")
 @device_option(ServeConfig)
 @click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
 @option(ServeConfig, "basemap", metavar="URL",
@@ -366,19 +369,14 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
 @user_errors
 def serve(no_verify, **settings):
     """Search service and web page over the encoded archive (http://127.0.0.1:8000/, API docs at /docs)."""
-    import uvicorn
-
-    from duch.pipeline.serve.app import create_app
+    from duch.pipeline.serve.app import create_app, serve_forever
 
     cfg = ServeConfig(verify=not no_verify, **settings)
     cfg.validate()
     if not cfg.loopback():
         click.echo(f"warning: binding {cfg.host}: the service is reachable from other machines and has no "
                    "authentication", err=True)
-    app = create_app(cfg)
-    click.echo(f"serving {', '.join(app.state.service.archives)} ({cfg.bits} bits) at http://{cfg.host}:{cfg.port}/ "
-               f"(API docs at /docs); Ctrl-C stops", err=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    serve_forever(create_app(cfg), lambda line: click.echo(line, err=True))
 
 
 @main.command()

@@ -132,12 +132,12 @@ async def drive(port: int, make, clients: int, seconds: float) -> dict:
 class Server:
     """`duch serve` in its own process, on loopback."""
 
-    def __init__(self, run: str, bits: int, extra: list[str], log: Path):
+    def __init__(self, run: str, bits: int, extra: list[str], log: Path, cli: Path = ROOT / "cli.py"):
         import psutil
 
         self.port = free_port()
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--run", run, "--bits", str(bits),
+        self.proc = subprocess.Popen([sys.executable, str(cli), "serve", "--run", run, "--bits", str(bits),
                                       "--host", HOST, "--port", str(self.port), *extra],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)

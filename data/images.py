@@ -78,6 +78,7 @@ def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
             # A huge image is refused rather than decoded into gigabytes of memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
+                check_decoded_size(img.width, img.height, len(img.getbands()))  # PIL reads the first frame only
                 if img.mode in _PIL_8BIT_MODES:
                     img = ImageOps.exif_transpose(img)
                     img.load()
@@ -95,9 +96,36 @@ def _decode(source: Path | io.BytesIO, tiff: bool) -> Image.Image:
     return Image.fromarray(raster_to_rgb8(array))
 
 
+# The decoded-size rule, one for every reader (docs/stages.md, "Bad input"): PIL's pixel limit as before, and at
+# most as many values (pixels x samples x pages) as PIL itself decodes at that limit, an RGBA or CMYK image.
+VALUES_PER_PIXEL = 4
+MAX_PAGES = 1024  # a TIFF's pages are counted from their headers, one by one: so many at most
+BANDS_AS_PAGES = 16  # up to so many single-band pages of one shape are a band-first raster (tifffile writes them)
+
+
+def max_values() -> int | None:
+    """The most values (pixels x samples x pages) a file may declare; None where PIL's limit is switched off."""
+    return VALUES_PER_PIXEL * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def check_decoded_size(width: int, height: int, samples: int = 1, pages: int = 1) -> None:
+    """An ImageLoadError where a file's header declares more than the rule allows; called before any pixel is
+    decoded, since a small compressed file can unpack to gigabytes."""
+    if not Image.MAX_IMAGE_PIXELS:
+        return
+    pixels = width * height
+    if pixels > Image.MAX_IMAGE_PIXELS:
+        raise too_large(pixels)
+    values = pixels * samples * pages
+    if values > (limit := max_values() or 0):
+        raise ImageLoadError(f"image too large ({width} x {height} pixels x {samples} samples x {pages} "
+                             f"page{'s' if pages != 1 else ''} = {values} values; the limit against decompression "
+                             f"bombs is {limit} values, {Image.MAX_IMAGE_PIXELS} pixels of {VALUES_PER_PIXEL} "
+                             "samples)")
+
+
 def too_large(pixels: int | None) -> ImageLoadError:
-    """One rule for every format: more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about
-    89 Mpx) is refused unread; a small compressed file can unpack to gigabytes."""
+    """More pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 89 Mpx), refused unread."""
     size = f"{pixels} pixels" if pixels else "too many pixels"
     return ImageLoadError(f"image too large ({size}; the limit against decompression bombs is "
                           f"{Image.MAX_IMAGE_PIXELS} pixels)")
@@ -112,18 +140,51 @@ def _read_tiff(path: Path | io.BytesIO) -> np.ndarray | None:
     quiet.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            # tifffile has no bomb check of its own: the size is read from the header before any pixel.
-            pixels = int(page.imagelength) * int(page.imagewidth)
-            if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
-                raise too_large(pixels)
-            return tif.asarray()
+            # tifffile has no bomb check of its own: the size is read from the headers before any pixel.
+            read = _tiff_pages_read(tif)
+            if len(read) == 1:
+                return read[0].asarray()
+            return np.stack([page.asarray() for page in read])
     except ImageLoadError:
         raise
     except Exception:  # tifffile raises many types for corrupt or exotic files
         return None
     finally:
         quiet.setLevel(level)
+
+
+def _tiff_pages_read(tif) -> list:
+    """The pages a TIFF's image is read from, once the rule holds for every page it declares: the first page;
+    or the first three of up to BANDS_AS_PAGES single-band pages of one shape and type, which are the bands of one
+    raster (tifffile writes a band-first array so). Reduced-resolution copies (overviews) and masks are not
+    images of their own and do not count."""
+    first = tif.pages.first
+    if not first.imagewidth or not first.imagelength:  # a damaged header: named as the decoded image would be
+        raise ImageLoadError(f"image has no pixels ({first.imagewidth} x {first.imagelength})")
+    samples = int(first.samplesperpixel) * int(first.imagedepth)
+    check_decoded_size(int(first.imagewidth), int(first.imagelength), samples)
+    pages, values, same = 1, int(first.imagewidth) * int(first.imagelength) * samples, [first]
+    tif.pages.cache = False  # a page is parsed, counted and let go: the walk holds no more than one
+    for k in range(1, MAX_PAGES + 1):
+        try:
+            page = tif.pages[k]
+        except IndexError:
+            break
+        if page.subfiletype & 0b101:  # FILETYPE_REDUCEDIMAGE, FILETYPE_MASK
+            continue
+        pages += 1
+        values += int(page.imagewidth) * int(page.imagelength) * int(page.samplesperpixel) * int(page.imagedepth)
+        if pages <= BANDS_AS_PAGES and page.shape == first.shape and page.dtype == first.dtype:
+            same.append(page)
+        if (limit := max_values()) and values > limit:
+            raise ImageLoadError(f"image too large (its first {pages} pages declare {values} values; the limit "
+                                 f"against decompression bombs is {limit} values, {Image.MAX_IMAGE_PIXELS} pixels "
+                                 f"of {VALUES_PER_PIXEL} samples)")
+    else:
+        raise ImageLoadError(f"image has more than {MAX_PAGES} pages (a TIFF read here is one image)")
+    if samples == 1 and len(same) == pages <= BANDS_AS_PAGES:
+        return same[:3]
+    return [first]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

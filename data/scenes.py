@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from duch.data.geo import bounds_of, tile_windows, to_lonlat, window_corners
-from duch.data.images import ImageLoadError, apply_stretch, stretch_limits
+from duch.data.images import ImageLoadError, apply_stretch, max_values, stretch_limits
 from duch.data.readers import ImagesFolder
 from duch.data.records import Dataset, DatasetError, Item, Reject, SceneInfo, Tile
 from duch.data.scene_dates import read_dates_csv, scene_date
@@ -143,6 +143,7 @@ def open_scene(folder: Path, file: str, options: TileOptions, csv_dates: dict[st
         with _env(), warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
+                _check_blocks(src)
                 crs, transform = _georeference(src, path, options)
                 lonlat = bool(crs) and _converts(crs, transform, src, path, options)
                 bands = _bands(src, path, options)
@@ -153,6 +154,21 @@ def open_scene(folder: Path, file: str, options: TileOptions, csv_dates: dict[st
                                  ",".join(sorted(dtypes)), crs, transform, bands, stretch, date, source, lonlat)
     except RasterioIOError as e:
         raise ImageLoadError(f"not a readable GeoTIFF ({e})") from None
+
+
+def _check_blocks(src) -> None:
+    """The decoded-size rule of data/images.py for a scene: a scene is read window by window, so its own size is
+    free, but GDAL decodes a tile whole (all bands of it, where they are interleaved by pixel); strips it reads row
+    by row. Only the first page is read (GDAL's dataset); later ones are overviews or other datasets."""
+    from rasterio.enums import Interleaving
+
+    height, width = max(src.block_shapes, key=lambda shape: shape[0] * shape[1])
+    samples = src.count if src.interleaving == Interleaving.pixel else 1
+    values = height * width * samples
+    if (limit := max_values()) and values > limit:
+        raise ImageLoadError(f"scene blocks too large ({width} x {height} pixels x {samples} samples = {values} "
+                             f"values a block; the limit against decompression bombs is {limit} values); write "
+                             "the scene in smaller tiles (e.g. gdal_translate -co TILED=YES)")
 
 
 def _georeference(src, path: Path, options: TileOptions) -> tuple[str, tuple[float, ...]]:

@@ -72,6 +72,10 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "port": ("--port", None),  # serve
     "timeout": ("--timeout", None),
     "max_upload_mb": ("--max-upload-mb", None),
+    "max_json_kb": ("--max-json-kb", None),
+    "header_timeout": ("--header-timeout", None),
+    "body_timeout": ("--body-timeout", None),
+    "allowed_hosts": ("--allowed-host", None),
     "max_in_flight": ("--max-in-flight", None),
     "max_batch": ("--max-batch", None),
     "max_image_batch": ("--max-image-batch", None),

@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 on a free port, in a thread of the test process, for the service's tests."""
+"""A real uvicorn server on 127.0.0.1 on a free port, in a thread of the test process, for the service's tests, with
+the settings `duch serve` gives it (the header deadline, keep-alive)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,8 @@ import time
 
 import uvicorn
 
+from duch.pipeline.serve.limits import server_options
+
 
 @contextlib.contextmanager
 def running(app):
@@ -15,7 +18,8 @@ def running(app):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           **server_options(app.state.service.config)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -24,6 +24,9 @@ class ServeConfig:
     max_in_flight: int = 32  # queries admitted at once; past it a 503 with Retry-After, at once
     timeout: float = 10.0  # seconds a query may take before its answer is a 503
     max_upload_mb: float = 20.0  # request bodies (an uploaded image) above this get a 413
+    max_json_kb: float = 64.0  # a JSON search request needs kilobytes: a larger JSON body gets a 413 unparsed
+    header_timeout: float = 10.0  # seconds a client may take to send a request's headers (then the connection ends)
+    body_timeout: float = 60.0  # seconds a client may take to send a request's body (then a 408)
     max_batch: int = 64  # captions coded in one pass of the text encoder and head
     # Images coded in one pass of the image encoder: on a CPU, one at a time costs the same CPU per query as
     # batches do and answers each sooner (measured: docs/results.md, 3.6); on a GPU batches pay.
@@ -33,6 +36,9 @@ class ServeConfig:
     # images a second of one thread on 2 cores: docs/results.md, 3.6). A number bounds the service's share.
     threads: int | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no cross-origin access
+    # Host names (NAME or NAME:PORT) answered besides the loopback names and `host`: the names a reverse proxy or
+    # the users' browsers reach the service by. Any other Host header gets a 400 (against DNS rebinding).
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     watch_interval: float = 0.5  # seconds between looks at the archives' generation (duch add, remove, compact)
     # The map panel of scene archives draws lon/lat on its own, offline; a basemap (an XYZ tile URL template such
     # as https://tile.openstreetmap.org/{z}/{x}/{y}.png) is fetched by the browser only when given here.
@@ -47,8 +53,13 @@ class ServeConfig:
                 raise DuchError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise DuchError(f"`threads` must be at least 1, got {self.threads}")
-        if self.timeout <= 0 or self.max_upload_mb <= 0:
-            raise DuchError("`timeout` and `max_upload_mb` must be positive")
+        for name in ("timeout", "max_upload_mb", "max_json_kb", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise DuchError(f"`{name}` must be positive, got {getattr(self, name)}")
+        for name in self.allowed_hosts:
+            if not name or any(c in name for c in "/@ ,") or name.count(":") > 1 and not name.startswith("["):
+                raise DuchError(f"`allowed_hosts`: {name!r} is not a host name; give NAME or NAME:PORT (an IPv6 "
+                                "address in brackets), e.g. search.example.org")
         if self.basemap is not None:
             missing = [p for p in ("{z}", "{x}", "{y}") if p not in self.basemap]
             if not self.basemap.startswith(("http://", "https://")) or missing:
@@ -59,6 +70,10 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_kb * 1024)
 
     def loopback(self) -> bool:
         """Whether the service is reachable from this machine only."""

@@ -14,6 +14,7 @@ from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
 from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.filters import PlaceFilter
 from duch.pipeline.retrieval.queries import check_query
+from duch.pipeline.serve.limits import BodyTooLarge
 
 FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
                "date_to", "archive")
@@ -139,16 +140,13 @@ def one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
-    """A search request from a JSON body or a multipart form (fields as in JSON, the image as file field `image`)."""
+async def read_search(request: Request, json_limit: int) -> tuple[SearchRequest, Upload | None]:
+    """A search request from a JSON body (at most `json_limit` bytes) or a multipart form (fields as in JSON, the
+    image as file field `image`)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
     if kind == "application/json":
-        raw = await request.body()
-        try:
-            fields = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}") from None
+        fields = parse_json(await read_bounded(request, json_limit))
         if not isinstance(fields, dict):
             raise ApiError(422, "the JSON body must be an object such as {\"text\": \"a harbor\", \"k\": 20}")
     elif kind == "multipart/form-data":
@@ -170,6 +168,34 @@ async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
     one_query(query, upload)
     query.places()  # a bad box or date is answered before the query is admitted
     return query, upload
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is declared (Content-Length) or seen to be over `limit` bytes:
+    a search request needs kilobytes, and a large JSON body would hold the event loop while it is parsed."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
+    chunks, seen = [], 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge(limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes):
+    """A JSON document, or a 400 naming what is wrong with it: malformed, not UTF-8, nested too deep for the
+    parser (RecursionError), or a number too long to convert (ValueError, over 4300 digits)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deep; a search request is one flat object") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"malformed JSON body: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
+        raise ApiError(400, f"malformed JSON body: {str(e).splitlines()[0]}") from None
 
 
 def read_query(params) -> SearchRequest:

@@ -9,7 +9,9 @@ with uvicorn) that loads the codes, heads and query encoders once and answers:
     GET  /healthz, /metrics (Prometheus), /docs (OpenAPI)
 
 No handler blocks the event loop: captions and images are coded on a query coder's thread each (batching),
-scans and file reads on a small thread pool. At most `max_in_flight` queries run at once (admission).
+scans, file reads and the decoding of uploads on a small thread pool; a JSON body is parsed only when it is small
+(limits, api). At most `max_in_flight` queries run at once (admission). The Host and Origin rules, body and
+header limits: limits.py. HEAD is answered wherever GET is.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from duch.pipeline.serve.admission import Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
 from duch.pipeline.serve.archives import ServedArchive, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
-from duch.pipeline.serve.generations import GenerationWatcher, reopened
-from duch.pipeline.serve.limits import BodyLimit
+from duch.pipeline.serve.generations import GenerationWatcher, reopened, show_switches
+from duch.pipeline.serve.limits import BodyLimit, RequestGuard, server_options
 from duch.pipeline.serve.maps import place_json
 from duch.pipeline.serve.metrics import MetricsMiddleware, ServiceMetrics
 from duch.pipeline.serve.openapi import add_docs, complete_openapi
@@ -71,14 +73,20 @@ class Service:
         self.archives[self.default].warm_model()  # the other archives share its model (open_archives)
         for archive in self.archives.values():
             archive.warm()
+            self.metrics.generation.labels(archive.name).set(archive.index.generation)
         self.watcher = GenerationWatcher({name: a.index.run for name, a in self.archives.items()}, self.reopen,
                                          self.swap, config.watch_interval)
 
     def reopen(self, name: str) -> ServedArchive:
         return reopened(self.archives[name], self.archives[self.default].index, self.config.verify)
 
-    def swap(self, name: str, archive: ServedArchive) -> None:
+    def swap(self, name: str, archive: ServedArchive) -> int:
+        """Puts `archive` in service in place of its previous generation, which it returns."""
+        previous = self.archives[name].index.generation
         self.archives[name] = archive  # one assignment: a request holds the archive it started with
+        self.metrics.generation.labels(name).set(archive.index.generation)
+        self.metrics.switches.labels(name).inc()
+        return previous
 
     def start(self) -> None:
         self.watcher.start()
@@ -218,11 +226,45 @@ def create_app(config: ServeConfig) -> FastAPI:
     add_routes(app, service, STATIC)
     add_docs(app)  # Swagger UI from the service's own files: /docs works offline
     complete_openapi(app)
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes, seconds=config.body_timeout)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type"])
+    app.add_middleware(RequestGuard, config=config)  # outside CORS: a refused request gets no CORS headers
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(HeadAsGet)
     return app
+
+
+def serve_forever(app: FastAPI, echo=print) -> None:
+    """Serves `app` (create_app's) with uvicorn at its config's host and port until stopped (Ctrl-C), its header
+    deadline and keep-alive limit set (limits.server_options), its generation switches logged on stderr."""
+    import uvicorn
+
+    config: ServeConfig = app.state.service.config
+    echo(f"serving {', '.join(app.state.service.archives)} ({config.bits} bits) at http://{config.host}:"
+         f"{config.port}/ (API docs at /docs); Ctrl-C stops")
+    show_switches()
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                **server_options(config))
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD answered wherever GET is (the page, thumbnails, /healthz, static files), as GET's
+    answer without its body (FastAPI's routes take GET only)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +29,11 @@ def stamp(run: str | Path) -> tuple | None:
 
 class GenerationWatcher:
     """Polls each archive's generation file every `interval` seconds; on a change, `reopen(name)` builds the new
-    ServedArchive and `swap(name, archive)` puts it in service."""
+    ServedArchive and `swap(name, archive)` puts it in service (and says the generation it replaced). Each switch
+    is logged (logger `duch.serve`, INFO; `duch serve` shows it on stderr)."""
 
     def __init__(self, runs: dict[str, str], reopen: Callable[[str], ServedArchive],
-                 swap: Callable[[str, ServedArchive], None], interval: float = 0.5):
+                 swap: Callable[[str, ServedArchive], int | None], interval: float = 0.5):
         self.runs, self.reopen, self.swap, self.interval = runs, reopen, swap, interval
         self.seen = {name: stamp(run) for name, run in runs.items()}
         self.stopped = threading.Event()
@@ -51,21 +53,31 @@ class GenerationWatcher:
             now = stamp(run)
             if now == self.seen[name]:
                 continue
+            start = time.perf_counter()
             try:
                 archive = self.reopen(name)
             except Exception as e:  # noqa: BLE001 (the generation in use keeps serving; the next tick tries again)
                 log.warning("duch serve: archive %s changed but could not be opened yet (%s); still serving the "
                             "generation in use", name, e)
                 continue
-            self.swap(name, archive)
+            previous = self.swap(name, archive)
             self.seen[name] = now
             swapped.append(name)
-            log.info("duch serve: archive %s now serves generation %d", name, archive.index.generation)
+            log.info("duch serve: archive %s now serves generation %d (was %s; opened in %.2f s)", name,
+                     archive.index.generation, previous, time.perf_counter() - start)
         return swapped
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
             self.check()
+
+
+def show_switches() -> None:
+    """The service's log lines (generation switches, archives that could not be opened) on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def reopened(previous: ServedArchive, main: Index, verify: bool) -> ServedArchive:

@@ -1,43 +1,184 @@
-"""A limit on request bodies: a declared Content-Length over it is answered 413 before a byte of the body is read,
-and a body sent without one (chunked) is cut off as soon as it passes the limit."""
+"""Limits on what a client may send and how slowly (the service faces networks it does not trust):
+
+- request bodies: a declared Content-Length over the limit is answered 413 before a byte of the body is read, a
+  body sent without one (chunked) is cut off as soon as it passes the limit, and a body still arriving
+  `body_timeout` seconds after its request began is answered 408;
+- headers: a connection that has not sent a whole request's headers within `header_timeout` seconds is closed
+  (slow-loris), through the uvicorn protocol that `server_options` names;
+- Host and Origin (RequestGuard): a Host header that is not a name the service answers to is a 400 (DNS
+  rebinding), and a request that changes or costs something (every method but GET, HEAD, OPTIONS) from a page of
+  another origin is a 403 (cross-site request forgery; a multipart or form POST needs no CORS preflight).
+"""
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from duch.pipeline.config.serve import ServeConfig
+from duch.pipeline.errors import spelled
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class BodyTooLarge(Exception):
-    def __init__(self, limit: int):
-        super().__init__(f"the request body is over the {limit / 1e6:g} MB limit; send a smaller image "
-                         "(or start the service with a larger `max_upload_mb`)")
+    def __init__(self, limit: int, what: str = "request body", fix: str = "send a smaller image",
+                 setting: str = "max_upload_mb"):
+        size = f"{limit / 1e6:g} MB" if setting == "max_upload_mb" else f"{limit / 1024:g} KiB"
+        super().__init__(f"the {what} is over the {size} limit; {fix} (or start the service with a larger "
+                         f"`{setting}`)")
         self.limit = limit
 
 
-class BodyLimit:
-    """ASGI middleware; BodyTooLarge raised while a handler reads the body becomes a 413 (the app's handler)."""
+class BodyTimeout(Exception):
+    def __init__(self, seconds: float):
+        super().__init__(f"the request body was not received within {seconds:g} s; send it faster (or start the "
+                         "service with a larger `body_timeout`)")
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+async def answer(send, status: int, message: str) -> None:
+    """A JSON error sent straight from an ASGI middleware, the connection closed after it."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware; BodyTooLarge or BodyTimeout raised while a handler reads the body becomes a 413 or a 408
+    (the app's handlers)."""
+
+    def __init__(self, app, limit: int, seconds: float = 60.0):
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            body = json.dumps({"error": str(BodyTooLarge(self.limit)), "status": 413}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        seen = 0
+            return await answer(send, 413, spelled(str(BodyTooLarge(self.limit)), "api"))
+        loop = asyncio.get_running_loop()
+        deadline, seen, whole = loop.time() + self.seconds, 0, False
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, whole
+            if whole:  # the body is in: what follows is a disconnect, awaited for as long as the answer takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.seconds) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
                 if seen > self.limit:
                     raise BodyTooLarge(self.limit)
             return message
 
         await self.app(scope, counted, send)
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """`name[:port]` (an IPv6 address in brackets) -> (lower-case name, port or None); ("", None) if malformed."""
+    value = value.strip().lower()
+    name, port = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        name, port = (value[:end + 1], value[end + 1:].removeprefix(":")) if end > 0 else ("", "")
+    elif value.count(":") == 1:
+        name, port = value.split(":")
+    if not name or (port and not (port.isdigit() and len(port) <= 5)):
+        return "", None
+    return name, int(port) if port else None
+
+
+def _ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class RequestGuard:
+    """ASGI middleware: the Host rule (400) for every request, the Origin rule (403) for the unsafe methods."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.port = app, config.port
+        bound = f"[{config.host}]" if ":" in config.host else config.host.lower()
+        self.names = {*LOOPBACK_NAMES, bound}  # at the port served
+        self.extra = {split_host(h) for h in config.allowed_hosts}  # a port of None: at any port
+        # Bound to every interface: any address of the machine reaches it; an IP literal is no rebinding.
+        self.any_ip = config.host in ("0.0.0.0", "::")
+        self.origins = {o.rstrip("/").lower() for o in config.cors_origins}
+
+    def host_allowed(self, host: str, served_port: int) -> bool:
+        """A Host header allowed: a name added as itself (at its port, or at any when it names none), or a name
+        the service is bound to at the port it serves (no port: 80)."""
+        name, port = split_host(host)
+        if not name:
+            return False
+        if (name, port) in self.extra or (name, None) in self.extra:
+            return True
+        known = name in self.names or (self.any_ip and _ip_literal(name))
+        return known and (port or 80) == served_port
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        host = headers.get(b"host", b"").decode("latin-1")
+        served = (scope.get("server") or (None, self.port))[1] or self.port
+        if b"host" in headers and not self.host_allowed(host, served):
+            return await answer(send, 400, spelled(
+                f"Host {host!r} is not a name this service answers to ({', '.join(sorted(self.names))} at port "
+                f"{served}); reach it by one of those, or start it with `allowed_hosts` naming this one", "api"))
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] not in SAFE_METHODS:
+            seen = origin.decode("latin-1").rstrip("/").lower()
+            own = seen.partition("://")[2] == host.lower() and seen.startswith(("http://", "https://"))
+            if not own and seen not in self.origins:
+                return await answer(send, 403, spelled(
+                    f"a {scope['method']} from a page of another origin ({seen}) is refused (cross-site request "
+                    "forgery); send it from the service's own page or without an Origin header, or start the "
+                    "service with `cors_origins` naming that origin", "api"))
+        await self.app(scope, receive, send)
+
+
+def deadline_protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol with a deadline on a request's headers: a connection that has not sent them
+    whole within `header_timeout` seconds of connecting (or of its previous answer) is closed."""
+
+    class HeaderDeadline(H11Protocol):
+        headers_due = 0.0  # the loop's time by which the next request's headers must be in
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.headers_due = self.loop.time() + header_timeout
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self.headers_due = self.loop.time() + header_timeout
+            super().on_response_complete()  # arms uvicorn's keep-alive timer, which data arriving disarms
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # disarms the timer; a whole request's headers leave it so
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self._arm()  # headers begun, not finished: the same deadline again (not a fresh one per byte)
+
+        def _arm(self) -> None:
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(max(0.0, self.headers_due - self.loop.time()),
+                                                                    self.timeout_keep_alive_handler)
+
+    return HeaderDeadline
+
+
+def server_options(config: ServeConfig) -> dict:
+    """uvicorn's settings for the service (uvicorn.Config / uvicorn.run keywords): the header deadline's
+    protocol; idle keep-alive connections closed after 5 s."""
+    return {"http": deadline_protocol(config.header_timeout), "timeout_keep_alive": 5}

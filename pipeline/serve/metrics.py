@@ -1,6 +1,7 @@
 """The service's Prometheus metrics (GET /metrics): requests by route and status, latency histograms, queries in
-flight, refusals, query-coder batch sizes. One registry per app, so that two apps in one process (tests) never
-share counts.
+flight, refusals, query-coder batch sizes, each archive's generation and switches, and the process's own (resident
+memory, CPU seconds, open files: prometheus_client's ProcessCollector, process_*). One registry per app, so that
+two apps in one process (tests) never share counts.
 
 Routes are labelled by their template (`/thumbs/{item_id}`), never by the raw path, so that a client cannot grow
 the label set; a path no route matches is `unmatched`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -28,6 +30,11 @@ class ServiceMetrics:
                                  ["kind"], buckets=SECONDS, registry=r)
         self.batches = Histogram("duch_query_coder_batch_size", "Queries coded in one encoder pass", ["modality"],
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.generation = Gauge("duch_archive_generation", "The generation each archive answers from", ["archive"],
+                                registry=r)
+        self.switches = Counter("duch_archive_generation_switches", "New generations taken while serving",
+                                ["archive"], registry=r)
+        ProcessCollector(registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

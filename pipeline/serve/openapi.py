@@ -119,10 +119,12 @@ def geojson_ok(description: str) -> dict:
 
 OVERLOADED = "too many queries in flight, or the query timed out; see Retry-After"
 UNKNOWN_ARCHIVE = "no such archive"
-# What every route can answer, before a handler runs (middleware): merged into each operation by complete_openapi.
+# What every route can answer, before a handler runs (limits.py's middleware): merged into each operation by
+# complete_openapi. A POST also answers a foreign Origin (403) and a body that arrives too slowly (408): its errors.
 EVERY_ROUTE = {400: "a Host header that is not one of the service's names",
-               403: "a request from another origin (its Origin header is not the service's own)",
-               413: "a request body over the upload limit"}
+               413: "a declared request body over the upload limit"}
+FOREIGN_ORIGIN = "a request from a page of another origin (its Origin header is not the service's own)"
+SLOW_BODY = "a request body not received within the body timeout"
 # POST /api/search reads its body itself (JSON or a multipart upload), so FastAPI cannot describe it.
 SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},

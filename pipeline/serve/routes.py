@@ -16,11 +16,13 @@ from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import Overloaded
 from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
-from duch.pipeline.serve.limits import BodyTooLarge
+from duch.pipeline.serve.limits import BodyTimeout, BodyTooLarge
 from duch.pipeline.serve.openapi import (
+    FOREIGN_ORIGIN,
     GEOJSON_QUERY,
     OVERLOADED,
     SEARCH_BODY,
+    SLOW_BODY,
     UNKNOWN_ARCHIVE,
     GeoJSONResponse,
     HealthOut,
@@ -58,6 +60,10 @@ def add_error_handlers(app: FastAPI, service) -> None:
     async def too_large(_request, e: BodyTooLarge):
         return error(413, spelled(str(e), "api"), {"Connection": "close"})
 
+    @app.exception_handler(BodyTimeout)
+    async def too_slow(_request, e: BodyTimeout):
+        return error(408, spelled(str(e), "api"), {"Connection": "close"})
+
     @app.exception_handler(UnknownItem)
     async def unknown_item(_request, e: UnknownItem):
         return error(404, spelled(str(e), "api"))
@@ -83,12 +89,13 @@ def add_api_routes(app: FastAPI, service) -> None:
     @app.post("/api/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
               summary="Search by a caption, an archive item or an uploaded image",
               responses=errors(e400="malformed JSON, or an upload that is not an image or is too large in pixels",
-                               e404="unknown id or archive", e413="request body over the upload limit",
+                               e403=FOREIGN_ORIGIN, e404="unknown id or archive", e408=SLOW_BODY,
+                               e413="request body over the upload limit, or a JSON body over --max-json-kb",
                                e415="a body that is neither JSON nor a multipart form",
                                e422="no query, two at once, or a field out of range", e503=OVERLOADED))
     async def search(request: Request):
         arrived = time.perf_counter()
-        req, upload = await read_search(request)
+        req, upload = await read_search(request, service.config.max_json_bytes)
         archive = service.archive(req.archive)
         return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
 

@@ -1,6 +1,8 @@
 // duch's search page: the query lives in the address (?q= caption, ?id= archive item, m= modality, label=,
 // archive=, page=; for scene tiles bbox=, inside=1, from=, to=), so a link is the search and back/forward replay
-// it. An uploaded image stays in this page (the address says ?image=NAME): a link to it asks for the file again.
+// it. An uploaded image stays in this page (the address says ?image=NAME): a link to it asks for the file again;
+// it is shown above its results from the File itself. Pages never reach past the service's depth limit
+// (/api/info's limits.most_depth: offset + k at most that).
 // Archives of scene tiles get a map panel (map.js). No framework, nothing from outside.
 "use strict";
 
@@ -8,10 +10,18 @@ const PAGE = 24;
 const KEYS = ["q", "id", "image", "m", "label", "archive", "bbox", "inside", "from", "to", "page"];
 const $ = (id) => document.getElementById(id);
 let info = null;
-const uploads = new Map(); // image file name -> the File, for back/forward to image queries of this visit
+const uploads = new Map(); // image file name -> {file, url}, for back/forward to image queries of this visit
 let labelsOf = "";
 let map = null;
 let mapOf = null; // the archive the map shows
+
+function reach() { // how deep paging goes: offset + k is at most this (the service refuses more)
+  return info && info.limits ? info.limits.most_depth : Infinity;
+}
+
+function lastPage(matched) { // the last page that can be shown of `matched` hits (1 when there are none)
+  return Math.max(1, Math.ceil(Math.min(matched, reach()) / PAGE));
+}
 
 function params() {
   return new URLSearchParams(location.search);
@@ -90,6 +100,8 @@ function showQuery(s) {
   if (s.id) {
     box.append(thumb(thumbUrl(s.id, s.archive), s.id), el("strong", {}, "More like " + s.id));
   } else if (s.image) {
+    const upload = uploads.get(s.image); // made in this browser from the file itself: nothing is sent for it
+    if (upload) box.append(thumb(upload.url, s.image));
     box.append(el("strong", {}, "Images like " + s.image));
   }
 }
@@ -100,13 +112,14 @@ function thumbUrl(id, archive) {
 }
 
 async function search(s) {
-  const fields = Object.assign({ k: PAGE, offset: (s.page - 1) * PAGE, modality: s.m }, filters(s));
+  const offset = (s.page - 1) * PAGE; // the last page may be short: offset + k stays within reach()
+  const fields = Object.assign({ k: Math.min(PAGE, reach() - offset), offset, modality: s.m }, filters(s));
   let body;
   let headers = {};
   if (s.image) {
     body = new FormData();
     for (const [key, value] of Object.entries(fields)) body.set(key, String(value));
-    const file = uploads.get(s.image);
+    const file = uploads.get(s.image).file;
     body.set("image", file, file.name);
   } else {
     body = JSON.stringify(Object.assign(fields, s.q ? { text: s.q } : { id: s.id }));
@@ -153,10 +166,12 @@ function showHits(answer, s) {
   const first = answer.offset + (answer.hits.length ? 1 : 0);
   setStatus(`${first}-${answer.offset + answer.hits.length} of ${answer.matched} ${what}` +
     ` · encode ${t.encode_ms.toFixed(1)} ms · scan ${t.scan_ms.toFixed(1)} ms · total ${t.total_ms.toFixed(1)} ms`);
-  const depth = Math.min(answer.matched, info ? info.limits.most_depth : answer.matched);
-  const pages = Math.max(1, Math.ceil(depth / PAGE));
-  $("pager").hidden = pages <= 1;
+  const pages = lastPage(answer.matched);
+  const beyond = answer.matched - Math.min(answer.matched, reach());
+  $("pager").hidden = pages <= 1 && s.page <= 1;
   $("pageinfo").textContent = `page ${s.page} of ${pages}`;
+  $("beyond").textContent = `${beyond} more ${what} lie past the first ${reach()}: narrow the search to reach them`;
+  $("beyond").hidden = beyond <= 0;
   $("prev").disabled = s.page <= 1;
   $("next").disabled = s.page >= pages;
 }
@@ -199,12 +214,18 @@ async function render() {
     settle("error");
     return;
   }
+  if (s.page > lastPage(Infinity)) { // a typed or old address past the depth limit: its last page instead
+    navigate(withChanges({ page: lastPage(Infinity) }), true);
+    return;
+  }
   const mine = ++ticket;
   setStatus("Searching…");
   $("results").classList.add("loading");
   try {
     const answer = await search(s);
-    if (mine === ticket) {
+    if (mine === ticket && !answer.hits.length && s.page > lastPage(answer.matched)) {
+      navigate(withChanges({ page: lastPage(answer.matched) }), true); // past the last page: the last one
+    } else if (mine === ticket) {
       showHits(answer, s);
       settle("done");
     }
@@ -222,7 +243,9 @@ async function render() {
 
 function searchImage(file) {
   if (!file) return;
-  uploads.set(file.name, file);
+  const earlier = uploads.get(file.name);
+  if (earlier) URL.revokeObjectURL(earlier.url); // a new file of the same name replaces the old one
+  uploads.set(file.name, { file, url: URL.createObjectURL(file) });
   navigate(withChanges({ image: file.name, q: null, id: null, page: 1 }));
 }
 
@@ -280,7 +303,8 @@ function showMap(s) { // the map panel of an archive of scene tiles: its extent 
   const query = s.q ? { text: s.q } : s.id ? { id: s.id } : null;
   $("geojson").hidden = !query;
   if (query) {
-    const fields = Object.assign(query, { k: PAGE, offset: (s.page - 1) * PAGE }, filters(s));
+    const offset = (s.page - 1) * PAGE;
+    const fields = Object.assign(query, { k: Math.min(PAGE, reach() - offset), offset }, filters(s));
     $("geojson").href = "/api/search.geojson?" + new URLSearchParams(fields).toString();
   }
 }

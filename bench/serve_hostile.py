@@ -1,0 +1,106 @@
+"""`duch serve` under hostile clients: id-query throughput and `/healthz` latency, quiet and while two clients send
+JSON bodies of over 1 MB and two send TIFF bombs (a few hundred KB on the wire, hundreds of MB decoded), for the
+service before and after a change, one after the other in the same run, on loopback only.
+
+    python bench/serve_hostile.py --run runs/ucm --before ../before/cli.py     # ~3 minutes
+
+Each cell drives the service for --seconds; the hostile clients run beside the measured ones for the whole cell.
+The figure of merit is hostile / quiet for id q/s and `/healthz` p50 (the issue's target: within 20 %).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import save  # noqa: E402
+from bench.serve_load import HOST, Server, drive, json_request, upload_request  # noqa: E402
+from duch.pipeline.retrieval.search import Index  # noqa: E402
+
+
+def tiff_bomb(side: int = 9000, samples: int = 8) -> bytes:
+    """A deflated TIFF of zeros declaring side x side pixels of `samples` samples: ~side^2 * samples bytes decoded
+    from a file a thousandth of that."""
+    import tifffile
+
+    out = io.BytesIO()
+    zeros = np.zeros((side, side, samples), np.uint8)
+    tifffile.imwrite(out, zeros, compression="zlib", photometric="minisblack", planarconfig="contig",
+                     rowsperstrip=side)
+    return out.getvalue()
+
+
+def get_request(port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+
+
+async def cell(port: int, ids: list[str], seconds: float, bomb: bytes | None, body: bytes | None) -> dict:
+    """Id queries (1 client) and /healthz (1 client) for `seconds`, with 2 + 2 hostile clients when given."""
+    id_make = lambda i: json_request(port, {"id": ids[i % len(ids)], "k": 20, "modality": "image"})  # noqa: E731
+    tasks = [drive(port, id_make, 1, seconds), drive(port, lambda i: get_request(port, "/healthz"), 1, seconds)]
+    if bomb is not None and body is not None:
+        big = (f"POST /api/search HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        tasks += [drive(port, lambda i: big, 2, seconds), drive(port, lambda i: upload_request(port, "b.tif", bomb, 20),
+                                                               2, seconds)]
+    rows = await asyncio.gather(*tasks)
+    out = {"id": rows[0], "healthz": rows[1]}
+    if len(rows) > 2:
+        out["big_json"], out["bomb"] = rows[2], rows[3]
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a finished run (encode-archive), e.g. runs/ucm")
+    parser.add_argument("--before", type=Path, help="another checkout's cli.py, measured first")
+    parser.add_argument("--bits", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json-mb", type=float, default=1.5, help="size of the hostile JSON bodies")
+    args = parser.parse_args(argv)
+    index = Index.load(args.run, bits=args.bits, verify=False)
+    ids = [str(i) for i in index.tables["image"].meta["ids"][:500]]
+    bomb = tiff_bomb()
+    body = json.dumps({"text": "a", "label": [1] * int(args.json_mb * 2**20 / 3)}).encode()
+    clis = {**({"before": args.before.resolve()} if args.before else {}), "after": ROOT / "cli.py"}
+    result = {"run": str(args.run), "seconds": args.seconds, "bomb_bytes": len(bomb), "json_bytes": len(body),
+              "loadavg_start": os.getloadavg(), "servers": {}}
+    print(f"bomb {len(bomb) / 1e3:.0f} KB on the wire (9000 x 9000 x 8 decoded: 648 MB), JSON {len(body) / 1e6:.1f} MB")
+    print(f"{'server':<8} {'cell':<8} {'id q/s':>8} {'healthz p50 ms':>15} {'healthz p99 ms':>15} {'RSS MB':>8}")
+    for name, cli in clis.items():
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_hostile-{name}-{os.getpid()}.log"
+        server = Server(args.run, args.bits, [], log, cli=cli)
+        try:
+            asyncio.run(cell(server.port, ids, 2.0, None, None))  # warm-up
+            rows = {}
+            for kind, hostile in (("quiet", False), ("hostile", True)):
+                rows[kind] = asyncio.run(cell(server.port, ids, args.seconds, bomb if hostile else None,
+                                              body if hostile else None))
+                rows[kind]["rss_mb"] = round(server.rss_mb(), 1)
+                r = rows[kind]
+                print(f"{name:<8} {kind:<8} {r['id']['qps']:>8.1f} {r['healthz']['p50_ms']:>15.2f} "
+                      f"{r['healthz']['p99_ms']:>15.2f} {r['rss_mb']:>8.1f}", flush=True)
+            rows["id_qps_ratio"] = round(rows["hostile"]["id"]["qps"] / max(rows["quiet"]["id"]["qps"], 1e-9), 3)
+            rows["healthz_p50_ratio"] = round(rows["hostile"]["healthz"]["p50_ms"] /
+                                              max(rows["quiet"]["healthz"]["p50_ms"], 1e-9), 3)
+            print(f"{name}: hostile / quiet: id q/s x{rows['id_qps_ratio']}, healthz p50 x{rows['healthz_p50_ratio']}")
+            result["servers"][name] = rows
+        finally:
+            server.stop()
+    result["loadavg_end"] = os.getloadavg()
+    path = save("serve_hostile", result)
+    print(f"saved {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
