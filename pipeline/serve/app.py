@@ -39,6 +39,7 @@ from duch.pipeline.serve.generations import GenerationWatcher, reopened, show_sw
 from duch.pipeline.serve.limits import BodyLimit, RequestGuard, server_options
 from duch.pipeline.serve.maps import place_json
 from duch.pipeline.serve.metrics import MetricsMiddleware, ServiceMetrics
+from duch.pipeline.serve.openapi import add_docs, complete_openapi
 from duch.pipeline.serve.routes import add_routes
 from duch.pipeline.serve.thumbs import Thumbnails
 
@@ -219,10 +220,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             finally:
                 service.stop()
 
-    app = FastAPI(title="duch search", version="1", lifespan=lifespan,
+    app = FastAPI(title="duch search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Cross-modal search (caption <-> image) over an archive's binary hash codes.")
     app.state.service = service
     add_routes(app, service, STATIC)
+    add_docs(app)  # Swagger UI from the service's own files: /docs works offline
+    complete_openapi(app)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes, seconds=config.body_timeout)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -17,14 +17,21 @@ from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import Overloaded
 from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
 from duch.pipeline.serve.limits import BodyTimeout, BodyTooLarge
+from duch.pipeline.serve.openapi import (
+    FOREIGN_ORIGIN,
+    GEOJSON_QUERY,
+    OVERLOADED,
+    SEARCH_BODY,
+    SLOW_BODY,
+    UNKNOWN_ARCHIVE,
+    GeoJSONResponse,
+    HealthOut,
+    InfoOut,
+    ItemOut,
+    errors,
+    geojson_ok,
+)
 from duch.pipeline.serve.thumbs import NoThumbnail
-
-SEARCH_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, TIFF)"},
-        **{f: {"type": "string"} for f in ("k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside",
-                                           "date_from", "date_to", "archive")}}}}}}}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -73,19 +80,19 @@ def add_error_handlers(app: FastAPI, service) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_request, e: HTTPException):
         message = {404: "no such page; the API is under /api (see /docs)", 405: "method not allowed here"}
-        return error(e.status_code, str(e.detail) if e.status_code not in message else message[e.status_code])
+        return error(e.status_code, str(e.detail) if e.status_code not in message else message[e.status_code],
+                     e.headers)  # a 405's Allow
 
 
 def add_api_routes(app: FastAPI, service) -> None:
     """The JSON API under /api: search (also as GeoJSON), scenes, items, info."""
     @app.post("/api/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
               summary="Search by a caption, an archive item or an uploaded image",
-              responses={400: {"description": "malformed JSON, or an upload that is not an image or is too large "
-                                              "in pixels"}, 404: {"description": "unknown id or archive"},
-                         413: {"description": "request body over the upload limit"},
-                         422: {"description": "no query, two at once, or a field out of range"},
-                         503: {"description": "too many queries in flight, or the query timed out; see "
-                                              "Retry-After"}})
+              responses=errors(e400="malformed JSON, or an upload that is not an image or is too large in pixels",
+                               e403=FOREIGN_ORIGIN, e404="unknown id or archive", e408=SLOW_BODY,
+                               e413="request body over the upload limit, or a JSON body over --max-json-kb",
+                               e415="a body that is neither JSON nor a multipart form",
+                               e422="no query, two at once, or a field out of range", e503=OVERLOADED))
     async def search(request: Request):
         arrived = time.perf_counter()
         req, upload = await read_search(request, service.config.max_json_bytes)
@@ -93,9 +100,11 @@ def add_api_routes(app: FastAPI, service) -> None:
         return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
 
     @app.get("/api/search.geojson", summary="A caption or item search's hits as a GeoJSON FeatureCollection of "
-                                            "scene tiles' footprints",
-             responses={200: {"content": {"application/geo+json": {}}}, 422: {"description": "an archive "
-                                                                                            "without places"}})
+                                            "scene tiles' footprints", response_class=GeoJSONResponse,
+             openapi_extra=GEOJSON_QUERY,
+             responses={**geojson_ok("the hits' footprints, with their rank, distance, thumbnail..."),
+                        **errors(e404="unknown id or archive", e422="no query, an archive without places, or a "
+                                                                    "field out of range", e503=OVERLOADED)})
     async def search_geojson(request: Request):
         """The fields of POST /api/search as query parameters (text or id, k, offset, bbox, inside, date_from,
         date_to, label, rerank, ties, archive): a FeatureCollection (RFC 7946) of the hits' lon/lat footprints
@@ -106,18 +115,23 @@ def add_api_routes(app: FastAPI, service) -> None:
         doc = await service.admission.run(lambda: service.features(archive, req, arrived))
         return JSONResponse(doc, media_type="application/geo+json")
 
-    @app.get("/api/scenes", summary="The scenes of an archive of scene tiles: their outlines as GeoJSON")
+    @app.get("/api/scenes", summary="The scenes of an archive of scene tiles: their outlines as GeoJSON",
+             response_class=GeoJSONResponse,
+             responses={**geojson_ok("each scene's outline (null geometry without lon/lat), name, tiles and dates"),
+                        **errors(e404=UNKNOWN_ARCHIVE)})
     async def scenes(archive: str | None = None):
         found = service.archive(archive)
         return JSONResponse(await service.blocking(lambda: found.map.scenes), media_type="application/geo+json")
 
-    @app.get("/api/items/{item_id:path}", summary="An archive item's label, captions and place (a scene tile's)")
+    @app.get("/api/items/{item_id:path}", summary="An archive item's label, captions and place (a scene tile's)",
+             responses={200: {"model": ItemOut}, **errors(e404="unknown id or archive")})
     async def item(item_id: str, archive: str | None = None):
         found = service.archive(archive)
         out = await service.blocking(found.item, item_id)  # an unknown id: UnknownItem, answered 404
         return {**out, "archive": found.name, "thumbnail": service.thumb_url(found, out["image_id"])}
 
-    @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits")
+    @app.get("/api/info", summary="The archives served, their sizes, labels and places, the basemap, the limits",
+             responses={200: {"model": InfoOut}})
     async def info():
         config = service.config
         return {"default": service.default, "bits": config.bits,
@@ -135,7 +149,8 @@ def add_page_routes(app: FastAPI, service, static) -> None:
     """Thumbnails, health, metrics, and the page with its static assets."""
     @app.get("/thumbs/{item_id:path}", summary="A JPEG thumbnail of an archive image (a caption's: its image's; a "
                                                 "scene tile's: rendered from its scene window)",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}},
+                                                 **errors(e404="unknown id or archive, or an unreadable image")})
     async def thumb(item_id: str, archive: str | None = None):
         found = service.archive(archive)
         try:
@@ -145,11 +160,12 @@ def add_page_routes(app: FastAPI, service, static) -> None:
             raise ApiError(404, f"no thumbnail for {item_id!r}: {e}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.get("/healthz", summary="Liveness: the archives are loaded")
+    @app.get("/healthz", summary="Liveness: the archives are loaded", responses={200: {"model": HealthOut}})
     async def healthz():
         return {"status": "ok", "archives": list(service.archives), "in_flight": service.admission.in_flight}
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
     async def metrics():
         body, kind = service.metrics.render()
         return Response(body, media_type=kind)
