@@ -14,7 +14,6 @@ from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
 from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.filters import PlaceFilter
 from duch.pipeline.retrieval.queries import check_query
-from duch.pipeline.serve.limits import BodyTooLarge
 
 FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
                "date_to", "archive")
@@ -140,13 +139,13 @@ def one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_search(request: Request, json_limit: int) -> tuple[SearchRequest, Upload | None]:
-    """A search request from a JSON body (at most `json_limit` bytes) or a multipart form (fields as in JSON, the
-    image as file field `image`)."""
+async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
+    """A search request from a JSON body (bounded small by limits.BodyLimit) or a multipart form (fields as in
+    JSON, the image as file field `image`)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
     if kind == "application/json":
-        fields = parse_json(await read_bounded(request, json_limit))
+        fields = parse_json(await request.body())
         if not isinstance(fields, dict):
             raise ApiError(422, "the JSON body must be an object such as {\"text\": \"a harbor\", \"k\": 20}")
     elif kind == "multipart/form-data":
@@ -168,21 +167,6 @@ async def read_search(request: Request, json_limit: int) -> tuple[SearchRequest,
     one_query(query, upload)
     query.places()  # a bad box or date is answered before the query is admitted
     return query, upload
-
-
-async def read_bounded(request: Request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is declared (Content-Length) or seen to be over `limit` bytes:
-    a search request needs kilobytes, and a large JSON body would hold the event loop while it is parsed."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
-    chunks, seen = [], 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge(limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json(raw: bytes):

@@ -226,7 +226,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     add_routes(app, service, STATIC)
     add_docs(app)  # Swagger UI from the service's own files: /docs works offline
     complete_openapi(app)
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes, seconds=config.body_timeout)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes, seconds=config.body_timeout,
+                       json_limit=config.max_json_bytes)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -50,17 +50,27 @@ async def answer(send, status: int, message: str) -> None:
 
 class BodyLimit:
     """ASGI middleware; BodyTooLarge or BodyTimeout raised while a handler reads the body becomes a 413 or a 408
-    (the app's handlers)."""
+    (the app's handlers). A JSON body has its own, smaller limit (`json_limit`): a search request needs kilobytes,
+    and a large JSON body would hold the event loop while it is parsed."""
 
-    def __init__(self, app, limit: int, seconds: float = 60.0):
-        self.app, self.limit, self.seconds = app, limit, seconds
+    def __init__(self, app, limit: int, seconds: float = 60.0, json_limit: int | None = None):
+        self.app, self.limit, self.seconds, self.json_limit = app, limit, seconds, json_limit
+
+    def refusal(self, headers: dict) -> BodyTooLarge:
+        """What a body over its limit is refused with: by its content type, the JSON limit or the upload limit."""
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if kind == b"application/json" and self.json_limit is not None:
+            return BodyTooLarge(self.json_limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
+        return BodyTooLarge(self.limit)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await answer(send, 413, spelled(str(BodyTooLarge(self.limit)), "api"))
+        headers = dict(scope.get("headers") or ())
+        refusal = self.refusal(headers)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > refusal.limit:
+            return await answer(send, 413, spelled(str(refusal), "api"))
         loop = asyncio.get_running_loop()
         deadline, seen, whole = loop.time() + self.seconds, 0, False
 
@@ -75,8 +85,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 whole = not message.get("more_body", False)
-                if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if seen > refusal.limit:
+                    raise refusal
             return message
 
         await self.app(scope, counted, send)

@@ -95,7 +95,7 @@ def add_api_routes(app: FastAPI, service) -> None:
                                e422="no query, two at once, or a field out of range", e503=OVERLOADED))
     async def search(request: Request):
         arrived = time.perf_counter()
-        req, upload = await read_search(request, service.config.max_json_bytes)
+        req, upload = await read_search(request)
         archive = service.archive(req.archive)
         return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
 
