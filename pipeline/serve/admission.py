@@ -2,17 +2,24 @@
 wait in a queue that grows), and one that runs past `timeout` seconds is answered with a 503 too.
 
 A query's slot is given back when its task has ended, not when its answer was sent. A timed-out query's task is
-cancelled: a caption still waiting for the query coder is dropped uncoded (batching), a step already running on a
-thread finishes there, on a pool of fixed size, so the work in flight stays bounded whatever the clients do.
+cancelled: a caption or image still waiting for the query coder is dropped uncoded (batching), and so is one
+handed to it after its deadline (`DEADLINE`, which the query's task sees: the timer and the end of a step on a
+thread can come in either order); a step already running on a thread finishes there, on a pool of fixed size, so
+the work in flight stays bounded whatever the clients do.
 """
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# When the query being answered times out (time.monotonic(), the event loop's clock), as its task sees it.
+DEADLINE: ContextVar[float | None] = ContextVar("duch_query_deadline", default=None)
 
 
 class Overloaded(Exception):
@@ -42,7 +49,11 @@ class Admission:
             raise Overloaded(f"the service is at its limit of {self.limit} queries in flight; retry shortly",
                              self.retry_after())
         self._change(+1)
-        task = asyncio.ensure_future(work())
+        token = DEADLINE.set(time.monotonic() + self.timeout)  # copied into the task's context
+        try:
+            task = asyncio.ensure_future(work())
+        finally:
+            DEADLINE.reset(token)
         task.add_done_callback(lambda _: self._change(-1))
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.timeout)

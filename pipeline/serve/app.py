@@ -31,7 +31,7 @@ from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.retrieval.geojson import geojson
 from duch.pipeline.retrieval.places import NO_PLACES
 from duch.pipeline.retrieval.queries import Query
-from duch.pipeline.serve.admission import Admission
+from duch.pipeline.serve.admission import DEADLINE, Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
 from duch.pipeline.serve.archives import ServedArchive, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
@@ -113,7 +113,7 @@ class Service:
     async def code(self, modality: str, coder, item):
         """(continuous code, seconds waited for it, queries coded in the same pass)."""
         start = time.perf_counter()
-        code, batch = await asyncio.wrap_future(self.coders[modality].submit(coder, item))
+        code, batch = await asyncio.wrap_future(self.coders[modality].submit(coder, item, DEADLINE.get()))
         return code, time.perf_counter() - start, batch
 
     async def coded(self, archive: ServedArchive, req: SearchRequest, upload: Upload | None) -> CodedQuery:

@@ -7,6 +7,7 @@ keeps its thread pool from being entered by many request threads at once on a sm
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -22,7 +23,18 @@ Coder = Callable[[list], Sequence]  # a list of queries -> their codes, one per 
 class _Job:
     coder: Coder
     item: Any
+    deadline: float | None = None  # time.monotonic() after which its query has timed out: not coded then
     future: Future = field(default_factory=Future)
+
+    def live(self) -> bool:
+        """Whether to code it: its query has neither been cancelled nor timed out (the future then runs). One past
+        its deadline fails as admission's timer would have it (asyncio.TimeoutError: the query's 503)."""
+        if not self.future.set_running_or_notify_cancel():
+            return False
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.future.set_exception(asyncio.TimeoutError("the query's deadline passed before it was coded"))
+            return False
+        return True
 
 
 class QueryBatcher:
@@ -38,10 +50,10 @@ class QueryBatcher:
         self._closed = False
         self._thread.start()
 
-    def submit(self, coder: Coder, item) -> Future:
+    def submit(self, coder: Coder, item, deadline: float | None = None) -> Future:
         if self._closed:
             raise RuntimeError("the query coder is closed")
-        job = _Job(coder, item)
+        job = _Job(coder, item, deadline)
         self._queue.put(job)
         return job.future
 
@@ -76,7 +88,7 @@ class QueryBatcher:
                 return
 
     def _run(self, coder: Coder, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a timed-out query is not coded
+        live = [j for j in jobs if j.live()]  # a timed-out query is not coded
         if not live:
             return
         start = time.perf_counter()
