@@ -11,6 +11,7 @@ from .options import (
     images_option,
     option,
     progress_option,
+    runtime_option,
     say,
     user_errors,
     wait_option,
@@ -24,6 +25,7 @@ from .options import (
 @click.option("--replace", is_flag=True,
               help="Items already in the archive whose file changed are coded again (without it they are refused).")
 @device_option(AddConfig)
+@runtime_option(AddConfig)
 @option(AddConfig, "batch_size", help="Images per batch.")
 @option(AddConfig, "workers", type=int, help="Image loading processes [default: spare cores, max 8].")
 @cluster_options(AddConfig)

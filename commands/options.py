@@ -63,6 +63,11 @@ def stacked(*decorators):
 
 
 device_option = functools.partial(option, name="device", help="auto, cpu, cuda or cuda:N.")  # device_option(Config)
+# runtime_option(Config): what runs the frozen encoders (pipeline/encoders/runtime.py)
+runtime_option = functools.partial(
+    option, name="runtime", type=click.Choice(["auto", "torch", "onnx"]),
+    help="What runs the encoders: onnx (ONNX Runtime on the CPU, exported once into ~/.cache/duch; pip install "
+         "'duch[onnx]'), torch, or auto (onnx on a CPU where installed, for efficientnet-lite0 and minilm-l6).")
 images_option = click.option("--images", type=click.Path(), help="Images folder, when not beside the annotation.")
 wait_option = click.option("--wait", default=0.0, show_default=True, metavar="SECONDS",
                            help="When another duch process holds the run, wait up to this long for it.")

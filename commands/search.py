@@ -5,7 +5,7 @@ import click
 
 from duch.pipeline.config import ServeConfig
 
-from .options import device_option, option, user_errors
+from .options import device_option, option, runtime_option, user_errors
 
 
 @click.command()
@@ -32,6 +32,7 @@ from .options import device_option, option, user_errors
 @click.option("--geojson", "as_geojson", is_flag=True,
               help="Print the hits as a GeoJSON FeatureCollection of their footprints (scene tiles).")
 @device_option(ServeConfig)  # a search codes its query as the service does
+@runtime_option(ServeConfig)
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "numpy"]),
               help="CPU scan: faiss IndexBinaryFlat (auto, when installed) or numpy over the memory-mapped codes.")
 @click.option("--no-verify", is_flag=True,
@@ -39,7 +40,7 @@ from .options import device_option, option, user_errors
                    "billions of codes takes minutes).")
 @user_errors
 def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox, inside, date_from, date_to, as_json,
-           as_geojson, device, backend, no_verify):
+           as_geojson, device, runtime, backend, no_verify):
     """Search the archive by text, image or item id: top-k by Hamming distance."""
     import json as _json
 
@@ -52,7 +53,7 @@ def search(run_dir, bits, text, image, item_id, k, modality, rerank, ties, bbox,
     if as_json and as_geojson:
         raise click.UsageError("give one of --json and --geojson")
     places = PlaceFilter.parse(bbox, date_from, date_to, inside)  # checked before the archive is opened
-    index = Index.load(run_dir, bits=bits, device=device, backend=backend, verify=not no_verify)
+    index = Index.load(run_dir, bits=bits, device=device, backend=backend, verify=not no_verify, runtime=runtime)
     query = text if text is not None else image if image is not None else f"item {item_id}"
     hits, matched = search_places(index, places, need_places=as_geojson, text=text, image=image, id=item_id, k=k,
                                   modality=modality, rerank_top=rerank, ties=ties)

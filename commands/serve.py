@@ -5,7 +5,7 @@ import click
 
 from duch.pipeline.config import ServeConfig
 
-from .options import device_option, option, user_errors
+from .options import device_option, option, runtime_option, user_errors
 
 
 @click.command()
@@ -29,6 +29,7 @@ from .options import device_option, option, user_errors
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME[:PORT]",
               help="Also answer requests for this Host (a reverse proxy's public name); repeatable.")
 @device_option(ServeConfig)
+@runtime_option(ServeConfig)
 @click.option("--no-verify", is_flag=True, help="Check code files' sizes only at start, not their SHA-256.")
 @option(ServeConfig, "basemap", metavar="URL",
         help="Scene archives' map: an XYZ tile URL template ({z}/{x}/{y}) drawn beneath the footprints, fetched by "

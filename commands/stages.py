@@ -14,6 +14,7 @@ from .options import (
     images_option,
     ints,
     option,
+    runtime_option,
     say,
     some_bits,
     stage_options,
@@ -36,6 +37,7 @@ from .options import (
 @option(ExtractConfig, "shard_size", help="Items per HDF5 shard.")
 @option(ExtractConfig, "dtype", type=click.Choice(["float16", "float32"]))
 @device_option(ExtractConfig)
+@runtime_option(ExtractConfig)
 @option(ExtractConfig, "batch_size", help="Images per batch.")
 @option(ExtractConfig, "text_batch_size", help="Captions per batch.")
 @option(ExtractConfig, "workers", type=int,

@@ -83,6 +83,7 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "run": ("--run", None),  # every command that writes a run
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
+    "runtime": ("--runtime", None),  # the encoders' runtime (extract, add, search, serve)
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -70,6 +70,10 @@ def segment_configs(archive: Archive, data: str, images: str | None, folder: Pat
     whole archive's, made apart)."""
     recorded = {k: v for k, v in archive.extract.config.items() if k not in ExtractConfig.RUNTIME_FIELDS}
     how = {k: v for k, v in runtime.items() if k in ExtractConfig.RUNTIME_FIELDS and k != "run"}
+    if how.get("runtime", "auto") == "auto":
+        # The archive's items were embedded by one runtime (torch before runtimes were recorded): so are the new ones.
+        made = set((archive.extract.manifest.get("runtime") or {"image": "torch"}).values())
+        how["runtime"] = made.pop() if len(made) == 1 else "auto"
     extract = ExtractConfig(**{**recorded, **how, "data": data, "images": images, "run": str(folder)})
     encode = EncodeConfig(run=str(archive.model_run.run), archive=str(folder), bits=tuple(archive.bits),
                           continuous=archive.encode.continuous, index=None,

@@ -32,3 +32,32 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), capped by a cgroup v2
+    CPU quota (docker --cpus: cpu.max "200000 100000" is 2 cores). os.cpu_count() counts the host's cores, and a
+    thread pool sized from it oversubscribes a limited container."""
+    import math
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def device_type(device: str) -> str:
+    """"cuda" or "cpu": the kind of device `device` (a `--device` value) is, without checking that it exists (a
+    driver without GPUs may hand CUDA work to a cluster's workers)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import check_cluster, check_device
+from duch.pipeline.encoders.runtime import check_runtime
 
 
 @dataclass
@@ -21,11 +22,13 @@ class AddConfig:
     workers: int | None = None
     scheduler: str = "none"
     threads: int | None = None
+    runtime: str = "auto"  # what runs the encoders, as for extract
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise DuchError(f"`batch_size` must be at least 1, got {self.batch_size}")
         check_device(self.device)
+        check_runtime(self.runtime)
         check_cluster(self.scheduler, self.threads)
 
 

@@ -10,6 +10,7 @@ from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
 from duch.pipeline.config.fields import check_cluster, check_device, output_settings
 from duch.pipeline.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from duch.pipeline.encoders.runtime import check_runtime
 
 if TYPE_CHECKING:  # rasterio's world: the config (and the CLI's --help, which reads its defaults) stays light
     from duch.data.scenes import TileOptions
@@ -54,8 +55,13 @@ class ExtractConfig:
     # cluster. CPU float32 matmuls may sum in another order with another thread count (a last-bit difference
     # in a few values), so runs compared bit for bit use the same count.
     threads: int | None = None
+    # What runs the encoders (encoders/runtime.py): "torch", "onnx" (ONNX Runtime, CPU) or "auto" (onnx on a CPU
+    # where installed, for the encoders it serves). The runtime it resolves to enters the fingerprint through the
+    # encoders' (their embeddings differ in the last bits), not this choice.
+    runtime: str = "auto"
 
-    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run", "scheduler", "threads")
+    RUNTIME_FIELDS = ("device", "batch_size", "text_batch_size", "workers", "decode", "run", "scheduler", "threads",
+                      "runtime")
     # Options added after runs existed: left out of the fingerprint while at these defaults, so runs made before
     # them stay up to date.
     SCENE_OPTIONS = {"tile": 0, "stride": 0, "bands": (), "min_valid": 0.9, "date": None,
@@ -82,6 +88,7 @@ class ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise DuchError(f"`dtype` must be float16 or float32, got {self.dtype!r}")
         check_device(self.device)
+        check_runtime(self.runtime)
         if self.decode not in ("auto", "gpu", "cpu"):
             raise DuchError(f"`decode` must be auto, gpu or cpu, got {self.decode!r}")
         check_cluster(self.scheduler, self.threads)

@@ -5,6 +5,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from duch.pipeline import DuchError
+from duch.pipeline.encoders.runtime import check_runtime
 
 MOST_K = 200  # hits a page may ask for at once
 MOST_DEPTH = 10_000  # offset + k: how deep paging reaches
@@ -20,6 +21,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked: the service has no authentication
     port: int = 8000
     device: str = "auto"
+    runtime: str = "auto"  # what codes a query: torch, onnx (ONNX Runtime on the CPU) or auto (encoders/runtime.py)
     verify: bool = True  # SHA-256 of the code files against their manifests at start
     max_in_flight: int = 32  # queries admitted at once; past it a 503 with Retry-After, at once
     timeout: float = 10.0  # seconds a query may take before its answer is a 503
@@ -51,6 +53,7 @@ class ServeConfig:
         for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size"):
             if getattr(self, name) < 1:
                 raise DuchError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        check_runtime(self.runtime)
         if self.threads is not None and self.threads < 1:
             raise DuchError(f"`threads` must be at least 1, got {self.threads}")
         for name in ("timeout", "max_upload_mb", "max_json_kb", "header_timeout", "body_timeout"):

@@ -13,12 +13,13 @@ from pathlib import Path
 from duch.data import Dataset, Reject, read_dataset
 from duch.data.scenes import read_scenes
 from duch.data.text import MAX_CAPTION_CHARS
+from duch.pipeline import DuchError
 from duch.pipeline.compute import cluster
-from duch.pipeline.compute.device import resolve_device
+from duch.pipeline.compute.device import device_type, resolve_device
 from duch.pipeline.config import ExtractConfig, manifest_config
 from duch.pipeline.embed.distribute import ShardJob, encode_here, encode_on_cluster
 from duch.pipeline.embed.inputs import images_content_digest, input_fingerprint, stale_error
-from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan, foreign_shards
+from duch.pipeline.embed.plan import ExtractPlan, ForeignShards, ShardPlan, foreign_shards, mixed_runtime
 from duch.pipeline.embed.sources import jpeg_share
 from duch.pipeline.encoders import EncoderSpec, parse_spec
 from duch.pipeline.encoders.context import count_truncated
@@ -35,8 +36,11 @@ def read_inputs(cfg: ExtractConfig) -> Dataset:
 
 
 def encoder_specs(cfg: ExtractConfig) -> tuple[EncoderSpec, EncoderSpec | None]:
-    """The image encoder and the text encoder (None: no captions embedded) of an extraction."""
-    return parse_spec(cfg.image_encoder, "image"), parse_spec(cfg.text_encoder, "text") if cfg.text_encoder else None
+    """The image encoder and the text encoder (None: no captions embedded) of an extraction, each with the runtime
+    `cfg.runtime` resolves to for it on the run's device (the same on every dask worker: the specs travel)."""
+    where = device_type(cfg.device)
+    image = parse_spec(cfg.image_encoder, "image").with_runtime(cfg.runtime, where)
+    return image, parse_spec(cfg.text_encoder, "text").with_runtime(cfg.runtime, where) if cfg.text_encoder else None
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Cal
             # is finished, so no writer is left (and the run lock is still held).
             sweep_temporaries(folder.path)
     except ForeignShards:
-        raise stale_error(folder.path, None, job.basis) from None
+        mixed = mixed_runtime(folder.path, {m: s.runtime for m, s in (("image", image_spec), ("text", text_spec)) if s})
+        raise (DuchError(mixed) if mixed else stale_error(folder.path, None, job.basis)) from None
 
     plans = plan.shards
     shards = shard_summary(folder, plans, dataset)
@@ -125,6 +130,7 @@ def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Cal
         dataset={"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
                  "images_dir": str(Path(dataset.images_dir).resolve())},
         encoders=shards["encoders"],
+        runtime={m: s.runtime for m, s in (("image", image_spec), ("text", text_spec)) if s},
         # How this session's images were decoded (None: none were pending): gpu with how many files went the
         # batched way and how many to PIL, or cpu and why.
         image_decode=image_decode,

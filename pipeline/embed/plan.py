@@ -163,6 +163,22 @@ def foreign_shards(out_dir: Path, modality: str, fingerprint: str) -> bool:
     return False
 
 
+def mixed_runtime(out_dir: Path, runtimes: dict[str, str]) -> str | None:
+    """What a shard of the folder made by another runtime than `runtimes` (modality -> "torch"/"onnx") gives for
+    this run, as a refusal's words; None if none was."""
+    for modality, runtime in runtimes.items():
+        for path in sorted(out_dir.glob(f"{modality}-*.h5")):
+            try:
+                made = read_attrs(path).get("runtime", "torch")
+            except OSError:
+                continue
+            if made != runtime:
+                return (f"{out_dir} holds {modality} shards embedded with the {made} runtime, and this run would "
+                        f"embed the rest with {runtime}; one run's embeddings come from one runtime, so they are not "
+                        f"mixed: resume with `runtime` {made}, or redo the stage with `force`")
+    return None
+
+
 def _holds_rows(path: Path, plan: ShardPlan, attrs: dict) -> bool:
     """Whether a caption shard holds the plan's rows: rows are a contiguous run of one ordered list that later
     plans only leave rows out of, so the same count and the same first and last rows mean the same rows."""

@@ -136,5 +136,7 @@ def _reject_arrays(rejects: list[Reject]) -> dict:
 
 
 def _shard_attrs(plan: ShardPlan, encoder, fingerprint: str, rows: int) -> dict:
-    return {"modality": plan.modality, "shard": plan.index, "fingerprint": fingerprint, "encoder": encoder.spec,
-            "dim": encoder.dim, "rows": rows}
+    attrs = {"modality": plan.modality, "shard": plan.index, "fingerprint": fingerprint, "encoder": encoder.spec,
+             "dim": encoder.dim, "rows": rows}
+    runtime = getattr(encoder, "runtime", "torch")
+    return attrs if runtime == "torch" else {**attrs, "runtime": runtime}  # a torch shard as before runtimes

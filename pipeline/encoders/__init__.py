@@ -10,6 +10,7 @@ Specs:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class EncoderSpec:
     kind: str  # "efficientnet-lite0" | "minilm-l6" | "open_clip"
     arch: str | None = None
     weights: str | None = None  # tag, checkpoint path, or None for random weights
+    runtime: str = "torch"  # what runs it: "torch" or "onnx" (encoders/runtime.py; `with_runtime` resolves a choice)
 
     @property
     def text(self) -> str:
@@ -37,11 +39,19 @@ class EncoderSpec:
     def fingerprint(self) -> dict:
         """What identifies the weights: the spec, and for local files their size and modification time."""
         out: dict = {"spec": self.text}
+        if self.runtime != "torch":  # another runtime's embeddings differ in the last bits; torch's keep their digest
+            out["runtime"] = self.runtime
         for name, value in (("arch", self.arch), ("weights", self.weights)):
             if value and os.path.isfile(value):
                 stat = os.stat(value)
                 out[f"{name}_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         return out
+
+    def with_runtime(self, runtime: str, device_type: str) -> EncoderSpec:
+        """This spec run in the runtime the choice `runtime` (auto, torch, onnx) takes on a `device_type` device."""
+        from duch.pipeline.encoders.runtime import resolve_runtime
+
+        return dataclasses.replace(self, runtime=resolve_runtime(runtime, self.kind, device_type))
 
 
 def parse_spec(spec: str, modality: str) -> EncoderSpec:
@@ -69,6 +79,7 @@ def load_encoders(
 ) -> tuple[ImageEncoder | None, TextEncoder | None]:
     """Load the encoders a run needs, once each; a shared open_clip model serves both towers."""
     image = text = None
+    """`device`: where torch runs (an onnx spec runs on the CPU, its threads as torch's: see onnx_encoders)."""
     if image_spec and text_spec and image_spec.kind == "open_clip" and image_spec == text_spec:
         from duch.pipeline.encoders.openclip import load_open_clip
 
@@ -82,6 +93,10 @@ def load_encoders(
 
 
 def _load_one(spec: EncoderSpec, modality: str, device: str):
+    if spec.runtime == "onnx":
+        from duch.pipeline.encoders.onnx_encoders import load_onnx
+
+        return load_onnx(spec.kind)
     if spec.kind == "efficientnet-lite0":
         from duch.pipeline.encoders.efficientnet_lite import EfficientNetLite0
 

@@ -53,6 +53,7 @@ def make_transform() -> T.Compose:
 class EfficientNetLite0:
     spec = "efficientnet-lite0"
     dim = 1280
+    runtime = "torch"
 
     def __init__(self, device: str = "cpu"):
         self.device = torch.device(device)

@@ -73,6 +73,8 @@ def _output_dim(fn) -> int:
 
 
 class OpenClipImage:
+    runtime = "torch"
+
     def __init__(self, shared: OpenClipModel):
         self.shared = shared
         self.spec = shared.spec.text
@@ -93,6 +95,8 @@ class OpenClipImage:
 
 
 class OpenClipText:
+    runtime = "torch"
+
     def __init__(self, shared: OpenClipModel):
         self.shared = shared
         self.spec = shared.spec.text

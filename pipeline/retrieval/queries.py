@@ -59,8 +59,9 @@ class Query:
 class QueryCoder:
     """The heads and encoders that coded an archive (its encode-archive stage, `encoded`), for one code length."""
 
-    def __init__(self, encoded: EncodedRun, bits: int, device: torch.device):
+    def __init__(self, encoded: EncodedRun, bits: int, device: torch.device, runtime: str = "auto"):
         self.encoded, self.stage, self.bits, self.device = encoded, encoded.folder, bits, device
+        self.runtime = runtime  # what runs the encoders (encoders/runtime.py): a query's embedding, like extract's
         self._heads: DuchHeads | None = None
         self._encoders: dict = {}
 
@@ -94,7 +95,7 @@ class QueryCoder:
             if used is None or not used.spec:
                 raise DuchError(f"the model in {self.encoded.model_run} has no {modality} encoder")
             spec = used.spec
-            parsed = parse_spec(spec, modality)
+            parsed = parse_spec(spec, modality).with_runtime(self.runtime, self.device.type)
             image, text = load_encoders(parsed if modality == "image" else None,
                                         parsed if modality == "text" else None, str(self.device))
             self._encoders[modality] = image if modality == "image" else text

@@ -22,6 +22,7 @@ from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import read_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.compute.device import resolve_device
+from duch.pipeline.encoders.runtime import check_runtime
 from duch.pipeline.retrieval.hits import Hit, make_hits
 from duch.pipeline.retrieval.queries import Query, QueryCoder, check_query, shown
 from duch.pipeline.retrieval.scan import CodeScan, check_backend
@@ -36,23 +37,25 @@ class Index:
     """The codes of one code length of an encoded archive, with the model that made them."""
 
     def __init__(self, run: Path, bits: int, archive: ArchiveCodes, device, backend: str = "auto",
-                 verify: bool = True):
+                 verify: bool = True, runtime: str = "auto"):
         self.run, self.bits, self.archive, self.device = Path(run), bits, archive, device
         self.verify = verify  # the SHA-256 of every file read against the manifest (sizes are always checked)
         # The run's own encode-archive (the first segment's) names the model, the encoders and the image-code rule.
-        self.coder = QueryCoder(archive.encoded[0], bits, device)
+        self.coder = QueryCoder(archive.encoded[0], bits, device, runtime)
         self.scan = CodeScan(self.run, bits, archive, device, backend, verify)
 
     @classmethod
     def load(cls, run: str | Path, bits: int = 64, device: str = "auto", backend: str = "auto",
-             verify: bool = True) -> Index:
+             verify: bool = True, runtime: str = "auto") -> Index:
         """The codes of one code length of a finished encode-archive stage, checked against its manifest:
-        `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes."""
+        `verify=False` checks sizes only, for archives of billions of codes whose hashing takes minutes. `runtime`:
+        what runs the query encoders (auto, torch, onnx: encoders/runtime.py)."""
         encoded = EncodedRun.read(run)
         if bits not in encoded.models:
             raise DuchError(f"{encoded.folder} holds codes of {', '.join(map(str, encoded.bits))} bits, not {bits}; "
                             "give one of those as `bits`")
         check_backend(backend)
+        check_runtime(runtime)
         for attempt in range(3):  # a generation published while this one was being opened: open the new one
             generation = read_generation(run)
             try:
@@ -61,7 +64,7 @@ class Index:
             except (DuchError, OSError):
                 if attempt == 2 or read_generation(run).number == generation.number:
                     raise
-        return cls(Path(run), bits, archive, resolve_device(device), backend, verify)
+        return cls(Path(run), bits, archive, resolve_device(device), backend, verify, runtime)
 
     @property
     def tables(self):

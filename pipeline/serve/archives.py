@@ -149,10 +149,11 @@ class ServedArchive:
 def open_archives(config: ServeConfig) -> dict[str, ServedArchive]:
     """The run's own encoded archive, then each of `config.archives`, by folder name; every one must have been
     coded by the run's model (the heads and encoders are loaded once and shared)."""
-    main = Index.load(config.run, bits=config.bits, device=config.device, verify=config.verify)
+    main = Index.load(config.run, bits=config.bits, device=config.device, verify=config.verify,
+                      runtime=config.runtime)
     archives = {_name(config.run, {}): ServedArchive(_name(config.run, {}), main)}
     for run in config.archives:
-        index = Index.load(run, bits=config.bits, device=config.device, verify=config.verify)
+        index = Index.load(run, bits=config.bits, device=config.device, verify=config.verify, runtime=config.runtime)
         if index.coder.model_key() != main.coder.model_key():
             raise DuchError(f"archive {run} was coded by another model than {config.run}'s {config.bits}-bit one; "
                             f"code it with this run's model: the encode-archive stage of {config.run} with "
