@@ -36,6 +36,13 @@ def _import_this_checkout() -> None:
 
 _import_this_checkout()
 
+# The ONNX exports of the default encoders (pipeline/encoders/onnx_cache.py) go to a folder of this session, made
+# once per session by the first test that needs them: tests never read or write the user's cache.
+if "DUCH_CACHE_DIR" not in os.environ:
+    os.environ["DUCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="duch-test-cache-")
+    os.chmod(os.environ["DUCH_CACHE_DIR"], 0o777)  # shared with the tests' children run as another user
+    atexit.register(shutil.rmtree, os.environ["DUCH_CACHE_DIR"], ignore_errors=True)
+
 ASSETS = Path(__file__).parent / "assets"
 # Real UC Merced images (USGS National Map imagery): 102 airplane, 1003 harbor, 2001 tennis court,
 # 156 (253 x 256) and 497 (247 x 247) odd sizes; 1.tif an original TIFF.

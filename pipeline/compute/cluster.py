@@ -259,11 +259,17 @@ def local_cluster_environ() -> dict:
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """This process's torch threads for a block (an in-process run with --threads), restored after."""
+    """This process's torch threads for a block (an in-process run with --threads), restored after. Without a
+    count, the cores this process may use (affinity, cgroup quota: device.available_cores) where torch's default,
+    the machine's cores, is more: a container limited to 2 cores of 64 runs 2 threads, not 64 fighting for 2. The
+    ONNX Runtime encoders take the same count (encoders/onnx_encoders.py)."""
     import torch
 
+    from duch.pipeline.compute.device import available_cores
+
     before = torch.get_num_threads()
-    if threads:
+    threads = threads or (available_cores() if before > available_cores() else None)
+    if threads and threads != before:
         torch.set_num_threads(threads)
     try:
         yield

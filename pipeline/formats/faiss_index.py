@@ -69,6 +69,24 @@ def add(index, codes: np.ndarray, start: int = 0, chunk: int = 1 << 22) -> None:
         index.add(np.ascontiguousarray(codes[s:s + chunk]))
 
 
+def search(index, packed: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, rows) of the k nearest codes for each query row, on `threads` OpenMP threads (None: one for a
+    single query, else as many as there are queries up to the cores this process may use). A single query's scan
+    is memory-bound and short: a second thread buys little, and on a busy CPU faiss' OpenMP team spin-waits for a
+    core (measured over 1M 64-bit codes with a competing process: p50 75 ms on 2 threads, 1.7 ms on 1). OpenMP's
+    thread count is per calling thread, so concurrent searches (the service's) each keep their own."""
+    from duch.pipeline.compute.device import available_cores
+
+    faiss = _faiss()
+    n = threads or max(1, min(len(packed), available_cores()))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        return index.search(packed, k)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def write(index, path: Path) -> None:
     faiss = _faiss()
     with atomic_write(path) as tmp:

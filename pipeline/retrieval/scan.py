@@ -121,7 +121,7 @@ class CodeScan:
         if isinstance(backend, torch.Tensor):
             return self._gpu_topk(packed, backend, k)
         if backend is not None:  # faiss: flat gives the numpy scan's rows, faster on batches; ivf/hnsw approximate
-            d, rows = backend.search(packed, min(k, len(self.codes.tables[modality])))
+            d, rows = faiss_index.search(backend, packed, min(k, len(self.codes.tables[modality])))
             if (rows < 0).any():  # an approximate index may find fewer than k
                 found = (rows >= 0).all(axis=0)
                 d, rows = d[:, found], rows[:, found]
