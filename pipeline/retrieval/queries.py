@@ -131,25 +131,34 @@ class QueryCoder:
                 raise DuchError(f"query image {path}: {e}") from None
         return self.embed_images(images)
 
-    @torch.no_grad()
     def embed_images(self, images: list[tuple[str, Image.Image]]) -> np.ndarray:
         """(name, RGB image) pairs -> continuous codes [Q, K]. Where the archive's image codes average the head
         over augmented views (encode-archive's `image_code`), the query's are made the same way, its views drawn
         as extract draws an item's with `name` (a file's name stem) as the id: an archive image given as a query,
         under its own file name, gets its archive code."""
+        return self.embed_pixels([self.image_pixels(name, img) for name, img in images])
+
+    def image_pixels(self, name: str, img: Image.Image) -> torch.Tensor:
+        """An image and its augmented views as the encoder takes them, [1 + V, 3, H, W]: the CPU work of an image
+        query before its encoder pass (the service runs it on its request threads, in parallel)."""
         from duch.data.augment import ImageAugment, augment_image, view_rng
 
         encoder = self._encoder("image")
         code = self.encoded.image_code
         n_views = int(code["views"])
-        augment = ImageAugment.from_record(code["augment"]) if n_views else None
-        pixels = []
-        for name, img in images:
-            pixels.append(encoder.transform(img))
-            if augment is not None:  # the views extract drew for an item of this name
-                pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
-                           for v in range(1, n_views + 1)]
-        emb = encoder.encode(torch.stack(pixels)).to(self.device).float().view(len(images), 1 + n_views, -1)
+        pixels = [encoder.transform(img)]
+        if n_views:  # the views extract drew for an item of this name
+            augment = ImageAugment.from_record(code["augment"])
+            pixels += [encoder.transform(augment_image(img, view_rng(int(code["seed"]), name, v), augment))
+                       for v in range(1, n_views + 1)]
+        return torch.stack(pixels)
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        """image_pixels' outputs -> continuous codes [Q, K]: every image's views in one encoder pass."""
+        encoder = self._encoder("image")
+        n_views = int(self.encoded.image_code["views"])
+        emb = encoder.encode(torch.cat(pixels)).to(self.device).float().view(len(pixels), 1 + n_views, -1)
         return image_codes(self.heads.image, emb[:, 0], emb[:, 1:] if n_views else None).float().cpu().numpy()
 
 

@@ -123,8 +123,9 @@ class Service:
             h, encode, batch = await self.code("text", coder.embed_text, req.text)
             return CodedQuery(Query.of("text", h), {"kind": "text", "text": req.text}, encode, batch)
         if upload is not None:
-            img = await self.blocking(_decode_upload, upload)
-            h, encode, batch = await self.code("image", coder.embed_images, (_stem(upload.name), img))
+            # Decoded, and its views made, on the request threads (in parallel); the coder thread runs the encoder.
+            pixels = await self.blocking(lambda: coder.image_pixels(_stem(upload.name), _decode_upload(upload)))
+            h, encode, batch = await self.code("image", coder.embed_pixels, pixels)
             return CodedQuery(Query.of("image", h), {"kind": "image", "image": upload.name}, encode, batch)
         return CodedQuery(None, {"kind": "id", "id": req.id})
 
