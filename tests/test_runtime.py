@@ -208,3 +208,19 @@ def test_the_service_codes_captions_and_uploads_in_onnx_runtime(default_encoder_
         assert [(h["id"], h["distance"]) for h in upload.json()["hits"]] == [(h.id, h.distance) for h in expected]
     coder = app.state.service.archives[app.state.service.default].index.coder
     assert {m: e.runtime for m, e in coder._encoders.items()} == {"text": "onnx", "image": "onnx"}
+
+
+@pytest.mark.slow  # a dask LocalCluster's start and a worker's imports
+def test_a_dask_worker_embeds_with_the_runtime_the_driver_chose(caption_dataset, tmp_path):
+    from duch.pipeline.formats.shards import read_attrs, read_shard
+
+    kw = dict(data=str(caption_dataset), image_views=1, shard_size=3, workers=0, device="cpu", runtime="onnx",
+              threads=1)
+    here = extract(ExtractConfig(run=str(tmp_path / "here"), **kw), progress=False, echo=quiet)
+    there = extract(ExtractConfig(run=str(tmp_path / "there"), scheduler="local:1", **kw), progress=False, echo=quiet)
+    assert there.manifest["fingerprint"] == here.manifest["fingerprint"]
+    assert there.manifest["runtime"] == {"image": "onnx", "text": "onnx"}
+    for shard in sorted((tmp_path / "here" / "extract").glob("*.h5")):
+        assert read_attrs(tmp_path / "there" / "extract" / shard.name)["runtime"] == "onnx"
+        a, b = read_shard(shard)["emb"], read_shard(tmp_path / "there" / "extract" / shard.name)["emb"]
+        assert np.array_equal(a, b), shard.name  # one thread each: the same sums in the same order
