@@ -224,3 +224,21 @@ def test_a_dask_worker_embeds_with_the_runtime_the_driver_chose(caption_dataset,
         assert read_attrs(tmp_path / "there" / "extract" / shard.name)["runtime"] == "onnx"
         a, b = read_shard(shard)["emb"], read_shard(tmp_path / "there" / "extract" / shard.name)["emb"]
         assert np.array_equal(a, b), shard.name  # one thread each: the same sums in the same order
+
+
+def test_add_with_auto_embeds_new_items_with_the_archives_runtime(default_encoder_run, tmp_path):
+    from duch.pipeline.config import AddConfig
+    from duch.stages.add import add
+
+    run = tmp_path / "run"
+    shutil.copytree(default_encoder_run, run)
+    (tmp_path / "new" / "images").mkdir(parents=True)
+    for name in ("102.jpg", "2001.jpg"):
+        shutil.copy(ASSETS / name, tmp_path / "new" / "images" / f"new-{name}")
+    write_caption_json(tmp_path / "new", [{"filename": f"new-{n}", "sentences": [{"raw": "a new tile"}]}
+                                          for n in ("102.jpg", "2001.jpg")])
+    result = add(AddConfig(run=str(run), data=str(tmp_path / "new"), device="cpu", workers=0), progress=False,
+                 echo=quiet)
+    segment = json.loads((run / result.manifest["segment"] / "extract" / "manifest.json").read_text())
+    assert segment["runtime"] == {"image": "onnx", "text": "onnx"}
+    assert segment["config"]["runtime"] == "onnx"  # auto took the archive's own
