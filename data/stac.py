@@ -165,7 +165,9 @@ def _bounds(doc: dict) -> tuple[float, ...] | None:
 
 def walk_catalog(location: str) -> tuple[list[StacItem], list[Reject]]:
     """Every item under a STAC document, in link order (each document read once), and the documents rejected."""
-    if not is_url(location) and not location.startswith("file://"):
+    if location.startswith("file://"):
+        location = urllib.parse.unquote(urllib.parse.urlsplit(location).path)
+    if not is_url(location):
         location = os.path.abspath(location)
     try:
         root = fetch_json(location)
@@ -214,6 +216,10 @@ def _doc_name(doc, where: str) -> str:
     return item_id if isinstance(item_id, str) and item_id else shown(where)
 
 
+class AssetsNotFound(ValueError):
+    """An item without the assets asked for: rejected, its assets listed."""
+
+
 def pick_assets(item: StacItem, names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     """(href, 1-based band) per name: an asset key first, else the asset band whose common name (or name) it
     is. ValueError listing the item's assets when a name matches none."""
@@ -226,7 +232,7 @@ def pick_assets(item: StacItem, names: tuple[str, ...]) -> tuple[tuple[str, int]
         if not found:
             listing = ", ".join(f"{key} ({'/'.join(b for b in a['bands'] if b)})" if any(a["bands"]) else key
                                 for key, a in item.assets.items())
-            raise ValueError(f"no asset {name!r} by key or band common name; its assets: {listing or 'none'}; "
+            raise AssetsNotFound(f"no asset {name!r} by key or band common name; its assets: {listing or 'none'}; "
                              "choose them with `assets`")
         picked.append(found[0])
     return tuple(picked * 3 if len(picked) == 1 else picked)

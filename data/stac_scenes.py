@@ -24,7 +24,7 @@ from duch.data.geo import overlaps_box, to_lonlat, window_corners
 from duch.data.images import ImageLoadError
 from duch.data.records import Dataset, DatasetError, Reject, SceneInfo
 from duch.data.scenes import TileOptions, in_period, scene_tiles
-from duch.data.stac import DEFAULT_ASSETS, StacItem, pick_assets, walk_catalog
+from duch.data.stac import DEFAULT_ASSETS, AssetsNotFound, StacItem, pick_assets, walk_catalog
 from duch.data.windows import Grid, _open, gdal_env, open_error, scene_stretch
 
 STAC_ROOT = Path("/")  # a STAC tile's image is its item's document, an absolute path or a URL
@@ -50,7 +50,7 @@ def read_catalog(location: str, options: TileOptions) -> Dataset:
             continue
         try:
             scene = open_item(item, slot, options)
-        except ImageLoadError as e:
+        except (ImageLoadError, AssetsNotFound) as e:
             rejects.append(Reject(item.name, str(e)))
             continue
         except ValueError as e:

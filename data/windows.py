@@ -13,6 +13,7 @@ HTTP), stacked per window as R, G, B, with which pixels are valid.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -32,7 +33,7 @@ GDAL_CACHE_MB = 64  # GDAL's default block cache is 5% of the RAM: it would grow
 HTTP_DEFAULTS = {"GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "0.5", "GDAL_HTTP_TIMEOUT": "30",
                  "GDAL_HTTP_CONNECTTIMEOUT": "10", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
                  "GDAL_INGESTED_BYTES_AT_OPEN": "16384", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-                 "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": "", "VSI_CACHE": "FALSE"}
+                 "VSI_CACHE": "FALSE", "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/"}
 
 
 class Grid(NamedTuple):
@@ -44,8 +45,24 @@ class Grid(NamedTuple):
     height: int
 
 
+class _Redacted(logging.Filter):
+    """GDAL's warnings (logged by rasterio) with URLs as `shown` words them: no user:password, no query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _URL.sub(lambda m: shown(m.group(0)), record.getMessage())
+        record.args = ()
+        return True
+
+
+_URL = re.compile(r"https?://[^\s'\"]+")
+
+
 def gdal_env():
     import rasterio
+
+    log = logging.getLogger("rasterio._env")
+    if not any(isinstance(f, _Redacted) for f in log.filters):
+        log.addFilter(_Redacted())
 
     http = {k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **http)
