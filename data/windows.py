@@ -60,9 +60,10 @@ _URL = re.compile(r"https?://[^\s'\"]+")
 def gdal_env():
     import rasterio
 
-    log = logging.getLogger("rasterio._env")
-    if not any(isinstance(f, _Redacted) for f in log.filters):
-        log.addFilter(_Redacted())
+    for name in ("rasterio._env", "rasterio._err", "rasterio._io", "rasterio._base"):  # where GDAL's words go
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Redacted) for f in log.filters):
+            log.addFilter(_Redacted())
 
     http = {k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **http)
