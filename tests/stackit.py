@@ -80,3 +80,34 @@ def smooth_bands(count: int, height: int, width: int, seed: int = 0, dtype=np.ui
         field = (np.sin(x / (11.0 + 3 * c)) * np.cos(y / (17.0 + c)) + 1) / 2
         out.append(field * high * 0.9 + rng.integers(0, high // 10, (height, width)))
     return np.stack(out).astype(dtype)
+
+
+def write_stac_parquet(path: Path, items: list[dict]) -> Path:
+    """Items as a stac-geoparquet file (its layout: properties as top-level columns, `datetime` a timestamp,
+    `bbox` a struct, `geometry` WKB, `assets` a struct of assets), written with pyarrow."""
+    import datetime as dt
+    import struct
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def wkb(polygon: dict) -> bytes:  # a GeoJSON Polygon as little-endian WKB
+        rings = polygon["coordinates"]
+        out = struct.pack("<BII", 1, 3, len(rings))
+        for ring in rings:
+            out += struct.pack("<I", len(ring)) + b"".join(struct.pack("<dd", *p[:2]) for p in ring)
+        return out
+
+    rows = []
+    for item in items:
+        props = dict(item["properties"])
+        props["datetime"] = dt.datetime.fromisoformat(props["datetime"].replace("Z", "+00:00"))
+        x0, y0, x1, y1 = item["bbox"]
+        rows.append({"type": "Feature", "stac_version": item["stac_version"], "id": item["id"],
+                     "collection": item.get("collection"),
+                     "geometry": wkb(item["geometry"]),
+                     "bbox": {"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1},
+                     "links": item["links"], "assets": item["assets"], **props})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path

@@ -13,7 +13,7 @@ from duch.data.stac_scenes import read_catalog
 
 from .httpkit import FileServer
 from .scenekit import MERCED, north_up
-from .stackit import catalog, item_collection, smooth_bands, stac_item, write_cog, write_json
+from .stackit import catalog, item_collection, smooth_bands, stac_item, write_cog, write_json, write_stac_parquet
 
 RGB = ("red", "green", "blue")
 
@@ -132,6 +132,30 @@ def test_items_outside_the_dates_the_clouds_or_the_box_are_never_opened(served):
     assert [s.name for s in ds.scenes] == ["kept"] and [i.id for i in ds.items] == ["kept/0_0"]
     assert all(server.requests[f"{n}/B{k}.tif"] == 0 for n in ("old", "cloudy", "far") for k in range(3))
     assert all(server.requests[f"kept/B{k}.tif"] > 0 for k in range(3))
+
+
+def test_a_stac_geoparquet_file_lists_the_items_its_json_does(served, tmp_path):
+    root, server = served
+    bands = smooth_bands(3, 128, 128, dtype=np.uint8, high=255)
+    items = [stac_item(n, band_files(root, n, bands), collection="pq", datetime=f"2021-06-0{k + 1}T10:00:00Z",
+                       platform="testsat", **{"eo:cloud_cover": 20.0 * k}) for k, n in enumerate(("a", "b", "c"))]
+    items[2]["assets"].pop("B1")  # an asset absent from one row: null in the assets struct
+    write_json(root / "items.json", item_collection(items))
+    write_stac_parquet(root / "items.parquet", items)
+    options = TileOptions(tile=64, max_cloud=30)
+    from_json = read_catalog(str(root / "items.json"), options)
+    from_parquet = read_catalog(str(root / "items.parquet"), options)
+    assert [s.name for s in from_parquet.scenes] == [s.name for s in from_json.scenes] == ["pq/a", "pq/b"]
+    assert [(s.date, s.channels, json.loads(s.stac)) for s in from_parquet.scenes] == [
+        (s.date, s.channels, json.loads(s.stac)) for s in from_json.scenes]
+    assert json.loads(from_parquet.scenes[1].stac)["properties"] == {"platform": "testsat", "eo:cloud_cover": 20.0}
+    got, want = pixels(from_parquet), pixels(from_json)
+    assert len(got) == 8 and all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(DatasetError, match="not a stac-geoparquet file"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+        read_catalog(str(tmp_path / "other.parquet"), options)
 
 
 @pytest.fixture
