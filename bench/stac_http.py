@@ -3,16 +3,17 @@
     flock /work/notes/bench.lock python bench/stac_http.py --ucm /work/shared/datasets/ucm
 
 Scenes: --scenes distinct 2048 x 2048 mosaics of 64 real UC Merced tiles each (drawn with a fixed seed), given a
-synthetic georeference (UTM 11N near Merced, 0.3 m pixels), each written as three single-band COGs (rasterio's
+synthetic georeference (UTM 11N near Merced, 1-foot pixels), each written as three single-band COGs (rasterio's
 COG driver, 256-pixel blocks, deflate, overviews), an item per scene with eo:bands red/green/blue. A real HTTP
-server on 127.0.0.1 (tests/httpkit.py: Range requests, bytes counted) serves them. Tiles are 256 pixels, read as
-extract's loader reads them (data.scenes.load_tile after data.stac_scenes.read_catalog: listing, headers, every
-window); each pass on a thread of its own, so no GDAL dataset or block cache is shared between passes.
+server on 127.0.0.1 (tests/httpkit.py: Range requests, bytes counted), in a process of its own as a remote one
+would be, serves them. Tiles are 256 pixels, read as extract's loader reads them (data.scenes.load_tile after
+data.stac_scenes.read_catalog: listing, headers, every window); each pass on a thread of its own, so no GDAL
+dataset or block cache is shared between passes.
 
 1. bytes: the server's body bytes over the bytes of the files, (a) every tile of one scene's item, (b) with
    --bbox a lon/lat box over a tenth of that scene's area (its upper-left corner), (c) the whole catalog.
 2. speed: tiles/s of the whole catalog over loopback HTTP against the same catalog with local paths, alternated,
-   median of --repeats passes.
+   median of --repeats passes; with 1 and 4 reading threads (--threads), as extract's --workers share the work.
 3. memory: peak resident memory (VmHWM over the baseline after imports) of a fresh process that lists and reads
    every tile of a catalog of 10 and of 100 items (the scenes' files repeated under new names, hard links).
 """
@@ -37,7 +38,6 @@ _LINKS = Path(tempfile.mkdtemp(prefix="duch-bench-"))
 sys.path[:0] = [str(_LINKS), str(ROOT)]
 
 from bench.common import save  # noqa: E402
-from tests.httpkit import FileServer  # noqa: E402
 
 MERCED = (191533.216453, 4133833.923858)
 FOOT = 0.3048
@@ -93,15 +93,17 @@ def write_scenes(ucm: Path, n: int, folder: Path) -> list[str]:
     return out
 
 
-def item(item_id: str, folder: str, base: str) -> dict:
+def item(item_id: str, folder: str, base: str, query: str = "") -> dict:
     return {"type": "Feature", "stac_version": "1.0.0", "id": item_id, "geometry": None, "links": [],
             "properties": {"datetime": "2021-06-03T00:00:00Z"},
-            "assets": {f"B{b}": {"href": f"{base}{folder}/B{b}.tif", "eo:bands": [{"name": f"B{b}", "common_name": c}]}
-                       for b, c in enumerate(RGB)}}
+            "assets": {f"B{b}": {"href": f"{base}{folder}/B{b}.tif{query}",
+                                 "eo:bands": [{"name": f"B{b}", "common_name": c}]} for b, c in enumerate(RGB)}}
 
 
-def write_catalog(path: Path, scenes: list[str], base: str, repeat: int = 1) -> Path:
-    """An ItemCollection of the scenes (`repeat` times, under hard-linked names), hrefs under `base`."""
+def write_catalog(path: Path, scenes: list[str], base: str, repeat: int = 1, query: str = "") -> Path:
+    """An ItemCollection of the scenes (`repeat` times, under hard-linked names), hrefs under `base`. GDAL keeps
+    what it downloaded per URL for the process's life: each pass's hrefs carry a `query` of their own (which the
+    server ignores), so every pass reads cold."""
     items = []
     for r in range(repeat):
         for s in scenes:
@@ -112,13 +114,45 @@ def write_catalog(path: Path, scenes: list[str], base: str, repeat: int = 1) -> 
                     target = path.parent / folder / f"B{b}.tif"
                     if not target.exists():
                         os.link(path.parent / s / f"B{b}.tif", target)
-            items.append(item(f"{folder}", folder, base))
+            items.append(item(f"{folder}", folder, base, query))
     path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
     return path
 
 
-def read_all(location: str, **options) -> tuple[int, float]:
-    """(tiles, seconds) of listing and reading every tile, on a thread of its own."""
+class ServerProcess:
+    """tests/httpkit.py's server in a process of its own, as a remote server is: its work is not under this
+    process's GIL; its counts read from its /__counts."""
+
+    def __init__(self, root: Path):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "httpkit.py"), str(root)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+
+    @property
+    def sent(self) -> int:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/__counts") as r:
+            return json.loads(r.read())["sent"]
+
+    def reset_counts(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(f"{self.url}/__reset").close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def read_all(location: str, threads: int = 1, **options) -> tuple[int, float]:
+    """(tiles, seconds) of listing and reading every tile, on threads of their own (GDAL datasets are per
+    thread): `threads` share the items out, as extract's loader workers (--workers) share its batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from duch.data.scenes import TileOptions, load_tile
     from duch.data.stac_scenes import read_catalog
 
@@ -128,8 +162,13 @@ def read_all(location: str, **options) -> tuple[int, float]:
         t = time.perf_counter()
         ds = read_catalog(location, TileOptions(256, **options))
         assert not ds.rejects, ds.rejects
+        by_item: dict = {}
         for it in ds.items:
-            load_tile(ds.images_dir, it, 0.0)
+            by_item.setdefault(it.tile.scene.name, []).append(it)
+        shares = [[it for k, items in enumerate(by_item.values()) if k % threads == w for it in items]
+                  for w in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda share: [load_tile(ds.images_dir, it, 0.0) for it in share], shares))
         out["r"] = (len(ds.items), time.perf_counter() - t)
 
     thread = threading.Thread(target=work)
@@ -154,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scenes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-items", default="10,100")
+    parser.add_argument("--threads", default="1,4", help="reading threads of the speed passes")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="stac-bench-"))
     www = work / "www"
@@ -161,21 +201,21 @@ def main(argv=None) -> int:
     file_bytes = {s: sum((www / s / f"B{b}.tif").stat().st_size for b in range(3)) for s in scenes}
     result: dict = {"scenes": args.scenes, "scene_pixels": 2048, "tile": 256, "cog_block": 256,
                     "file_bytes": sum(file_bytes.values())}
-    with FileServer(www) as server:
+    with ServerProcess(www) as server:
         base = f"{server.url}/"
-        write_catalog(www / "one.json", scenes[:1], base)
-        http_all = write_catalog(www / "all.json", scenes, base)
+        for name, query in (("one", "?pass=a"), ("onebox", "?pass=b"), ("all", "?pass=c")):
+            write_catalog(www / f"{name}.json", scenes[:1] if name.startswith("one") else scenes, base, query=query)
         local_all = write_catalog(www / "local.json", scenes, f"{www}/")
         # 1. bytes
         server.reset_counts()
         tiles_a, _ = read_all(f"{base}one.json")
         sent_a = server.sent - (www / "one.json").stat().st_size
         server.reset_counts()
-        tiles_b, _ = read_all(f"{base}one.json", bbox=tenth_box())
-        sent_b = server.sent - (www / "one.json").stat().st_size
+        tiles_b, _ = read_all(f"{base}onebox.json", bbox=tenth_box())
+        sent_b = server.sent - (www / "onebox.json").stat().st_size
         server.reset_counts()
         tiles_c, _ = read_all(f"{base}all.json")
-        sent_c = server.sent - http_all.stat().st_size
+        sent_c = server.sent - (www / "all.json").stat().st_size
         result["bytes"] = {
             "a_scene": {"tiles": tiles_a, "sent": sent_a, "of_files": sent_a / file_bytes[scenes[0]]},
             "b_bbox_tenth": {"tiles": tiles_b, "sent": sent_b, "of_files": sent_b / file_bytes[scenes[0]],
@@ -186,15 +226,19 @@ def main(argv=None) -> int:
               f"({tiles_a} tiles); bbox tenth {sent_b / 1e6:.2f} MB = {sent_b / file_bytes[scenes[0]]:.1%} "
               f"({tiles_b} tiles), b/a {sent_b / sent_a:.1%}; catalog {sent_c / result['file_bytes']:.1%}")
         # 2. speed, alternated
-        rates: dict[str, list[float]] = {"local": [], "http": []}
-        for _ in range(args.repeats):
-            for name, where in (("local", str(local_all)), ("http", f"{base}all.json")):
-                n, seconds = read_all(where)
-                rates[name].append(n / seconds)
-        speed = {k: statistics.median(v) for k, v in rates.items()}
-        result["speed"] = {"tiles_per_s": speed, "passes": rates, "http_over_local": speed["http"] / speed["local"]}
-        print(f"speed: local {speed['local']:.0f} tiles/s, http {speed['http']:.0f} tiles/s, "
-              f"ratio {speed['http'] / speed['local']:.2f} (median of {args.repeats})")
+        result["speed"] = {}
+        for threads in [int(v) for v in args.threads.split(",")]:
+            rates: dict[str, list[float]] = {"local": [], "http": []}
+            for r in range(args.repeats):
+                write_catalog(www / f"speed{r}.json", scenes, base, query=f"?pass=speed{threads}-{r}")
+                for name, where in (("local", str(local_all)), ("http", f"{base}speed{r}.json")):
+                    n, seconds = read_all(where, threads)
+                    rates[name].append(n / seconds)
+            speed = {k: statistics.median(v) for k, v in rates.items()}
+            result["speed"][threads] = {"tiles_per_s": speed, "passes": rates,
+                                        "http_over_local": speed["http"] / speed["local"]}
+            print(f"speed, {threads} reading threads: local {speed['local']:.0f} tiles/s, http {speed['http']:.0f} "
+                  f"tiles/s, ratio {speed['http'] / speed['local']:.2f} (median of {args.repeats})")
         # 3. memory
         memory = {}
         for n in [int(v) for v in args.memory_items.split(",")]:

@@ -4,7 +4,9 @@ to answer a path with before serving it (two 500s then 200), a stall (no answer 
 restart on the same port."""
 from __future__ import annotations
 
+import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -53,6 +55,16 @@ class FileServer:
 
             def answer(self, body: bool) -> None:
                 path = self.path.split("?", 1)[0].lstrip("/")
+                if path == "__counts":  # for a server in another process (the bench): what it has sent
+                    data = json.dumps({"sent": server.sent, "requests": sum(server.requests.values())}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if path == "__reset":
+                    server.reset_counts()
+                    return self.empty(204)
                 if server.down:
                     self.close_connection = True
                     return
@@ -131,3 +143,9 @@ class FileServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+if __name__ == "__main__":  # python tests/httpkit.py ROOT: serves ROOT, prints its URL (the bench's server process)
+    served = FileServer(Path(sys.argv[1]))
+    print(served.url, flush=True)
+    threading.Event().wait()
