@@ -197,3 +197,32 @@ def test_each_bad_item_is_one_reject_naming_it_and_the_rest_goes_on(faults, capl
     assert "s3cret" not in shown and "pa55" not in shown and f"{server.url}/flaky/B0.tif" in shown
     assert f"{server.url}/flaky/B0.tif Retrying" in caplog.text
     assert "s3cret" not in caplog.text and "pa55" not in caplog.text
+
+
+def test_stac_items_makes_a_catalog_of_one_s_own_cogs_that_extract_reads(tmp_path):
+    from click.testing import CliRunner
+
+    from duch import cli
+
+    bands = smooth_bands(3, 128, 192, dtype=np.uint8, high=255)
+    write_cog(tmp_path / "cogs" / "one.tif", bands)
+    write_cog(tmp_path / "cogs" / "two.tif", bands[::-1].copy())
+    (tmp_path / "cogs" / "two.json").write_text('{"date": "2022-02-02"}')
+    cogs = [str(tmp_path / "cogs" / "one.tif"), str(tmp_path / "cogs" / "two.tif")]
+    out = CliRunner().invoke(cli.main, ["stac-items", *cogs, "--out", str(tmp_path / "cat" / "items.json"),
+                                        "--date", "2021-01-01", "--common-names", "red,green,blue"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads((tmp_path / "cat" / "items.json").read_text())
+    assert [f["assets"]["image"]["href"] for f in doc["features"]] == ["../cogs/one.tif", "../cogs/two.tif"]
+    assert [f["properties"]["datetime"] for f in doc["features"]] == ["2021-01-01T00:00:00Z", "2022-02-02T00:00:00Z"]
+    ds = read_catalog(str(tmp_path / "cat" / "items.json"), TileOptions(tile=64, date_from="2022-01-01"))
+    local = read_scenes(tmp_path / "cogs" / "two.tif", TileOptions(tile=64))
+    got, want = pixels(ds), pixels(local)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    bad = CliRunner().invoke(cli.main, ["stac-items", str(tmp_path / "cogs" / "one.tif"), "--out",
+                                        str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and "one.tif: no acquisition date in a sidecar, dates.csv or its metadata; give --date" \
+        in bad.output
+    bad = CliRunner().invoke(cli.main, ["stac-items", str(tmp_path / "cogs" / "two.tif"), "--out",
+                                        str(tmp_path / "x.json"), "--common-names", "red,green"])
+    assert bad.exit_code == 2 and "3 bands, but 2 common names given" in bad.output
