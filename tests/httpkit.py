@@ -86,8 +86,8 @@ class FileServer:
                 file = (server.root / path).resolve()
                 if not file.is_file() or server.root.resolve() not in file.parents:
                     return self.empty(404)
-                data = file.read_bytes()
-                start, end, code = 0, len(data) - 1, 200
+                size = file.stat().st_size  # only the range asked for is read from the file
+                start, end, code = 0, size - 1, 200
                 wanted = self.headers.get("Range")
                 if wanted:
                     found = _RANGE.match(wanted.strip())
@@ -95,20 +95,22 @@ class FileServer:
                         return self.empty(416)
                     if found.group(1):
                         start = int(found.group(1))
-                        end = min(int(found.group(2)), len(data) - 1) if found.group(2) else len(data) - 1
+                        end = min(int(found.group(2)), size - 1) if found.group(2) else size - 1
                     else:
-                        start = max(0, len(data) - int(found.group(2)))
-                    if start >= len(data):
+                        start = max(0, size - int(found.group(2)))
+                    if start >= size:
                         return self.empty(416)
                     code = 206
                 self.send_response(code)
                 self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "bytes")
                 if code == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()
                 if body:
-                    chunk = data[start:end + 1]
+                    with open(file, "rb") as f:
+                        f.seek(start)
+                        chunk = f.read(end - start + 1)
                     try:
                         self.wfile.write(chunk)
                     except (BrokenPipeError, ConnectionResetError):
