@@ -98,5 +98,12 @@ def test_a_stac_archive_s_hits_and_thumbnails_show_their_items(tmp_path, scenes,
         tile = next(i for i in read_catalog(f"{server.url}/items.json", config("", "", "").tile_options()).items
                     if i.id == "demo/p/1_0")
         assert np.array_equal(np.asarray(render(hit.path, hit.place)), np.asarray(load_tile("/", tile, 0)))
+        # `duch add` takes a catalog too, with the run's recorded options (here --max-cloud 5: r kept, s left out)
+        noise_items(root / "more", ["r", "s"], seed=1)
+        added = CliRunner().invoke(main, ["add", "--run", str(archive), "--data", f"{server.url}/more/items.json",
+                                          "--workers", "0", "--device", "cpu", "--no-progress"])
+        assert added.exit_code == 0, added.output
+        assert "add: 4 new and 0 replaced items" in added.output
+        assert Index.load(archive, bits=64, device="cpu").search(id="demo/r/1_1", k=1)[0].id == "demo/r/1_1"
     manifest = (archive / "extract" / "manifest.json").read_text()
     assert "s3cret" not in manifest and json.loads(manifest)["dataset"]["kind"] == "stac"
