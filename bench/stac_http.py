@@ -14,6 +14,8 @@ dataset or block cache is shared between passes.
    --bbox a lon/lat box over a tenth of that scene's area (its upper-left corner), (c) the whole catalog.
 2. speed: tiles/s of the whole catalog over loopback HTTP against the same catalog with local paths, alternated,
    median of --repeats passes; with 1 and 4 reading threads (--threads), as extract's --workers share the work.
+   With --extract-rounds N: the whole extract stage (the default image encoder, efficientnet-lite0, no views, no
+   captions, the loader's default workers) on the same two catalogs, alternated, tiles/s from the manifests.
 3. memory: peak resident memory (VmHWM over the baseline after imports) of a fresh process that lists and reads
    every tile of a catalog of 10 and of 100 items (the scenes' files repeated under new names, hard links).
 """
@@ -177,6 +179,25 @@ def read_all(location: str, threads: int = 1, **options) -> tuple[int, float]:
     return out["r"]
 
 
+def extract_speed(www: Path, scenes: list[str], base: str, local: Path, rounds: int) -> dict:
+    """Tiles/s of whole extract stages (default image encoder) on the local and the HTTP catalog, alternated."""
+    from duch.pipeline.config import ExtractConfig
+    from duch.stages.extract import extract
+
+    rates: dict[str, list[float]] = {"local": [], "http": []}
+    for r in range(rounds):
+        write_catalog(www / f"extract{r}.json", scenes, base, query=f"?pass=extract{r}")
+        for name, where in (("local", str(local)), ("http", f"{base}extract{r}.json")):
+            run = www.parent / f"run-{name}-{r}"
+            cfg = ExtractConfig(data=where, run=str(run), text_encoder=None, tile=256, image_views=0, device="cpu")
+            manifest = extract(cfg, progress=False, echo=lambda _: None).manifest
+            rates[name].append(manifest["timings"]["images_per_s"])  # the images phase, encoder loaded
+    speed = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"extract (efficientnet-lite0): local {speed['local']:.1f} tiles/s, http {speed['http']:.1f} tiles/s, "
+          f"ratio {speed['http'] / speed['local']:.2f} (median of {rounds})")
+    return {"tiles_per_s": speed, "rounds": rates, "http_over_local": speed["http"] / speed["local"]}
+
+
 def tenth_box(k: int = 0) -> tuple[float, ...]:
     """A lon/lat box over the upper-left tenth of scene k's area (648 x 648 of its 2048 x 2048 pixels)."""
     from duch.data.geo import to_lonlat
@@ -194,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-items", default="10,100")
     parser.add_argument("--threads", default="1,4", help="reading threads of the speed passes")
+    parser.add_argument("--extract-rounds", type=int, default=1, help="whole-extract rounds (0: none)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="stac-bench-"))
     www = work / "www"
@@ -239,6 +261,8 @@ def main(argv=None) -> int:
                                         "http_over_local": speed["http"] / speed["local"]}
             print(f"speed, {threads} reading threads: local {speed['local']:.0f} tiles/s, http {speed['http']:.0f} "
                   f"tiles/s, ratio {speed['http'] / speed['local']:.2f} (median of {args.repeats})")
+        if args.extract_rounds:
+            result["extract"] = extract_speed(www, scenes, base, local_all, args.extract_rounds)
         # 3. memory
         memory = {}
         for n in [int(v) for v in args.memory_items.split(",")]:
