@@ -226,3 +226,19 @@ def test_stac_items_makes_a_catalog_of_one_s_own_cogs_that_extract_reads(tmp_pat
     bad = CliRunner().invoke(cli.main, ["stac-items", str(tmp_path / "cogs" / "two.tif"), "--out",
                                         str(tmp_path / "x.json"), "--common-names", "red,green"])
     assert bad.exit_code == 2 and "3 bands, but 2 common names given" in bad.output
+
+
+def test_catalog_options_are_checked_before_anything_is_read(tmp_path):
+    from duch.pipeline import DuchError
+    from duch.pipeline.config import ExtractConfig
+
+    for settings, said in ((dict(data="https://x/c.json"), "give `tile`"),
+                           (dict(data="c.json", tile=256, bands=(1, 2, 3)), "chosen by `assets`"),
+                           (dict(data="c.json", tile=256, assets=("red", "green")), "give three asset keys"),
+                           (dict(data="scenes/", tile=256, assets=("red",)), "`data` is not one"),
+                           (dict(data="c.json", tile=256, max_cloud=120), "`max_cloud` is a percentage"),
+                           (dict(data="c.json", tile=256, bbox=(1, 2, 0, 3)), "`bbox` 1,2,0,3: give min lon"),
+                           (dict(data="c.json", tile=256, date_from="2021-02-01", date_to="2021-01-01"),
+                            "is after `date_to`")):
+        with pytest.raises(DuchError, match=said):
+            ExtractConfig(run=str(tmp_path), **settings).validate()

@@ -105,6 +105,9 @@ class ExtractConfig:
         if self.tile < 0 or self.stride < 0:
             raise DuchError(f"`tile` and `stride` must be 0 or more, got {self.tile} and {self.stride}")
         if not self.tile:
+            if str(self.data).startswith(("http://", "https://", "file://")):
+                raise DuchError(f"`data` {self.data} is read as a STAC catalog, whose items are cut into tiles; "
+                                "give `tile` in pixels (e.g. 256)")
             given = [f"`{k}`" for k, v in self.SCENE_OPTIONS.items() if getattr(self, k) != v]
             if given:
                 raise DuchError(f"{', '.join(given)} tile{'s' if len(given) == 1 else ''} scenes; give `tile` "
