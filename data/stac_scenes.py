@@ -24,7 +24,7 @@ from duch.data.geo import overlaps_box, to_lonlat, window_corners
 from duch.data.images import ImageLoadError
 from duch.data.records import Dataset, DatasetError, Reject, SceneInfo
 from duch.data.scenes import TileOptions, in_period, scene_tiles
-from duch.data.stac import DEFAULT_ASSETS, AssetsNotFound, StacItem, pick_assets, walk_catalog
+from duch.data.stac import DEFAULT_ASSETS, AssetsNotFound, StacItem, pick_assets, shown, walk_catalog
 from duch.data.windows import Grid, _open, gdal_env, open_error, scene_stretch
 
 STAC_ROOT = Path("/")  # a STAC tile's image is its item's document, an absolute path or a URL
@@ -57,7 +57,7 @@ def read_catalog(location: str, options: TileOptions) -> Dataset:
             rejects.append(Reject(item.name, f"malformed STAC item: {e}"))
             continue
         scenes.append(scene)
-        tiles += scene_tiles(scene, item.name, item.href, options)
+        tiles += scene_tiles(scene, item.name, shown(item.href), options)  # the path hits show: the item's document
     return Dataset("stac", Path(location), STAC_ROOT, tiles, rejects, scenes=scenes, catalog=catalog)
 
 
@@ -118,7 +118,7 @@ def open_item(item: StacItem, slot: int, options: TileOptions) -> SceneInfo:
         raise DatasetError(f"{item.name}: its assets' CRS does not convert to lon/lat; reproject them, or pass "
                            "`allow_ungeoreferenced`")
     bands = tuple(b for _, b in channels)
-    return SceneInfo(item.name, item.href, grid.width, grid.height, len(set(channels)), ",".join(sorted(dtypes)),
+    return SceneInfo(item.name, shown(item.href), grid.width, grid.height, len(set(channels)), ",".join(sorted(dtypes)),
                      grid.crs, grid.transform, (bands[0], bands[1], bands[2]), stretch, item.date,
                      "STAC datetime" if item.date else None, lonlat, nodata=options.nodata, channels=channels,
                      stac=json.dumps(item.record(), default=str), slot=slot)
