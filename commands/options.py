@@ -54,6 +54,15 @@ def ints(ctx, param, value: str | None, example: str = "16,32,64,128", empty=())
         raise click.BadParameter(f"expected comma-separated integers such as {example}, got {value!r}") from None
 
 
+def floats(ctx, param, value: str | None) -> tuple[float, ...]:
+    """A comma list of numbers (a lon/lat box)."""
+    try:
+        return tuple(float(v) for v in (value or "").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as -120.5,37.2,-120.4,37.3, got {value!r}"
+                                 ) from None
+
+
 some_bits = functools.partial(ints, empty=None)  # none given: every code length the run has
 
 

@@ -11,6 +11,7 @@ from duch.pipeline.config.train import PAPER_TRAINING, TRAIN_RECIPES, TrainConfi
 from .options import (
     cluster_options,
     device_option,
+    floats,
     images_option,
     ints,
     option,
@@ -25,7 +26,8 @@ from .options import (
 @click.command()
 @click.option("--data", required=True, type=click.Path(),
               help="Annotation file (.json caption format, .jsonl or .csv image,caption rows) or a folder "
-                   "(holding one annotation file and images/, or only images).")
+                   "(holding one annotation file and images/, or only images); with --tile GeoTIFF scenes, or a "
+                   "STAC Item/ItemCollection/Collection/Catalog JSON (path or http(s):// URL) or stac-geoparquet.")
 @images_option
 @click.option("--run", required=True, type=click.Path(), help="Run directory; writes RUN/extract.")
 @option(ExtractConfig, "image_encoder", help="efficientnet-lite0, or open_clip:ARCH:WEIGHTS (tag, checkpoint path, "
@@ -59,6 +61,16 @@ from .options import (
         help="Acquisition date of scenes with none in a sidecar or their metadata.")
 @click.option("--allow-ungeoreferenced", is_flag=True,
               help="Accept scenes without a CRS: their tiles get footprints in pixels and match no --bbox.")
+@option(ExtractConfig, "nodata", type=float, metavar="VALUE",
+        help="The fill value of bands without a nodata tag (e.g. 0 for Landsat): not valid, never stretched.")
+@option(ExtractConfig, "assets", callback=lambda c, p, v: tuple(a.strip() for a in (v or "").split(",") if a.strip()),
+        help="A STAC item's assets read as R,G,B (or one, grey): asset keys or eo:bands common names "
+             "[default: red,green,blue].")
+@option(ExtractConfig, "max_cloud", type=float, metavar="PCT", help="Skip STAC items with eo:cloud_cover above it.")
+@option(ExtractConfig, "bbox", metavar="MINLON,MINLAT,MAXLON,MAXLAT", callback=floats,
+        help="Only the items and tiles overlapping this lon/lat box (the rest is never read).")
+@option(ExtractConfig, "date_from", metavar="YYYY-MM-DD", help="Only scenes (items) acquired on or after this date.")
+@option(ExtractConfig, "date_to", metavar="YYYY-MM-DD", help="Only scenes (items) acquired on or before this date.")
 @cluster_options(ExtractConfig)
 @stage_options
 @user_errors

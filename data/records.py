@@ -26,6 +26,12 @@ class SceneInfo:
     date: str | None  # acquisition date, YYYY-MM-DD
     date_source: str | None  # where the date came from: "sidecar FILE", "metadata KEY", "--date"
     lonlat: bool = True  # whether the CRS converts to lon/lat (not a local engineering grid, not "")
+    nodata: float | None = None  # the declared fill (`nodata`) of bands without a nodata tag
+    # A STAC item's scene (data/stac_scenes.py): (file or URL, 1-based band) read as R, G, B, on the first one's
+    # grid; the item as hits show it (JSON: id, collection, datetime, properties, assets); its place in the catalog
+    channels: tuple[tuple[str, int], ...] = ()
+    stac: str = ""
+    slot: int = -1
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class Dataset:
     scenes: list[SceneInfo] = field(default_factory=list)  # of a "scenes" dataset, whose items are their tiles
     # What the caption rules (data/text.py) changed: {"cleaned_captions": n, "capped_captions": m}
     caption_counts: dict[str, int] = field(default_factory=dict)
+    # A STAC catalog's digest (its items' ids, assets and properties): what its fingerprint knows of it, so that an
+    # item the server failed to serve and a rerun reaches is no change of input
+    catalog: str | None = None
 
     @property
     def n_captions(self) -> int:

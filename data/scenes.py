@@ -16,28 +16,25 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from duch.data.geo import bounds_of, tile_windows, to_lonlat, window_corners
-from duch.data.images import ImageLoadError, apply_stretch, max_values, stretch_limits
+from duch.data.geo import bounds_of, overlaps_box, tile_windows, to_lonlat, window_corners
+from duch.data.images import ImageLoadError, max_values
 from duch.data.readers import ImagesFolder
 from duch.data.records import Dataset, DatasetError, Item, Reject, SceneInfo, Tile
 from duch.data.scene_dates import read_dates_csv, scene_date
+from duch.data.windows import GDAL_CACHE_MB, Grid, gdal_env, read_window, scene_stretch
+
+__all__ = ["GDAL_CACHE_MB", "read_window"]  # read here by the service's thumbnails and the tests
 
 SCENE_SUFFIXES = (".tif", ".tiff")
-GDAL_CACHE_MB = 64  # GDAL's default block cache is 5% of the RAM: it would grow with the scene read
-STRETCH_SAMPLE = 1024  # the once-per-scene stretch samples at most this many pixels a side of the scene
-SAMPLE_WINDOW = 1024  # pixels a side of the windows that sample is read by
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -49,16 +46,19 @@ class TileOptions:
     min_valid: float = 0.9  # share of valid pixels a tile needs
     date: str | None = None  # YYYY-MM-DD for scenes with no date of their own
     allow_ungeoreferenced: bool = False  # scenes without a CRS get footprints in pixels instead of an error
+    nodata: float | None = None  # the fill value of bands without a nodata tag: not valid, never stretched
+    bbox: tuple[float, ...] = ()  # lon/lat (min lon, min lat, max lon, max lat): only tiles overlapping it
+    date_from: str | None = None  # only scenes (items) dated within these, inclusive
+    date_to: str | None = None
+    assets: tuple[str, ...] = ()  # a STAC item's assets read as R, G, B (or one, grey): keys or common names
+    max_cloud: float | None = None  # STAC items with eo:cloud_cover above it are skipped
 
 
 class TileSkipped(ImageLoadError):
     """A tile with too few valid pixels: skipped and counted, not an error in the input."""
 
 
-def _env():
-    import rasterio
-
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+_env = gdal_env
 
 
 def scene_files(path: Path) -> tuple[Path, list[str]]:
@@ -100,11 +100,29 @@ def read_scenes(path: str | os.PathLike, options: TileOptions) -> Dataset:
         except ImageLoadError as e:
             rejects.append(Reject(name, str(e)))
             continue
-        scenes.append(scene)
-        items += [Item(f"{name}/{i}_{j}", file, tile=Tile(scene, window, options.tile))
-                  for i, j, window in tile_windows(scene.width, scene.height, options.tile,
-                                                   options.stride or options.tile)]
+        if in_period(scene.date, options):
+            scenes.append(scene)
+            items += scene_tiles(scene, name, file, options)
     return Dataset("scenes", folder, folder, items, rejects, scenes=scenes)
+
+
+def in_period(date: str | None, options: TileOptions) -> bool:
+    """Whether a scene's date is within `date_from` and `date_to` (an undated scene is not, when either is given)."""
+    if not (options.date_from or options.date_to):
+        return True
+    return bool(date) and (options.date_from or "") <= date <= (options.date_to or "9999")
+
+
+def scene_tiles(scene: SceneInfo, name: str, image: str, options: TileOptions) -> list[Item]:
+    """The scene's tile items `name`/ROW_COL, but those outside `bbox` (lon/lat; from the transform: nothing is
+    read), so that only the windows of an area of interest are ever read."""
+    windows = tile_windows(scene.width, scene.height, options.tile, options.stride or options.tile)
+    if options.bbox and windows:
+        if not (scene.crs and scene.lonlat):
+            return []
+        lonlat = to_lonlat(scene.crs, window_corners(scene.transform, [w for _, _, w in windows]))
+        windows = [w for w, keep in zip(windows, overlaps_box(lonlat, options.bbox)) if keep]
+    return [Item(f"{name}/{i}_{j}", image, tile=Tile(scene, window, options.tile)) for i, j, window in windows]
 
 
 def truncation(path: Path) -> str | None:
@@ -149,9 +167,12 @@ def open_scene(folder: Path, file: str, options: TileOptions, csv_dates: dict[st
                 bands = _bands(src, path, options)
                 date, source = scene_date(folder, file, src.tags(), csv_dates, options.date)
                 dtypes = {src.dtypes[b - 1] for b in bands}
-                stretch = None if dtypes == {"uint8"} else _scene_stretch(src, bands)
+                channels = [(os.fspath(path), b) for b in bands]
+                stretch = None if dtypes == {"uint8"} else scene_stretch(channels, src.width, src.height, None,
+                                                                         options.nodata)
                 return SceneInfo(os.path.splitext(file)[0], file, src.width, src.height, src.count,
-                                 ",".join(sorted(dtypes)), crs, transform, bands, stretch, date, source, lonlat)
+                                 ",".join(sorted(dtypes)), crs, transform, bands, stretch, date, source, lonlat,
+                                 nodata=options.nodata)
     except RasterioIOError as e:
         raise ImageLoadError(f"not a readable GeoTIFF ({e})") from None
 
@@ -207,99 +228,16 @@ def _bands(src, path: Path, options: TileOptions) -> tuple[int, int, int]:
     return bands * 3 if len(bands) == 1 else bands
 
 
-def _valid(src, bands: list[int], window) -> np.ndarray:
-    """[h, w] bool: pixels GDAL's masks call valid in every band (nodata, alpha, internal masks); no mask is read
-    for bands that have none (most 8-bit scenes)."""
-    from rasterio.enums import MaskFlags
-
-    if all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands):
-        return np.ones((int(window.height), int(window.width)), bool)
-    return (src.read_masks(bands, window=window) > 0).all(axis=0)
-
-
-def _scene_stretch(src, bands: tuple[int, int, int]) -> tuple[float, float]:
-    """The >8-bit rule's limits over the scene's valid pixels in the chosen bands, from every f-th row and column
-    (f making the sample at most STRETCH_SAMPLE pixels a side: the whole scene for smaller ones), read window by
-    window: one pass over the scene in flat memory. (GDAL's own decimated read is far slower on a file without
-    overviews.)"""
-    from rasterio.windows import Window
-
-    f = max(1, math.ceil(max(src.width, src.height) / STRETCH_SAMPLE))
-    unique = sorted(set(bands))
-    picked = [unique.index(b) for b in bands]
-    samples = []
-    for r in range(0, src.height, SAMPLE_WINDOW):
-        for c in range(0, src.width, SAMPLE_WINDOW):
-            window = Window(c, r, min(SAMPLE_WINDOW, src.width - c), min(SAMPLE_WINDOW, src.height - r))
-            every = (slice(None), slice((-r) % f, None, f), slice((-c) % f, None, f))  # rows and columns 0, f, 2f...
-            data = src.read(unique, window=window)[every]
-            valid = _valid(src, unique, window)[every[1:]]
-            if data.dtype.kind == "f":
-                valid &= np.isfinite(data).all(axis=0)
-            samples.append(data[picked][:, valid])
-    values = np.concatenate(samples, axis=1)
-    if not values.size:
-        raise ImageLoadError("the scene holds no valid pixels in the chosen bands (all nodata)")
-    return stretch_limits(values.astype(np.float64).ravel())
-
-
-# Open scenes, per process (a forked loader worker opens its own) and per thread (a GDAL dataset must not be read
-# from two threads at once: the service renders thumbnails on several), the most recently used last.
-_OPEN: dict[tuple[int, int], OrderedDict] = {}
-_OPEN_LOCK = threading.Lock()
-_MOST_OPEN = 8  # per thread
-
-
-def _dataset(path: Path):
-    import rasterio
-
-    with _OPEN_LOCK:
-        mine = _OPEN.setdefault((os.getpid(), threading.get_ident()), OrderedDict())
-    key = str(path)
-    if key in mine:
-        mine.move_to_end(key)
-        return mine[key]
-    while len(mine) >= _MOST_OPEN:
-        _, old = mine.popitem(last=False)
-        old.close()
-    src = mine[key] = rasterio.open(path)
-    return src
-
-
-def read_window(path: str | os.PathLike, window: tuple[int, int, int, int], bands: tuple[int, ...],
-                stretch: tuple[float, float] | None, size: int | None = None) -> tuple[np.ndarray, float]:
-    """(RGB uint8 [size, size, 3], share of valid pixels) of one scene window (col_off, row_off, width,
-    height): the bands as R, G, B, stretched with the scene's limits, invalid pixels black, padded black (and
-    not valid) to `size` a side where the window is smaller. The pixels every tile item and thumbnail gets."""
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-    from rasterio.windows import Window
-
-    c, r, w, h = (int(v) for v in window)
-    size_h, size_w = (size, size) if size else (h, w)
-    unique = sorted(set(bands))
-    try:
-        with _env(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = _dataset(Path(path))
-            data = src.read(unique, window=Window(c, r, w, h))
-            valid = _valid(src, unique, Window(c, r, w, h))
-    except RasterioIOError as e:
-        raise ImageLoadError(f"cannot read the scene window {c},{r},{w},{h}: {e}") from None
-    picked = [unique.index(b) for b in bands]
-    if data.dtype.kind == "f":
-        valid &= np.isfinite(data).all(axis=0)
-    rgb = data[picked] if stretch is None else apply_stretch(data[picked], *stretch)
-    rgb = np.where(valid, rgb, 0).astype(np.uint8).transpose(1, 2, 0)
-    out = np.zeros((size_h, size_w, 3), np.uint8)
-    out[:h, :w] = rgb
-    return out, float(valid.sum()) / (size_h * size_w)
+def scene_grid(scene: SceneInfo) -> Grid | None:
+    """The grid a scene's other files are warped onto: its first asset's (None for one file, read as it is)."""
+    return Grid(scene.crs, scene.transform, scene.width, scene.height) if scene.channels else None
 
 
 def load_tile(images_dir: Path, item: Item, min_valid: float) -> Image.Image:
     """A tile item's pixels as an RGB image; TileSkipped when fewer than `min_valid` of them are valid."""
-    tile = item.tile
-    rgb, valid = read_window(Path(images_dir) / item.image, tile.window, tile.scene.bands, tile.scene.stretch,
-                             tile.size)
+    tile, scene = item.tile, item.tile.scene
+    rgb, valid = read_window(Path(images_dir) / item.image, tile.window, scene.bands, scene.stretch, tile.size,
+                             scene.nodata, scene.channels, scene_grid(scene))
     if valid < min_valid:
         raise TileSkipped(f"{valid:.1%} of its pixels are valid, below `min_valid` {min_valid:g}")
     return Image.fromarray(rgb)
@@ -326,4 +264,20 @@ def place_columns(tiles: list[Tile]) -> dict[str, np.ndarray | list]:
         "date": [t.scene.date or "" for t in tiles],
         "bands": np.array([t.scene.bands for t in tiles], np.int32).reshape(n, 3),
         "stretch": np.array([t.scene.stretch or (np.nan, np.nan) for t in tiles], np.float64).reshape(n, 2),
+        **(source_columns(tiles) if any(t.scene.channels or t.scene.nodata is not None for t in tiles) else {}),
     }
+
+
+def source_columns(tiles: list[Tile]) -> dict[str, list[str]]:
+    """What a tile's pixels need beyond its scene file and bands, as JSON (formats/codes.py PLACE_EXTRAS): the
+    declared fill and a STAC item's channels and grid ("source", read back to render it), and the item as hits
+    show it ("stac"). Written only by runs that have them, so archives made before keep their columns."""
+    import json
+
+    sources: dict[str, str] = {}
+    for t in tiles:
+        s = t.scene
+        if s.name not in sources:
+            sources[s.name] = json.dumps({"nodata": s.nodata, "channels": [list(c) for c in s.channels],
+                                          "grid": list(scene_grid(s) or ()) or None})
+    return {"source": [sources[t.scene.name] for t in tiles], "stac": [t.scene.stac for t in tiles]}

@@ -84,6 +84,10 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
     "runtime": ("--runtime", None),  # the encoders' runtime (extract, add, search, serve)
+    # extract from STAC catalogs, declared fill (issue 30; bbox, date_from, date_to are spelled above)
+    "nodata": ("--nodata", None),
+    "assets": ("--assets", None),
+    "max_cloud": ("--max-cloud", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -14,6 +14,7 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
+from duch.pipeline.embed.plan import retriable
 from duch.pipeline.embed.sources import decode_problems
 from duch.pipeline.run.stage import UNREAD, StageFolder, StageResult, stage
 
@@ -41,4 +42,8 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
             raise stale_error(folder.path, previous, job.basis)
         job = job.confirmed(confirmed["basis"], confirmed["fingerprint"])
         previous = UNREAD  # the manifest was written again (confirmed listing): check reads it back
+    elif previous and retriable(r["reason"] for r in previous.get("rejects", [])):
+        failed = sum(1 for r in previous["rejects"] if retriable([r["reason"]]))
+        echo(f"extract: trying again {failed} items or tiles the server failed to serve; finished ones are kept")
+        previous = None
     return folder.run(extraction_plan(folder, job, progress, echo, started), force, echo, previous)

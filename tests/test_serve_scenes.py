@@ -2,7 +2,6 @@
 archive of the same model beside it: place filters in the API before the top k, hits' places, GeoJSON, scene
 outlines, the archive's extent, and tile thumbnails rendered from the scene window."""
 import asyncio
-import dataclasses
 import io
 import shutil
 from urllib.parse import quote
@@ -90,7 +89,7 @@ def test_a_box_and_dates_filter_before_the_top_k_as_the_library_does(base, index
 def test_each_hit_and_item_of_a_scene_archive_carries_its_place(base, index):
     answer = post(base, id=AIRPLANE, k=5, rerank=64).json()
     expected = index.search(id=AIRPLANE, k=5, rerank_top=64)
-    assert [h["place"] for h in answer["hits"]] == [dataclasses.asdict(h.place) for h in expected]
+    assert [h["place"] for h in answer["hits"]] == [h.place.to_dict() for h in expected]
     first = answer["hits"][0]["place"]
     assert (answer["hits"][0]["id"], first["scene"], first["window"], first["crs"], first["date"]) == (
         AIRPLANE, "merced", [512, 1280, 256, 256], UTM11, "2021-06-03")

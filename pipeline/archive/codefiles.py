@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import h5py
 from tqdm.auto import tqdm
 
 from duch.pipeline.archive.parts import shard_rows
 from duch.pipeline.config import EncodeConfig
-from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
+from duch.pipeline.formats.codes import META, PLACE_EXTRAS, PLACES, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_shard
 from duch.pipeline.run.records import ExtractRun, ModelFile
 
@@ -19,13 +20,24 @@ def has_places(archive: ExtractRun) -> bool:
     return bool(archive.config.get("tile"))
 
 
+def place_names(archive: ExtractRun) -> tuple[str, ...]:
+    """The place columns an extract stage's image shards hold: PLACES, and the PLACE_EXTRAS its run wrote."""
+    if not has_places(archive):
+        return ()
+    first = next((o for o in archive.outputs if o.modality == "image"), None)
+    if first is None:
+        return tuple(PLACES)
+    with h5py.File(archive.folder / first.file, "r") as f:
+        return (*PLACES, *(name for name in PLACE_EXTRAS if name in f))
+
+
 def merge_parts(parts_dir: Path, archive: ExtractRun, writers: dict[int, CodeWriter], continuous: bool,
                 bar: tqdm) -> None:
     """Every code file filled from the parts in archive order; each part is read once for all code lengths."""
     for output in archive.outputs:
         part = read_shard(parts_dir / output.file)
         modality = output.modality
-        places = tuple(PLACES) if modality == "image" and has_places(archive) else ()
+        places = place_names(archive) if modality == "image" else ()
         meta = shard_rows(archive.folder, output, (*META[modality], *places))
         for bits, writer in writers.items():
             arrays = {**meta, "codes": part[f"codes-{bits}"]}
@@ -72,7 +84,7 @@ def write_code_files(out_dir: Path, parts_dir: Path, archive: ExtractRun, models
     """One code file per model, filled from the finished parts in one pass; each published when complete, none
     left half written if any fails."""
     writers = {b: CodeWriter(out_dir / codes_name(b), b, rows, continuous, {**attrs, "model_sha256": m.sha256},
-                             places=has_places(archive))
+                             places=place_names(archive))
                for b, m in models.items()}
     try:
         with tqdm(total=sum(rows.values()), unit="item", desc=f"write {','.join(map(str, models))} bits",

@@ -11,11 +11,11 @@ import copy
 
 import numpy as np
 
-from duch.pipeline.archive.codefiles import has_places
+from duch.pipeline.archive.codefiles import place_names
 from duch.pipeline.archive.encoding import relative
 from duch.pipeline.archive.growth import Archive
 from duch.pipeline.archive.segments import among
-from duch.pipeline.formats.codes import META, PLACES, CodeWriter, codes_name, open_codes
+from duch.pipeline.formats.codes import META, CodeWriter, codes_name, open_codes
 from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name, write_shard
 from duch.pipeline.run.fingerprint import digest
 from duch.pipeline.run.manifest import library_versions
@@ -95,12 +95,13 @@ def merged_codes_plan(archive: Archive, merge: list[str], target: str, extract: 
     basis = {"archive": extract["fingerprint"], "models": {str(b): m.sha256 for b, m in first.models.items()},
              "continuous": first.continuous, "index": None, **({"image_views": views} if views else {})}
     folder = StageFolder(run / target, "encode-archive")
-    places = all(has_places(ExtractRun.read(run / s)) for s in merge)
+    kept = [place_names(ExtractRun.read(run / s)) for s in merge]  # the columns every merged segment has
+    places = tuple(n for n in kept[0] if all(n in k for k in kept)) if all(kept) else ()
     return folder, StagePlan(basis, lambda: merged_codes(folder, archive, merge, sources, extract, places))
 
 
 def merged_codes(folder: StageFolder, archive: Archive, merge: list[str], sources: list[EncodedRun], extract: dict,
-                 places: bool) -> dict:
+                 places: tuple[str, ...]) -> dict:
     removed, first = archive.generation.removed_ids(), sources[0]
     continuous = first.continuous
     rows = {"image": extract["counts"]["images"]}
@@ -117,7 +118,7 @@ def merged_codes(folder: StageFolder, archive: Archive, merge: list[str], source
                 for modality, table in tables.items():
                     owner = "ids" if modality == "image" else "image_id"
                     keep = np.flatnonzero(~among(table.meta[owner], removed.get(segment, ())))
-                    names = (*META[modality], *(PLACES if places and modality == "image" else ()))
+                    names = (*META[modality], *(places if modality == "image" else ()))
                     arrays = {name: np.asarray(table.meta[name])[keep] for name in names}
                     arrays["codes"] = np.asarray(table.codes[keep])
                     if continuous:

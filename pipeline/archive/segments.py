@@ -10,7 +10,7 @@ import numpy as np
 
 from duch.pipeline import DuchError
 from duch.pipeline.archive.generation import Generation, read_generation
-from duch.pipeline.formats.codes import META, MODALITIES, PLACES, CodeTable, codes_name, open_codes
+from duch.pipeline.formats.codes import META, MODALITIES, PLACE_EXTRAS, PLACES, CodeTable, codes_name, open_codes
 from duch.pipeline.run.artifacts import verify_listed, verify_output
 from duch.pipeline.run.layout import stage_dir
 from duch.pipeline.run.manifest import read_manifest
@@ -153,5 +153,5 @@ def empty_table(modality: str, bits: int, continuous: bool) -> CodeTable:
 
 def meta_names(parts: list[CodeTable], modality: str) -> list[str]:
     """The metadata every part has: the modality's own, and a scene tile's place where every segment keeps it."""
-    extra = [name for name in PLACES if modality == "image" and all(name in p.meta for p in parts)]
+    extra = [name for name in (*PLACES, *PLACE_EXTRAS) if modality == "image" and all(name in p.meta for p in parts)]
     return [*META[modality], *extra]

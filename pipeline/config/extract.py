@@ -1,6 +1,7 @@
 """Stage 1's settings: where the archive is, which encoders, how many augmented views, and how the work runs."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,16 @@ class ExtractConfig:
     min_valid: float = 0.9
     date: str | None = None
     allow_ungeoreferenced: bool = False
+    # Fill and STAC catalogs (issue 30; data/windows.py, data/stac.py): `nodata` the fill of bands without a
+    # nodata tag; with `data` a STAC Item/ItemCollection/Collection/Catalog JSON or a stac-geoparquet file,
+    # `assets` (keys or common names; default red,green,blue) as R, G, B; `max_cloud` (eo:cloud_cover, %),
+    # `bbox` (lon/lat) and `date_from`/`date_to` keep only the items and tiles inside (local scenes too).
+    nodata: float | None = None
+    assets: tuple[str, ...] = ()
+    max_cloud: float | None = None
+    bbox: tuple[float, ...] = ()
+    date_from: str | None = None
+    date_to: str | None = None
     # How the work runs; these never change what is written.
     device: str = "auto"
     batch_size: int = 64
@@ -65,7 +76,8 @@ class ExtractConfig:
     # Options added after runs existed: left out of the fingerprint while at these defaults, so runs made before
     # them stay up to date.
     SCENE_OPTIONS = {"tile": 0, "stride": 0, "bands": (), "min_valid": 0.9, "date": None,
-                     "allow_ungeoreferenced": False}
+                     "allow_ungeoreferenced": False, "nodata": None, "assets": (), "max_cloud": None, "bbox": (),
+                     "date_from": None, "date_to": None}
 
     def __post_init__(self):
         # The augmentations as a manifest records them (dicts, lists for tuples): ExtractConfig(**manifest["config"])
@@ -75,6 +87,8 @@ class ExtractConfig:
         if isinstance(self.text_augment, dict):
             self.text_augment = TextAugment(**self.text_augment)
         self.bands = tuple(self.bands or ())
+        self.assets = tuple(self.assets or ())
+        self.bbox = tuple(self.bbox or ())
 
     def validate(self) -> None:
         if self.seed < 0:  # it seeds numpy's generators of the augmented views, which take no negative seed
@@ -98,6 +112,9 @@ class ExtractConfig:
         if self.tile < 0 or self.stride < 0:
             raise DuchError(f"`tile` and `stride` must be 0 or more, got {self.tile} and {self.stride}")
         if not self.tile:
+            if str(self.data).startswith(("http://", "https://", "file://")):
+                raise DuchError(f"`data` {self.data} is read as a STAC catalog, whose items are cut into tiles; "
+                                "give `tile` in pixels (e.g. 256)")
             given = [f"`{k}`" for k, v in self.SCENE_OPTIONS.items() if getattr(self, k) != v]
             if given:
                 raise DuchError(f"{', '.join(given)} tile{'s' if len(given) == 1 else ''} scenes; give `tile` "
@@ -112,12 +129,41 @@ class ExtractConfig:
             raise DuchError(f"`min_valid` must be between 0 and 1 (a share of the tile), got {self.min_valid}")
         if self.date is not None and parse_date(self.date) != self.date:
             raise DuchError(f"`date` {self.date!r}: give the acquisition date as YYYY-MM-DD")
+        self.validate_catalog()
+
+    def validate_catalog(self) -> None:
+        from duch.data.stac import is_catalog
+
+        if self.nodata is not None and not math.isfinite(self.nodata):
+            raise DuchError(f"`nodata` must be a number (NaN is never valid anyway), got {self.nodata}")
+        for name in ("date_from", "date_to"):
+            value = getattr(self, name)
+            if value is not None and parse_date(value) != value:
+                raise DuchError(f"`{name}` {value!r}: give a date as YYYY-MM-DD")
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise DuchError(f"`date_from` {self.date_from} is after `date_to` {self.date_to}")
+        if self.bbox and (len(self.bbox) != 4 or not self.bbox[0] < self.bbox[2] or not self.bbox[1] < self.bbox[3]
+                          or not -180 <= self.bbox[0] <= 180 or not -90 <= self.bbox[1] <= 90):
+            raise DuchError(f"`bbox` {','.join(map(str, self.bbox))}: give min lon, min lat, max lon, max lat "
+                            "(e.g. -120.5,37.2,-120.4,37.3)")
+        if self.max_cloud is not None and not 0 <= self.max_cloud <= 100:
+            raise DuchError(f"`max_cloud` is a percentage (0 to 100), got {self.max_cloud}")
+        if is_catalog(self.data):
+            if self.bands:
+                raise DuchError("`bands` numbers a GeoTIFF's bands; a STAC item's are chosen by `assets`")
+            if len(self.assets) not in (0, 1, 3) or not all(isinstance(a, str) and a.strip() for a in self.assets):
+                raise DuchError(f"`assets` {','.join(map(str, self.assets))}: give three asset keys or common "
+                                "names (R,G,B; e.g. red,green,blue) or one (grey)")
+        elif self.assets or self.max_cloud is not None:
+            raise DuchError("`assets` and `max_cloud` choose a STAC catalog's assets and items; `data` is not one "
+                            "(a STAC JSON, a stac-geoparquet file or an http(s):// URL)")
 
     def tile_options(self) -> TileOptions:
         from duch.data.scenes import TileOptions
 
         return TileOptions(self.tile, self.stride, self.bands, self.min_valid, self.date,
-                           self.allow_ungeoreferenced)
+                           self.allow_ungeoreferenced, self.nodata, self.bbox, self.date_from, self.date_to,
+                           self.assets, self.max_cloud)
 
     def resolved_workers(self) -> int:
         if self.workers is not None:
@@ -128,6 +174,6 @@ class ExtractConfig:
         # Where the data lives is an input, fingerprinted by content, not by path.
         out = output_settings(self, ("data", "images"))
         for name, default in self.SCENE_OPTIONS.items():
-            if out[name] == default or (name == "bands" and tuple(out[name]) == default):
+            if out[name] == default or (name in ("bands", "assets", "bbox") and tuple(out[name]) == default):
                 del out[name]
         return out

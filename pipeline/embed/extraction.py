@@ -12,6 +12,7 @@ from pathlib import Path
 
 from duch.data import Dataset, Reject, read_dataset
 from duch.data.scenes import read_scenes
+from duch.data.stac import is_catalog, shown
 from duch.data.text import MAX_CAPTION_CHARS
 from duch.pipeline import DuchError
 from duch.pipeline.compute import cluster
@@ -31,7 +32,12 @@ from duch.pipeline.run.stage import StageFolder, StagePlan
 
 
 def read_inputs(cfg: ExtractConfig) -> Dataset:
-    """The items `cfg.data` holds: GeoTIFF scenes cut into tiles with --tile, else a caption file or a folder."""
+    """The items `cfg.data` holds: GeoTIFF scenes (or a STAC catalog's items) cut into tiles with --tile, else a
+    caption file or a folder."""
+    if cfg.tile and is_catalog(cfg.data):
+        from duch.data.stac_scenes import read_catalog
+
+        return read_catalog(cfg.data, cfg.tile_options())
     return read_scenes(cfg.data, cfg.tile_options()) if cfg.tile else read_dataset(cfg.data, cfg.images)
 
 
@@ -127,7 +133,8 @@ def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Cal
     return dict(
         config=manifest_config(cfg), device=str(device),
         versions=library_versions(),
-        dataset={"kind": dataset.kind, "source": str(Path(dataset.source).resolve()),
+        dataset={"kind": dataset.kind, "source": shown(cfg.data) if dataset.catalog else
+                 str(Path(dataset.source).resolve()),
                  "images_dir": str(Path(dataset.images_dir).resolve())},
         encoders=shards["encoders"],
         runtime={m: s.runtime for m, s in (("image", image_spec), ("text", text_spec)) if s},
@@ -137,7 +144,8 @@ def extract_work(folder: StageFolder, job: Extraction, progress: bool, echo: Cal
         counts=counts(plans, dataset, cfg, shards, text_spec),
         **({"scenes": scene_summary(dataset, shards["skipped"])} if cfg.tile else {}),
         outputs=shards["outputs"],
-        images_content_sha256=images_content_digest(dataset, progress),
+        # (a STAC catalog's files are its assets, remote ones too: its digest is the catalog's, in the basis)
+        images_content_sha256=None if dataset.catalog else images_content_digest(dataset, progress),
         rejects=[{"id": r.id, "reason": r.reason} for r in shards["rejects"]],
         timings={k: round(v, 3) for k, v in timings.items()},
         execution=execution,  # where the work ran; like the timings, it never changes a shard

@@ -56,7 +56,10 @@ def image_files(dataset: Dataset) -> list[str]:
 
 
 def input_fingerprint(dataset: Dataset) -> dict:
-    """Annotation by content; images by (path, size, mtime): cheap for millions of files, and it sees edits."""
+    """Annotation by content; images by (path, size, mtime): cheap for millions of files, and it sees edits. A
+    STAC catalog by its items' documents (data/stac_scenes.py catalog_digest), not by which files answered."""
+    if dataset.catalog:
+        return {"kind": dataset.kind, "catalog_sha256": dataset.catalog}
     listing = _image_rows(dataset, _size_and_mtime, (None, None), chunk=4096)
     source = dataset.source if dataset.source.is_file() else None
     out = {

@@ -10,6 +10,7 @@ import h5py
 
 from duch.data import Dataset
 from duch.data.augment import augment_caption, view_rng
+from duch.data.stac import UNREACHABLE
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.formats.shards import read_attrs, read_shard, shard_name
 
@@ -48,6 +49,13 @@ def text_rows(dataset: Dataset, cfg: ExtractConfig, rejected: frozenset[str] = f
 
 
 def image_plans(dataset: Dataset, cfg: ExtractConfig) -> list[ShardPlan]:
+    """Shards of `shard_size` items in dataset order; of a STAC catalog, one shard per item (numbered by its place
+    in the catalog), so that a rerun makes only the items that failed, and a cluster runs one task per item."""
+    if dataset.catalog:
+        by_slot: dict[int, list] = {}
+        for item in dataset.items:
+            by_slot.setdefault(item.tile.scene.slot, []).append(item)
+        return [ShardPlan("image", slot, rows) for slot, rows in by_slot.items()]
     size = cfg.shard_size
     return [ShardPlan("image", k, dataset.items[s:s + size]) for k, s in enumerate(range(0, len(dataset.items), size))]
 
@@ -145,11 +153,20 @@ def pending_shards(plans: list[ShardPlan], out_dir: Path, fingerprint: str) -> t
             continue
         if attrs.get("fingerprint") != fingerprint:
             return pending, True
+        if plan.modality == "image" and retriable(read_shard(path, ("reject_reason",))["reject_reason"]):
+            path.unlink()  # a tile the server failed to serve: the shard is made again
+            pending.append(plan)
+            continue
         if plan.modality == "text" and not _holds_rows(path, plan, attrs):
             # a caption shard written before captions followed their image: its rows are shifted
             path.unlink()
             pending.append(plan)
     return pending, False
+
+
+def retriable(reasons) -> bool:
+    """Whether rejects include one a rerun tries again: a file the server failed to serve (data/windows.py)."""
+    return any(str(r).startswith(UNREACHABLE) for r in reasons)
 
 
 def foreign_shards(out_dir: Path, modality: str, fingerprint: str) -> bool:

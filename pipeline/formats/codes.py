@@ -39,6 +39,10 @@ PLACES = {
     "stretch": (np.float64, (2,)),  # the scene's >8-bit stretch limits (NaN for 8-bit scenes)
 }
 
+# Kept where a run has them (a declared fill, STAC items; data/scenes.py source_columns), JSON strings: what reads
+# a tile's pixels beyond its scene file and bands ("source"), and its STAC item as hits show it ("stac").
+PLACE_EXTRAS = {"source": (STRING, ()), "stac": (STRING, ())}
+
 
 def codes_name(bits: int) -> str:
     return f"codes-{bits}.h5"
@@ -54,7 +58,7 @@ class CodeWriter:
     that fails for want of space or permission raises a DuchError naming the file (pipeline.storage)."""
 
     def __init__(self, path: Path, bits: int, rows: dict[str, int], continuous: bool, attrs: dict,
-                 places: bool = False):
+                 places: bool | tuple[str, ...] = False):
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.tmp.unlink(missing_ok=True)
@@ -66,7 +70,10 @@ class CodeWriter:
                 self.abort()
                 raise
 
-    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict, places: bool) -> None:
+    def _create(self, bits: int, rows: dict[str, int], continuous: bool, attrs: dict,
+                places: bool | tuple[str, ...]) -> None:
+        columns = {**PLACES, **PLACE_EXTRAS}
+        names = tuple(PLACES) if places is True else tuple(places or ())
         self.file = file = h5py.File(self.tmp, "w")
         self.filled = dict.fromkeys(rows, 0)
         for modality, n in rows.items():
@@ -74,7 +81,7 @@ class CodeWriter:
             for name in META[modality]:
                 dtype = np.int32 if name == "caption_index" else STRING
                 group.create_dataset(name, shape=(n,), dtype=dtype)
-            for name, (dtype, shape) in (PLACES.items() if places and modality == "image" else ()):
+            for name, (dtype, shape) in (((c, columns[c]) for c in names) if modality == "image" else ()):
                 group.create_dataset(name, shape=(n, *shape), dtype=dtype)
             group.create_dataset("codes", shape=(n, bits // 8), dtype=np.uint8)
             if continuous:
@@ -165,7 +172,8 @@ def _open_codes(path: Path, with_meta: bool, modalities: tuple[str, ...]) -> tup
             group = f[modality]
             meta = {}
             if with_meta:
-                for name in (*META[modality], *(p for p in PLACES if modality == "image" and p in group)):
+                for name in (*META[modality], *(p for p in (*PLACES, *PLACE_EXTRAS) if modality == "image"
+                                                and p in group)):
                     ds = group[name]
                     meta[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
             tables[modality] = CodeTable(modality, _mapped(path, group["codes"]),

@@ -30,6 +30,8 @@ class Hit:
         out = asdict(self)
         if self.place is None:  # the form hits had before scenes
             del out["place"]
+        else:
+            out["place"] = self.place.to_dict()
         return out
 
 

@@ -3,6 +3,8 @@ them (extract of GeoTIFF scenes with `tile`). Filtering by place is retrieval/fi
 retrieval/geojson.py, a tile's picture retrieval/render.py."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,21 @@ class Place:
     date: str | None
     bands: list[int]
     stretch: list[float] | None
+    # A STAC item's tile: the item (id, collection, datetime, properties such as eo:cloud_cover and platform, its
+    # assets' URLs without credentials); None for a GeoTIFF scene's
+    stac: dict | None = None
+    # How its pixels are read beyond the scene file and bands (declared fill, a STAC item's assets and grid):
+    # for rendering, not shown (to_dict leaves it out)
+    source: dict | None = None
+
+    def to_dict(self) -> dict:
+        """As hits and the API show it: without `source` (how it is read is no part of a hit; a catalog's hrefs
+        may carry a signed query), and without `stac` for a GeoTIFF scene's tile (the form hits had before)."""
+        out = dataclasses.asdict(self)
+        del out["source"]
+        if out["stac"] is None:
+            del out["stac"]
+        return out
 
 
 def has_places(table: CodeTable) -> bool:
@@ -40,7 +57,10 @@ def place_of(table: CodeTable, row: int) -> Place | None:
     lonlat = np.asarray(m["lonlat"][row], np.float64)
     georeferenced = bool(np.isfinite(lonlat).all())
     stretch = np.asarray(m["stretch"][row], np.float64)
+    stac, source = (json.loads(str(m[name][row])) if name in m and str(m[name][row]) else None
+                    for name in ("stac", "source"))
     return Place(str(m["scene"][row]), [int(v) for v in m["window"][row]], str(m["crs"][row]),
                  np.asarray(m["footprint"][row], np.float64).tolist(), lonlat.tolist() if georeferenced else None,
                  [float(v) for v in m["bounds"][row]] if georeferenced else None, str(m["date"][row]) or None,
-                 [int(v) for v in m["bands"][row]], stretch.tolist() if np.isfinite(stretch).all() else None)
+                 [int(v) for v in m["bands"][row]], stretch.tolist() if np.isfinite(stretch).all() else None,
+                 stac, source)

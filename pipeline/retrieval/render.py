@@ -15,12 +15,16 @@ def render(source: str | Path, place: Place | None = None) -> Image.Image:
     and stretch as extract read it, so it shows what was encoded), any other image loaded as extract loads it."""
     from duch.data.images import load_image
     from duch.data.scenes import read_window
+    from duch.data.windows import Grid
 
     if place is None:
         return load_image(source)
     col_off, row_off, width, height = place.window
     stretch = (place.stretch[0], place.stretch[1]) if place.stretch else None
-    rgb, _ = read_window(source, (col_off, row_off, width, height), tuple(place.bands), stretch)
+    how = place.source or {}
+    grid = Grid(how["grid"][0], tuple(how["grid"][1]), *how["grid"][2:]) if how.get("grid") else None
+    rgb, _ = read_window(source, (col_off, row_off, width, height), tuple(place.bands), stretch, None,
+                         how.get("nodata"), [(h, int(b)) for h, b in how.get("channels", [])], grid)
     return Image.fromarray(rgb)
 
 

@@ -3,7 +3,6 @@ place filter of a request as a mask over its images (removed tiles left out), it
 scene's outline, and a hit's place as the API shows it."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -92,4 +91,4 @@ class ArchiveMap:
 
 def place_json(place) -> dict | None:
     """A hit's or an item's place (retrieval.places.Place) as the API shows it."""
-    return None if place is None else dataclasses.asdict(place)
+    return None if place is None else place.to_dict()

@@ -153,6 +153,7 @@ function showHits(answer, s) {
     meta.append(el("span", { class: "label" }, name), el("span", { class: "d" }, "d " + hit.distance));
     link.append(thumb(hit.thumbnail, hit.label || hit.id), meta);
     if (hit.place) link.append(el("p", { class: "caption" }, hit.place.date || "no date"));
+    if (hit.place && hit.place.stac) link.append(stacLine(hit.place.stac));
     if (hit.caption) link.append(el("p", { class: "caption" }, hit.caption));
     item.addEventListener("pointerenter", () => lightUp(hit.id));
     item.addEventListener("pointerleave", () => lightUp(null));
@@ -257,6 +258,14 @@ function fillLabels(name) {
   for (const label of archive.labels) $("label").append(el("option", { value: label }, label));
   $("label").hidden = !archive.labels.length; // scene tiles have no classes
   $("modality").hidden = !archive.modalities.includes("text");
+}
+
+function stacLine(stac) { // a STAC item's tile: collection, platform, cloud cover; the item's properties as its title
+  const p = stac.properties || {};
+  const cloud = typeof p["eo:cloud_cover"] === "number" ? "cloud " + p["eo:cloud_cover"] + "%" : null;
+  const shown = [stac.collection, p.platform, cloud].filter((v) => v);
+  return el("p", { class: "caption stac", title: JSON.stringify({ item: stac.id, ...p }, null, 1) },
+    shown.length ? shown.join(" · ") : stac.id);
 }
 
 function showMap(s) { // the map panel of an archive of scene tiles: its extent and scenes, the box, the dates
