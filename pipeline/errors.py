@@ -83,6 +83,14 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "run": ("--run", None),  # every command that writes a run
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
+    # duch export
+    "to": ("--to", None),
+    "to_sql": ("--to-sql", None),
+    "include": ("--with", None),
+    "integer": ("--integer", None),
+    "table": ("--table", None),
+    "replace": ("--replace", None),
+    "row_group": ("--row-group", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
