@@ -4,6 +4,7 @@ real PostgreSQL (PostGIS) server, with Hamming top-k queries in those engines th
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -246,6 +247,12 @@ def test_an_export_after_add_and_remove_leaves_the_table_equal_to_the_archive(en
     assert table_rows(database, "grown") == after
     assert ("image", "26") in after and ("image", "3") not in after and ("text", "3#0") not in after
     assert len(after) == 72 + 4 * 2 - 3 - 2  # 4 images of 1 caption added; 3 (2 captions) and 25 removed
+    export(ExportConfig(run=str(run), bits=16, to=str(tmp_path / "grown.parquet")), echo=quiet)  # the same rows
+    file = pq.read_table(tmp_path / "grown.parquet")
+    assert {(m, i): (r, b) for m, i, r, b in zip(*(file.column(c).to_pylist() for c in (
+        "modality", "id", "archive_row")), bit_strings(np.array(file.column("code").to_pylist(), "S2").view(
+            np.uint8).reshape(-1, 2)))} == after
+    assert json.loads(file.schema.metadata[b"duch"])["removed_items"] == 2
     comment = sql(database, "SELECT obj_description('grown'::regclass)")[0][0]
     assert json.loads(comment)["generation"] == 2 and json.loads(comment)["segments"] == [".", "segments/0001"]
 
@@ -279,3 +286,15 @@ def test_bad_databases_and_tables_are_one_line_each(encoded_run, database, tmp_p
     assert sql(database, "SELECT count(*) FROM other_schema") == [(0,)]  # left as it was
     assert runner.invoke(main, [*args, "--replace"]).exit_code == 0
     assert sql(database, "SELECT count(*) FROM other_schema") == [(72,)]
+
+
+def test_without_the_export_extra_the_error_names_it(encoded_run, tmp_path):
+    """pyarrow missing (an import that fails): one line saying which extra to install."""
+    code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None; "
+            "from duch.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", code, "export", "--run", str(encoded_run), "--bits", "8", "--to",
+                          str(tmp_path / "a.parquet")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: `duch export` needs pyarrow, which is not installed; install the export extra: "
+        "pip install 'duch[export]'")
+    assert not (tmp_path / "a.parquet").exists()
