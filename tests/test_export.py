@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,34 @@ def test_without_the_export_extra_the_error_names_it(encoded_run, tmp_path):
         "error: `duch export` needs pyarrow, which is not installed; install the export extra: "
         "pip install 'duch[export]'")
     assert not (tmp_path / "a.parquet").exists()
+
+
+def test_the_readme_s_recipes_return_duch_s_hits(scenes, database, tmp_path, monkeypatch):
+    """The DuckDB and PostgreSQL queries of the README's "Your codes in other tools", run as written (the file as
+    tiles.parquet, the table as duch_codes), against `duch search --ties order` (with the box, for PostgreSQL)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your codes in other tools"):]
+    block = section[section.index("```sql") + 6:]
+    block = block[:block.index("```")]
+    statements = [s for s in ("\n".join(line.split("--")[0] for line in block.splitlines())).split(";") if s.strip()]
+    duck, post = statements
+    monkeypatch.chdir(tmp_path)
+    export(ExportConfig(run=str(scenes["archive"]), bits=64, to="tiles.parquet"), echo=quiet)
+    export(ExportConfig(run=str(scenes["archive"]), bits=64, to=database), echo=quiet)
+    index = Index.load(scenes["archive"], bits=64, device="cpu")
+    expected = [(h.id, h.distance) for h in index.search(id=AIRPLANE, k=10, ties="order")]
+    assert [(i, int(d)) for i, d in duckdb.connect().execute(duck).fetchall()] == expected
+    from duch.pipeline.retrieval.filters import PlaceFilter, search_places
+
+    boxed, _ = search_places(index, PlaceFilter.parse(bbox="-120.6,37.2,-120.4,37.4"), id=AIRPLANE, k=10,
+                             ties="order")
+    assert [(i, int(d)) for i, _, d in sql(database, post)] == [(h.id, h.distance) for h in boxed]
+    # A text query's code, as the README makes it, in DuckDB: the hits of duch search --text --ties order.
+    from duch.pipeline.retrieval.queries import Query
+
+    q = Query.of("text", index.coder.embed_text(["many airplanes"])[0]).packed[0].tobytes()
+    found = duckdb.connect().execute(
+        "SELECT id, bit_count(xor(code_int, ?::UBIGINT)) AS d FROM 'tiles.parquet' ORDER BY d, archive_row LIMIT 10",
+        [int.from_bytes(q, "big")]).fetchall()
+    assert [(i, int(d)) for i, d in found] == [(h.id, h.distance) for h in index.search(
+        text="many airplanes", k=10, ties="order")]
