@@ -330,3 +330,29 @@ def test_the_readme_s_recipes_return_duch_s_hits(scenes, database, tmp_path, mon
         [int.from_bytes(q, "big")]).fetchall()
     assert [(i, int(d)) for i, d in found] == [(h.id, h.distance) for h in index.search(
         text="many airplanes", k=10, ties="order")]
+
+
+def test_copy_text_escapes_what_copy_and_arrays_need(database):
+    """Tabs, newlines, backslashes, quotes, braces and commas in ids, captions and paths come back as written."""
+    from duch.pipeline.export.postgres import copy_rows
+    from duch.pipeline.export.rows import Batch
+
+    odd = ["a\tb", "line\nbreak\r", "back\\slash", 'quote"d {x,y}', "", "NULL", "\\N", "ü ☃"]
+    n = len(odd)
+    batch = Batch("image", "segments/0001", np.arange(n, dtype=np.int64),
+                  {"ids": np.array(odd, object), "path": np.array(odd[::-1], object),
+                   "label": np.array(odd, object), "codes": np.arange(n * 2, dtype=np.uint8).reshape(n, 2)},
+                  captions=[[s, s + "!"] for s in odd])
+    cols = [("id", "text"), ("modality", "text"), ("archive_row", "bigint"), ("image_id", "text"),
+            ("caption_index", "integer"), ("caption", "text"), ("captions", "text[]"), ("label", "text"),
+            ("path", "text"), ("segment", "text"), ("code", "bit(16)")]
+    import psycopg
+
+    with psycopg.connect(database) as conn:
+        conn.execute("CREATE TEMP TABLE odd (" + ", ".join(f"{c} {k}" for c, k in cols) + ")")
+        with conn.cursor().copy("COPY odd FROM STDIN") as copy:
+            copy.write(copy_rows(batch, cols))
+        back = conn.execute("SELECT id, captions, label, path, segment, caption, code::text FROM odd "
+                            "ORDER BY archive_row").fetchall()
+    assert back == [(s, [s, s + "!"], s, p, "segments/0001", None, c)
+                    for s, p, c in zip(odd, odd[::-1], bit_strings(batch.columns["codes"]))]

@@ -60,7 +60,13 @@ def _escape(value: str) -> str:
 
 
 def _text(values) -> list[str]:
-    return ["\\N" if v is None else _escape(str(v)) for v in values]
+    """Strings (None: NULL) as COPY text fields: escaped as one string joined by NUL, which no PostgreSQL text
+    holds (four replaces per column, not per value)."""
+    values = list(values)
+    if not values:
+        return []
+    out = _escape("\0".join("" if v is None else str(v) for v in values)).split("\0")
+    return [("\\N" if v is None else e) for v, e in zip(values, out)]
 
 
 def _text_array(lists) -> list[str]:
@@ -82,7 +88,7 @@ def copy_rows(batch: Batch, cols: list[tuple[str, str]]) -> str:
               "caption": null if image else _text(c["text"]),
               "captions": _text_array(batch.captions) if batch.captions is not None else null,
               "label": _text(c["label"]) if image else null, "path": _text(c["path"]) if image else null,
-              "segment": _text([batch.segment] * n), "code": bit_strings(c["codes"])}
+              "segment": [_escape(batch.segment)] * n, "code": bit_strings(c["codes"])}
     if batch.continuous is not None:
         values["continuous"] = _numbers(np.asarray(batch.continuous, np.float32))
     if batch.embedding is not None:
