@@ -30,7 +30,9 @@ def export(cfg: ExportConfig, echo: Callable[[str], None] = print) -> dict:
     source = ExportSource.open(cfg.run, cfg.bits, cfg.verify)
     source.check_include(cfg.include)
     start = time.perf_counter()
-    first = next(source.batches(1), None)
+    batches = source.batches(1)
+    first = next(batches, None)
+    batches.close()
     example = first.columns["codes"][0] if first is not None else None
     if cfg.is_database or cfg.to_sql:
         from duch.pipeline.export.postgres import to_database, to_sql_file

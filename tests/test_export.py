@@ -59,8 +59,13 @@ def code_of(index: Index, item: str) -> np.ndarray:
 def test_the_parquet_file_reads_back_with_geometry_crs_and_bbox_equal_to_duch_s(scenes, tmp_path):
     geopandas = pytest.importorskip("geopandas")
     path = tmp_path / "tiles.parquet"
-    export(ExportConfig(run=str(scenes["archive"]), bits=64, to=str(path), row_group=10), echo=quiet)
+    said = []
+    export(ExportConfig(run=str(scenes["archive"]), bits=64, to=str(path), row_group=10), echo=said.append)
     index = Index.load(scenes["archive"], bits=64, device="cpu")
+    printed = said[-1][said[-1].index("SELECT"):]  # the query it prints, with its bbox test, runs in DuckDB
+    first = str(index.tables["image"].meta["ids"][0])
+    assert [(i, int(d)) for i, d in duckdb.connect().execute(printed).fetchall()] == [
+        (h.id, h.distance) for h in index.search(id=first, k=10, ties="order")]
     meta = index.tables["image"].meta
     table = pq.read_table(path)
     assert table.column("id").to_pylist() == list(meta["ids"]) and table.num_rows == 64
@@ -195,6 +200,10 @@ def test_a_bbox_query_in_postgis_agrees_with_duch_search_bbox(scenes, database, 
                                   "--table", "tiles"])
     assert result.exit_code == 0, result.output
     assert "ST_Relate(geometry, ST_MakeEnvelope(" in result.output  # PostGIS found: the printed query uses it
+    index = Index.load(scenes["archive"], bits=64, device="cpu")
+    first = str(index.tables["image"].meta["ids"][0])
+    assert [(i, int(d)) for i, d in sql(database, result.output[result.output.index("SELECT"):])] == [
+        (h.id, h.distance) for h in index.search(id=first, k=10, ties="order")]
     assert sql(database, "SELECT indexdef FROM pg_indexes WHERE tablename = 'tiles' AND indexdef LIKE '%gist%'")
     box = corner_box()
     ours = runner.invoke(main, ["search", "--run", str(scenes["archive"]), "--bits", "64", "--id", AIRPLANE,
