@@ -13,11 +13,12 @@ from click.testing import CliRunner
 
 from duch.cli import main
 from duch.pipeline import DuchError
-from duch.pipeline.config import AddConfig, RemoveConfig
+from duch.pipeline.config import AddConfig, CompactConfig, RemoveConfig
 from duch.pipeline.config.export import ExportConfig
 from duch.pipeline.export.columns import bit_strings, code_ints
 from duch.pipeline.retrieval.search import Index
 from duch.stages.add import add
+from duch.stages.compact import compact
 from duch.stages.export import export
 from duch.stages.remove import remove
 
@@ -265,6 +266,11 @@ def test_an_export_after_add_and_remove_leaves_the_table_equal_to_the_archive(en
     assert json.loads(file.schema.metadata[b"duch"])["removed_items"] == 2
     comment = sql(database, "SELECT obj_description('grown'::regclass)")[0][0]
     assert json.loads(comment)["generation"] == 2 and json.loads(comment)["segments"] == [".", "segments/0001"]
+    compact(CompactConfig(run=str(run)), echo=quiet)  # rows renumbered: archive_row follows, no row lost
+    export(cfg, echo=quiet)
+    compacted = archive_rows(run)
+    assert table_rows(database, "grown") == compacted and compacted.keys() == after.keys() and compacted != after
+    assert json.loads(sql(database, "SELECT obj_description('grown'::regclass)")[0][0])["removed_items"] == 0
 
 
 def test_the_psql_script_makes_the_same_table(encoded_run, database, tmp_path):
