@@ -49,8 +49,20 @@ def quiet(_):
     pass
 
 
+def make_model(scratch: Path) -> Path:
+    model = scratch / "model"
+    if not (model / "train-hash" / "manifest.json").exists():
+        make_extract_run(model, 2000, dim=16, captions=2, views=2)
+        train_hash(TrainConfig(run=str(model), bits=(BITS,), epochs=1, hidden=256, split="all", device="cpu"),
+                   progress=False, echo=quiet)
+    return model
+
+
 def make_archive(scratch: Path, n: int, model: Path) -> Path:
+    """The N-tile archive (kept in --scratch: made once, by --prepare-only outside the bench lock)."""
     run = scratch / f"tiles-{n}"
+    if (run / "encode-archive" / "manifest.json").exists():
+        return run
     make_extract_run(run, n, dim=16, shard_size=65536, places=True, seed=1)
     encode_archive(EncodeConfig(run=str(model), archive=str(run), device="cpu"), progress=False, echo=quiet)
     return run
@@ -79,9 +91,8 @@ def measure(scratch: Path, n: int, model: Path, url: str, queries: int) -> dict:
     import duckdb
     import psycopg
 
-    t = time.perf_counter()
     run = make_archive(scratch, n, model)
-    log(f"{n} tiles: synthetic archive coded in {time.perf_counter() - t:.0f} s")
+    log(f"{n} tiles")
     file = scratch / f"tiles-{n}.parquet"
     table = f"tiles_{n}"
     _, pq_s, pq_mb = measured(lambda: export(ExportConfig(run=str(run), bits=BITS, to=str(file), verify=False),
@@ -119,7 +130,6 @@ def measure(scratch: Path, n: int, model: Path, url: str, queries: int) -> dict:
                                    "file_mb": file.stat().st_size / 1e6},
            "postgresql": {"rows_per_s": n / pg_s, "seconds": pg_s, "peak_mb": pg_mb},
            "top10_ms": timings, "answers_equal": agree, "queries": len(ids)}
-    shutil.rmtree(run)
     file.unlink()
     return out
 
@@ -128,7 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--scratch", default=None, help="Folder for the runs [default: a temporary one].")
+    ap.add_argument("--scratch", default=None, help="Folder for the runs, kept [default: a temporary one].")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="Make the model and archives in --scratch and stop (no timing: run it outside the lock).")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="duch-export-bench-"))
@@ -138,10 +150,13 @@ def main() -> None:
     from duch.pipeline.export.parquet_file import geo_metadata
     geo_metadata(None)
     try:
-        model = scratch / "model"
-        make_extract_run(model, 2000, dim=16, captions=2, views=2)
-        train_hash(TrainConfig(run=str(model), bits=(BITS,), epochs=1, hidden=256, split="all", device="cpu"),
-                   progress=False, echo=quiet)
+        model = make_model(scratch)
+        if args.prepare_only:
+            for n in sizes:
+                t = time.perf_counter()
+                make_archive(scratch, n, model)
+                log(f"{n} tiles: synthetic archive made in {time.perf_counter() - t:.0f} s")
+            return
         with pgkit.server() as url:
             for n in sizes:
                 results.append(measure(scratch, n, model, url, args.queries))
