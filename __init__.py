@@ -32,6 +32,8 @@ _WHERE = {
     "ServeConfig": "duch.pipeline.config",
     "DuchError": "duch.pipeline",
     "DatasetError": "duch.data",
+    "export": "duch.stages.export",  # duch export
+    "ExportConfig": "duch.pipeline.config.export",
 }
 
 __all__ = sorted(_WHERE)

@@ -88,6 +88,14 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "nodata": ("--nodata", None),
     "assets": ("--assets", None),
     "max_cloud": ("--max-cloud", None),
+    # duch export
+    "to": ("--to", None),
+    "to_sql": ("--to-sql", None),
+    "include": ("--with", None),
+    "integer": ("--integer", None),
+    "table": ("--table", None),
+    "replace": ("--replace", None),
+    "row_group": ("--row-group", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

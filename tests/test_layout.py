@@ -19,7 +19,7 @@ MOST_STAGE_LINES = 300  # a stage orchestrates; the work is in pipeline/
 # is pipeline/__init__.py and pipeline/errors.py (DuchError); "duch" the package's own __init__.py (the public face).
 LAYERS = ("data", "pipeline", "pipeline.compute", "pipeline.run", "pipeline.model", "pipeline.formats",
           "pipeline.encoders", "pipeline.config", "pipeline.embed", "pipeline.archive", "pipeline.retrieval",
-          "pipeline.train", "pipeline.serve", "stages", "duch", "commands", "cli")
+          "pipeline.export", "pipeline.train", "pipeline.serve", "stages", "duch", "commands", "cli")
 
 
 def modules(folder: str) -> list[Path]:
