@@ -83,6 +83,12 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "run": ("--run", None),  # every command that writes a run
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
+    # refine with examples and `near` (issue 32, retrieval/refine.py, retrieval/near.py)
+    "positives": ("--positive", "positives"),
+    "negatives": ("--negative", "negatives"),
+    "exclude_marked": ("--exclude-marked", "exclude_marked"),
+    "rocchio": ("--rocchio", "rocchio"),
+    "near": ("--near", "near"),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
