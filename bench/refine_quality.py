@@ -215,8 +215,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic codes for the latency")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--prepare-only", action="store_true", help="train and encode the seeds > 0, then stop")
     args = parser.parse_args(argv)
     payload: dict = {}
+    if args.prepare_only:
+        for seed in parse_seeds(args.seeds):
+            seed_run(Path(args.run), Path(args.scratch or f"{args.run}-refine-seeds"), seed)
+        return payload
     if not args.latency_only:
         from duch.pipeline.retrieval.refine import ROCCHIO
 
