@@ -65,31 +65,43 @@ def seed_run(run: Path, scratch: Path, seed: int) -> Path:
     return out
 
 
-def class_captions(run: Path, index) -> dict[str, str]:
-    """For each class, the caption of the first query-split image of that class (its evaluation caption)."""
+def class_captions(run: Path, index, draw: int = 0) -> dict[str, str]:
+    """For each class, the evaluation caption of a query-split image of that class: the first (draw 0) or one
+    drawn at random with seed `draw`."""
     split = json.loads((run / "train-hash" / "split.json").read_text())
     images, texts = index.tables["image"].meta, index.tables["text"].meta
     label = dict(zip(images["ids"].astype(str), images["label"].astype(str)))
     caption = {(str(i), int(c)): str(t) for i, c, t in zip(texts["image_id"], texts["caption_index"], texts["text"])}
-    chosen = {}
+    query = set(split["query"])
+    by_class: dict[str, list[str]] = {}
     for image_id, c in split["eval_caption"]:
-        if image_id in set(split["query"]) and label[image_id] not in chosen:
-            chosen[label[image_id]] = caption[(image_id, int(c))]
-    return dict(sorted(chosen.items()))
+        if image_id in query:
+            by_class.setdefault(label[image_id], []).append(caption[(image_id, int(c))])
+    rng = np.random.default_rng(draw)
+    return {cls: texts[0] if draw == 0 else texts[int(rng.integers(len(texts)))]
+            for cls, texts in sorted(by_class.items())}
 
 
 def precision(hits, cls: str, depth: int = DEPTH) -> float:
     return sum(h.label == cls for h in hits[:depth]) / depth
 
 
-def one_class(index, cls: str, caption: str, weights) -> dict:
-    """P@100 before, after one round and after two, and the residual P@100 (marked images left out)."""
-    from duch.pipeline.retrieval.refine import ROCCHIO
+def unseen_rows(run: Path, index) -> np.ndarray:
+    """[N] bool: the images the heads never trained on (the split's query and database parts)."""
+    train = set(json.loads((run / "train-hash" / "split.json").read_text())["train"])
+    return ~np.isin(index.tables["image"].meta["ids"].astype(str), list(train))
+
+
+def one_class(index, cls: str, query, weights, where=None, depth: int = DEPTH) -> dict:
+    """P@100 before, after one round and after two, and the residual P@100 (marked images left out). `query`: the
+    caption coded once (Index.search's first half); each ranking is Index.search's second half, as it runs it.
+    `where`: the images searched (a filter before the top k); `depth`: P@depth."""
+    from duch.pipeline.retrieval.refine import ROCCHIO, Feedback
 
     weights = weights or ROCCHIO
-    k = DEPTH + 2 * MARK  # the residual ranking of two rounds reaches this deep
-    before = index.search(text=caption, k=k)
-    out = {"before": precision(before, cls)}
+    k = depth + 2 * MARK  # the residual ranking of two rounds reaches this deep
+    before = index.rank(query, k, "image", where=where)
+    out = {"before": precision(before, cls, depth)}
     marked_pos: list[str] = []
     marked_neg: list[str] = []
     shown = before
@@ -99,26 +111,37 @@ def one_class(index, cls: str, caption: str, weights) -> dict:
         marked_neg += [h.id for h in new if h.label != cls]
         marked = set(marked_pos + marked_neg)
         if round_ == 1:
-            out["residual_before"] = precision([h for h in before if h.id not in marked], cls)
-        after = index.search(text=caption, positives=marked_pos, negatives=marked_neg, rocchio=weights, k=k)
-        out[f"round{round_}"] = precision(after, cls)
-        out[f"residual_round{round_}"] = precision([h for h in after if h.id not in marked], cls)
+            out["residual_before"] = precision([h for h in before if h.id not in marked], cls, depth)
+        feedback = Feedback.parse(marked_pos, marked_neg, weights)
+        after = index.rank(index.refine(query, feedback), k, "image", where=where)
+        out[f"round{round_}"] = precision(after, cls, depth)
+        out[f"residual_round{round_}"] = precision([h for h in after if h.id not in marked], cls, depth)
         out[f"marked_right_round{round_}"] = len(marked_pos)
         shown = after
     return out
 
 
-def quality(runs: dict[int, Path], weights_grid) -> dict:
+def quality(runs: dict[int, Path], draws: list[int], weights_grid, unseen: bool = False) -> dict:
+    """Per (training seed, caption draw): each class's P@100s, for each weights of the grid."""
+    from duch.pipeline.retrieval.queries import Query
     from duch.pipeline.retrieval.search import Index
 
     per_seed: dict = {}
-    for seed, run in runs.items():
+    for (train_seed, run), draw in ((r, d) for r in runs.items() for d in draws):
         index = Index.load(run, bits=BITS, device="cpu")
-        captions = class_captions(run, index)
-        per_seed[seed] = {"captions": captions, "weights": {}}
+        captions = class_captions(run, index, draw)
+        seed = f"{train_seed}/{draw}"
+        per_seed[seed] = {"train_seed": train_seed, "draw": draw, "captions": captions, "weights": {}}
+        texts = index.coder.embed_text(list(captions.values()))
+        coded = {cls: Query.of("text", h) for cls, h in zip(captions, texts)}
+        where, depths = None, {}
+        if unseen:  # R-precision among the unseen images: P@(the class's unseen images)
+            where = unseen_rows(run, index)
+            labels = index.tables["image"].meta["label"].astype(str)[where]
+            depths = {cls: int((labels == cls).sum()) for cls in captions}
         for weights in weights_grid:
             t = time.perf_counter()
-            rows = {cls: one_class(index, cls, cap, weights) for cls, cap in captions.items()}
+            rows = {cls: one_class(index, cls, coded[cls], weights, where, depths.get(cls, DEPTH)) for cls in captions}
             per_seed[seed]["weights"][",".join(f"{w:g}" for w in weights)] = rows
             mean = {key: float(np.mean([r[key] for r in rows.values()])) for key in next(iter(rows.values()))}
             print(f"seed {seed} weights {weights}: P@100 {mean['before']:.3f} -> {mean['round1']:.3f} -> "
@@ -210,11 +233,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="/work/runs/ucm", help="the main job's run (seed 0's heads and codes)")
     parser.add_argument("--scratch", default=None, help="where seeds > 0 are trained [default: RUN-refine-seeds]")
-    parser.add_argument("--seeds", default="0-4")
+    parser.add_argument("--seeds", default="0-4", help="training seeds (0: RUN's own heads)")
+    parser.add_argument("--draws", default="0", help="caption draws per class (0: the first query image's)")
     parser.add_argument("--grid", action="store_true", help="also measure the grid of Rocchio weights")
+    parser.add_argument("--unseen", action="store_true",
+                        help="search only the images the heads never trained on; R-precision instead of P@100")
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic codes for the latency")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--prepare-only", action="store_true", help="train and encode the seeds > 0, then stop")
     args = parser.parse_args(argv)
     payload: dict = {}
@@ -229,7 +256,7 @@ def main(argv=None) -> dict:
         scratch = Path(args.scratch or f"{run}-refine-seeds")
         runs = {seed: seed_run(run, scratch, seed) for seed in parse_seeds(args.seeds)}
         grid = GRID if args.grid else [ROCCHIO]
-        per_seed = quality(runs, grid)
+        per_seed = quality(runs, parse_seeds(args.draws), grid, args.unseen)
         summary = summarise(per_seed)
         default = ",".join(f"{w:g}" for w in ROCCHIO)
         print(f"\n{'weights a,b,g':<16}{'P@100 before':>22}{'gain 1 round':>26}{'gain 2 rounds':>26}"
@@ -245,8 +272,12 @@ def main(argv=None) -> dict:
         print(f"\nper class, weights {default}, mean over seeds: P@100 before -> 1 round -> 2 rounds")
         for cls, r in classes.items():
             print(f"  {cls:<20}{r['before']:.3f} -> {r['round1']:.3f} -> {r['round2']:.3f}")
-        payload.update(run=str(run), seeds=list(runs), bits=BITS, marked_per_round=MARK, depth=DEPTH,
+        payload.update(run=str(run), seeds=list(runs), draws=parse_seeds(args.draws), bits=BITS, unseen=args.unseen,
+                       marked_per_round=MARK, depth="R (the class's unseen images)" if args.unseen else DEPTH,
                        default_weights=list(ROCCHIO), summary=summary, per_class=classes, per_seed=per_seed)
+    if args.no_latency:
+        print(f"saved {save('refine_quality', payload)}")
+        return payload
     lat = latency(args.n, args.repeats)
     print(f"\nlatency over {lat['n']:,} x {BITS}-bit codes ({lat['backend']}, k 10, adaptive ties): plain "
           f"{lat['plain_ms']:.1f} ms, refined with {MARK} examples {lat['refined_ms']:.1f} ms "
