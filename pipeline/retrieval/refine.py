@@ -20,8 +20,9 @@ import numpy as np
 
 from duch.pipeline import DuchError
 
-# alpha, beta, gamma: the query's weight, the positives' and the negatives'. Measured on UCM (docs/results.md):
-# feedback outweighs a caption's own code, and wrong examples push only a little (they are wrong in many ways).
+# alpha, beta, gamma: the query's weight, the positives' and the negatives'. Rocchio's usual shape: the examples
+# weigh as much as the query, wrong ones a quarter (wrong in many ways). On UCM every weighting measured is at the
+# ceiling alike (docs/results.md, 14), so these are not tuned.
 ROCCHIO = (1.0, 1.0, 0.25)
 MOST_EXAMPLES = 500  # positives and negatives together, per query
 
