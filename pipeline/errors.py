@@ -96,6 +96,12 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "table": ("--table", None),
     "replace": ("--replace", None),
     "row_group": ("--row-group", None),
+    # refine with examples and `near` (issue 32, retrieval/refine.py, retrieval/near.py)
+    "positives": ("--positive", "positives"),
+    "negatives": ("--negative", "negatives"),
+    "exclude_marked": ("--exclude-marked", "exclude_marked"),
+    "rocchio": ("--rocchio", "rocchio"),
+    "near": ("--near", "near"),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -70,7 +70,7 @@ def test_a_box_and_dates_filter_before_the_top_k_as_the_library_does(base, index
         assert answer["matched"] == matched == 4 and len(answer["hits"]) == 3
         assert [(h["id"], h["distance"]) for h in answer["hits"]] == [(h.id, h.distance) for h in expected]
         assert answer["filter"] == {"label": None, "bbox": list(box), "inside": True, "date_from": None,
-                                    "date_to": None}
+                                    "date_to": None, "near": None}
     every = post(base, text="many planes", k=64, bbox=box_text(box), inside=True).json()
     assert {h["id"] for h in every["hits"]} == CORNER  # all it lets through, never fewer
     overlapping = post(base, text="many planes", k=64, bbox=box_text(box)).json()
@@ -112,10 +112,10 @@ def test_bad_filters_get_one_json_line_naming_the_field(base):
         (dict(inside=True), "inside says how tiles meet a bbox; give the bbox too"),
         (dict(date_from="soon"), "date_from 'soon': give a date as YYYY-MM-DD"),
         (dict(date_from="2022-01-01", date_to="2021-01-01"), "date_from 2022-01-01 is after date_to 2021-01-01"),
-        (dict(bbox="0,0,1,1", archive="plain"), "bbox, inside, date_from and date_to filter scene tiles, and this "
-                                                "archive's images have no place"),
-        (dict(date_to="2021-01-01", archive="plain", modality="text"), "modality: bbox, inside, date_from and "
-                                                                       "date_to find scene tiles, which are images"),
+        (dict(bbox="0,0,1,1", archive="plain"), "bbox, inside, date_from, date_to and near filter scene tiles, and "
+                                                "this archive's images have no place"),
+        (dict(date_to="2021-01-01", archive="plain", modality="text"), "modality: bbox, inside, date_from, date_to "
+                                                                       "and near find scene tiles, which are images"),
         (dict(label="airplane"), "label 'airplane' is not in archive 'scenes' (its labels: none)"),
         (dict(modality="text"), "modality: archive 'scenes' holds no text codes"),
     ]

@@ -16,6 +16,7 @@ from duch.data.geo import inside_box, overlaps_box
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
 from duch.pipeline.formats.codes import CodeTable
+from duch.pipeline.retrieval.near import near_mask, parse_near
 from duch.pipeline.retrieval.places import NO_PLACES, has_places
 
 BBOX_FORM = "MINLON,MINLAT,MAXLON,MAXLAT"
@@ -62,10 +63,11 @@ class PlaceFilter:
     date_from: str | None = None
     date_to: str | None = None
     inside: bool = False
+    near: tuple[float, float, float] | None = None  # lon, lat, radius in metres (retrieval/near.py)
 
     @classmethod
     def parse(cls, bbox=None, date_from: str | None = None, date_to: str | None = None,
-              inside: bool = False) -> PlaceFilter:
+              inside: bool = False, near=None) -> PlaceFilter:
         """From the CLI's (or a web form's) text, `bbox` also as four numbers; each mistake is one DuchError naming
         the parameter (pipeline/errors.py spells it for each front end)."""
         if inside and bbox is None:
@@ -73,22 +75,26 @@ class PlaceFilter:
         start, end = _date("date_from", date_from), _date("date_to", date_to)
         if start and end and start > end:
             raise DuchError(f"`date_from` {start} is after `date_to` {end}; give the earlier date first")
-        return cls(parse_bbox(bbox) if bbox is not None else None, start, end, inside)
+        return cls(parse_bbox(bbox) if bbox is not None else None, start, end, inside,
+                   parse_near(near) if near is not None else None)
 
     @property
     def active(self) -> bool:
-        return self.bbox is not None or self.date_from is not None or self.date_to is not None
+        return (self.bbox is not None or self.date_from is not None or self.date_to is not None
+                or self.near is not None)
 
     def mask(self, table: CodeTable) -> np.ndarray | None:
         """[N] bool over the table's rows (None when the filter is empty): what `Index.search(where=)` takes."""
         if not self.active:
             return None
         if not has_places(table):
-            raise DuchError(f"`bbox`, `date_from` and `date_to` filter scene tiles, and {NO_PLACES}")
+            raise DuchError(f"`bbox`, `date_from`, `date_to` and `near` filter scene tiles, and {NO_PLACES}")
         ok = np.ones(len(table), bool)
         if self.bbox is not None:
             test = inside_box if self.inside else overlaps_box
             ok &= test(np.asarray(table.meta["lonlat"], np.float64), self.bbox)
+        if self.near is not None:
+            ok &= near_mask(np.asarray(table.meta["lonlat"], np.float64), self.near)
         if self.date_from or self.date_to:
             dates = np.asarray(table.meta["date"]).astype(str)
             ok &= dates != ""
@@ -104,6 +110,8 @@ class PlaceFilter:
             parts.append(f"{'inside' if self.inside else 'overlapping'} {','.join(f'{v:.10g}' for v in self.bbox)}")
         if self.date_from or self.date_to:
             parts.append(f"dated {self.date_from or '...'} to {self.date_to or '...'}")
+        if self.near is not None:
+            parts.append(f"within {self.near[2]:g} m of {self.near[0]:.10g},{self.near[1]:.10g}")
         return ", ".join(parts)
 
 
@@ -113,10 +121,11 @@ def search_places(index, places: PlaceFilter, need_places: bool = False, **query
     `need_places` (for a map), asks for an archive of scene tiles and searches its images."""
     if places.active or need_places:
         if query.get("modality") == "text" or "image" not in index.tables:
-            raise DuchError("`bbox`, `date_from`, `date_to` and `need_places` find scene tiles, which are images: "
-                            "leave out `modality` text")
+            raise DuchError("`bbox`, `date_from`, `date_to`, `near` and `need_places` find scene tiles, which are "
+                            "images: leave out `modality` text")
         if not has_places(index.tables["image"]):
-            raise DuchError(f"`bbox`, `date_from`, `date_to` and `need_places` find scene tiles, and {NO_PLACES}")
+            raise DuchError(f"`bbox`, `date_from`, `date_to`, `near` and `need_places` find scene tiles, and "
+                            f"{NO_PLACES}")
         query["modality"] = "image"
     mask = places.mask(index.tables["image"]) if places.active else None
     hits = index.search(**query, where=mask)

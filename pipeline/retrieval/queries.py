@@ -28,14 +28,18 @@ QUERY_KINDS = {"text": "a caption", "image": "an image file", "id": "an archive 
 
 
 def check_query(text=None, image=None, id=None, k: int = 1, rerank_top: int = 0,
-                kinds: tuple[str, ...] = tuple(QUERY_KINDS)) -> str:
+                kinds: tuple[str, ...] = tuple(QUERY_KINDS), feedback: bool = False) -> str:
     """The kind of the one query given ("text", "image" or "id"), or the DuchError naming what is wrong: no query,
-    two at once, `k` under 1 or `rerank_top` under 0. `kinds`: the kinds the caller takes (the message lists them)."""
+    two at once, `k` under 1 or `rerank_top` under 0. `kinds`: the kinds the caller takes (the message lists them).
+    `feedback`: marked examples were given (retrieval/refine.py), which may stand alone: "examples" when no query."""
     given = [kind for kind, value in (("text", text), ("image", image), ("id", id)) if value is not None]
+    if feedback and not given and k >= 1 and rerank_top >= 0:
+        return "examples"
     if len(given) != 1:
         what = "no query" if not given else f"{' and '.join(f'`{kind}`' for kind in given)} at once"
         listed = [f"`{kind}` ({QUERY_KINDS[kind]})" for kind in kinds]
-        raise DuchError(f"{what}: give exactly one of {', '.join(listed[:-1])} or {listed[-1]}")
+        examples = "" if given else " (or images marked right or wrong: `positives`, `negatives`)"
+        raise DuchError(f"{what}: give exactly one of {', '.join(listed[:-1])} or {listed[-1]}{examples}")
     if k < 1 or rerank_top < 0:
         raise DuchError(f"`k` must be at least 1 and `rerank_top` 0 or more, got k={k}, rerank_top={rerank_top}")
     return given[0]

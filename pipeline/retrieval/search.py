@@ -23,8 +23,10 @@ from duch.pipeline.archive.generation import read_generation
 from duch.pipeline.archive.segments import ArchiveCodes, open_archive_codes
 from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.encoders.runtime import check_runtime
+from duch.pipeline.model.coding import unpack_codes
 from duch.pipeline.retrieval.hits import Hit, make_hits
 from duch.pipeline.retrieval.queries import Query, QueryCoder, check_query, shown
+from duch.pipeline.retrieval.refine import Feedback, refined_query
 from duch.pipeline.retrieval.scan import CodeScan, check_backend
 from duch.pipeline.run.records import EncodedRun
 
@@ -90,20 +92,31 @@ class Index:
 
     def search(self, text: str | None = None, image: str | Path | None = None, id: str | None = None, k: int = 10,
                modality: str | None = None, rerank_top: int = 0, ties: str = "adaptive",
-               where: np.ndarray | None = None) -> list[Hit]:
+               where: np.ndarray | None = None, positives=(), negatives=(), exclude_marked: bool = False,
+               rocchio: tuple[float, float, float] | None = None) -> list[Hit]:
         """Top-k archive items for one query. `modality`: what to return, by default the other modality than
         the query's (images when the archive holds no captions). `rerank_top`: re-rank that many by cosine.
         `ties`: equal distances by the query's confidence ("adaptive"; in archive order for an `id` query whose
         continuous outputs were not stored) or in archive order ("order"). `where`: [N] bool over the returned
         modality's rows, a filter applied before the top k (it never shrinks k below the items it lets
-        through)."""
-        check_query(text, image, id, k, rerank_top)
+        through). `positives`, `negatives`: archive image ids marked right and wrong, alone or with the query,
+        which refine it (retrieval/refine.py; `rocchio`: its three weights); `exclude_marked` leaves them out of
+        the hits."""
+        feedback = Feedback.parse(positives, negatives, rocchio, exclude_marked)
+        check_query(text, image, id, k, rerank_top, feedback=feedback.active)
+        query = None
         if text is not None:
             query = Query.of("text", self.coder.embed_text([text])[0])
         elif image is not None:
             query = Query.of("image", self.coder.embed_image([image])[0])
         elif id is not None:
             query = self.id_query(id)
+        if feedback.active:
+            target = self.target(query, modality)
+            query = self.refine(query, feedback)
+            where = self.unmarked(target, feedback, where)
+            modality = target
+        assert query is not None  # check_query: a query or examples
         return self.rank(query, k, modality, rerank_top, ties, where)
 
     def rank(self, query: Query, k: int = 10, modality: str | None = None, rerank_top: int = 0,
@@ -112,8 +125,11 @@ class Index:
         target = self.target(query, modality)
         return make_hits(self.archive, target, *self.scan.ranked(query, target, k, rerank_top, ties, where))
 
-    def target(self, query: Query, modality: str | None) -> str:
-        """What a query returns: `modality`, or by default the other modality than its own."""
+    def target(self, query: Query | None, modality: str | None) -> str:
+        """What a query returns: `modality`, or by default the other modality than its own (examples alone, no
+        query: images like them)."""
+        if query is None:
+            return modality or "image"
         return modality or ("image" if query.source == "text" or "text" not in self.tables else "text")
 
     def locate(self, item_id: str) -> tuple[str, int]:
@@ -137,3 +153,60 @@ class Index:
         h = None if table.continuous is None else table.continuous[row].astype(np.float32)
         return Query(source, np.asarray(table.codes[row:row + 1]), h)
 
+    def feedback_rows(self, ids: tuple[str, ...]) -> np.ndarray:
+        """The image rows of feedback ids; one UnknownItem naming every id that is not an image of this archive
+        (unknown, removed, or a caption)."""
+        table, removed = self.tables["image"], self.archive.removed["image"]
+        rows: list[int] = []
+        unknown: list[str] = []
+        gone: list[str] = []
+        captions: list[str] = []
+        for item_id in ids:
+            row = table.row_of.get(item_id)
+            if row is None:
+                (captions if "#" in item_id and self.tables.get("text") is not None
+                 and item_id in self.tables["text"].row_of else unknown).append(item_id)
+            elif removed[row]:
+                gone.append(item_id)
+            else:
+                rows.append(row)
+        if unknown or gone or captions:
+            ids_ = table.meta["ids"]
+            parts = [f"not in the archive: {', '.join(shown(i, 40) for i in unknown)} (image ids look like "
+                     f"{str(ids_[0]) if len(ids_) else '1'!r})" if unknown else "",
+                     f"removed from it (by the remove stage): {', '.join(shown(i, 40) for i in gone)}" if gone else "",
+                     f"captions, not images: {', '.join(shown(i, 40) for i in captions)}" if captions else ""]
+            raise UnknownItem(f"`positives` and `negatives` name archive images; {'; '.join(p for p in parts if p)}")
+        return np.asarray(rows, np.int64)
+
+    def refine(self, query: Query | None, feedback: Feedback) -> Query:
+        """The query refined by the marked images (retrieval/refine.py): Rocchio over the continuous outputs, or
+        the weighted majority vote of the codes where the archive stored none."""
+        table, bits = self.tables["image"], self.bits
+        rows = self.feedback_rows(feedback.marked)  # every id checked at once: one error names them all
+        pos, neg = rows[:len(feedback.positives)], rows[len(feedback.positives):]
+
+        def rows_of(array, rows, width):
+            return np.asarray(array[np.sort(rows)], np.float32) if len(rows) else np.zeros((0, width), np.float32)
+
+        stored = table.continuous
+        h, _rule = refined_query(None if query is None else query.continuous,
+                                 None if query is None else unpack_codes(query.packed, bits)[0],
+                                 None if stored is None else rows_of(stored, pos, bits),
+                                 None if stored is None else rows_of(stored, neg, bits),
+                                 unpack_codes(rows_of(table.codes, pos, bits // 8).astype(np.uint8), bits),
+                                 unpack_codes(rows_of(table.codes, neg, bits // 8).astype(np.uint8), bits),
+                                 feedback.weights)
+        return Query.of(query.source if query is not None else "image", h)
+
+    def unmarked(self, target: str, feedback: Feedback, where: np.ndarray | None) -> np.ndarray | None:
+        """`where` without the marked images (a caption search: without their captions) when `exclude_marked`."""
+        if not feedback.exclude_marked:
+            return where
+        table = self.tables[target]
+        if target == "image":
+            keep = np.ones(len(table), bool)
+            keep[self.feedback_rows(feedback.marked)] = False
+        else:
+            keep = ~np.isin(np.asarray(table.meta["image_id"]).astype(str), list(feedback.marked))
+        return keep if where is None else np.asarray(where, bool) & keep

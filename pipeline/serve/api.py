@@ -14,9 +14,10 @@ from duch.pipeline.config.serve import MOST_DEPTH, MOST_K
 from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.filters import PlaceFilter
 from duch.pipeline.retrieval.queries import check_query
+from duch.pipeline.retrieval.refine import MOST_EXAMPLES, Feedback
 
 FORM_FIELDS = ("text", "id", "k", "offset", "modality", "rerank", "ties", "label", "bbox", "inside", "date_from",
-               "date_to", "archive")
+               "date_to", "archive", "positives", "negatives", "exclude_marked", "rocchio", "near")
 
 
 class ApiError(Exception):
@@ -46,6 +47,20 @@ class SearchRequest(BaseModel):
     date_from: str | None = Field(None, description="scene tiles only: acquired on or after YYYY-MM-DD")
     date_to: str | None = Field(None, description="scene tiles only: acquired on or before YYYY-MM-DD")
     archive: str | None = Field(None, description="which archive; default: the run's own")
+    positives: str | list[str] | None = Field(
+        None, description="archive image ids marked right (a list, or a comma list): refine the query with them, or "
+                    "search by them alone (Rocchio in the heads' continuous space)")
+    negatives: str | list[str] | None = Field(
+        None, description=f"archive image ids marked wrong (a list, or a comma list); at most {MOST_EXAMPLES} "
+                          "examples in all")
+    exclude_marked: bool = Field(False, description="leave the positives and negatives out of the results")
+    rocchio: str | list[float] | None = Field(
+        None, description="the weights ALPHA,BETA,GAMMA of the query, the positives and the negatives "
+                          "(default 1,1,0.25)")
+    near: str | list[float] | None = Field(
+        None, description="scene tiles only: LON,LAT,METRES (or 3 numbers); tiles whose footprint lies within that "
+                          "great-circle distance of the point (0: the tiles that contain it), filtered before the "
+                          "top k")
 
     @model_validator(mode="after")
     def _depth(self):
@@ -56,9 +71,26 @@ class SearchRequest(BaseModel):
     def places(self) -> PlaceFilter:
         """The place filter (bbox, inside, dates), or an ApiError naming the field and the fix."""
         try:
-            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside)
+            return PlaceFilter.parse(self.bbox, self.date_from, self.date_to, self.inside, self.near)
         except DuchError as e:
             raise ApiError(422, spelled(str(e), "api")) from None
+
+    def feedback(self) -> Feedback:
+        """The marked examples (positives, negatives, exclude_marked, rocchio), or an ApiError naming the field."""
+        try:
+            return Feedback.parse(self.positives, self.negatives, _weights(self.rocchio), self.exclude_marked)
+        except DuchError as e:
+            raise ApiError(422, spelled(str(e), "api")) from None
+
+
+def _weights(value):
+    """rocchio as a comma list or three numbers -> numbers (Feedback.parse checks them), or the 422."""
+    if value is None or not isinstance(value, str):
+        return value
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise ApiError(422, f"rocchio {value!r}: give three weights ALPHA,BETA,GAMMA, each 0 or more") from None
 
 
 class PlaceOut(BaseModel):
@@ -101,7 +133,8 @@ class Timings(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: dict = Field(description="the query as understood: kind and text / id / image file name")
+    query: dict = Field(description="the query as understood: kind (text, image, id or examples) and text / id / "
+                                    "image file name; with marked examples: positives, negatives, rocchio, rule")
     archive: str
     generation: int = Field(description="the archive's generation the answer comes from (duch add, remove, compact)")
     bits: int
@@ -109,7 +142,8 @@ class SearchResponse(BaseModel):
     k: int
     offset: int
     matched: int = Field(description="items of the returned modality that the filters let through (all without one)")
-    filter: dict = Field(description="the filters as applied: label, bbox (four numbers), inside, date_from, date_to")
+    filter: dict = Field(description="the filters as applied: label, bbox (four numbers), inside, date_from, date_to, "
+                                     "near (lon, lat, metres)")
     hits: list[HitOut]
     timings: Timings
 
@@ -123,7 +157,8 @@ def one_query(query: SearchRequest, upload: Upload | None, kinds: tuple[str, ...
     """Exactly one query (retrieval.queries.check_query, the one check the CLI and the library make), or the 422
     naming the fields."""
     try:
-        check_query(query.text, upload, query.id, query.k, query.rerank, kinds)
+        check_query(query.text, upload, query.id, query.k, query.rerank, kinds,
+                    feedback=query.feedback().active)
     except DuchError as e:
         raise ApiError(422, spelled(str(e), "api")) from None
 
@@ -164,8 +199,9 @@ async def read_search(request: Request) -> tuple[SearchRequest, Upload | None]:
         query = SearchRequest.model_validate(fields)
     except ValidationError as e:
         raise ApiError(422, one_line(e)) from None
+    query.feedback()  # a bad list of examples, box or date is answered before the query is admitted
     one_query(query, upload)
-    query.places()  # a bad box or date is answered before the query is admitted
+    query.places()
     return query, upload
 
 
@@ -189,6 +225,7 @@ def read_query(params) -> SearchRequest:
         query = SearchRequest.model_validate(fields)
     except ValidationError as e:
         raise ApiError(422, one_line(e)) from None
+    query.feedback()
     one_query(query, None, kinds=("text", "id"))
     query.places()
     return query

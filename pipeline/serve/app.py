@@ -31,6 +31,7 @@ from duch.pipeline.config.serve import ServeConfig
 from duch.pipeline.retrieval.geojson import geojson
 from duch.pipeline.retrieval.places import NO_PLACES
 from duch.pipeline.retrieval.queries import Query
+from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import DEADLINE, Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
 from duch.pipeline.serve.archives import ServedArchive, open_archives
@@ -127,11 +128,18 @@ class Service:
             pixels = await self.blocking(lambda: coder.image_pixels(_stem(upload.name), _decode_upload(upload)))
             h, encode, batch = await self.code("image", coder.embed_pixels, pixels)
             return CodedQuery(Query.of("image", h), {"kind": "image", "image": upload.name}, encode, batch)
-        return CodedQuery(None, {"kind": "id", "id": req.id})
+        if req.id is not None:
+            return CodedQuery(None, {"kind": "id", "id": req.id})
+        return CodedQuery(None, {"kind": "examples"})  # marked images alone (api.one_query let it through)
 
     async def search(self, archive: ServedArchive, req: SearchRequest, upload: Upload | None,
                      arrived: float) -> dict:
         coded = await self.coded(archive, req, upload)
+        feedback = req.feedback()
+        if feedback.active:
+            coded.shown.update(positives=list(feedback.positives), negatives=list(feedback.negatives),
+                               rocchio=list(feedback.weights), exclude_marked=feedback.exclude_marked,
+                               rule="continuous" if archive.index.tables["image"].continuous is not None else "codes")
         scanned = time.perf_counter()
         target, matched, hits = await self.blocking(self.page, archive, req, coded.query, self.hit)
         done = time.perf_counter()
@@ -140,7 +148,8 @@ class Service:
         return {"query": coded.shown, "archive": archive.name, "generation": archive.index.generation,
                 "bits": archive.index.bits, "modality": target, "k": req.k, "offset": req.offset, "matched": matched,
                 "filter": {"label": req.label, "bbox": list(places.bbox) if places.bbox else None,
-                           "inside": places.inside, "date_from": places.date_from, "date_to": places.date_to},
+                           "inside": places.inside, "date_from": places.date_from, "date_to": places.date_to,
+                           "near": list(places.near) if places.near else None},
                 "hits": hits,
                 "timings": {"encode_ms": 1000 * coded.encode_seconds, "scan_ms": 1000 * (done - scanned),
                             "total_ms": 1000 * (done - arrived), "batch": coded.batch}}
@@ -155,7 +164,8 @@ class Service:
         req = req.model_copy(update={"modality": "image"})
         coded = await self.coded(archive, req, None)
         _, matched, hits = await self.blocking(self.page, archive, req, coded.query, lambda _archive, h: h)
-        doc = geojson(hits, matched, req.text if req.text is not None else f"item {req.id}")
+        doc = geojson(hits, matched, req.text if req.text is not None else f"item {req.id}" if req.id is not None
+                      else "marked examples")
         paths = archive.index.tables["image"].meta["path"]
         for feature, h in zip(doc["features"], hits):
             feature["properties"].update(path=str(paths[h.row]), thumbnail=self.thumb_url(archive, h.image_id))
@@ -168,12 +178,15 @@ class Service:
         slice), each as `shape(archive, hit)` makes it; the label and place filters apply before the top k. An id
         not in the archive is an UnknownItem (answered 404)."""
         index = archive.index
-        if query is None:
+        if query is None and req.id is not None:
             query = index.id_query(req.id)
         target = index.target(query, req.modality)
         if target not in index.tables:
             raise ApiError(422, f"modality: archive {archive.name!r} holds no {target} codes")
         where = archive.where(target, req.label, req.places())
+        feedback = req.feedback()
+        if feedback.active:  # the query refined by the marked images (retrieval/refine.py)
+            query, where = refined(self.archives, archive, query, feedback, target, where)
         matched = int(where.sum()) if where is not None else archive.count(target)
         hits = index.rank(query, k=req.offset + req.k, modality=target, rerank_top=req.rerank, ties=req.ties,
                           where=where)[req.offset:]
@@ -188,6 +201,19 @@ class Service:
     def thumb_url(self, archive: ServedArchive, image_id: str) -> str:
         url = f"/thumbs/{quote(image_id, safe='')}"
         return url if archive.name == self.default else f"{url}?archive={quote(archive.name, safe='')}"
+
+
+def refined(archives: dict, archive: ServedArchive, query: Query | None, feedback, target: str, where):
+    """(the query refined by `feedback`, `where` without the marked images when asked). Ids that are not this
+    archive's images: one UnknownItem (404) naming them, and the other archives served that hold them."""
+    index = archive.index
+    try:
+        return index.refine(query, feedback), index.unmarked(target, feedback, where)
+    except UnknownItem as e:
+        elsewhere = [name for name, other in archives.items() if other is not archive
+                     and any(i in other.index.tables["image"].row_of for i in feedback.marked)]
+        hint = f"; archive {' and '.join(map(repr, elsewhere))} holds some of them (send archive)" if elsewhere else ""
+        raise UnknownItem(f"{e}{hint}") from None
 
 
 def _decode_upload(upload: Upload):

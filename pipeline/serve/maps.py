@@ -12,7 +12,7 @@ from duch.pipeline import DuchError
 from duch.pipeline.retrieval.filters import PlaceFilter
 from duch.pipeline.retrieval.places import NO_PLACES, has_places
 
-PLACE_FIELDS = "bbox, inside, date_from and date_to"
+PLACE_FIELDS = "bbox, inside, date_from, date_to and near"
 
 
 class ArchiveMap:

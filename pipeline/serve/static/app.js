@@ -4,10 +4,16 @@
 // it is shown above its results from the File itself. Pages never reach past the service's depth limit
 // (/api/info's limits.most_depth: offset + k at most that).
 // Archives of scene tiles get a map panel (map.js). No framework, nothing from outside.
+// Refine with examples: each card has a right / wrong mark; the marks are in the address (pos=, neg=: image ids)
+// as they are made, without a new search; "Refine" (refine=1) searches again with them (ex=1: the marked images
+// left out), so a link or a reload shows the marks and the refined results. near=LON,LAT,METRES: tiles near a
+// point clicked on the map, with whatever query is shown ("like this, near here").
 "use strict";
 
 const PAGE = 24;
-const KEYS = ["q", "id", "image", "m", "label", "archive", "bbox", "inside", "from", "to", "page"];
+const KEYS = ["q", "id", "image", "m", "label", "archive", "bbox", "inside", "from", "to", "page", "pos", "neg",
+  "refine", "ex", "near"];
+const NO_MARKS = { pos: "", neg: "", refine: "", ex: "" }; // a new query starts unmarked
 const $ = (id) => document.getElementById(id);
 let info = null;
 const uploads = new Map(); // image file name -> {file, url}, for back/forward to image queries of this visit
@@ -27,12 +33,16 @@ function params() {
   return new URLSearchParams(location.search);
 }
 
-function navigate(next, replace = false) {
+function urlOf(next) {
   const keep = new URLSearchParams();
   for (const [key, value] of Object.entries(next)) {
     if (value !== null && value !== undefined && value !== "" && value !== false) keep.set(key, value);
   }
-  const url = "?" + keep.toString().replace(/%2C/g, ","); // a box reads as four numbers in the address
+  return "?" + keep.toString().replace(/%2C/g, ","); // a box reads as four numbers in the address
+}
+
+function navigate(next, replace = false) {
+  const url = urlOf(next);
   if (replace) history.replaceState(null, "", url);
   else history.pushState(null, "", url);
   render();
@@ -45,6 +55,8 @@ function current() {
     m: p.get("m") || "image", label: p.get("label") || "", archive: p.get("archive") || "",
     bbox: p.get("bbox") || "", inside: p.get("inside") === "1" ? "1" : "", from: p.get("from") || "",
     to: p.get("to") || "", page: Math.max(1, parseInt(p.get("page") || "1", 10) || 1),
+    pos: p.get("pos") || "", neg: p.get("neg") || "", refine: p.get("refine") === "1" ? "1" : "",
+    ex: p.get("ex") === "1" ? "1" : "", near: p.get("near") || "",
   };
 }
 
@@ -71,7 +83,44 @@ function filters(s) { // what the API takes of the address's filters
   if (s.from) out.date_from = s.from;
   if (s.to) out.date_to = s.to;
   if (s.archive) out.archive = s.archive;
+  if (s.near) out.near = s.near;
+  if (refining(s)) {
+    if (s.pos) out.positives = s.pos;
+    if (s.neg) out.negatives = s.neg;
+    if (s.ex) out.exclude_marked = true;
+  }
   return out;
+}
+
+function ids(list) { return list ? list.split(",").filter(Boolean) : []; }
+
+function refining(s) { return Boolean(s.refine && (s.pos || s.neg)); }
+
+function mark(imageId, kind) { // right ("pos") or wrong ("neg"), again to unmark: the address, not a new search
+  const s = current();
+  const other = kind === "pos" ? "neg" : "pos";
+  const mine = ids(s[kind]);
+  const next = { [other]: ids(s[other]).filter((i) => i !== imageId).join(",") };
+  next[kind] = (mine.includes(imageId) ? mine.filter((i) => i !== imageId) : mine.concat([imageId])).join(",");
+  history.replaceState(null, "", urlOf(withChanges(next)));
+  document.body.dataset.query = location.search; // the page still shows this address's results
+  showMarks(current());
+}
+
+function showMarks(s) { // each card's marks, and the bar that refines with them
+  const pos = ids(s.pos);
+  const neg = ids(s.neg);
+  for (const card of document.querySelectorAll("#results .hit")) {
+    const image = card.dataset.image;
+    card.classList.toggle("right", pos.includes(image));
+    card.classList.toggle("wrong", neg.includes(image));
+    card.querySelector(".mark.pos").setAttribute("aria-pressed", String(pos.includes(image)));
+    card.querySelector(".mark.neg").setAttribute("aria-pressed", String(neg.includes(image)));
+  }
+  $("marksbar").hidden = !pos.length && !neg.length;
+  $("markinfo").textContent = `${pos.length} right, ${neg.length} wrong marked` +
+    (refining(s) ? " · these results are refined with them" : "");
+  $("hidemarked").checked = Boolean(s.ex);
 }
 
 function setStatus(text, isError = false) {
@@ -103,6 +152,12 @@ function showQuery(s) {
     const upload = uploads.get(s.image); // made in this browser from the file itself: nothing is sent for it
     if (upload) box.append(thumb(upload.url, s.image));
     box.append(el("strong", {}, "Images like " + s.image));
+  } else if (refining(s) && !s.q) {
+    box.append(el("strong", {}, "Images like the ones marked right"));
+  }
+  if (refining(s)) {
+    box.append(el("span", { class: "refined" }, `refined with ${ids(s.pos).length} right and ` +
+      `${ids(s.neg).length} wrong`));
   }
 }
 
@@ -122,7 +177,7 @@ async function search(s) {
     const file = uploads.get(s.image).file;
     body.set("image", file, file.name);
   } else {
-    body = JSON.stringify(Object.assign(fields, s.q ? { text: s.q } : { id: s.id }));
+    body = JSON.stringify(Object.assign(fields, s.q ? { text: s.q } : s.id ? { id: s.id } : {}));
     headers = { "content-type": "application/json" };
   }
   const response = await fetch("/api/search", { method: "POST", body, headers });
@@ -139,8 +194,8 @@ function showHits(answer, s) {
     list.append(el("li", { class: "empty" }, filtered ? "Nothing here matches the filters." : "No results."));
   }
   for (const hit of answer.hits) {
-    const item = el("li", { class: "hit " + hit.modality, "data-id": hit.id });
-    const more = withChanges({ id: hit.id, q: null, image: null, page: 1 });
+    const item = el("li", { class: "hit " + hit.modality, "data-id": hit.id, "data-image": hit.image_id });
+    const more = withChanges(Object.assign({ id: hit.id, q: null, image: null, page: 1 }, NO_MARKS));
     const link = el("a", { href: "?" + new URLSearchParams(Object.entries(more).filter(([, v]) => v)).toString(),
       title: "more like this" });
     link.addEventListener("click", (event) => {
@@ -158,8 +213,16 @@ function showHits(answer, s) {
     item.addEventListener("pointerenter", () => lightUp(hit.id));
     item.addEventListener("pointerleave", () => lightUp(null));
     item.append(link);
+    const marks = el("div", { class: "marks" });
+    for (const [kind, sign, title] of [["pos", "\u2713", "right: more like this"], ["neg", "\u2717", "wrong"]]) {
+      const button = el("button", { type: "button", class: "mark " + kind, title, "aria-pressed": "false" }, sign);
+      button.addEventListener("click", () => mark(hit.image_id, kind));
+      marks.append(button);
+    }
+    item.append(marks);
     list.append(item);
   }
+  showMarks(s);
   if (map) map.set("hits", answer.hits);
   const t = answer.timings;
   const tiles = archiveInfo(s.archive) && archiveInfo(s.archive).places;
@@ -200,7 +263,8 @@ async function render() {
   showQuery(s);
   showMap(s);
   if (map) map.set("hits", []);
-  if (!s.q && !s.id && !s.image) {
+  showMarks(s);
+  if (!s.q && !s.id && !s.image && !refining(s)) {
     $("results").replaceChildren();
     $("pager").hidden = true;
     setStatus("Type a caption, drop an image, or pick one with \"or an image\".");
@@ -247,7 +311,7 @@ function searchImage(file) {
   const earlier = uploads.get(file.name);
   if (earlier) URL.revokeObjectURL(earlier.url); // a new file of the same name replaces the old one
   uploads.set(file.name, { file, url: URL.createObjectURL(file) });
-  navigate(withChanges({ image: file.name, q: null, id: null, page: 1 }));
+  navigate(withChanges(Object.assign({ image: file.name, q: null, id: null, page: 1 }, NO_MARKS)));
 }
 
 function fillLabels(name) {
@@ -283,6 +347,7 @@ function showMap(s) { // the map panel of an archive of scene tiles: its extent 
         lightUp(id);
       },
       onHover: lightUp,
+      onPoint: (lon, lat) => navigate(withChanges({ near: `${lon},${lat},${radius()}`, page: 1 })),
     });
     window.duchMap = map;
     if (info.basemap) {
@@ -307,6 +372,12 @@ function showMap(s) { // the map panel of an archive of scene tiles: its extent 
   $("from").value = s.from;
   $("to").value = s.to;
   $("clearbox").disabled = !box;
+  const near = s.near.split(",").map(Number);
+  map.set("near", near.length === 3 && near.every(Number.isFinite) ? near : null);
+  if (map.near) $("radius").value = String(map.near[2]);
+  $("nearinfo").textContent = map.near ? `near ${map.near[0].toFixed(5)}, ${map.near[1].toFixed(5)} within ` +
+    `${map.near[2]} m` : "Click a point: tiles near it.";
+  $("clearnear").hidden = !map.near;
   $("boxinfo").textContent = box ? "box " + box.map((v) => v.toFixed(5)).join(", ") :
     "Drag on the map to search a box (shift-drag pans).";
   const query = s.q ? { text: s.q } : s.id ? { id: s.id } : null;
@@ -316,6 +387,11 @@ function showMap(s) { // the map panel of an archive of scene tiles: its extent 
     const fields = Object.assign(query, { k: Math.min(PAGE, reach() - offset), offset }, filters(s));
     $("geojson").href = "/api/search.geojson?" + new URLSearchParams(fields).toString();
   }
+}
+
+function radius() { // the near radius typed in the map's bar, in metres
+  const value = Number($("radius").value);
+  return Number.isFinite(value) && value >= 0 ? value : 1000;
 }
 
 async function start() {
@@ -333,14 +409,14 @@ async function start() {
     event.preventDefault();
     const text = $("q").value.trim();
     if (!text) return;
-    navigate(withChanges({ q: text, id: null, image: null, page: 1 }));
+    navigate(withChanges(Object.assign({ q: text, id: null, image: null, page: 1 }, NO_MARKS)));
   });
   for (const radio of document.querySelectorAll("input[name=modality]")) {
     radio.addEventListener("change", () => navigate(withChanges({ m: radio.value, page: 1 })));
   }
   $("label").addEventListener("change", () => navigate(withChanges({ label: $("label").value, page: 1 })));
   $("archive").addEventListener("change", () => navigate(withChanges({ archive: $("archive").value, label: "",
-    id: null, bbox: "", inside: "", from: "", to: "", page: 1 })));
+    id: null, bbox: "", inside: "", from: "", to: "", page: 1, near: "", ...NO_MARKS })));
   $("prev").addEventListener("click", () => navigate(withChanges({ page: current().page - 1 })));
   $("next").addEventListener("click", () => navigate(withChanges({ page: current().page + 1 })));
   $("file").addEventListener("change", () => searchImage($("file").files[0]));
@@ -349,6 +425,15 @@ async function start() {
   $("from").addEventListener("change", () => navigate(withChanges({ from: $("from").value, page: 1 })));
   $("to").addEventListener("change", () => navigate(withChanges({ to: $("to").value, page: 1 })));
   $("clearbox").addEventListener("click", () => navigate(withChanges({ bbox: "", inside: "", page: 1 })));
+  $("clearnear").addEventListener("click", () => navigate(withChanges({ near: "", page: 1 })));
+  $("radius").addEventListener("change", () => {
+    const near = current().near.split(",");
+    if (near.length === 3) navigate(withChanges({ near: `${near[0]},${near[1]},${radius()}`, page: 1 }));
+  });
+  $("refine").addEventListener("click", () => navigate(withChanges({ refine: "1", page: 1 })));
+  $("hidemarked").addEventListener("change", () => navigate(withChanges({ ex: $("hidemarked").checked ? "1" : "",
+    page: 1 })));
+  $("clearmarks").addEventListener("click", () => navigate(withChanges(Object.assign({ page: 1 }, NO_MARKS))));
   const centre = () => { const r = $("map").getBoundingClientRect(); return [r.width / 2, r.height / 2]; };
   $("zoomin").addEventListener("click", () => map.zoom(2, ...centre()));
   $("zoomout").addEventListener("click", () => map.zoom(0.5, ...centre()));

@@ -33,7 +33,8 @@ function nice(value) { // the largest of 1, 2, 5 x 10^k not above value
 
 class DuchMap {
   // handlers: onBox([minlon, minlat, maxlon, maxlat]) when a box is drawn, onPick(id) when a footprint is
-  // clicked, onHover(id or null) when the pointer enters or leaves one.
+  // clicked, onHover(id or null) when the pointer enters or leaves one, onPoint(lon, lat) when a point off the
+  // footprints is clicked ("near here").
   constructor(svg, handlers) {
     this.el = svg;
     this.on = handlers;
@@ -42,6 +43,7 @@ class DuchMap {
     this.scenes = [];
     this.extent = null;
     this.box = null;
+    this.near = null; // [lon, lat, metres]: the `near` filter, drawn as a circle
     this.basemap = null;
     this.lit = null;
     this.layers = {};
@@ -115,7 +117,7 @@ class DuchMap {
       Math.max(...b.map((v) => v[3]))];
   }
 
-  set(what, value) { // "hits", "scenes", "extent", "box" or "basemap"
+  set(what, value) { // "hits", "scenes", "extent", "box", "near" or "basemap"
     this[what] = value;
     this.draw();
   }
@@ -163,6 +165,10 @@ class DuchMap {
       this.on.onBox([round(lon0), round(lat0), round(lon1), round(lat1)]);
     } else if (!moved && drag.pick) {
       this.on.onPick(drag.pick);
+    } else if (!moved && drag.mode === "box" && this.on.onPoint) {
+      const [lon, lat] = this.unproject(px, py);
+      const round = (v) => Math.round(v * 1e6) / 1e6;
+      this.on.onPoint(round(lon), round(lat));
     }
   }
 
@@ -189,8 +195,16 @@ class DuchMap {
     if (this.extent) this.layers.extent.append(this.rect(this.extent, "extent"));
     this.layers.box.replaceChildren();
     if (this.box) this.layers.box.append(this.rect(this.box, "searchbox"));
+    if (this.near) this.layers.box.append(...this.circle(this.near));
     this.drawHits(ring);
     this.drawScale(w, h);
+  }
+
+  circle([lon, lat, metres]) { // the near filter: its point and (the Mercator picture of) its radius
+    const [cx, cy] = this.project(lon, lat);
+    const [, top] = this.project(lon, Math.min(89.9, lat + metres / 111195)); // a degree of latitude in metres
+    return [node("circle", { class: "nearzone", cx, cy, r: Math.max(cy - top, 0) }),
+      node("circle", { class: "nearpoint", cx, cy, r: 4 })];
   }
 
   rect(b, cls) {
