@@ -6,6 +6,7 @@ and refuses to mix in shards of others. The shards are made here or on a dask cl
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ from duch.pipeline.compute.device import resolve_device
 from duch.pipeline.config import ExtractConfig
 from duch.pipeline.embed.extraction import extraction, extraction_plan, read_inputs
 from duch.pipeline.embed.inputs import relisted_with_same_content, stale_error
-from duch.pipeline.embed.plan import retriable
+from duch.pipeline.embed.plan import made_runtime, retriable
 from duch.pipeline.embed.sources import decode_problems
 from duch.pipeline.run.stage import UNREAD, StageFolder, StageResult, stage
 
@@ -34,8 +35,13 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         why = f" ({dataset.rejects[0].id}: {dataset.rejects[0].reason})" if dataset.rejects else ""
         raise DuchError(f"{dataset.source}: the dataset holds no images{why}")
     folder = StageFolder(cfg.run, STAGE)
-    job = extraction(cfg, dataset)
     previous = None if force else folder.previous()
+    if cfg.runtime == "auto" and not force:
+        # A run keeps the runtime it was made with (torch before runtimes were recorded): installing ONNX Runtime
+        # does not turn a finished torch run stale; --runtime onnx or --force changes it.
+        made = made_runtime(folder.path, previous)
+        cfg = dataclasses.replace(cfg, runtime=made) if made else cfg
+    job = extraction(cfg, dataset)
     if previous and previous.get("fingerprint") != job.fingerprint:
         confirmed = relisted_with_same_content(folder.path, previous, job.basis, dataset, echo, progress)
         if confirmed is None:

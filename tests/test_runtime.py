@@ -133,6 +133,19 @@ def test_one_runs_shards_come_from_one_runtime(caption_dataset, tmp_path):
     torch_run = extract(ExtractConfig(run=str(tmp_path / "t"), runtime="torch", text_encoder=None, **kw),
                         progress=False, echo=quiet)
     assert torch_run.manifest["basis"]["settings"]["image_encoder"] == {"spec": "efficientnet-lite0"}
+    # auto keeps the runtime a run was made with: the torch run stays up to date with ONNX Runtime installed, and
+    # a killed torch run resumes with torch; --force makes it anew with auto's choice.
+    lines = []
+    kept = extract(ExtractConfig(run=str(tmp_path / "t"), runtime="auto", text_encoder=None, **kw), progress=False,
+                   echo=lines.append)
+    assert not kept.did_work and "up to date" in lines[-1]
+    (tmp_path / "t" / "extract" / "manifest.json").unlink()
+    resumed = extract(ExtractConfig(run=str(tmp_path / "t"), runtime="auto", text_encoder=None, **kw),
+                      progress=False, echo=quiet)
+    assert resumed.manifest["runtime"] == {"image": "torch"}
+    anew = extract(ExtractConfig(run=str(tmp_path / "t"), runtime="auto", text_encoder=None, **kw), force=True,
+                   progress=False, echo=quiet)
+    assert anew.manifest["runtime"] == {"image": "onnx"}
     # A finished onnx run asked again with torch: refused, naming the runtime.
     with pytest.raises(DuchError, match=r"image_encoder.runtime: 'onnx' -> None"):
         extract(ExtractConfig(run=str(tmp_path / "a"), runtime="torch", **kw), progress=False, echo=quiet)

@@ -180,6 +180,21 @@ def foreign_shards(out_dir: Path, modality: str, fingerprint: str) -> bool:
     return False
 
 
+def made_runtime(out_dir: Path, manifest: dict | None) -> str | None:
+    """The one runtime the extraction in `out_dir` was made with: its manifest's, else its shards' (torch where
+    none is recorded, as before runtimes were); None for an empty folder or one of two runtimes."""
+    if manifest is not None:
+        made = set((manifest.get("runtime") or {"image": "torch"}).values())
+    else:
+        made = set()
+        for path in sorted(out_dir.glob("*-*.h5")):
+            try:
+                made.add(read_attrs(path).get("runtime", "torch"))
+            except OSError:
+                continue
+    return made.pop() if len(made) == 1 else None
+
+
 def mixed_runtime(out_dir: Path, runtimes: dict[str, str]) -> str | None:
     """What a shard of the folder made by another runtime than `runtimes` (modality -> "torch"/"onnx") gives for
     this run, as a refusal's words; None if none was."""
