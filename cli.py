@@ -32,9 +32,10 @@ def main():
 
 def _commands():
     from duch.commands import archive, search, serve, stages
+    from duch.commands.changes import changes
 
     for command in (stages.extract, stages.train_hash, stages.encode_archive, stages.evaluate, archive.add,
-                    archive.remove, archive.compact, search.search, serve.serve):
+                    archive.remove, archive.compact, search.search, serve.serve, changes):
         main.add_command(command)
 
 

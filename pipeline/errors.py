@@ -83,6 +83,10 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "run": ("--run", None),  # every command that writes a run
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
+    # changes between dates (duch changes, /api/changes)
+    "from_date": ("--from", "from"),
+    "to_date": ("--to", "to"),
+    "min_iou": ("--min-iou", "min_iou"),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
