@@ -3,6 +3,7 @@ ranked by the Hamming distance of their codes; tiles without a partner reported;
 the command line and the GeoJSON output. The geometry on hand-made squares, the archive a real-UCM mosaic on three
 dates (tests/changekit.py)."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -183,3 +184,155 @@ def test_the_command_line_table_json_and_geojson(dated):
     assert same.exit_code == 2 and "--from and --to are both 2021-06-03" in same.output
     assert changes_geojson(find_changes(Index.load(dated["archive"], bits=64, device="cpu"), "2021-06-03",
                                         "2023-06-03", k=1))["unpaired"]["to"] == {"count": 0, "ids": []}
+
+
+@pytest.fixture(scope="module")
+def site(request):
+    """The service over the three-date archive, or over DUCH_CHANGES_RUN (a scene run of your own, 64 bits)."""
+    from duch.pipeline.config import ServeConfig
+    from duch.pipeline.serve.app import create_app
+
+    from .serving import running
+
+    own = os.environ.get("DUCH_CHANGES_RUN")
+    run = own or str(request.getfixturevalue("dated")["archive"])
+    with running(create_app(ServeConfig(run=run, bits=64, device="cpu" if not own else "auto"))) as url:
+        yield url
+
+
+def test_the_endpoint_answers_the_pairs_with_both_thumbnails_as_documented(site):
+    import httpx
+
+    from .test_openapi import conforms
+
+    doc = httpx.get(f"{site}/openapi.json").json()
+    fields = {"from": "2021-06-03", "to": "2022-06-03", "k": 3}
+    got = httpx.get(f"{site}/api/changes", params=fields)
+    assert got.status_code == 200, got.text
+    conforms(doc, "/api/changes", "get", got)
+    answer = got.json()
+    assert {p["to"]["id"] for p in answer["pairs"]} == changed_ids() and answer["matched"] == 64
+    assert answer["unpaired"] == {"from": {"count": 0, "ids": []}, "to": {"count": 0, "ids": []}}
+    for side in ("from", "to"):
+        thumb = httpx.get(site + answer["pairs"][0][side]["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    posted = httpx.post(f"{site}/api/changes", json=fields)
+    assert posted.status_code == 200 and posted.json()["pairs"] == answer["pairs"]
+    conforms(doc, "/api/changes", "post", posted)
+    geo = httpx.get(f"{site}/api/changes.geojson", params={**fields, "to": "2023-06-03"})
+    assert geo.status_code == 200 and geo.headers["content-type"] == "application/geo+json"
+    conforms(doc, "/api/changes.geojson", "get", geo)
+    assert geo.json()["unpaired"]["from"]["count"] == 16 and len(geo.json()["features"]) == 3
+    assert geo.json()["features"][0]["properties"]["to_thumbnail"].startswith("/thumbs/2023%2Fshifted%2F")
+    refused = [
+        (422, "from and to are both 2021-06-03", httpx.get(f"{site}/api/changes", params={**fields,
+                                                                                          "to": "2021-06-03"})),
+        (422, "to 2020-01-01: no tile", httpx.post(f"{site}/api/changes", json={**fields, "to": "2020-01-01"})),
+        (422, "unknown field", httpx.post(f"{site}/api/changes", json={**fields, "text": "x"})),
+        (422, "min_iou", httpx.get(f"{site}/api/changes", params={**fields, "min_iou": 2})),
+        (422, "bbox", httpx.get(f"{site}/api/changes", params={**fields, "bbox": "1,2,3"})),
+        (400, "malformed JSON", httpx.post(f"{site}/api/changes", content=b"{",
+                                           headers={"content-type": "application/json"})),
+        (415, "JSON", httpx.post(f"{site}/api/changes", content=b"from=x", headers={"content-type": "text/plain"})),
+        (404, "no archive", httpx.get(f"{site}/api/changes", params={**fields, "archive": "nope"})),
+    ]
+    for status, words, got in refused:
+        assert (got.status_code, got.json()["status"]) == (status, status), got.text
+        assert words in got.json()["error"], got.text
+        conforms(doc, "/api/changes", got.request.method.lower(), got)
+
+
+def test_the_endpoint_is_under_admission_control(dated):
+    import httpx
+
+    from duch.pipeline.config import ServeConfig
+    from duch.pipeline.serve.app import create_app
+
+    from .serving import running
+
+    config = ServeConfig(run=str(dated["archive"]), bits=64, device="cpu", timeout=1e-4)
+    with running(create_app(config)) as url:
+        late = httpx.get(f"{url}/api/changes", params={"from": "2021-06-03", "to": "2022-06-03"}, timeout=30)
+    assert late.status_code == 503 and int(late.headers["retry-after"]) >= 1, late.text
+
+
+PAIR_LOADED = ("() => { const imgs = [...document.querySelectorAll('#pairview img')];"
+               " return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0); }")
+
+
+@pytest.mark.slow  # a browser: about 10 s on 2 cores
+def test_the_page_draws_the_changed_pairs_and_shows_a_pair_side_by_side(site, tmp_path):
+    """In a real browser (Debian's chromium): the dates offered, the pairs drawn on the map and listed, a pair
+    picked on the map shown side by side, the address shared, the search's box filtering the pairs, a search
+    keeping the layer.
+
+        DUCH_CHANGES_RUN=runs/scenes DUCH_CHANGES_DATES=2021-06-03,2022-06-03 \\
+        DUCH_CHANGES_SCREENSHOT=docs/changes.jpg python -m pytest tests/test_changes.py -k page
+
+    runs it on a scene run of your own (64 bits) and keeps the screenshot of its most changed pair."""
+    from urllib.parse import parse_qs, urlparse
+
+    from .test_serve_page import ARGS, CHROMIUM
+
+    if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):  # CI installs it (.ci/run)
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    own = os.environ.get("DUCH_CHANGES_RUN")
+    start, end = os.environ.get("DUCH_CHANGES_DATES", "2021-06-03,2022-06-03").split(",")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(site + "/")
+        page.wait_for_selector("#changes:not([hidden])")
+        dates = page.eval_on_selector_all("#chfrom option", "o => o.map(x => x.value)")
+        assert start in dates and end in dates
+        if not own:
+            assert dates == ["", "2021-06-03", "2022-06-03", "2023-06-03"]
+        page.select_option("#chfrom", start)
+        page.select_option("#chto", end)
+        page.click("#chshow")
+        page.wait_for_selector("#changes[data-state=done]")
+        pairs = page.evaluate("window.duchChanges.pairs()")
+        drawn = page.eval_on_selector_all("#map polygon.change:not(.other)", "p => p.map(x => Number(x.dataset.pair))")
+        assert drawn == [p["rank"] for p in pairs] and len(page.query_selector_all("#pairs li")) == len(pairs)
+        if not own:
+            assert len(pairs) == 24 and {p["to"]["id"] for p in pairs[:3]} == changed_ids()
+            assert "64 pairs of 64 and 64 tiles" in page.inner_text("#chstatus")
+        # The first pair picked on the map: both its thumbnails side by side, the address says which.
+        corners = np.array(pairs[0]["from"]["place"]["lonlat"])
+        x, y = page.evaluate("([lon, lat]) => window.duchMap.toClient(lon, lat)", corners.mean(axis=0).tolist())
+        page.mouse.click(x, y)
+        page.wait_for_function(PAIR_LOADED)
+        sources = page.eval_on_selector_all("#pairview img", "i => i.map(x => new URL(x.src).pathname)")
+        assert sources == [urlparse(pairs[0][side]["thumbnail"]).path for side in ("from", "to")]
+        shown = page.evaluate("() => [...document.querySelectorAll('#pairview img')].map(i => "
+                              "i.getBoundingClientRect().left)")
+        assert shown[0] < shown[1]  # side by side: the first date on the left
+        address = {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
+        assert address == {"cfrom": start, "cto": end, "pair": "1"}
+        assert page.eval_on_selector_all("#map polygon.change.on", "p => p.map(x => x.dataset.pair)") == ["1"]
+        if os.environ.get("DUCH_CHANGES_SCREENSHOT"):
+            page.screenshot(path=os.environ["DUCH_CHANGES_SCREENSHOT"], type="jpeg", quality=85)
+        # Shared: the address alone shows the same pairs and the same pair.
+        other = browser.new_page(viewport={"width": 1280, "height": 900})
+        other.goto(page.url)
+        other.wait_for_selector("#changes[data-state=done]")
+        other.wait_for_function(PAIR_LOADED)
+        assert other.evaluate("window.duchChanges.pairs()") == pairs
+        assert other.evaluate("window.duchChanges.selected()") == 1
+        if not own:
+            # A search keeps the layer; the search's box filters the pairs (one tile's middle: one pair).
+            other.fill("#q", "many planes")
+            other.press("#q", "Enter")
+            other.wait_for_function("() => document.body.dataset.state === 'done'")
+            assert {"q", "cfrom", "cto"} <= set(parse_qs(urlparse(other.url).query))
+            middle = corners.mean(axis=0)
+            box = f"{middle[0] - 1e-6},{middle[1] - 1e-6},{middle[0] + 1e-6},{middle[1] + 1e-6}"
+            other.goto(f"{site}/?bbox={box}&cfrom={start}&cto={end}")
+            other.wait_for_selector("#changes[data-state=done]")
+            assert [p["from"]["id"] for p in other.evaluate("window.duchChanges.pairs()")] == [pairs[0]["from"]["id"]]
+            other.click("#chclear")
+            other.wait_for_selector("#changes[data-state=empty]")
+            assert "cfrom" not in other.url and other.query_selector_all("#map polygon.change") == []
+        browser.close()
