@@ -20,11 +20,14 @@ most changed first.
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from duch.data.geo import ccw_ring
+from duch.data.geo import ccw_ring, inside_box, overlaps_box
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
 from duch.pipeline.retrieval.filters import PlaceFilter
@@ -35,6 +38,32 @@ from duch.pipeline.retrieval.places import NO_PLACES, has_places
 
 SIDES = ("from", "to")
 MOST_DATES_SHOWN = 12  # in the message for a date with no tile
+
+
+class Remembered:
+    """Values worked out once per live object (an archive's pairs of two dates, a table's dates as text), the
+    `most` recently used kept; the object is held weakly and checked, so a reused id never returns another's."""
+
+    def __init__(self, most: int):
+        self.most, self.items, self.lock = most, OrderedDict(), threading.Lock()
+
+    def get(self, owner, key: tuple, make):
+        full = (id(owner), *key)
+        with self.lock:
+            found = self.items.get(full)
+            if found is not None and found[0]() is owner:
+                self.items.move_to_end(full)
+                return found[1]
+        value = make()  # outside the lock: two threads may both work it out, and agree
+        with self.lock:
+            self.items[full] = (weakref.ref(owner), value)
+            while len(self.items) > self.most:
+                self.items.popitem(last=False)
+        return value
+
+
+PAIRS = Remembered(8)  # (archive, from, to, min_iou) -> the pairs of the whole archive: paging costs no pairing
+DATES = Remembered(8)  # table -> its dates as text
 
 
 @dataclass
@@ -113,13 +142,14 @@ def pair_rows(meta: dict, rows_a: np.ndarray, rows_b: np.ndarray,
     """(rows of the first date, rows of the second, IoU) of the pairs: tiles with lon/lat by their lon/lat
     footprints, the others (no CRS, or one without lon/lat) by their own footprints, with tiles of the same CRS."""
     lonlat = np.asarray(meta["lonlat"], np.float64)
-    footprint = np.asarray(meta["footprint"], np.float64)
-    crs = np.asarray(meta["crs"]).astype(str)
     geo_a, geo_b = np.isfinite(lonlat[rows_a]).all(axis=(1, 2)), np.isfinite(lonlat[rows_b]).all(axis=(1, 2))
     groups = [(rows_a[geo_a], rows_b[geo_b], lonlat, True)]
-    for name in np.unique(crs[rows_a[~geo_a]]):
-        groups.append((rows_a[~geo_a & (crs[rows_a] == name)], rows_b[~geo_b & (crs[rows_b] == name)], footprint,
-                       False))
+    if not geo_a.all():
+        footprint = np.asarray(meta["footprint"], np.float64)
+        other_a, other_b = rows_a[~geo_a], rows_b[~geo_b]
+        crs_a, crs_b = (np.asarray(meta["crs"][rows]).astype(str) for rows in (other_a, other_b))
+        for name in np.unique(crs_a):
+            groups.append((other_a[crs_a == name], other_b[crs_b == name], footprint, False))
     found = []
     for a, b, corners, geographic in groups:
         i, j, overlap = pair_footprints(corners[a], corners[b], geographic, min_iou)
@@ -144,9 +174,19 @@ def cosines(continuous, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, (x * y).sum(axis=1) / np.maximum(norms, 1e-30), 0.0)
 
 
+def near_box(bounds: np.ndarray, rows: np.ndarray, box, reach: float) -> np.ndarray:
+    """The rows whose lon/lat bounds come within `reach` degrees of the box: every tile that can pair with a tile
+    in the box, and the tiles those could pair with instead."""
+    b = bounds[rows]
+    x0, y0, x1, y1 = box
+    return rows[(b[:, 2] >= x0 - reach) & (b[:, 0] <= x1 + reach) & (b[:, 3] >= y0 - reach) & (b[:, 1] <= y1 + reach)]
+
+
 def find_changes(index, from_date, to_date, k: int = 20, places: PlaceFilter | None = None, rerank: bool = False,
                  min_iou: float = MIN_IOU, offset: int = 0) -> Changes:
-    """The pairs of tiles of `from_date` and `to_date` in an Index's archive, most changed first (module doc)."""
+    """The pairs of tiles of `from_date` and `to_date` in an Index's archive, most changed first (module doc). The
+    whole archive's pairs are remembered for the archive's generation; with a box, the tiles within two tile
+    sizes of it are paired (a pair in the box never needs a tile farther away)."""
     start, end = check_changes(from_date, to_date, k, min_iou, offset)
     table = index.tables.get("image")
     if table is None or not has_places(table):
@@ -155,18 +195,30 @@ def find_changes(index, from_date, to_date, k: int = 20, places: PlaceFilter | N
         raise DuchError("`rerank` orders the pairs by the continuous outputs; encode the archive again with "
                         "`continuous` and `force`")
     kept = ~index.archive.removed["image"]
-    dates = np.asarray(table.meta["date"]).astype(str)
+    dates = DATES.get(table, (), lambda: np.asarray(table.meta["date"]).astype(str))
     rows_a, rows_b = date_rows(dates, kept, start, "from_date"), date_rows(dates, kept, end, "to_date")
-    a, b, overlap = pair_rows(table.meta, rows_a, rows_b, min_iou)
-    unpaired = {"from": np.setdiff1d(rows_a, a), "to": np.setdiff1d(rows_b, b)}
-    tiles = {"from": len(rows_a), "to": len(rows_b)}
-    box = PlaceFilter(bbox=places.bbox, inside=places.inside) if places is not None else PlaceFilter()
-    passes = box.mask(table)  # None: no box
-    if passes is not None:
+    box = places.bbox if places is not None else None
+    if box is None:
+        a, b, overlap = PAIRS.get(index.archive, (start, end, min_iou),
+                                  lambda: pair_rows(table.meta, rows_a, rows_b, min_iou))
+        passes = np.ones(len(table), bool)
+    else:
+        bounds = np.asarray(table.meta["bounds"], np.float64)
+        both = np.concatenate([rows_a, rows_b])
+        sizes = bounds[both, 2:] - bounds[both, :2]
+        reach = 2 * float(np.nanmax(sizes)) if np.isfinite(sizes).any() else 0.0
+        rows_a, rows_b = near_box(bounds, rows_a, box, reach), near_box(bounds, rows_b, box, reach)
+        a, b, overlap = pair_rows(table.meta, rows_a, rows_b, min_iou)
+        near = np.concatenate([rows_a, rows_b])
+        passes = np.zeros(len(table), bool)
+        test = inside_box if places is not None and places.inside else overlaps_box
+        passes[near] = test(np.asarray(table.meta["lonlat"], np.float64)[near], box)
         keep = passes[a] | passes[b]
         a, b, overlap = a[keep], b[keep], overlap[keep]
-        unpaired = {side: rows[passes[rows]] for side, rows in unpaired.items()}
-        tiles = {"from": int(passes[rows_a].sum()), "to": int(passes[rows_b].sum())}
+    paired = np.zeros(len(table), bool)
+    paired[a], paired[b] = True, True
+    unpaired = {"from": rows_a[~paired[rows_a] & passes[rows_a]], "to": rows_b[~paired[rows_b] & passes[rows_b]]}
+    tiles = {"from": int(passes[rows_a].sum()), "to": int(passes[rows_b].sum())}
     distance = code_distances(table.codes, a, b)
     score = cosines(table.continuous, a, b) if table.continuous is not None else None
     if score is None:
@@ -181,9 +233,9 @@ def find_changes(index, from_date, to_date, k: int = 20, places: PlaceFilter | N
         pairs.append(ChangePair(offset + n + 1, d, s, float(overlap[i]),
                                 make_hit(index.archive, offset + n, "image", int(a[i]), d, s),
                                 make_hit(index.archive, offset + n, "image", int(b[i]), d, s)))
-    ids = np.asarray(table.meta["ids"]).astype(str)
-    return Changes(start, end, pairs, len(a), tiles, {side: ids[rows].tolist() for side, rows in unpaired.items()},
-                   rerank)
+    ids = table.meta["ids"]
+    return Changes(start, end, pairs, len(a), tiles, {side: [str(ids[r]) for r in rows]
+                                                      for side, rows in unpaired.items()}, rerank)
 
 
 def changes_geojson(found: Changes, most_ids: int | None = None) -> dict:

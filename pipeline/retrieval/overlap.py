@@ -42,30 +42,33 @@ def polygon_area(quads: np.ndarray) -> np.ndarray:
 
 def _clipped_edges(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:
     """[N] the sum of x0 y1 - x1 y0 over the parts of p's edges within q (both [N, K, 2], counterclockwise and
-    convex): q's half-planes grown by `eps` when eps > 0, shrunk when eps < 0 (Cyrus-Beck clipping)."""
-    start, end = p, np.roll(p, -1, axis=1)  # [N, K, 2] each edge of p
-    d = end - start
-    qe = np.roll(q, -1, axis=1) - q  # [N, K, 2] each edge of q; inside is to its left
-    length = np.hypot(qe[..., 0], qe[..., 1])  # [N, K]
-    # For p's edge i and q's edge j: f(t) = cross(qe_j, start_i + t d_i - q_j) + eps |qe_j| >= 0.
-    rel = start[:, :, None, :] - q[:, None, :, :]  # [N, Ki, Kj, 2]
-    num = qe[:, None, :, 0] * rel[..., 1] - qe[:, None, :, 1] * rel[..., 0] + eps * length[:, None, :]
-    den = qe[:, None, :, 0] * d[:, :, None, 1] - qe[:, None, :, 1] * d[:, :, None, 0]
-    along = qe[:, None, :, 0] * d[:, :, None, 0] + qe[:, None, :, 1] * d[:, :, None, 1]
-    parallel = np.abs(den) <= 1e-9 * length[:, None, :] * np.hypot(d[..., 0], d[..., 1])[:, :, None]
+    convex): q's half-planes grown by `eps` when eps > 0, shrunk when eps < 0 (Cyrus-Beck clipping). Worked with
+    the polygons last ([K, N] coordinates), so that every reduction runs over whole rows of N."""
+    sx, sy = np.ascontiguousarray(p[..., 0].T), np.ascontiguousarray(p[..., 1].T)  # [Ki, N] starts of p's edges
+    dx, dy = np.roll(sx, -1, axis=0) - sx, np.roll(sy, -1, axis=0) - sy
+    qx, qy = np.ascontiguousarray(q[..., 0].T), np.ascontiguousarray(q[..., 1].T)  # [Kj, N]
+    ex, ey = np.roll(qx, -1, axis=0) - qx, np.roll(qy, -1, axis=0) - qy  # q's edges; inside is to their left
+    length = np.hypot(ex, ey)[None]  # [1, Kj, N]
+    ex, ey, qx, qy = ex[None], ey[None], qx[None], qy[None]
+    sx, sy, dx, dy = sx[:, None], sy[:, None], dx[:, None], dy[:, None]  # [Ki, 1, N]
+    # For p's edge i and q's edge j: f(t) = cross(e_j, s_i + t d_i - q_j) + eps |e_j| >= 0, [Ki, Kj, N].
+    num = ex * (sy - qy) - ey * (sx - qx) + eps * length
+    den = ex * dy - ey * dx
+    parallel = np.abs(den) <= 1e-9 * length * np.hypot(dx, dy)
     den = np.where(parallel, 0.0, den)
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = -num / den
-    lower = np.where(den > 0, bound, -np.inf).max(axis=2, initial=-np.inf)
-    upper = np.where(den < 0, bound, np.inf).min(axis=2, initial=np.inf)
+    lower = np.where(den > 0, bound, -np.inf).max(axis=1, initial=-np.inf)  # [Ki, N]
+    upper = np.where(den < 0, bound, np.inf).min(axis=1, initial=np.inf)
     # Parallel to an edge of q and beyond it; or, grown, on that edge running the other way (the edge two
     # neighbouring tiles share bounds no common area).
-    outside = (parallel & ((num < 0) | ((eps > 0) & (along < 0) & (num <= 2 * eps * length[:, None, :])))).any(axis=2)
+    against = (eps > 0) & (ex * dx + ey * dy < 0) & (num <= 2 * eps * length)
+    outside = (parallel & ((num < 0) | against)).any(axis=1)
     t0, t1 = np.maximum(lower, 0.0), np.minimum(upper, 1.0)
     keep = (t1 > t0) & ~outside
-    a = start + t0[..., None] * d
-    b = start + t1[..., None] * d
-    return np.where(keep, a[..., 0] * b[..., 1] - b[..., 0] * a[..., 1], 0.0).sum(axis=1)
+    sx, sy, dx, dy = sx[:, 0], sy[:, 0], dx[:, 0], dy[:, 0]
+    ax, ay, bx, by = sx + t0 * dx, sy + t0 * dy, sx + t1 * dx, sy + t1 * dy
+    return np.where(keep, ax * by - bx * ay, 0.0).sum(axis=0)
 
 
 def intersection_area(p: np.ndarray, q: np.ndarray, eps: float = EDGE_EPS) -> np.ndarray:
@@ -137,37 +140,101 @@ def candidates(bounds_a: np.ndarray, bounds_b: np.ndarray, wrap: bool) -> tuple[
     b = rows_b[np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())]
     if not len(a):
         return a, b
-    pair = np.unique(a * (len(bounds_b) + 1) + b)  # a pair seen in several common cells, once
+    pair = distinct(a * (len(bounds_b) + 1) + b)  # a pair seen in several common cells, once
     return pair // (len(bounds_b) + 1), pair % (len(bounds_b) + 1)
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, ascending (by a sort: numpy's hashed unique is far slower on millions of ints)."""
+    values = np.sort(values)
+    return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
+
+
+def firsts(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of an ascending array begins."""
+    return np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, np.int64)
 
 
 def one_to_one(a: np.ndarray, b: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Indices into (a, b, score) of the pairs chosen, largest score first, each a and each b in at most one: in
-    rounds, every a's best b and every b's best a; pairs best for both are taken, then their rows leave."""
+    rounds, every a's best b and every b's best a (equal scores: the lower row); pairs best for both are taken,
+    then their rows leave. (The largest score of the lowest rows is best for both: every round takes one.)"""
     chosen = []
     live = np.arange(len(a))
+    taken_a = np.zeros(int(a.max()) + 1 if len(a) else 0, bool)
+    taken_b = np.zeros(int(b.max()) + 1 if len(b) else 0, bool)
     while len(live):
-        # Sorted by score (then a, b: a stable choice between equals), the first of each a and of each b is its best.
-        order = live[np.lexsort((b[live], a[live], -score[live]))]
-        _, first_a = np.unique(a[order], return_index=True)
-        _, first_b = np.unique(b[order], return_index=True)
-        best = np.intersect1d(order[first_a], order[first_b])
-        chosen.append(best)
-        taken_a, taken_b = np.unique(a[best]), np.unique(b[best])
-        live = live[~np.isin(a[live], taken_a) & ~np.isin(b[live], taken_b)]
+        by_a = live[np.lexsort((b[live], -score[live], a[live]))]
+        by_b = live[np.lexsort((a[live], -score[live], b[live]))]
+        best = np.zeros(len(a), np.int8)
+        best[by_a[firsts(a[by_a])]] += 1
+        best[by_b[firsts(b[by_b])]] += 1
+        both = np.flatnonzero(best == 2)
+        chosen.append(both)
+        taken_a[a[both]], taken_b[b[both]] = True, True
+        live = live[~taken_a[a[live]] & ~taken_b[b[live]]]
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def exact_pairs(quads_a: np.ndarray, quads_b: np.ndarray, decimals: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of a, rows of b) of footprints with the same corners (to `decimals`), one to one: the same grid, found
+    by a hash join, with no geometry (IoU 1)."""
+    if not len(quads_a) or not len(quads_b):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ints_a, ints_b = (np.round(q.reshape(len(q), -1) * 10.0 ** decimals).astype(np.int64) for q in (quads_a, quads_b))
+    primes = np.array([1000003, 998244353, 1000000007, 1000000009, 754974721, 167772161, 469762049, 1004535809],
+                      np.int64)[:ints_a.shape[1]]
+    key_a, key_b = (ints_a * primes).sum(axis=1), (ints_b * primes).sum(axis=1)  # wraps round: a hash
+    order = np.argsort(key_b, kind="stable")
+    at = np.minimum(np.searchsorted(key_b[order], key_a), len(order) - 1)
+    b = order[at]
+    same = (key_b[b] == key_a) & (ints_b[b] == ints_a).all(axis=1)  # a hash collision is no match
+    a, b = np.flatnonzero(same), b[same]
+    order = np.argsort(b, kind="stable")  # a footprint twice on the first date: its first tile
+    keep = np.sort(order[firsts(b[order])])
+    return a[keep], b[keep]
 
 
 def pair_footprints(quads_a: np.ndarray, quads_b: np.ndarray, geographic: bool,
                     min_iou: float = MIN_IOU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows of a, rows of b, IoU) of the pairs of footprints ([N, 4, 2], lon/lat when `geographic`, else planar
-    coordinates) by largest IoU, one to one, IoU at least `min_iou`; in the order of a's rows."""
+    coordinates) by largest IoU, one to one, IoU at least `min_iou`; in the order of a's rows. Footprints with the
+    same corners (the same grid) pair first, by a hash join; the others by overlap."""
     quads_a, quads_b = np.asarray(quads_a, np.float64), np.asarray(quads_b, np.float64)
     if geographic:  # corners unwrapped about each footprint's first, so a tile across 180 degrees has small bounds
         quads_a, quads_b = (np.concatenate([q[:, :, :1] - ((q[:, :, :1] - q[:, :1, :1] + 180.0) // 360.0) * 360.0,
                                             q[:, :, 1:]], axis=2) for q in (quads_a, quads_b))
+    same_a, same_b = exact_pairs(quads_a, quads_b, 9 if geographic else 4)  # 0.1 mm in degrees; 1e-4 units
+    rest_a, rest_b = np.ones(len(quads_a), bool), np.ones(len(quads_b), bool)
+    rest_a[same_a], rest_b[same_b] = False, False
+    rest_a, rest_b = np.flatnonzero(rest_a), np.flatnonzero(rest_b)
+    a, b, overlap = overlap_pairs(quads_a[rest_a], quads_b[rest_b], geographic, min_iou)
+    a = np.concatenate([same_a, rest_a[a]])
+    b = np.concatenate([same_b, rest_b[b]])
+    overlap = np.concatenate([np.ones(len(same_a)), overlap])
+    order = np.argsort(a, kind="stable")
+    return a[order], b[order], overlap[order]
+
+
+def overlap_pairs(quads_a: np.ndarray, quads_b: np.ndarray, geographic: bool,
+                  min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pair_footprints by overlap alone: candidates by the grid of cells, those whose bounds cannot reach `min_iou`
+    left out (IoU is at most the bounds' common area over the larger footprint), then the exact IoU."""
     bounds_a, bounds_b = (np.concatenate([q.min(axis=1), q.max(axis=1)], axis=1) for q in (quads_a, quads_b))
     a, b = candidates(bounds_a, bounds_b, wrap=geographic)
+    if not len(a):
+        return a, b, np.zeros(0)
+    ba, bb = bounds_a[a], bounds_b[b].copy()
+    if geographic:  # b's bounds moved by whole turns next to a's, across the antimeridian
+        turn = np.round((bb[:, 0] - ba[:, 0]) / 360.0) * 360.0
+        bb[:, 0] -= turn
+        bb[:, 2] -= turn
+    common = (np.clip(np.minimum(ba[:, 2], bb[:, 2]) - np.maximum(ba[:, 0], bb[:, 0]), 0, None) *
+              np.clip(np.minimum(ba[:, 3], bb[:, 3]) - np.maximum(ba[:, 1], bb[:, 1]), 0, None))
+    larger = np.maximum(polygon_area(quads_a)[a], polygon_area(quads_b)[b])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reach = np.where(larger > 0, common / larger, 0.0) >= min_iou * (1 - 1e-6)
+    a, b = a[reach], b[reach]
     if not len(a):
         return a, b, np.zeros(0)
     p, q = (local_plane(quads_a[a], quads_b[b]) if geographic else (quads_a[a], quads_b[b]))
