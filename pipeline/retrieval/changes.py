@@ -45,7 +45,8 @@ class Remembered:
     `most` recently used kept; the object is held weakly and checked, so a reused id never returns another's."""
 
     def __init__(self, most: int):
-        self.most, self.items, self.lock = most, OrderedDict(), threading.Lock()
+        self.most, self.lock = most, threading.Lock()
+        self.items: OrderedDict[tuple, tuple] = OrderedDict()
 
     def get(self, owner, key: tuple, make):
         full = (id(owner), *key)
