@@ -243,6 +243,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--mosaics", type=int, default=10, help="per condition")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch", default=None)
+    parser.add_argument("--work", default=None,
+                        help="a folder kept between runs: its scenes and their extract are made once, then reused")
+    parser.add_argument("--prepare", action="store_true", help="with --work: make the scenes and extract them, only")
     parser.add_argument("--keep", action="store_true", help="keep the scenes and the first model's coded archive")
     parser.add_argument("--latency-n", type=int, default=1_000_000, help="synthetic tiles (0: skip)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -253,16 +256,26 @@ def main(argv=None) -> dict:
 
     models = [Path(m) for m in args.model]
     trained = json.loads((models[0] / "extract" / "manifest.json").read_text())["config"]
+    work = Path(args.work) if args.work else None
     scratch = Path(tempfile.mkdtemp(prefix="duch-changes-", dir=args.scratch))
     per_model = []
     try:
-        mosaics = make_mosaics(Path(args.ucm), models[0], args.mosaics, scratch / "scenes")
-        extracted = scratch / "extracted"
-        t = time.perf_counter()
-        extract(ExtractConfig(data=str(scratch / "scenes"), run=str(extracted), image_encoder=trained["image_encoder"],
-                              text_encoder=None, image_views=trained["image_views"], seed=trained["seed"], tile=256,
-                              device=args.device), progress=False, echo=print)
-        extract_s = time.perf_counter() - t
+        base = work or scratch
+        extracted = base / "extracted"
+        if not (base / "mosaics.json").exists():
+            mosaics = make_mosaics(Path(args.ucm), models[0], args.mosaics, base / "scenes")
+            t = time.perf_counter()
+            extract(ExtractConfig(data=str(base / "scenes"), run=str(extracted), image_encoder=trained["image_encoder"],
+                                  text_encoder=None, image_views=trained["image_views"], seed=trained["seed"],
+                                  tile=256, device=args.device), progress=False, echo=print)
+            (base / "mosaics.json").write_text(json.dumps({"mosaics": mosaics,
+                                                           "extract_s": time.perf_counter() - t}))
+        made = json.loads((base / "mosaics.json").read_text())
+        mosaics, extract_s = made["mosaics"], made["extract_s"]
+        if len(mosaics) != 2 * args.mosaics:
+            raise SystemExit(f"{base} holds {len(mosaics) // 2} mosaics a condition, not --mosaics {args.mosaics}")
+        if args.prepare:
+            return {}
         for k, model in enumerate(models):
             archive = scratch / f"archive-{k}"
             shutil.copytree(extracted, archive)  # each model codes its own copy of the tiles' features

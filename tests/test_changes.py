@@ -236,6 +236,8 @@ def test_the_endpoint_answers_the_pairs_with_both_thumbnails_as_documented(site)
         (415, "JSON", httpx.post(f"{site}/api/changes", content=b"from=x", headers={"content-type": "text/plain"})),
         (404, "no archive", httpx.get(f"{site}/api/changes", params={**fields, "archive": "nope"})),
     ]
+    other = httpx.put(f"{site}/api/changes", json=fields)  # GET and POST are two routes: Allow names both
+    assert other.status_code == 405 and other.headers["allow"] == "GET, POST", other.headers
     for status, words, got in refused:
         assert (got.status_code, got.json()["status"]) == (status, status), got.text
         assert words in got.json()["error"], got.text
