@@ -2,6 +2,7 @@
 
     cp -r runs/ucm /tmp/ucm-model    # a finished UCM run (extract + train-hash); its copy is only read
     flock /work/notes/bench.lock python bench/changes_quality.py --model /tmp/ucm-model --ucm ../shared/datasets/ucm
+    flock /work/notes/bench.lock python bench/changes_quality.py --latency-only     # 1M synthetic tiles only
 
 Two-date scenes: for each condition and each of --mosaics mosaics, an 8 x 8 mosaic of real UCM tiles the model
 never trained on (its split's query and database items) written as a GeoTIFF in UTM zone 11N near Merced (each
@@ -237,9 +238,9 @@ def latency(n: int, repeats: int) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, action="append",
+    parser.add_argument("--model", action="append", default=[],
                         help="a finished UCM run (extract and train-hash); repeat for seeds of one extract")
-    parser.add_argument("--ucm", required=True, help="UCM-captions folder (images/N.jpg, dataset_ucm.json)")
+    parser.add_argument("--ucm", default=None, help="UCM-captions folder (images/N.jpg, dataset_ucm.json)")
     parser.add_argument("--mosaics", type=int, default=10, help="per condition")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch", default=None)
@@ -249,12 +250,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep", action="store_true", help="keep the scenes and the first model's coded archive")
     parser.add_argument("--latency-n", type=int, default=1_000_000, help="synthetic tiles (0: skip)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latency-only", action="store_true", help="only the latency (no model, no scenes)")
     args = parser.parse_args(argv)
+    if args.latency_only:
+        out = {"latency": latency(args.latency_n, args.repeats)}
+        print(f"saved {save('changes_latency', out)}")
+        return out
     from duch.pipeline.config import EncodeConfig, ExtractConfig
     from duch.stages.encode_archive import encode_archive
     from duch.stages.extract import extract
 
     models = [Path(m) for m in args.model]
+    if not models or not args.ucm:
+        parser.error("give --model and --ucm (or --latency-only)")
     trained = json.loads((models[0] / "extract" / "manifest.json").read_text())["config"]
     work = Path(args.work) if args.work else None
     scratch = Path(tempfile.mkdtemp(prefix="duch-changes-", dir=args.scratch))
