@@ -268,10 +268,12 @@ def test_the_page_draws_the_changed_pairs_and_shows_a_pair_side_by_side(site, tm
     picked on the map shown side by side, the address shared, the search's box filtering the pairs, a search
     keeping the layer.
 
-        DUCH_CHANGES_RUN=runs/scenes DUCH_CHANGES_DATES=2021-06-03,2022-06-03 \\
-        DUCH_CHANGES_SCREENSHOT=docs/changes.jpg python -m pytest tests/test_changes.py -k page
+        DUCH_CHANGES_RUN=runs/scenes DUCH_CHANGES_DATES=2021-06-03,2022-06-03 DUCH_CHANGES_BOX=W,S,E,N \\
+        DUCH_CHANGES_QUERY="a dense residential area" DUCH_CHANGES_SCREENSHOT=docs/changes.jpg \\
+        python -m pytest tests/test_changes.py -k page
 
-    runs it on a scene run of your own (64 bits) and keeps the screenshot of its most changed pair."""
+    runs it on a scene run of your own (64 bits), within a box and beside a search when given, and keeps the
+    screenshot of its most changed pair."""
     from urllib.parse import parse_qs, urlparse
 
     from .test_serve_page import ARGS, CHROMIUM
@@ -285,8 +287,13 @@ def test_the_page_draws_the_changed_pairs_and_shows_a_pair_side_by_side(site, tm
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(site + "/")
+        box, caption = os.environ.get("DUCH_CHANGES_BOX"), os.environ.get("DUCH_CHANGES_QUERY")
+        page.goto(site + "/" + (f"?bbox={box}" if own and box else ""))
         page.wait_for_selector("#changes:not([hidden])")
+        if own and caption:
+            page.fill("#q", caption)
+            page.press("#q", "Enter")
+            page.wait_for_function("() => document.body.dataset.state === 'done'")
         dates = page.eval_on_selector_all("#chfrom option", "o => o.map(x => x.value)")
         assert start in dates and end in dates
         if not own:
@@ -312,7 +319,9 @@ def test_the_page_draws_the_changed_pairs_and_shows_a_pair_side_by_side(site, tm
                               "i.getBoundingClientRect().left)")
         assert shown[0] < shown[1]  # side by side: the first date on the left
         address = {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
-        assert address == {"cfrom": start, "cto": end, "pair": "1"}
+        assert {k: v for k, v in address.items() if k in ("cfrom", "cto", "pair")} == {"cfrom": start, "cto": end,
+                                                                                      "pair": "1"}
+        assert own or set(address) == {"cfrom", "cto", "pair"}
         assert page.eval_on_selector_all("#map polygon.change.on", "p => p.map(x => x.dataset.pair)") == ["1"]
         if os.environ.get("DUCH_CHANGES_SCREENSHOT"):
             page.screenshot(path=os.environ["DUCH_CHANGES_SCREENSHOT"], type="jpeg", quality=85)
