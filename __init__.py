@@ -21,6 +21,7 @@ _WHERE = {
     "remove": "duch.stages.remove",
     "compact": "duch.stages.compact",
     "Index": "duch.pipeline.retrieval.search",
+    "find_changes": "duch.pipeline.retrieval.changes",
     "load_features": "duch.pipeline.formats.features",
     "ExtractConfig": "duch.pipeline.config",
     "TrainConfig": "duch.pipeline.config",

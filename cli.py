@@ -31,10 +31,11 @@ def main():
 
 
 def _commands():
-    from duch.commands import archive, export, search, serve, stac, stages
+    from duch.commands import archive, changes, export, search, serve, stac, stages
 
     for command in (stages.extract, stages.train_hash, stages.encode_archive, stages.evaluate, archive.add,
-                    archive.remove, archive.compact, search.search, serve.serve, stac.stac_items, export.export):
+                    archive.remove, archive.compact, search.search, serve.serve, stac.stac_items, export.export,
+                    changes.changes):
         main.add_command(command)
 
 

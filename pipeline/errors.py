@@ -102,6 +102,10 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "exclude_marked": ("--exclude-marked", "exclude_marked"),
     "rocchio": ("--rocchio", "rocchio"),
     "near": ("--near", "near"),
+    # changes between dates (duch changes, /api/changes)
+    "from_date": ("--from", "from"),
+    "to_date": ("--to", "to"),
+    "min_iou": ("--min-iou", "min_iou"),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -7,6 +7,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -16,6 +17,7 @@ from duch.pipeline.errors import spelled
 from duch.pipeline.retrieval.search import UnknownItem
 from duch.pipeline.serve.admission import Overloaded
 from duch.pipeline.serve.api import ApiError, SearchResponse, read_query, read_search
+from duch.pipeline.serve.changes import add_changes_routes
 from duch.pipeline.serve.limits import BodyTimeout, BodyTooLarge
 from duch.pipeline.serve.openapi import (
     FOREIGN_ORIGIN,
@@ -42,6 +44,7 @@ def add_routes(app: FastAPI, service, static) -> None:
     """The routes over `service` (app.Service); `static`: the page's folder."""
     add_error_handlers(app, service)
     add_api_routes(app, service)
+    add_changes_routes(app, service)
     add_page_routes(app, service, static)
 
 
@@ -78,10 +81,18 @@ def add_error_handlers(app: FastAPI, service) -> None:
         return error(422, "; ".join(parts))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request, e: HTTPException):
+    async def http_error(request, e: HTTPException):
         message = {404: "no such page; the API is under /api (see /docs)", 405: "method not allowed here"}
+        headers = e.headers
+        if e.status_code == 405:  # Allow: the methods of every route at this path (Starlette names the first's)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.url.path))}
         return error(e.status_code, str(e.detail) if e.status_code not in message else message[e.status_code],
-                     e.headers)  # a 405's Allow
+                     headers)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the routes at `path` answer (GET and POST /api/changes are two routes)."""
+    return sorted({m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods})
 
 
 def add_api_routes(app: FastAPI, service) -> None:
