@@ -34,7 +34,7 @@ function nice(value) { // the largest of 1, 2, 5 x 10^k not above value
 class DuchMap {
   // handlers: onBox([minlon, minlat, maxlon, maxlat]) when a box is drawn, onPick(id) when a footprint is
   // clicked, onHover(id or null) when the pointer enters or leaves one, onPoint(lon, lat) when a point off the
-  // footprints is clicked ("near here").
+  // footprints and off the change pairs is clicked ("near here").
   constructor(svg, handlers) {
     this.el = svg;
     this.on = handlers;
@@ -132,7 +132,7 @@ class DuchMap {
     this.el.setPointerCapture(e.pointerId);
     const target = e.target.closest("[data-id]");
     this.drag = { mode: e.shiftKey ? "pan" : "box", start: this.local(e), view: { ...this.view },
-      pick: target ? target.dataset.id : null };
+      pick: target ? target.dataset.id : null, onShape: e.target.closest("[data-pair]") !== null };
   }
 
   move(e) {
@@ -165,7 +165,8 @@ class DuchMap {
       this.on.onBox([round(lon0), round(lat0), round(lon1), round(lat1)]);
     } else if (!moved && drag.pick) {
       this.on.onPick(drag.pick);
-    } else if (!moved && drag.mode === "box" && this.on.onPoint) {
+    } else if (!moved && drag.mode === "box" && !drag.onShape && this.on.onPoint) {
+      // a click on another layer's shape (a change pair) is that layer's, not "near here"
       const [lon, lat] = this.unproject(px, py);
       const round = (v) => Math.round(v * 1e6) / 1e6;
       this.on.onPoint(round(lon), round(lat));
