@@ -16,7 +16,7 @@ from duch.data.geo import inside_box, overlaps_box
 from duch.data.scene_dates import parse_date
 from duch.pipeline import DuchError
 from duch.pipeline.formats.codes import CodeTable
-from duch.pipeline.retrieval.near import near_mask, parse_near
+from duch.pipeline.retrieval.near import finite_numbers, near_mask, parse_near
 from duch.pipeline.retrieval.places import NO_PLACES, has_places
 
 BBOX_FORM = "MINLON,MINLAT,MAXLON,MAXLAT"
@@ -25,13 +25,8 @@ BBOX_FORM = "MINLON,MINLAT,MAXLON,MAXLAT"
 def parse_bbox(text, name: str = "bbox") -> tuple[float, float, float, float]:
     """"MINLON,MINLAT,MAXLON,MAXLAT" (or four numbers) -> a lon/lat box, or the one-line error, naming the
     parameter `name`, saying what is wrong with it."""
-    if isinstance(text, (list, tuple)):
-        text = ",".join(str(v) for v in text)
-    try:
-        values = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4 or not all(np.isfinite(values)):
+    text, values = finite_numbers(text)
+    if len(values) != 4:
         raise DuchError(f"`{name}` {text!r}: give four numbers {BBOX_FORM} in degrees, e.g. -120.6,37.2,-120.4,37.4")
     x0, y0, x1, y1 = values
     if not (-180 <= x0 <= 180 and -180 <= x1 <= 180 and -90 <= y0 <= 90 and -90 <= y1 <= 90):

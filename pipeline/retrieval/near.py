@@ -17,15 +17,21 @@ EARTH_RADIUS_M = 6_371_008.8  # the mean radius (IUGG): the error of a sphere is
 NEAR_FORM = "LON,LAT,METRES"
 
 
-def parse_near(text) -> tuple[float, float, float]:
-    """"LON,LAT,METRES" (or three numbers) -> (lon, lat, radius in metres), or the one-line error naming `near`."""
+def finite_numbers(text) -> tuple[str, tuple[float, ...]]:
+    """A comma list of numbers (or a list of them) as written and as floats; () when any is not a finite number."""
     if isinstance(text, (list, tuple)):
         text = ",".join(str(v) for v in text)
     try:
         values = tuple(float(v) for v in str(text).split(","))
     except ValueError:
-        values = ()
-    if len(values) != 3 or not all(np.isfinite(values)):
+        return str(text), ()
+    return str(text), values if all(np.isfinite(values)) else ()
+
+
+def parse_near(text) -> tuple[float, float, float]:
+    """"LON,LAT,METRES" (or three numbers) -> (lon, lat, radius in metres), or the one-line error naming `near`."""
+    text, values = finite_numbers(text)
+    if len(values) != 3:
         raise DuchError(f"`near` {text!r}: give three numbers {NEAR_FORM}, a point in degrees and a radius in "
                         "metres, e.g. -120.5,37.3,2000")
     lon, lat, radius = values
