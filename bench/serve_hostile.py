@@ -5,7 +5,8 @@ service before and after a change, one after the other in the same run, on loopb
     python bench/serve_hostile.py --run runs/ucm --before ../before/cli.py     # ~3 minutes
 
 Each cell drives the service for --seconds; the hostile clients run in a process of their own, beside the measured
-ones, for the whole cell.
+ones, for the whole cell, each from a loopback address of its own (127.0.0.2 to 127.0.0.5; the measured clients
+from 127.0.0.1), as clients on a network have theirs.
 The figure of merit is hostile / quiet for id q/s and `/healthz` p50 (the issue's target: within 20 %).
 """
 from __future__ import annotations
@@ -54,8 +55,9 @@ def hostile_clients(port: int, seconds: float, bomb: bytes, body: bytes) -> dict
            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     upload = upload_request(port, "b.tif", bomb, 20)
 
-    async def both():
-        return await asyncio.gather(drive(port, lambda i: big, 2, seconds), drive(port, lambda i: upload, 2, seconds))
+    async def both():  # each from an address of its own, as clients on a network are
+        return await asyncio.gather(drive(port, lambda i: big, 2, seconds, ["127.0.0.2", "127.0.0.3"]),
+                                    drive(port, lambda i: upload, 2, seconds, ["127.0.0.4", "127.0.0.5"]))
 
     json_row, bomb_row = asyncio.run(both())
     return {"big_json": json_row, "bomb": bomb_row}

@@ -68,12 +68,13 @@ def upload_request(port: int, name: str, data: bytes, k: int) -> bytes:
 class Connection:
     """One keep-alive HTTP/1.1 connection; the service answers with a Content-Length, never chunked."""
 
-    def __init__(self, port: int):
-        self.port, self.reader, self.writer = port, None, None
+    def __init__(self, port: int, source: str | None = None):
+        self.port, self.source, self.reader, self.writer = port, source, None, None
 
     async def request(self, raw: bytes) -> tuple[int, dict, bytes]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                HOST, self.port, local_addr=(self.source, 0) if self.source else None)
         self.writer.write(raw)
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = dict((k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in head[1:] if line))
@@ -90,13 +91,14 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def drive(port: int, make, clients: int, seconds: float) -> dict:
-    """`clients` clients sending make(i) for `seconds`: counts and the latencies of the answered queries."""
+async def drive(port: int, make, clients: int, seconds: float, sources: list[str] | None = None) -> dict:
+    """`clients` clients sending make(i) for `seconds`: counts and the latencies of the answered queries. Client c
+    connects from loopback address sources[c] (default: the system's choice, 127.0.0.1)."""
     latencies, statuses, errors = [], Counter(), Counter()
     stop = time.perf_counter() + seconds
 
     async def client(first: int):
-        conn, i = Connection(port), first
+        conn, i = Connection(port, sources[first] if sources else None), first
         while time.perf_counter() < stop:
             raw, i = make(i), i + clients
             start = time.perf_counter()

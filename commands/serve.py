@@ -21,6 +21,9 @@ from .options import device_option, option, user_errors
 @option(ServeConfig, "max_json_kb", help="Largest JSON request body (413, unparsed).")
 @option(ServeConfig, "header_timeout", help="Seconds a client may take to send a request's headers.")
 @option(ServeConfig, "body_timeout", help="Seconds a client may take to send a request's body (408).")
+@option(ServeConfig, "refusal_burst", help="Requests a client address may have refused (4xx) before it is slowed.")
+@option(ServeConfig, "refusal_rate", help="Refused requests a second a client address gets past its burst; its "
+                                          "other requests wait (0: no limit).")
 @option(ServeConfig, "max_batch", help="Most captions coded in one text-encoder pass (1: no batching).")
 @option(ServeConfig, "max_image_batch", help="Most uploaded images coded in one encoder pass (batches pay on a GPU).")
 @option(ServeConfig, "threads", type=int, help="Torch threads for coding queries [default: torch's, every core].")

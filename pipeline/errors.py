@@ -83,6 +83,8 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "run": ("--run", None),  # every command that writes a run
     "wait": ("--wait", None),
     "lr": ("--set lr=", None),
+    "refusal_burst": ("--refusal-burst", None),  # serve: fairness between clients (issue 31)
+    "refusal_rate": ("--refusal-rate", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -27,6 +27,10 @@ class ServeConfig:
     max_json_kb: float = 64.0  # a JSON search request needs kilobytes: a larger JSON body gets a 413 unparsed
     header_timeout: float = 10.0  # seconds a client may take to send a request's headers (then the connection ends)
     body_timeout: float = 60.0  # seconds a client may take to send a request's body (then a 408)
+    # A client address whose requests keep being refused (4xx for what it sent) gets `refusal_burst` of them, then
+    # `refusal_rate` a second: its requests wait until its bucket refills (fairness.py). 0: no such rule.
+    refusal_burst: int = 20
+    refusal_rate: float = 2.0
     max_batch: int = 64  # captions coded in one pass of the text encoder and head
     # Images coded in one pass of the image encoder: on a CPU, one at a time costs the same CPU per query as
     # batches do and answers each sooner (measured: docs/results.md, 3.6); on a GPU batches pay.
@@ -48,9 +52,11 @@ class ServeConfig:
     def validate(self) -> None:
         if self.port < 0 or self.port > 65535:
             raise DuchError(f"`port` must be 0..65535, got {self.port}")
-        for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size"):
+        for name in ("max_in_flight", "max_batch", "max_image_batch", "thumb_size", "refusal_burst"):
             if getattr(self, name) < 1:
                 raise DuchError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if not self.refusal_rate >= 0:
+            raise DuchError(f"`refusal_rate` must be 0 (no limit) or more, got {self.refusal_rate}")
         if self.threads is not None and self.threads < 1:
             raise DuchError(f"`threads` must be at least 1, got {self.threads}")
         for name in ("timeout", "max_upload_mb", "max_json_kb", "header_timeout", "body_timeout"):

@@ -39,12 +39,12 @@ class BodyTimeout(Exception):
                          "service with a larger `body_timeout`)")
 
 
-async def answer(send, status: int, message: str) -> None:
+async def answer(send, status: int, message: str, headers: list | tuple = ()) -> None:
     """A JSON error sent straight from an ASGI middleware, the connection closed after it."""
     body = json.dumps({"error": message, "status": status}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
