@@ -166,6 +166,25 @@ class Server:
         self.log.close()
 
 
+def sample_queries(index: Index) -> tuple[list[str], list[tuple[str, bytes]]]:
+    """500 archive ids and 32 archive images (name, bytes), drawn with a fixed seed."""
+    meta = index.tables["image"].meta
+    rng = np.random.default_rng(0)
+    ids = [str(meta["ids"][r]) for r in rng.permutation(len(meta["ids"]))[:500]]
+    tiles = [(Path(str(meta["path"][r])).name, (index.images_dir / str(meta["path"][r])).read_bytes())
+             for r in rng.permutation(len(meta["ids"]))[:32]]
+    return ids, tiles
+
+
+def query_makers(port: int, ids: list[str], tiles: list[tuple[str, bytes]], k: int) -> dict:
+    """kind -> make(i): the i-th query of that kind as raw HTTP."""
+    return {
+        "caption": lambda i: json_request(port, {"text": CAPTIONS[i % len(CAPTIONS)], "k": k}),
+        "id": lambda i: json_request(port, {"id": ids[i % len(ids)], "k": k, "modality": "image"}),
+        "image": lambda i: upload_request(port, *tiles[i % len(tiles)], k),
+    }
+
+
 def measure(server: Server, make, clients: int, seconds: float) -> dict:
     cpu = server.cpu_s()
     row = asyncio.run(drive(server.port, make, clients, seconds))
@@ -198,18 +217,11 @@ def main(argv=None) -> dict:
 
     index = Index.load(args.run, bits=args.bits, verify=False)  # the archive's ids and image files
     meta = index.tables["image"].meta
-    rng = np.random.default_rng(0)
-    ids = [str(meta["ids"][r]) for r in rng.permutation(len(meta["ids"]))[:500]]
-    tiles = [(Path(str(meta["path"][r])).name, (index.images_dir / str(meta["path"][r])).read_bytes())
-             for r in rng.permutation(len(meta["ids"]))[:32]]
+    ids, tiles = sample_queries(index)
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load-{os.getpid()}.log"
     server = Server(args.run, args.bits, [], log, cli=args.serve_cli)
     port, k = server.port, args.k
-    makers = {
-        "caption": lambda i: json_request(port, {"text": CAPTIONS[i % len(CAPTIONS)], "k": k}),
-        "id": lambda i: json_request(port, {"id": ids[i % len(ids)], "k": k, "modality": "image"}),
-        "image": lambda i: upload_request(port, *tiles[i % len(tiles)], k),
-    }
+    makers = query_makers(port, ids, tiles, k)
     result = {"run": str(args.run), "serve_cli": str(args.serve_cli), "bits": args.bits, "k": k,
               "seconds_per_cell": args.seconds,
               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "cells": [], "server_log": str(log)}
