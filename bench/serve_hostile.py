@@ -4,6 +4,9 @@ service before and after a change, one after the other in the same run, on loopb
 
     python bench/serve_hostile.py --run runs/ucm --before ../before/cli.py     # ~3 minutes
 
+Three services: the one before (--before), this checkout with its refusal rule off (--refusal-rate 0), and
+this checkout as it is.
+
 Each cell drives the service for --seconds; the hostile clients run in a process of their own, beside the measured
 ones, for the whole cell, each from a loopback address of its own (127.0.0.2 to 127.0.0.5; the measured clients
 from 127.0.0.1), as clients on a network have theirs.
@@ -95,15 +98,17 @@ def main(argv=None) -> dict:
     ids = [str(i) for i in index.tables["image"].meta["ids"][:500]]
     bomb = tiff_bomb()
     body = json.dumps({"text": "a", "label": [1] * int(args.json_mb * 2**20 / 3)}).encode()
-    clis = {**({"before": args.before.resolve()} if args.before else {}), "after": ROOT / "cli.py"}
+    # name -> (cli.py, extra options); "after, no fairness": this checkout without its refusal rule
+    clis = {**({"before": (args.before.resolve(), [])} if args.before else {}),
+            "after, no fairness": (ROOT / "cli.py", ["--refusal-rate", "0"]), "after": (ROOT / "cli.py", [])}
     result = {"run": str(args.run), "seconds": args.seconds, "bomb_bytes": len(bomb), "json_bytes": len(body),
               "loadavg_start": os.getloadavg(), "servers": {}}
     print(f"bomb {len(bomb) / 1e3:.0f} KB on the wire (9000 x 9000 x 8 decoded: 648 MB), JSON {len(body) / 1e6:.1f} MB")
-    print(f"{'server':<8} {'cell':<8} {'id q/s':>8} {'healthz p50 ms':>15} {'healthz p99 ms':>15} {'RSS MB':>8} "
+    print(f"{'server':<18} {'cell':<8} {'id q/s':>8} {'healthz p50 ms':>15} {'healthz p99 ms':>15} {'RSS MB':>8} "
           f"{'server cpu':>10} {'hostile cpu':>10} {'refused':>8} {'load':>5}")
-    for name, cli in clis.items():
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_hostile-{name}-{os.getpid()}.log"
-        server = Server(args.run, args.bits, [], log, cli=cli)
+    for j, (name, (cli, extra)) in enumerate(clis.items()):
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_hostile-{j}-{os.getpid()}.log"
+        server = Server(args.run, args.bits, extra, log, cli=cli)
         try:
             cell(server.port, ids, 2.0, None, None)  # warm-up
             rows = {}
@@ -117,7 +122,7 @@ def main(argv=None) -> dict:
                 r = rows[kind]
                 refused = (sum(r["big_json"]["status_other"].values()) + sum(r["bomb"]["status_other"].values())
                            if hostile else 0)
-                print(f"{name:<8} {kind:<8} {r['id']['qps']:>8.1f} {r['healthz']['p50_ms']:>15.2f} "
+                print(f"{name:<18} {kind:<8} {r['id']['qps']:>8.1f} {r['healthz']['p50_ms']:>15.2f} "
                       f"{r['healthz']['p99_ms']:>15.2f} {r['rss_mb']:>8.1f} {r['server_cpu_s']:>10.2f} "
                       f"{r.get('hostile_cpu_s', 0):>10.2f} {refused:>8} {r['loadavg_1min']:>5.2f}", flush=True)
             rows["id_qps_ratio"] = round(rows["hostile"]["id"]["qps"] / max(rows["quiet"]["id"]["qps"], 1e-9), 3)
