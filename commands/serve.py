@@ -16,6 +16,8 @@ from .options import device_option, option, user_errors
 @option(ServeConfig, "host", help="Address to bind (no authentication: bind others only on a trusted network).")
 @option(ServeConfig, "port")
 @option(ServeConfig, "max_in_flight", help="Queries running at once; more get a 503 with Retry-After at once.")
+@option(ServeConfig, "max_per_client", type=int,
+        help="Of those, most from one client address (503 past it) [default: half of --max-in-flight].")
 @option(ServeConfig, "timeout", help="Seconds a query may take (then 503).")
 @option(ServeConfig, "max_upload_mb", help="Largest request body (413).")
 @option(ServeConfig, "max_json_kb", help="Largest JSON request body (413, unparsed).")

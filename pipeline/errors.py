@@ -85,6 +85,7 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "lr": ("--set lr=", None),
     "refusal_burst": ("--refusal-burst", None),  # serve: fairness between clients (issue 31)
     "refusal_rate": ("--refusal-rate", None),
+    "max_per_client": ("--max-per-client", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -1,6 +1,8 @@
 """Fairness between clients (issue 31): an address whose requests keep being refused is held to a few a second,
-others are served as before; the bucket arithmetic pinned on a given clock, the service on a real uvicorn server
-on 127.0.0.1, the abusive client sending from another loopback address (127.0.0.2)."""
+others are served as before; one address holds at most its share of the admission slots. The bucket arithmetic
+pinned on a given clock, the service on a real uvicorn server on 127.0.0.1, the abusive client sending from
+another loopback address (127.0.0.2)."""
+import asyncio
 import shutil
 import socket
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from duch.pipeline import DuchError
 from duch.pipeline.config import ServeConfig
+from duch.pipeline.serve.admission import Admission, Overloaded
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.fairness import MOST_WAITING, RefusalBuckets
 
@@ -104,3 +107,35 @@ def test_an_address_that_keeps_being_refused_is_held_and_others_are_served(tmp_p
             for sock in held:
                 sock.close()
         assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_one_client_holds_at_most_its_share_of_the_admission_slots():
+    async def scenario():
+        admission = Admission(limit=4, timeout=5, per_client=2)
+        gate = asyncio.Event()
+
+        async def held():
+            await gate.wait()
+            return "done"
+
+        mine = [asyncio.ensure_future(admission.run(held, "10.0.0.1")) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="10.0.0.1 has 2 queries in flight") as refused:
+            await admission.run(held, "10.0.0.1")
+        assert refused.value.reason == "client" and refused.value.retry_after >= 1
+        theirs = [asyncio.ensure_future(admission.run(held, "10.0.0.2")) for _ in range(2)]  # another address
+        await asyncio.sleep(0)
+        assert admission.in_flight == 4 and admission.clients == {"10.0.0.1": 2, "10.0.0.2": 2}
+        gate.set()
+        assert await asyncio.gather(*mine, *theirs) == ["done"] * 4
+        assert admission.in_flight == 0 and admission.clients == {}  # no address kept once it has none in flight
+        assert await admission.run(held, "10.0.0.1") == "done"
+
+    asyncio.run(scenario())
+
+
+def test_the_per_client_share_defaults_to_half_the_slots_and_is_checked():
+    assert ServeConfig(run="r").per_client == 16 and ServeConfig(run="r", max_in_flight=1).per_client == 1
+    assert ServeConfig(run="r", max_per_client=32).per_client == 32
+    with pytest.raises(DuchError, match="`max_per_client` must be 1 to `max_in_flight` \\(32\\), got 33"):
+        ServeConfig(run="r", max_per_client=33).validate()

@@ -22,6 +22,9 @@ class ServeConfig:
     device: str = "auto"
     verify: bool = True  # SHA-256 of the code files against their manifests at start
     max_in_flight: int = 32  # queries admitted at once; past it a 503 with Retry-After, at once
+    # Of them, at most this many from one client address (None: half of max_in_flight, at least 1): a few clients
+    # on many connections cannot take every slot.
+    max_per_client: int | None = None
     timeout: float = 10.0  # seconds a query may take before its answer is a 503
     max_upload_mb: float = 20.0  # request bodies (an uploaded image) above this get a 413
     max_json_kb: float = 64.0  # a JSON search request needs kilobytes: a larger JSON body gets a 413 unparsed
@@ -57,6 +60,9 @@ class ServeConfig:
                 raise DuchError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if not self.refusal_rate >= 0:
             raise DuchError(f"`refusal_rate` must be 0 (no limit) or more, got {self.refusal_rate}")
+        if self.max_per_client is not None and not 1 <= self.max_per_client <= self.max_in_flight:
+            raise DuchError(f"`max_per_client` must be 1 to `max_in_flight` ({self.max_in_flight}), got "
+                            f"{self.max_per_client}")
         if self.threads is not None and self.threads < 1:
             raise DuchError(f"`threads` must be at least 1, got {self.threads}")
         for name in ("timeout", "max_upload_mb", "max_json_kb", "header_timeout", "body_timeout"):
@@ -72,6 +78,11 @@ class ServeConfig:
                 raise DuchError(f"`basemap` {self.basemap!r}: give an XYZ tile URL template, http(s)://... with "
                                 f"{{z}}, {{x}} and {{y}} (e.g. https://tile.openstreetmap.org/{{z}}/{{x}}/{{y}}.png)"
                                 + (f"; {', '.join(missing)} missing" if missing else ""))
+
+    @property
+    def per_client(self) -> int:
+        """Queries one client address may have in flight."""
+        return self.max_per_client if self.max_per_client is not None else max(1, self.max_in_flight // 2)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -69,7 +69,8 @@ class Service:
         self.metrics = ServiceMetrics()
         self.thumbs = {name: Thumbnails(Path(a.index.run) / "serve" / "thumbs", config.thumb_size)
                        for name, a in self.archives.items()}
-        self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set)
+        self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set,
+                                   config.per_client)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="duch-serve")
         self.coders: dict[str, QueryBatcher] = {}
         self.archives[self.default].warm_model()  # the other archives share its model (open_archives)
