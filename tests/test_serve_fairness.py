@@ -12,6 +12,7 @@ import pytest
 
 from duch.pipeline import DuchError
 from duch.pipeline.config import ServeConfig
+from duch.pipeline.serve import fairness
 from duch.pipeline.serve.admission import Admission, Overloaded
 from duch.pipeline.serve.app import create_app
 from duch.pipeline.serve.fairness import MOST_WAITING, RefusalBuckets
@@ -45,6 +46,15 @@ def test_a_bucket_gives_its_burst_then_its_rate_and_debt_makes_the_wait_longer()
     for _ in range(5):
         off.refused("a")
     assert off.wait("a") == 0.0 and off.buckets == {}
+
+
+def test_the_addresses_remembered_stay_bounded_however_many_are_in_debt(monkeypatch):
+    monkeypatch.setattr(fairness, "MOST_ADDRESSES", 10)
+    buckets = RefusalBuckets(burst=1, rate=0.001, clock=lambda: 0.0)
+    for i in range(25):
+        buckets.refused(f"10.0.0.{i}")
+        assert len(buckets.buckets) <= 10
+    assert "10.0.0.24" in buckets.buckets and "10.0.0.0" not in buckets.buckets  # the oldest forgotten first
 
 
 def test_refusal_settings_are_checked():

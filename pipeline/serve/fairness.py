@@ -55,8 +55,12 @@ class RefusalBuckets:
         self.buckets[address] = (max(-self.burst, self.tokens(address) - 1.0), self.clock())
 
     def forget(self) -> None:
-        """Drops the addresses whose buckets have refilled (they would wait no more than a new address)."""
+        """Drops the addresses whose buckets have refilled (they would wait no more than a new address), and if
+        more than half the room is still taken (very many addresses in debt at once), the oldest of them: memory
+        stays bounded, and each forgetting frees room for many refusals (its cost is shared out)."""
         for address in [a for a in self.buckets if self.tokens(a) >= self.burst]:
+            del self.buckets[address]
+        for address in list(self.buckets)[:max(0, len(self.buckets) - MOST_ADDRESSES // 2)]:
             del self.buckets[address]
 
 
