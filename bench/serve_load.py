@@ -29,6 +29,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "duch" not in sys.modules:  # this checkout's duch, as its cli.py runs it, whatever is installed
+    import types
+
+    sys.modules["duch"] = types.ModuleType("duch")
+    sys.modules["duch"].__path__ = [str(ROOT)]
 
 from bench.common import save  # noqa: E402
 from duch.pipeline.retrieval.search import Index  # noqa: E402
