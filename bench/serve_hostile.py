@@ -4,8 +4,12 @@ service before and after a change, one after the other in the same run, on loopb
 
     python bench/serve_hostile.py --run runs/ucm --before ../before/cli.py     # ~3 minutes
 
+Three services: the one before (--before), this checkout with its refusal rule off (--refusal-rate 0), and
+this checkout as it is.
+
 Each cell drives the service for --seconds; the hostile clients run in a process of their own, beside the measured
-ones, for the whole cell.
+ones, for the whole cell, each from a loopback address of its own (127.0.0.2 to 127.0.0.5; the measured clients
+from 127.0.0.1), as clients on a network have theirs.
 The figure of merit is hostile / quiet for id q/s and `/healthz` p50 (the issue's target: within 20 %).
 """
 from __future__ import annotations
@@ -54,11 +58,13 @@ def hostile_clients(port: int, seconds: float, bomb: bytes, body: bytes) -> dict
            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     upload = upload_request(port, "b.tif", bomb, 20)
 
-    async def both():
-        return await asyncio.gather(drive(port, lambda i: big, 2, seconds), drive(port, lambda i: upload, 2, seconds))
+    async def both():  # each from an address of its own, as clients on a network are
+        return await asyncio.gather(drive(port, lambda i: big, 2, seconds, ["127.0.0.2", "127.0.0.3"]),
+                                    drive(port, lambda i: upload, 2, seconds, ["127.0.0.4", "127.0.0.5"]))
 
+    cpu = time.process_time()
     json_row, bomb_row = asyncio.run(both())
-    return {"big_json": json_row, "bomb": bomb_row}
+    return {"big_json": json_row, "bomb": bomb_row, "hostile_cpu_s": round(time.process_time() - cpu, 2)}
 
 
 async def measured(port: int, ids: list[str], seconds: float) -> dict:
@@ -92,24 +98,33 @@ def main(argv=None) -> dict:
     ids = [str(i) for i in index.tables["image"].meta["ids"][:500]]
     bomb = tiff_bomb()
     body = json.dumps({"text": "a", "label": [1] * int(args.json_mb * 2**20 / 3)}).encode()
-    clis = {**({"before": args.before.resolve()} if args.before else {}), "after": ROOT / "cli.py"}
+    # name -> (cli.py, extra options); "after, no fairness": this checkout without its refusal rule
+    clis = {**({"before": (args.before.resolve(), [])} if args.before else {}),
+            "after, no fairness": (ROOT / "cli.py", ["--refusal-rate", "0"]), "after": (ROOT / "cli.py", [])}
     result = {"run": str(args.run), "seconds": args.seconds, "bomb_bytes": len(bomb), "json_bytes": len(body),
               "loadavg_start": os.getloadavg(), "servers": {}}
     print(f"bomb {len(bomb) / 1e3:.0f} KB on the wire (9000 x 9000 x 8 decoded: 648 MB), JSON {len(body) / 1e6:.1f} MB")
-    print(f"{'server':<8} {'cell':<8} {'id q/s':>8} {'healthz p50 ms':>15} {'healthz p99 ms':>15} {'RSS MB':>8}")
-    for name, cli in clis.items():
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_hostile-{name}-{os.getpid()}.log"
-        server = Server(args.run, args.bits, [], log, cli=cli)
+    print(f"{'server':<18} {'cell':<8} {'id q/s':>8} {'healthz p50 ms':>15} {'healthz p99 ms':>15} {'RSS MB':>8} "
+          f"{'server cpu':>10} {'hostile cpu':>10} {'refused':>8} {'load':>5}")
+    for j, (name, (cli, extra)) in enumerate(clis.items()):
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_hostile-{j}-{os.getpid()}.log"
+        server = Server(args.run, args.bits, extra, log, cli=cli)
         try:
             cell(server.port, ids, 2.0, None, None)  # warm-up
             rows = {}
             for kind, hostile in (("quiet", False), ("hostile", True)):
+                cpu = server.cpu_s()
                 rows[kind] = cell(server.port, ids, args.seconds, bomb if hostile else None,
                                   body if hostile else None)
+                rows[kind]["server_cpu_s"] = round(server.cpu_s() - cpu, 2)
                 rows[kind]["rss_mb"] = round(server.rss_mb(), 1)
+                rows[kind]["loadavg_1min"] = round(os.getloadavg()[0], 2)
                 r = rows[kind]
-                print(f"{name:<8} {kind:<8} {r['id']['qps']:>8.1f} {r['healthz']['p50_ms']:>15.2f} "
-                      f"{r['healthz']['p99_ms']:>15.2f} {r['rss_mb']:>8.1f}", flush=True)
+                refused = (sum(r["big_json"]["status_other"].values()) + sum(r["bomb"]["status_other"].values())
+                           if hostile else 0)
+                print(f"{name:<18} {kind:<8} {r['id']['qps']:>8.1f} {r['healthz']['p50_ms']:>15.2f} "
+                      f"{r['healthz']['p99_ms']:>15.2f} {r['rss_mb']:>8.1f} {r['server_cpu_s']:>10.2f} "
+                      f"{r.get('hostile_cpu_s', 0):>10.2f} {refused:>8} {r['loadavg_1min']:>5.2f}", flush=True)
             rows["id_qps_ratio"] = round(rows["hostile"]["id"]["qps"] / max(rows["quiet"]["id"]["qps"], 1e-9), 3)
             rows["healthz_p50_ratio"] = round(rows["hostile"]["healthz"]["p50_ms"] /
                                               max(rows["quiet"]["healthz"]["p50_ms"], 1e-9), 3)

@@ -29,6 +29,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "duch" not in sys.modules:  # this checkout's duch, as its cli.py runs it, whatever is installed
+    import types
+
+    sys.modules["duch"] = types.ModuleType("duch")
+    sys.modules["duch"].__path__ = [str(ROOT)]
 
 from bench.common import save  # noqa: E402
 from duch.pipeline.retrieval.search import Index  # noqa: E402
@@ -68,12 +73,13 @@ def upload_request(port: int, name: str, data: bytes, k: int) -> bytes:
 class Connection:
     """One keep-alive HTTP/1.1 connection; the service answers with a Content-Length, never chunked."""
 
-    def __init__(self, port: int):
-        self.port, self.reader, self.writer = port, None, None
+    def __init__(self, port: int, source: str | None = None):
+        self.port, self.source, self.reader, self.writer = port, source, None, None
 
     async def request(self, raw: bytes) -> tuple[int, dict, bytes]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                HOST, self.port, local_addr=(self.source, 0) if self.source else None)
         self.writer.write(raw)
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = dict((k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in head[1:] if line))
@@ -90,13 +96,14 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def drive(port: int, make, clients: int, seconds: float) -> dict:
-    """`clients` clients sending make(i) for `seconds`: counts and the latencies of the answered queries."""
+async def drive(port: int, make, clients: int, seconds: float, sources: list[str] | None = None) -> dict:
+    """`clients` clients sending make(i) for `seconds`: counts and the latencies of the answered queries. Client c
+    connects from loopback address sources[c] (default: the system's choice, 127.0.0.1)."""
     latencies, statuses, errors = [], Counter(), Counter()
     stop = time.perf_counter() + seconds
 
     async def client(first: int):
-        conn, i = Connection(port), first
+        conn, i = Connection(port, sources[first] if sources else None), first
         while time.perf_counter() < stop:
             raw, i = make(i), i + clients
             start = time.perf_counter()
@@ -164,6 +171,25 @@ class Server:
         self.log.close()
 
 
+def sample_queries(index: Index) -> tuple[list[str], list[tuple[str, bytes]]]:
+    """500 archive ids and 32 archive images (name, bytes), drawn with a fixed seed."""
+    meta = index.tables["image"].meta
+    rng = np.random.default_rng(0)
+    ids = [str(meta["ids"][r]) for r in rng.permutation(len(meta["ids"]))[:500]]
+    tiles = [(Path(str(meta["path"][r])).name, (index.images_dir / str(meta["path"][r])).read_bytes())
+             for r in rng.permutation(len(meta["ids"]))[:32]]
+    return ids, tiles
+
+
+def query_makers(port: int, ids: list[str], tiles: list[tuple[str, bytes]], k: int) -> dict:
+    """kind -> make(i): the i-th query of that kind as raw HTTP."""
+    return {
+        "caption": lambda i: json_request(port, {"text": CAPTIONS[i % len(CAPTIONS)], "k": k}),
+        "id": lambda i: json_request(port, {"id": ids[i % len(ids)], "k": k, "modality": "image"}),
+        "image": lambda i: upload_request(port, *tiles[i % len(tiles)], k),
+    }
+
+
 def measure(server: Server, make, clients: int, seconds: float) -> dict:
     cpu = server.cpu_s()
     row = asyncio.run(drive(server.port, make, clients, seconds))
@@ -196,18 +222,11 @@ def main(argv=None) -> dict:
 
     index = Index.load(args.run, bits=args.bits, verify=False)  # the archive's ids and image files
     meta = index.tables["image"].meta
-    rng = np.random.default_rng(0)
-    ids = [str(meta["ids"][r]) for r in rng.permutation(len(meta["ids"]))[:500]]
-    tiles = [(Path(str(meta["path"][r])).name, (index.images_dir / str(meta["path"][r])).read_bytes())
-             for r in rng.permutation(len(meta["ids"]))[:32]]
+    ids, tiles = sample_queries(index)
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load-{os.getpid()}.log"
     server = Server(args.run, args.bits, [], log, cli=args.serve_cli)
     port, k = server.port, args.k
-    makers = {
-        "caption": lambda i: json_request(port, {"text": CAPTIONS[i % len(CAPTIONS)], "k": k}),
-        "id": lambda i: json_request(port, {"id": ids[i % len(ids)], "k": k, "modality": "image"}),
-        "image": lambda i: upload_request(port, *tiles[i % len(tiles)], k),
-    }
+    makers = query_makers(port, ids, tiles, k)
     result = {"run": str(args.run), "serve_cli": str(args.serve_cli), "bits": args.bits, "k": k,
               "seconds_per_cell": args.seconds,
               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "cells": [], "server_log": str(log)}

@@ -16,11 +16,16 @@ from .options import device_option, option, runtime_option, user_errors
 @option(ServeConfig, "host", help="Address to bind (no authentication: bind others only on a trusted network).")
 @option(ServeConfig, "port")
 @option(ServeConfig, "max_in_flight", help="Queries running at once; more get a 503 with Retry-After at once.")
+@option(ServeConfig, "max_per_client", type=int,
+        help="Of those, most from one client address (503 past it) [default: half of --max-in-flight].")
 @option(ServeConfig, "timeout", help="Seconds a query may take (then 503).")
 @option(ServeConfig, "max_upload_mb", help="Largest request body (413).")
 @option(ServeConfig, "max_json_kb", help="Largest JSON request body (413, unparsed).")
 @option(ServeConfig, "header_timeout", help="Seconds a client may take to send a request's headers.")
 @option(ServeConfig, "body_timeout", help="Seconds a client may take to send a request's body (408).")
+@option(ServeConfig, "refusal_burst", help="Requests a client address may have refused (4xx) before it is slowed.")
+@option(ServeConfig, "refusal_rate", help="Refused requests a second a client address gets past its burst; its "
+                                          "other requests wait (0: no limit).")
 @option(ServeConfig, "max_batch", help="Most captions coded in one text-encoder pass (1: no batching).")
 @option(ServeConfig, "max_image_batch", help="Most uploaded images coded in one encoder pass (batches pay on a GPU).")
 @option(ServeConfig, "threads", type=int, help="Torch threads for coding queries [default: torch's, every core].")

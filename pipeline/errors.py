@@ -106,6 +106,9 @@ SPELLINGS: dict[str, tuple[str, str | None]] = {
     "from_date": ("--from", "from"),
     "to_date": ("--to", "to"),
     "min_iou": ("--min-iou", "min_iou"),
+    "refusal_burst": ("--refusal-burst", None),  # serve: fairness between clients (issue 31)
+    "refusal_rate": ("--refusal-rate", None),
+    "max_per_client": ("--max-per-client", None),
 }
 
 _NAME = re.compile(r"`([a-z][a-z0-9_]*)`")

@@ -33,7 +33,9 @@ def run(tmp_path_factory, encoded_run) -> Path:
 
 @pytest.fixture(scope="module")
 def base(run):
-    with running(create_app(ServeConfig(run=str(run), bits=16, device="cpu", max_upload_mb=0.5))) as url:
+    # The fuzzer sends invalid requests on purpose, hundreds of them: no refusal rule slows it (test_serve_fairness).
+    config = ServeConfig(run=str(run), bits=16, device="cpu", max_upload_mb=0.5, refusal_rate=0)
+    with running(create_app(config)) as url:
         yield url
 
 

@@ -11,7 +11,8 @@ with uvicorn) that loads the codes, heads and query encoders once and answers:
 No handler blocks the event loop: captions and images are coded on a query coder's thread each (batching),
 scans, file reads and the decoding of uploads on a small thread pool; a JSON body is parsed only when it is small
 (limits, api). At most `max_in_flight` queries run at once (admission). The Host and Origin rules, body and
-header limits: limits.py. HEAD is answered wherever GET is.
+header limits: limits.py; a client address whose requests keep being refused is slowed: fairness.py. HEAD is
+answered wherever GET is.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from duch.pipeline.serve.admission import DEADLINE, Admission
 from duch.pipeline.serve.api import ApiError, SearchRequest, Upload
 from duch.pipeline.serve.archives import ServedArchive, open_archives
 from duch.pipeline.serve.batching import QueryBatcher
+from duch.pipeline.serve.fairness import RefusalPenalty
 from duch.pipeline.serve.generations import GenerationWatcher, reopened, show_switches
 from duch.pipeline.serve.limits import BodyLimit, RequestGuard, server_options
 from duch.pipeline.serve.maps import place_json
@@ -68,7 +70,8 @@ class Service:
         self.metrics = ServiceMetrics()
         self.thumbs = {name: Thumbnails(Path(a.index.run) / "serve" / "thumbs", config.thumb_size)
                        for name, a in self.archives.items()}
-        self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set)
+        self.admission = Admission(config.max_in_flight, config.timeout, self.metrics.in_flight.set,
+                                   config.per_client)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="duch-serve")
         self.coders: dict[str, QueryBatcher] = {}
         self.archives[self.default].warm_model()  # the other archives share its model (open_archives)
@@ -261,6 +264,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type"])
     app.add_middleware(RequestGuard, config=config)  # outside CORS: a refused request gets no CORS headers
+    app.add_middleware(RefusalPenalty, burst=config.refusal_burst, rate=config.refusal_rate,  # sees every refusal
+                       on_wait=service.metrics.held.inc, on_turned_away=service.metrics.turned_away.inc)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.add_middleware(HeadAsGet)
     return app

@@ -39,12 +39,12 @@ class BodyTimeout(Exception):
                          "service with a larger `body_timeout`)")
 
 
-async def answer(send, status: int, message: str) -> None:
+async def answer(send, status: int, message: str, headers: list | tuple = ()) -> None:
     """A JSON error sent straight from an ASGI middleware, the connection closed after it."""
     body = json.dumps({"error": message, "status": status}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -58,19 +58,24 @@ class BodyLimit:
 
     def refusal(self, headers: dict) -> BodyTooLarge:
         """What a body over its limit is refused with: by its content type, the JSON limit or the upload limit."""
-        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if kind == b"application/json" and self.json_limit is not None:
+        if self.is_json(headers):
             return BodyTooLarge(self.json_limit, "JSON body", "a search request needs kilobytes", "max_json_kb")
         return BodyTooLarge(self.limit)
+
+    def is_json(self, headers: dict) -> bool:
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        return kind == b"application/json" and self.json_limit is not None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
-        refusal = self.refusal(headers)
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > refusal.limit:
-            return await answer(send, 413, spelled(str(refusal), "api"))
+        if declared is None and b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # no body (HTTP/1.1): nothing to bound or wait for
+        limit = self.json_limit if self.is_json(headers) else self.limit
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await answer(send, 413, spelled(str(self.refusal(headers)), "api"))
         loop = asyncio.get_running_loop()
         deadline, seen, whole = loop.time() + self.seconds, 0, False
 
@@ -78,18 +83,44 @@ class BodyLimit:
             nonlocal seen, whole
             if whole:  # the body is in: what follows is a disconnect, awaited for as long as the answer takes
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise BodyTimeout(self.seconds) from None
+            message = await within(receive(), deadline - loop.time(), BodyTimeout(self.seconds))
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 whole = not message.get("more_body", False)
-                if seen > refusal.limit:
-                    raise refusal
+                if seen > limit:
+                    raise self.refusal(headers)
             return message
 
         await self.app(scope, counted, send)
+
+
+async def within(awaitable, seconds: float, error: Exception):
+    """`await awaitable`, or `error` raised once `seconds` have passed. One timer that cancels the waiting task,
+    as asyncio.timeout does (Python 3.11+): asyncio.wait_for would start a task for every body message."""
+    task = asyncio.current_task()
+    assert task is not None
+    if seconds <= 0:
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise error
+    expired = False
+
+    def expire():
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):
+            task.uncancel()  # the cancellation was this timer's, now answered as `error`
+        raise error from None
+    finally:
+        timer.cancel()
 
 
 def split_host(value: str) -> tuple[str, int | None]:

@@ -34,6 +34,10 @@ class ServiceMetrics:
                                 registry=r)
         self.switches = Counter("duch_archive_generation_switches", "New generations taken while serving",
                                 ["archive"], registry=r)
+        self.held = Counter("duch_requests_held", "Requests held back: their address's refusals were over its "
+                            "burst (fairness)", registry=r)
+        self.turned_away = Counter("duch_requests_turned_away", "Requests answered 429: too many of their "
+                                   "address's were held at once (fairness)", registry=r)
         ProcessCollector(registry=r)
 
     def render(self) -> tuple[bytes, str]:

@@ -117,12 +117,16 @@ def geojson_ok(description: str) -> dict:
     return {200: {"model": FeatureCollectionOut, "description": description}}
 
 
-OVERLOADED = "too many queries in flight, or the query timed out; see Retry-After"
+OVERLOADED = ("too many queries in flight (in all, or from this client address), or the query timed out; see "
+              "Retry-After")
 UNKNOWN_ARCHIVE = "no such archive"
-# What every route can answer, before a handler runs (limits.py's middleware): merged into each operation by
-# complete_openapi. A POST also answers a foreign Origin (403) and a body that arrives too slowly (408): its errors.
+# What every route can answer, before a handler runs (limits.py's and fairness.py's middleware): merged into each
+# operation by complete_openapi. A POST also answers a foreign Origin (403) and a body that arrives too slowly
+# (408): its errors.
 EVERY_ROUTE = {400: "a Host header that is not one of the service's names",
-               413: "a declared request body over the upload limit"}
+               413: "a declared request body over the upload limit",
+               429: "too many requests from this client address held at once after too many refusals (fairness.py); "
+                    "see Retry-After"}
 FOREIGN_ORIGIN = "a request from a page of another origin (its Origin header is not the service's own)"
 SLOW_BODY = "a request body not received within the body timeout"
 # POST /api/search reads its body itself (JSON or a multipart upload), so FastAPI cannot describe it.
@@ -186,6 +190,8 @@ def every_error(responses: dict[str, Any]) -> None:
         response = responses.setdefault(str(status), {})
         own = response.get("description")
         response["description"] = f"{own}; or {text}" if own and text not in own else own or text
+        if status == 429:
+            response["headers"] = RETRY_AFTER
     for status, response in responses.items():
         if status.startswith(("4", "5")):
             response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}

@@ -40,6 +40,11 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
+def client(request: Request) -> str:
+    """The address a request came from (uvicorn's peer; behind a local proxy, X-Forwarded-For's)."""
+    return request.client.host if request.client else ""
+
+
 def add_routes(app: FastAPI, service, static) -> None:
     """The routes over `service` (app.Service); `static`: the page's folder."""
     add_error_handlers(app, service)
@@ -108,7 +113,7 @@ def add_api_routes(app: FastAPI, service) -> None:
         arrived = time.perf_counter()
         req, upload = await read_search(request)
         archive = service.archive(req.archive)
-        return await service.admission.run(lambda: service.search(archive, req, upload, arrived))
+        return await service.admission.run(lambda: service.search(archive, req, upload, arrived), client(request))
 
     @app.get("/api/search.geojson", summary="A caption or item search's hits as a GeoJSON FeatureCollection of "
                                             "scene tiles' footprints", response_class=GeoJSONResponse,
@@ -123,7 +128,7 @@ def add_api_routes(app: FastAPI, service) -> None:
         arrived = time.perf_counter()
         req = read_query(request.query_params)
         archive = service.archive(req.archive)
-        doc = await service.admission.run(lambda: service.features(archive, req, arrived))
+        doc = await service.admission.run(lambda: service.features(archive, req, arrived), client(request))
         return JSONResponse(doc, media_type="application/geo+json")
 
     @app.get("/api/scenes", summary="The scenes of an archive of scene tiles: their outlines as GeoJSON",
