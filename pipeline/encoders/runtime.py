@@ -2,7 +2,7 @@
 
 On a CPU, ONNX Runtime runs the fused graph of the two default encoders faster than PyTorch eager (measured side by
 side, docs/results.md section 14): efficientnet-lite0 several times over, minilm-l6 about 1.5x, with cosine
->= 0.9999 to PyTorch's embeddings. `auto` takes onnx there when it is installed (`pip install 'duch[onnx]'`), torch on
+>= 0.9999 to PyTorch's embeddings. `auto` takes onnx there when it is installed (it is installed with duch), torch on
 a GPU and for open_clip models (not exported: their architectures are open-ended).
 """
 from __future__ import annotations
