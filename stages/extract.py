@@ -6,7 +6,6 @@ and refuses to mix in shards of others. The shards are made here or on a dask cl
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -36,12 +35,10 @@ def extract(cfg: ExtractConfig, force: bool, progress: bool, echo: Callable[[str
         raise DuchError(f"{dataset.source}: the dataset holds no images{why}")
     folder = StageFolder(cfg.run, STAGE)
     previous = None if force else folder.previous()
-    if cfg.runtime == "auto" and not force:
-        # A run keeps the runtime it was made with (torch before runtimes were recorded): installing ONNX Runtime
-        # does not turn a finished torch run stale; --runtime onnx or --force changes it.
-        made = made_runtime(folder.path, previous)
-        cfg = dataclasses.replace(cfg, runtime=made) if made else cfg
-    job = extraction(cfg, dataset)
+    # A run keeps the runtime it was made with (torch before runtimes were recorded): installing ONNX Runtime does
+    # not turn a finished torch run stale; --runtime onnx or --force changes it.
+    made = made_runtime(folder.path, previous) if cfg.runtime == "auto" and not force else None
+    job = extraction(cfg, dataset, made)
     if previous and previous.get("fingerprint") != job.fingerprint:
         confirmed = relisted_with_same_content(folder.path, previous, job.basis, dataset, echo, progress)
         if confirmed is None:

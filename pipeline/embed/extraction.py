@@ -41,12 +41,13 @@ def read_inputs(cfg: ExtractConfig) -> Dataset:
     return read_scenes(cfg.data, cfg.tile_options()) if cfg.tile else read_dataset(cfg.data, cfg.images)
 
 
-def encoder_specs(cfg: ExtractConfig) -> tuple[EncoderSpec, EncoderSpec | None]:
+def encoder_specs(cfg: ExtractConfig, runtime: str | None = None) -> tuple[EncoderSpec, EncoderSpec | None]:
     """The image encoder and the text encoder (None: no captions embedded) of an extraction, each with the runtime
-    `cfg.runtime` resolves to for it on the run's device (the same on every dask worker: the specs travel)."""
-    where = device_type(cfg.device)
-    image = parse_spec(cfg.image_encoder, "image").with_runtime(cfg.runtime, where)
-    return image, parse_spec(cfg.text_encoder, "text").with_runtime(cfg.runtime, where) if cfg.text_encoder else None
+    `runtime` (default `cfg.runtime`) resolves to for it on the run's device (the same on every dask worker: the
+    specs travel)."""
+    where, runtime = device_type(cfg.device), runtime or cfg.runtime
+    image = parse_spec(cfg.image_encoder, "image").with_runtime(runtime, where)
+    return image, parse_spec(cfg.text_encoder, "text").with_runtime(runtime, where) if cfg.text_encoder else None
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ class Extraction:
         return dataclasses.replace(self, basis=basis, fingerprint=fingerprint)
 
 
-def extraction(cfg: ExtractConfig, dataset: Dataset) -> Extraction:
-    image_spec, text_spec = encoder_specs(cfg)
+def extraction(cfg: ExtractConfig, dataset: Dataset, runtime: str | None = None) -> Extraction:
+    """`runtime`: what runs the encoders, in place of `cfg.runtime` (which the manifest keeps as the user chose)."""
+    image_spec, text_spec = encoder_specs(cfg, runtime)
     basis = normalized({"settings": {**cfg.output_settings(), "image_encoder": image_spec.fingerprint(),
                                      "text_encoder": text_spec.fingerprint() if text_spec else None},
                         "inputs": input_fingerprint(dataset)})
