@@ -160,8 +160,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     import duch
 
-    if Path(duch.__file__).resolve().parent != ROOT:
-        raise SystemExit(f"duch imports from {duch.__file__}, not this checkout {ROOT}: set PYTHONPATH")
+    home = Path(duch.__path__[0]).resolve()  # bench/serve_load.py may have aliased the package: no __file__
+    if home != ROOT:
+        raise SystemExit(f"duch imports from {home}, not this checkout {ROOT}: set PYTHONPATH")
     skip = set(filter(None, args.skip.split(",")))
     result: dict = {"loadavg_at_start": os.getloadavg(), "args": vars(args),
                     "note": "shared 2-core machine: other sessions' work ran at the same time"}
