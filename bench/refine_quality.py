@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_seeds, save  # noqa: E402
 from bench.compare_quality import difference_test  # noqa: E402
+from bench.search_latency import median_ms  # noqa: E402
 
 BITS = 64
 MARK = 24  # one page of the search page
@@ -218,16 +218,7 @@ def latency(n: int, repeats: int) -> dict:
             h, _ = refined_query(query, None, cont(pos), cont(neg), bits(pos), bits(neg), ROCCHIO)
             return scan(h)
 
-        def timed(fn):
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return 1000 * statistics.median(times)
-
-        plain_ms, refined_ms = timed(lambda: scan(query)), timed(refined)
+        plain_ms, refined_ms = median_ms(lambda: scan(query), repeats), median_ms(refined, repeats)
         return {"n": n, "bits": BITS, "k": 10, "examples": MARK, "backend": backend, "repeats": repeats,
                 "plain_ms": plain_ms, "refined_ms": refined_ms, "ratio": refined_ms / plain_ms}
 
